@@ -1,0 +1,439 @@
+//! The config file (CONTRACT §3): parse, then validate, then build.
+//!
+//! 1. The text is parsed once into a `serde_norway::Value`; a YAML syntax error
+//!    is the only error that stops everything, and it carries the parser's
+//!    line/column.
+//! 2. `${env:NAME}` is expanded in every string value of that tree (`env.rs`).
+//! 3. The tree is deserialized into the `raw` structs, which mirror the file and
+//!    deny unknown fields. Each section, list element and map entry is a
+//!    separate deserialization (`raw::Parsed`), so one bad element does not hide
+//!    the errors of the others.
+//! 4. `validate.rs` turns whatever parsed into the typed [`Config`], collecting
+//!    every problem with its field path. Positions come from a second walk of
+//!    the text (`position.rs`); an error whose exact node has none points at its
+//!    nearest ancestor.
+//!
+//! Relative file paths (TLS files, keys file, sinks) are relative to the
+//! working directory, as in the contract's example (`file: config/keys.yaml`).
+//!
+//! Reuse by the keys file: [`RateLimitConfig`] and [`QuotaConfig`] implement
+//! `Deserialize` themselves (same shape and rules as in `plans`, unknown fields
+//! refused) and `Serialize` (durations written as `1s`). For error paths of
+//! your own, deserialize [`raw::RawRateLimit`] / [`raw::RawQuota`] and call
+//! their `validate(path)`, which returns every (path, message) pair.
+
+mod duration;
+mod env;
+pub(crate) mod position;
+pub mod raw;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use duration::{format_duration, parse_duration, DurationError};
+pub use env::EnvLookup;
+
+/// Reads, parses, interpolates and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => from_str(&text, path),
+        Err(e) => Err(ConfigErrors(vec![ConfigError {
+            file: path.to_owned(),
+            path: String::new(),
+            line: None,
+            column: None,
+            message: format!("cannot read the config file: {e}"),
+        }])),
+    }
+}
+
+/// Like [`load`], for text already in memory; `file` only labels errors.
+pub fn from_str(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
+    from_str_with_env(text, file, &|name| std::env::var(name).ok())
+}
+
+/// Like [`from_str`], with `${env:NAME}` resolved through `env` instead of the
+/// process environment (tests need not mutate process-global state).
+pub fn from_str_with_env(
+    text: &str,
+    file: &Path,
+    env: EnvLookup<'_>,
+) -> Result<Config, ConfigErrors> {
+    validate::run(text, file, env)
+}
+
+/// Every problem found in a config file; never empty. `Display` writes one
+/// error per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    pub fn iter(&self) -> std::slice::Iter<'_, ConfigError> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// One problem: the file, the field path (`routes[1].match.methods[0]`, empty
+/// for the file as a whole), and the 1-based line/column where known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub path: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
+        }
+        if self.path.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated configuration the rest of keygate runs on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub mode: Mode,
+    pub node_id: String,
+    pub threads: usize,
+    pub listeners: Vec<ListenerConfig>,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+    pub keys: KeysConfig,
+    pub client_ip: ClientIpConfig,
+    pub key_locations: Vec<KeyLocation>,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// In file order: the first match wins.
+    pub routes: Vec<RouteConfig>,
+    pub plans: BTreeMap<String, PlanConfig>,
+    pub default_plan: Option<String>,
+    pub usage: UsageConfig,
+    pub access_log: AccessLogConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    #[default]
+    Standalone,
+    Gateway,
+    ControlPlane,
+}
+
+impl Mode {
+    /// The name the config file uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Standalone => "standalone",
+            Mode::Gateway => "gateway",
+            Mode::ControlPlane => "control-plane",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files, checked at load to exist and to hold a certificate / a private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+    pub tokens: Vec<TokenConfig>,
+    pub sync_tokens: Vec<TokenConfig>,
+}
+
+/// A bearer token, kept only as its SHA-256 digest.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenConfig {
+    pub name: String,
+    pub sha256: [u8; 32],
+}
+
+impl fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("sha256", &hex::encode(self.sha256))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// `sqlite://...`, `sqlite::memory:`, `postgres://...` or `postgresql://...`.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeysConfig {
+    pub source: KeySource,
+    pub control_plane: Option<ControlPlaneClientConfig>,
+    pub file: Option<PathBuf>,
+    pub cache_file: Option<PathBuf>,
+    /// Zero: serve the last-known-good snapshot forever.
+    pub max_staleness: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    Store,
+    ControlPlane,
+    File,
+}
+
+/// How a gateway reaches its control plane.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ControlPlaneClientConfig {
+    /// `http://` or `https://`.
+    pub url: String,
+    pub token: String,
+}
+
+impl fmt::Debug for ControlPlaneClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ControlPlaneClientConfig")
+            .field("url", &self.url)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientIpConfig {
+    /// Bare addresses are stored as /32 or /128 networks.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyLocation {
+    /// `name` is lowercase. With a `scheme`, the value must read `<scheme> <key>`
+    /// (the scheme compared case-insensitively, as HTTP auth schemes are).
+    Header {
+        name: http::HeaderName,
+        scheme: Option<String>,
+    },
+    Query {
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// `host:port`; hosts may be names, resolved elsewhere. IPv6 as `[::1]:80`.
+    pub targets: Vec<String>,
+    pub tls: Option<UpstreamTlsConfig>,
+    pub health_check: Option<HealthCheckConfig>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTlsConfig {
+    pub sni: Option<String>,
+    /// A PEM file of CA certificates, checked at load.
+    pub ca: Option<PathBuf>,
+    pub verify: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub name: String,
+    pub matcher: RouteMatch,
+    pub upstream: String,
+    pub auth: RouteAuth,
+    pub scopes: Vec<String>,
+    /// Lowercase names, file order; values are marked sensitive so that
+    /// `Debug` does not print them (they are usually credentials).
+    pub set_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteMatch {
+    pub path_prefix: String,
+    /// Empty: any method.
+    pub methods: Vec<http::Method>,
+    /// Lowercase, without a port.
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RouteAuth {
+    #[default]
+    Key,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PlanConfig {
+    pub rate_limit: Option<RateLimitConfig>,
+    pub quota: Option<QuotaConfig>,
+}
+
+/// `{ requests: 10, per: 1s, burst: 20 }`: `requests` per `per`, with bursts of
+/// up to `burst` (when given).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    pub requests: u32,
+    pub per: Duration,
+    pub burst: Option<u32>,
+}
+
+/// `{ requests: 10000, per: month }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaConfig {
+    pub requests: u64,
+    pub per: QuotaPeriod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaPeriod {
+    Day,
+    Month,
+}
+
+impl QuotaPeriod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaPeriod::Day => "day",
+            QuotaPeriod::Month => "month",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RateLimitConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        raw::RawRateLimit::deserialize(d)?
+            .validate("")
+            .map_err(|errors| serde::de::Error::custom(join_messages(&errors)))
+    }
+}
+
+impl<'de> Deserialize<'de> for QuotaConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        raw::RawQuota::deserialize(d)?
+            .validate("")
+            .map_err(|errors| serde::de::Error::custom(join_messages(&errors)))
+    }
+}
+
+fn join_messages(errors: &[(String, String)]) -> String {
+    errors
+        .iter()
+        .map(|(path, message)| format!("{path}: {message}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl Serialize for RateLimitConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("RateLimitConfig", 3)?;
+        st.serialize_field("requests", &self.requests)?;
+        st.serialize_field("per", &format_duration(self.per))?;
+        if let Some(burst) = self.burst {
+            st.serialize_field("burst", &burst)?;
+        } else {
+            st.skip_field("burst")?;
+        }
+        st.end()
+    }
+}
+
+impl Serialize for QuotaConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("QuotaConfig", 2)?;
+        st.serialize_field("requests", &self.requests)?;
+        st.serialize_field("per", &self.per)?;
+        st.end()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageConfig {
+    pub flush_interval: Duration,
+    pub sinks: Vec<SinkConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkConfig {
+    Store,
+    ControlPlane,
+    File { path: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AccessLogConfig {
+    Off,
+    #[default]
+    Stdout,
+    File(PathBuf),
+}

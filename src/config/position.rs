@@ -1,0 +1,268 @@
+//! Where each node of the YAML text sits, by field path ("routes[1].match").
+//!
+//! serde_norway's `Value` forgets positions, so the text is walked a second time
+//! with yaml-rust2's marked event parser. The two parsers can disagree on exotic
+//! input; then the map is merely incomplete and errors fall back to an ancestor.
+
+use std::collections::HashMap;
+
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::Marker;
+
+/// 1-based line and column.
+pub(crate) type Pos = (usize, usize);
+
+#[derive(Debug, Default)]
+pub(crate) struct Positions {
+    values: HashMap<String, Pos>,
+    keys: HashMap<String, Pos>,
+    /// Mapping keys seen twice, where serde_norway reports no useful position.
+    duplicates: Vec<(String, Pos)>,
+}
+
+impl Positions {
+    pub(crate) fn build(text: &str) -> Positions {
+        let mut walker = Walker::default();
+        // A scan error only cuts the walk short; what was seen so far is kept.
+        let _ = Parser::new_from_str(text).load(&mut walker, false);
+        walker.positions
+    }
+
+    /// Position of the value at `path`, else of its nearest ancestor.
+    pub(crate) fn value(&self, path: &str) -> Option<Pos> {
+        let mut current = path;
+        loop {
+            if let Some(pos) = self.values.get(current) {
+                return Some(*pos);
+            }
+            current = parent(current)?;
+        }
+    }
+
+    /// Position of the mapping key at `path` (what an unknown field error
+    /// should point at), else the value's position.
+    pub(crate) fn key(&self, path: &str) -> Option<Pos> {
+        self.keys.get(path).copied().or_else(|| self.value(path))
+    }
+
+    /// The first mapping key that appears twice in its mapping.
+    pub(crate) fn first_duplicate(&self) -> Option<&(String, Pos)> {
+        self.duplicates.first()
+    }
+}
+
+/// "a.b[2].c" -> "a.b[2]" -> "a.b" -> "a" -> None.
+pub(crate) fn parent(path: &str) -> Option<&str> {
+    if path.is_empty() {
+        return None;
+    }
+    let cut = path.rfind(['.', '[']).unwrap_or(0);
+    Some(&path[..cut])
+}
+
+/// Appends a mapping key to a path.
+pub(crate) fn join_key(base: &str, key: &str) -> String {
+    if base.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{base}.{key}")
+    }
+}
+
+/// Appends a list index to a path.
+pub(crate) fn join_index(base: &str, index: usize) -> String {
+    format!("{base}[{index}]")
+}
+
+enum Frame {
+    Map {
+        /// None while waiting for a key, or under a key that is not a scalar.
+        key: Option<String>,
+        expecting_key: bool,
+    },
+    Seq {
+        index: usize,
+    },
+    /// Inside a collection used as a mapping key; nothing there is addressable.
+    ComplexKey {
+        depth: usize,
+    },
+}
+
+#[derive(Default)]
+struct Walker {
+    stack: Vec<Frame>,
+    positions: Positions,
+}
+
+impl Walker {
+    fn path(&self) -> Option<String> {
+        let mut path = String::new();
+        for frame in &self.stack {
+            match frame {
+                Frame::Map { key: Some(key), .. } => path = join_key(&path, key),
+                Frame::Map { key: None, .. } | Frame::ComplexKey { .. } => return None,
+                Frame::Seq { index } => path = join_index(&path, *index),
+            }
+        }
+        Some(path)
+    }
+
+    /// A value node is complete: move the parent on to its next key or index.
+    fn advance(&mut self) {
+        match self.stack.last_mut() {
+            Some(Frame::Map { key, expecting_key }) => {
+                *key = None;
+                *expecting_key = true;
+            }
+            Some(Frame::Seq { index }) => *index += 1,
+            Some(Frame::ComplexKey { .. }) | None => {}
+        }
+    }
+
+    fn record_value(&mut self, mark: Marker) {
+        // The document root is no useful place to point at.
+        if let Some(path) = self.path().filter(|p| !p.is_empty()) {
+            self.positions
+                .values
+                .entry(path)
+                .or_insert((mark.line(), mark.col()));
+        }
+    }
+}
+
+impl MarkedEventReceiver for Walker {
+    fn on_event(&mut self, event: Event, mark: Marker) {
+        if let Some(Frame::ComplexKey { depth }) = self.stack.last_mut() {
+            match event {
+                Event::SequenceStart(..) | Event::MappingStart(..) => *depth += 1,
+                Event::SequenceEnd | Event::MappingEnd => {
+                    *depth -= 1;
+                    if *depth == 0 {
+                        self.stack.pop();
+                        if let Some(Frame::Map { expecting_key, .. }) = self.stack.last_mut() {
+                            *expecting_key = false;
+                        }
+                    }
+                }
+                _ => {}
+            }
+            return;
+        }
+        let is_node = matches!(
+            event,
+            Event::Scalar(..) | Event::Alias(_) | Event::SequenceStart(..) | Event::MappingStart(..)
+        );
+        if is_node {
+            if let Some(Frame::Map {
+                key,
+                expecting_key: expecting_key @ true,
+            }) = self.stack.last_mut()
+            {
+                *expecting_key = false;
+                match event {
+                    Event::Scalar(text, ..) => {
+                        *key = Some(text);
+                        if let Some(path) = self.path() {
+                            let pos = (mark.line(), mark.col());
+                            if self.positions.keys.contains_key(&path) {
+                                self.positions.duplicates.push((path, pos));
+                            } else {
+                                self.positions.keys.insert(path, pos);
+                            }
+                        }
+                    }
+                    Event::SequenceStart(..) | Event::MappingStart(..) => {
+                        self.stack.push(Frame::ComplexKey { depth: 1 });
+                    }
+                    _ => {}
+                }
+                return;
+            }
+        }
+        match event {
+            Event::Scalar(..) | Event::Alias(_) => {
+                self.record_value(mark);
+                self.advance();
+            }
+            Event::SequenceStart(..) => {
+                self.record_value(mark);
+                self.stack.push(Frame::Seq { index: 0 });
+            }
+            Event::MappingStart(..) => {
+                self.record_value(mark);
+                self.stack.push(Frame::Map {
+                    key: None,
+                    expecting_key: true,
+                });
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                self.stack.pop();
+                self.advance();
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "\
+mode: gateway
+admin:
+  address: 127.0.0.1:9090
+routes:
+  - name: a
+    match: { path_prefix: /x, methods: [GET, GTE] }
+  - name: b
+? [complex, key]
+: ignored
+after: 1
+";
+
+    #[test]
+    fn positions_are_one_based_lines_and_columns() {
+        let p = Positions::build(TEXT);
+        assert_eq!(p.value("mode"), Some((1, 7)));
+        assert_eq!(p.key("mode"), Some((1, 1)));
+        assert_eq!(p.value("admin.address"), Some((3, 12)));
+        assert_eq!(p.key("admin.address"), Some((3, 3)));
+    }
+
+    #[test]
+    fn positions_cover_list_elements_and_flow_collections() {
+        let p = Positions::build(TEXT);
+        assert_eq!(p.value("routes[0].name"), Some((5, 13)));
+        assert_eq!(p.value("routes[0].match.methods[1]"), Some((6, 45)));
+        assert_eq!(p.value("routes[1].name"), Some((7, 13)));
+    }
+
+    #[test]
+    fn positions_fall_back_to_the_nearest_ancestor() {
+        let p = Positions::build(TEXT);
+        assert_eq!(p.value("routes[1].upstream"), p.value("routes[1]"));
+        assert_eq!(p.value("nowhere.at.all"), None);
+    }
+
+    #[test]
+    fn positions_survive_complex_keys() {
+        let p = Positions::build(TEXT);
+        assert_eq!(p.value("after"), Some((10, 8)));
+    }
+
+    #[test]
+    fn positions_note_duplicate_keys() {
+        let p = Positions::build("a: 1\nb:\n  c: 1\n  c: 2\n");
+        assert_eq!(p.first_duplicate(), Some(&("b.c".to_owned(), (4, 3))));
+    }
+
+    #[test]
+    fn path_parent_strips_one_segment() {
+        assert_eq!(parent("a.b[2].c"), Some("a.b[2]"));
+        assert_eq!(parent("a.b[2]"), Some("a.b"));
+        assert_eq!(parent("a"), Some(""));
+        assert_eq!(parent(""), None);
+    }
+}

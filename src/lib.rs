@@ -1,0 +1,18 @@
+//! keygate: an API-key enforcement gateway built on Pingora.
+//!
+//! - `proxy`: the request path (Pingora adapter, routing, upstreams, responses)
+//! - `policy`: the access decision, a pure function
+//! - `index`: the in-memory key index and the keys file
+//! - `key`: key format, checksum, hashing
+//! - `sync`: how a gateway's index stays fresh
+//! - `config`: the config file, validated
+//! - `server`, `cli`: running a node, the command line
+
+pub mod cli;
+pub mod config;
+pub mod index;
+pub mod key;
+pub mod policy;
+pub mod proxy;
+pub mod server;
+pub mod sync;

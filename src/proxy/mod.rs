@@ -1,0 +1,359 @@
+//! The data plane: a thin Pingora adapter around `policy::decide`.
+//!
+//! `request_filter` gathers the facts, asks the policy, and answers denials
+//! itself; the later hooks pick the upstream and clean the request on its way.
+
+mod headers;
+mod respond;
+mod routing;
+mod state;
+mod upstream;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use http::header::HOST;
+use http::{HeaderName, HeaderValue};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use time::OffsetDateTime;
+
+use crate::config::{KeyLocation, RouteAuth};
+use crate::index::{KeyIndex, KeyRecord};
+use crate::policy::{decide, resolve_client_ip, RequestFacts};
+
+pub use respond::Rejection;
+pub use routing::Route;
+pub use state::GatewayState;
+pub use upstream::{Upstream, UpstreamBuildError};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_KEYGATE_PREFIX: &str = "x-keygate-";
+const X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
+const X_KEYGATE_OWNER: HeaderName = HeaderName::from_static("x-keygate-owner");
+const X_KEYGATE_PLAN: HeaderName = HeaderName::from_static("x-keygate-plan");
+const X_KEYGATE_SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes");
+
+/// The `ProxyHttp` implementation shared by every worker thread.
+pub struct Gateway {
+    state: Arc<ArcSwap<GatewayState>>,
+    keys: Arc<KeyIndex>,
+}
+
+impl Gateway {
+    pub fn new(state: Arc<ArcSwap<GatewayState>>, keys: Arc<KeyIndex>) -> Self {
+        Gateway { state, keys }
+    }
+}
+
+/// Per-request state carried between Pingora's hooks.
+pub struct RequestCtx {
+    state: Option<Arc<GatewayState>>,
+    route: usize,
+    request_id: HeaderValue,
+    key: Option<Arc<KeyRecord>>,
+    peer_ip: Option<IpAddr>,
+    peer_trusted: bool,
+    connect_attempts: usize,
+    /// Set when keygate decided the outcome itself, so `fail_to_proxy` answers with it.
+    rejection: Option<Rejection>,
+}
+
+impl RequestCtx {
+    fn route(&self) -> Option<&Route> {
+        self.state.as_ref().and_then(|state| state.routes.get(self.route))
+    }
+}
+
+/// What `request_filter` concluded, computed while the request is borrowed.
+enum Verdict {
+    Proxy { key: Option<Arc<KeyRecord>> },
+    Reject(Rejection),
+}
+
+impl Gateway {
+    fn judge(&self, req: &RequestHeader, state: &GatewayState, ctx: &mut RequestCtx) -> Verdict {
+        let path = req.uri.path();
+        if routing::has_dot_segments(path) {
+            return Verdict::Reject(Rejection::BadRequest);
+        }
+        let host = req.headers.get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri.host());
+        let Some(index) = routing::find_route(&state.routes, &req.method, host, path) else {
+            return Verdict::Reject(Rejection::NoRoute);
+        };
+        ctx.route = index;
+        let route = &state.routes[index];
+        if route.auth == RouteAuth::None {
+            return Verdict::Proxy { key: None };
+        }
+        let presented = headers::find_key(req, &state.key_locations);
+        let client_ip = resolve_client_ip(
+            ctx.peer_ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            req.headers.get_all(X_FORWARDED_FOR).iter().map(HeaderValue::as_bytes),
+            &state.trusted_proxies,
+        );
+        let facts = RequestFacts {
+            presented_key: presented.as_deref(),
+            client_ip,
+            required_scopes: &route.scopes,
+        };
+        match decide(&facts, &self.keys.load(), OffsetDateTime::now_utc()) {
+            Ok(record) => Verdict::Proxy { key: Some(record) },
+            Err(denial) => Verdict::Reject(Rejection::Denied(denial)),
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            state: None,
+            route: 0,
+            request_id: HeaderValue::from_static(""),
+            key: None,
+            peer_ip: None,
+            peer_trusted: false,
+            connect_attempts: 0,
+            rejection: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let state = self.state.load_full();
+        ctx.request_id = headers::request_id(session.req_header().headers.get(X_REQUEST_ID));
+        ctx.peer_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_canonical());
+        ctx.peer_trusted = ctx.peer_ip.is_some_and(|ip| state.trusted_proxies.iter().any(|n| n.contains(&ip)));
+        let verdict = self.judge(session.req_header(), &state, ctx);
+        ctx.state = Some(state);
+        match verdict {
+            Verdict::Proxy { key } => {
+                ctx.key = key;
+                Ok(false)
+            }
+            Verdict::Reject(rejection) => {
+                ctx.rejection = Some(rejection);
+                // An unread body would be parsed as the next request: close instead.
+                let keep_alive = session.is_body_done();
+                if let Err(e) = respond::write_error(session, rejection, &ctx.request_id, keep_alive).await {
+                    tracing::debug!(error = %e, "could not write a denial to the client");
+                    session.set_keepalive(None);
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let upstream = match ctx.route() {
+            Some(route) => Arc::clone(&route.upstream),
+            None => return Error::e_explain(ErrorType::InternalError, "upstream_peer without a route"),
+        };
+        ctx.connect_attempts += 1;
+        let Some(backend) = upstream.select() else {
+            ctx.rejection = Some(Rejection::UpstreamUnavailable);
+            return Error::e_explain(
+                ErrorType::ConnectNoRoute,
+                format!("upstream {} has no healthy target", upstream.name),
+            );
+        };
+        upstream.peer(&backend)
+    }
+
+    fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
+        // Nothing was sent yet, so another target may take the request.
+        let targets = ctx.route().map_or(0, |r| r.upstream.target_count());
+        if ctx.connect_attempts < targets {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(state) = ctx.state.as_ref() else {
+            return Error::e_explain(ErrorType::InternalError, "upstream request without gateway state");
+        };
+        // Only keygate speaks X-Keygate-*: the upstream may trust these headers.
+        if upstream_request.headers.keys().any(|name| name.as_str().starts_with(X_KEYGATE_PREFIX)) {
+            let spoofed: Vec<HeaderName> = upstream_request
+                .headers
+                .keys()
+                .filter(|name| name.as_str().starts_with(X_KEYGATE_PREFIX))
+                .cloned()
+                .collect();
+            for name in spoofed {
+                upstream_request.remove_header(&name);
+            }
+        }
+
+        if let Some(key) = &ctx.key {
+            strip_key(upstream_request, state)?;
+            let identity = &key.headers;
+            upstream_request.insert_header(X_KEYGATE_KEY_ID, identity.key_id.clone())?;
+            if let Some(owner) = &identity.owner {
+                upstream_request.insert_header(X_KEYGATE_OWNER, owner.clone())?;
+            }
+            if let Some(plan) = identity.plan.as_ref().or(state.default_plan.as_ref()) {
+                upstream_request.insert_header(X_KEYGATE_PLAN, plan.clone())?;
+            }
+            upstream_request.insert_header(X_KEYGATE_SCOPES, identity.scopes.clone())?;
+        }
+
+        if let Some(peer) = ctx.peer_ip {
+            let forwarded = forwarded_for(upstream_request, peer, ctx.peer_trusted);
+            upstream_request.insert_header(X_FORWARDED_FOR, forwarded)?;
+        }
+        upstream_request.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+        if let Some(route) = state.routes.get(ctx.route) {
+            for (name, value) in &route.set_headers {
+                upstream_request.insert_header(name.clone(), value.clone())?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let rejection = ctx.rejection.take().or_else(|| classify(e));
+        let Some(rejection) = rejection else {
+            // The client went away: nobody to answer.
+            return FailToProxy { error_code: 0, can_reuse_downstream: false };
+        };
+        ctx.rejection = Some(rejection);
+        if ctx.request_id.is_empty() {
+            ctx.request_id = headers::new_request_id();
+        }
+        if session.response_written().is_none() {
+            if let Err(write_error) = respond::write_error(session, rejection, &ctx.request_id, false).await {
+                tracing::debug!(error = %write_error, "could not write an error response to the client");
+            }
+        }
+        FailToProxy { error_code: rejection.status(), can_reuse_downstream: false }
+    }
+
+    /// Pingora's default summary logs the raw path and query, which can hold `?api_key=`.
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        let route = ctx.route().map_or("-", |r| r.name.as_str());
+        format!(
+            "{} {}, route: {}, request_id: {}",
+            req.method,
+            req.uri.path(),
+            route,
+            ctx.request_id.to_str().unwrap_or("-")
+        )
+    }
+}
+
+/// Maps a Pingora error to the answer the client gets; `None` when the client is gone.
+fn classify(e: &Error) -> Option<Rejection> {
+    use ErrorType::*;
+    match (e.esource(), e.etype()) {
+        (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed | ReadTimedout | WriteTimedout) => None,
+        (ErrorSource::Downstream, _) => Some(Rejection::BadRequest),
+        (_, ConnectTimedout | ReadTimedout | WriteTimedout) => Some(Rejection::UpstreamTimeout),
+        (ErrorSource::Upstream, _) => Some(Rejection::UpstreamError),
+        (_, HTTPStatus(400..=499)) => Some(Rejection::BadRequest),
+        _ => Some(Rejection::Internal),
+    }
+}
+
+/// Removes the key from every place it may have been presented, not only where it
+/// was found, so no copy of it reaches the upstream.
+fn strip_key(upstream_request: &mut RequestHeader, state: &GatewayState) -> Result<()> {
+    for location in &state.key_locations {
+        if let KeyLocation::Header { name, .. } = location {
+            if headers::header_holds_key(upstream_request, location) {
+                upstream_request.remove_header(name);
+            }
+        }
+    }
+    if state.key_query_params.is_empty() {
+        return Ok(());
+    }
+    let Some(path_and_query) = upstream_request.uri.path_and_query() else { return Ok(()) };
+    let names: Vec<&str> = state.key_query_params.iter().map(String::as_str).collect();
+    if let Some(stripped) = headers::strip_query_params(path_and_query.as_str(), &names) {
+        let uri = stripped
+            .parse::<http::Uri>()
+            .map_err(|e| Error::because(ErrorType::InternalError, "rewriting the query", e))?;
+        upstream_request.set_uri(uri);
+    }
+    Ok(())
+}
+
+/// A trusted peer's chain is extended; an untrusted client's own chain is replaced,
+/// so it cannot plant addresses the upstream might believe.
+fn forwarded_for(req: &RequestHeader, peer: IpAddr, peer_trusted: bool) -> String {
+    let mut chain = String::new();
+    if peer_trusted {
+        for value in req.headers.get_all(X_FORWARDED_FOR) {
+            if let Ok(text) = value.to_str() {
+                if !text.trim().is_empty() {
+                    chain.push_str(text.trim());
+                    chain.push_str(", ");
+                }
+            }
+        }
+    }
+    chain.push_str(&peer.to_string());
+    chain
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_failures_get_no_answer_and_upstream_failures_map_to_5xx() {
+        let down = |etype| {
+            let mut e = Error::new(etype);
+            e.set_esource(ErrorSource::Downstream);
+            e
+        };
+        let up = |etype| {
+            let mut e = Error::new(etype);
+            e.set_esource(ErrorSource::Upstream);
+            e
+        };
+        assert_eq!(classify(&down(ErrorType::ConnectionClosed)), None);
+        assert_eq!(classify(&down(ErrorType::ReadTimedout)), None);
+        assert_eq!(classify(&down(ErrorType::InvalidHTTPHeader)), Some(Rejection::BadRequest));
+        assert_eq!(classify(&up(ErrorType::ConnectTimedout)), Some(Rejection::UpstreamTimeout));
+        assert_eq!(classify(&up(ErrorType::ReadTimedout)), Some(Rejection::UpstreamTimeout));
+        assert_eq!(classify(&up(ErrorType::ConnectRefused)), Some(Rejection::UpstreamError));
+        assert_eq!(classify(&up(ErrorType::ConnectionClosed)), Some(Rejection::UpstreamError));
+    }
+
+    #[test]
+    fn forwarded_for_extends_only_a_trusted_chain() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("x-forwarded-for", "198.51.100.1").unwrap();
+        let peer: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(forwarded_for(&req, peer, true), "198.51.100.1, 10.0.0.2");
+        assert_eq!(forwarded_for(&req, peer, false), "10.0.0.2");
+        let bare = RequestHeader::build("GET", b"/", None).unwrap();
+        assert_eq!(forwarded_for(&bare, peer, true), "10.0.0.2");
+    }
+}

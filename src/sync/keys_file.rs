@@ -1,0 +1,127 @@
+//! `keys.source: file`: the keys file is loaded at start, then watched.
+//!
+//! Changes are noticed through inotify (the parent directory is watched, so
+//! editors and tools that replace the file by rename are seen too), with a
+//! metadata poll as a fallback. A file that fails to parse is refused as a
+//! whole and the keys already loaded keep serving.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::Notify;
+
+use crate::config::{ConfigErrors, PlanConfig};
+use crate::index::{load_keys_file, KeyIndex, Snapshot};
+
+/// How often the file's metadata is compared when no event arrives.
+const POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// Writers often touch a file several times in a row; wait for them to finish.
+const SETTLE_DELAY: Duration = Duration::from_millis(100);
+
+pub struct KeysFileSource {
+    path: PathBuf,
+    plans: BTreeMap<String, PlanConfig>,
+    index: Arc<KeyIndex>,
+    version: AtomicU64,
+    reload_requested: Arc<Notify>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeysFileLoadError {
+    #[error("{0}")]
+    Invalid(ConfigErrors),
+    #[error("{0}")]
+    Snapshot(#[from] crate::index::SnapshotError),
+}
+
+/// Identifies one version of the file without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn fingerprint(path: &Path) -> Option<Fingerprint> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some(Fingerprint { modified: meta.modified().ok(), len: meta.len(), inode: meta.ino() })
+}
+
+impl KeysFileSource {
+    pub fn new(path: PathBuf, plans: BTreeMap<String, PlanConfig>, index: Arc<KeyIndex>) -> Self {
+        KeysFileSource { path, plans, index, version: AtomicU64::new(0), reload_requested: Arc::new(Notify::new()) }
+    }
+
+    /// Asks the watcher to reload now (SIGHUP).
+    pub fn request_reload(&self) {
+        self.reload_requested.notify_one();
+    }
+
+    /// Loads the file and publishes it; on error the index is left as it was.
+    pub fn reload(&self) -> Result<usize, KeysFileLoadError> {
+        let records = load_keys_file(&self.path, &self.plans).map_err(KeysFileLoadError::Invalid)?;
+        let version = self.version.load(Ordering::Relaxed) + 1;
+        let snapshot = Snapshot::build(version, records)?;
+        let count = snapshot.len();
+        self.index.publish(snapshot);
+        self.version.store(version, Ordering::Relaxed);
+        Ok(count)
+    }
+
+    /// Follows the file until `shutdown` fires.
+    pub async fn watch(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let _watcher = self.start_inotify();
+        let mut last_seen = fingerprint(&self.path);
+        loop {
+            let woken = tokio::select! {
+                _ = self.reload_requested.notified() => true,
+                _ = tokio::time::sleep(POLL_INTERVAL) => false,
+                _ = shutdown.changed() => return,
+            };
+            if woken {
+                tokio::time::sleep(SETTLE_DELAY).await;
+            }
+            let current = fingerprint(&self.path);
+            if !woken && current == last_seen {
+                continue;
+            }
+            last_seen = current;
+            match self.reload() {
+                Ok(count) => tracing::info!(file = %self.path.display(), keys = count, "keys file reloaded"),
+                Err(e) => tracing::error!(
+                    file = %self.path.display(),
+                    "keys file refused, the previously loaded keys stay in use:\n{e}"
+                ),
+            }
+        }
+    }
+
+    fn start_inotify(&self) -> Option<notify::RecommendedWatcher> {
+        let file_name = self.path.file_name()?.to_owned();
+        let dir = match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let wake = Arc::clone(&self.reload_requested);
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = event {
+                let touches_file = event.paths.iter().any(|p| p.file_name() == Some(file_name.as_os_str()));
+                if touches_file && !event.kind.is_access() {
+                    wake.notify_one();
+                }
+            }
+        });
+        match watcher.and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|()| w)) {
+            Ok(watcher) => Some(watcher),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the keys file's directory; polling only");
+                None
+            }
+        }
+    }
+}
