@@ -29,7 +29,7 @@ pub mod raw;
 mod validate;
 
 #[cfg(test)]
-mod tests;
+mod tests_wip_placeholder;
 
 use std::collections::BTreeMap;
 use std::fmt;

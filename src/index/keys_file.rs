@@ -110,14 +110,20 @@ pub fn parse_keys_file(
                 continue;
             }
         };
-        let Some((digest, record)) = validate_key(raw, &base, plans, &mut errors) else { continue };
-        if let Some(first) = seen_hashes.insert(digest, index) {
-            errors.push(&format!("{base}.hash"), format!("the same hash as keys[{first}]"));
+        // Duplicates are found even among records with other problems.
+        if let Ok(digest) = KeyDigest::parse(&raw.hash) {
+            if let Some(first) = seen_hashes.insert(digest, index) {
+                errors.push(&format!("{base}.hash"), format!("the same hash as keys[{first}]"));
+            }
         }
-        if let Some(first) = seen_ids.insert(record.id.clone(), index) {
-            errors.push(&format!("{base}.id"), format!("id {:?} is already used by keys[{first}]", record.id));
+        if let Some(id) = &raw.id {
+            if let Some(first) = seen_ids.insert(id.clone(), index) {
+                errors.push(&format!("{base}.id"), format!("id {id:?} is already used by keys[{first}]"));
+            }
         }
-        records.push((digest, record));
+        if let Some(entry) = validate_key(raw, &base, plans, &mut errors) {
+            records.push(entry);
+        }
     }
     if errors.list.is_empty() {
         Ok(records)
@@ -299,8 +305,9 @@ keys:
     fn every_problem_is_listed_with_its_path_and_line() {
         let good = KeyDigest::of("a");
         let text = format!(
-            "keys:\n  - id: one\n    hash: \"{good}\"\n    ip_allowlist: [\"10.0.0.0/33\"]\n  - id: two\n    hash: \"sha256:nothex\"\n    status: paused\n  - id: three\n    hash: \"{good}\"\n    plan: gold\n  - id: four\n    hash: \"{}\"\n    colour: blue\n",
-            KeyDigest::of("b")
+            "keys:\n  - id: one\n    hash: \"{good}\"\n    ip_allowlist: [\"10.0.0.0/33\"]\n  - id: two\n    hash: \"sha256:nothex\"\n    status: paused\n  - id: three\n    hash: \"{good}\"\n  - id: four\n    hash: \"{}\"\n    plan: gold\n  - id: five\n    hash: \"{}\"\n    colour: blue\n",
+            KeyDigest::of("b"),
+            KeyDigest::of("c")
         );
         let errors = parse(&text).unwrap_err();
         let rendered: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
@@ -308,7 +315,7 @@ keys:
         assert!(find("keys[0].ip_allowlist[0]").is_some_and(|l| l.starts_with("keys.yaml:4:")), "{rendered:?}");
         assert!(find("keys[1].hash").is_some(), "{rendered:?}");
         assert!(find("keys[1].status").is_some_and(|l| l.starts_with("keys.yaml:7:")), "{rendered:?}");
-        assert!(find("keys[2].plan").is_some(), "{rendered:?}");
+        assert!(find("keys[3].plan").is_some(), "{rendered:?}");
         assert!(find("keys[2].hash").is_some_and(|l| l.contains("keys[0]")), "{rendered:?}");
         assert!(find("colour").is_some(), "{rendered:?}");
     }

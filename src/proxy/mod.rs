@@ -327,16 +327,8 @@ mod tests {
 
     #[test]
     fn client_failures_get_no_answer_and_upstream_failures_map_to_5xx() {
-        let down = |etype| {
-            let mut e = Error::new(etype);
-            e.set_esource(ErrorSource::Downstream);
-            e
-        };
-        let up = |etype| {
-            let mut e = Error::new(etype);
-            e.set_esource(ErrorSource::Upstream);
-            e
-        };
+        let down = Error::new_down;
+        let up = Error::new_up;
         assert_eq!(classify(&down(ErrorType::ConnectionClosed)), None);
         assert_eq!(classify(&down(ErrorType::ReadTimedout)), None);
         assert_eq!(classify(&down(ErrorType::InvalidHTTPHeader)), Some(Rejection::BadRequest));
