@@ -22,7 +22,8 @@ const HEALTH_TICK: std::time::Duration = std::time::Duration::from_millis(250);
 /// `keygate serve`: blocks until the node is shut down by a signal.
 pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     let config = crate::config::load(config_path).map_err(|errors| {
-        anyhow::anyhow!("{errors}").context(format!("{} is not a valid config", config_path.display()))
+        anyhow::anyhow!("{errors}")
+            .context(format!("{} is not a valid config", config_path.display()))
     })?;
     if config.mode != Mode::Gateway {
         bail!(
@@ -32,15 +33,26 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         );
     }
     if let Some(listener) = config.listeners.iter().find(|l| l.tls.is_some()) {
-        bail!("listener {}: TLS termination is not available in this build; use a plain listener", listener.address);
+        bail!(
+            "listener {}: TLS termination is not available in this build; use a plain listener",
+            listener.address
+        );
     }
-    if config.upstreams.values().any(|u| u.tls.as_ref().is_some_and(|t| t.ca.is_some())) {
+    if config
+        .upstreams
+        .values()
+        .any(|u| u.tls.as_ref().is_some_and(|t| t.ca.is_some()))
+    {
         bail!("upstreams[].tls.ca (a custom CA) is not available in this build");
     }
 
     let keys = Arc::new(KeyIndex::default());
     let keys_file = match (config.keys.source, &config.keys.file) {
-        (KeySource::File, Some(path)) => Arc::new(KeysFileSource::new(path.clone(), config.plans.clone(), Arc::clone(&keys))),
+        (KeySource::File, Some(path)) => Arc::new(KeysFileSource::new(
+            path.clone(),
+            config.plans.clone(),
+            Arc::clone(&keys),
+        )),
         _ => bail!("this build serves keys only from a keys file (`keys.source: file`)"),
     };
     let loaded = keys_file.reload().context("the keys file is not valid")?;
@@ -48,17 +60,30 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
 
     let state = Arc::new(ArcSwap::from_pointee(GatewayState::build(&config)?));
 
-    let opt = Opt { upgrade, daemon: false, nocapture: false, test: false, conf: None };
+    let opt = Opt {
+        upgrade,
+        daemon: false,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config));
     server.bootstrap();
 
     let gateway = Gateway::new(Arc::clone(&state), Arc::clone(&keys));
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "keygate proxy");
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        gateway,
+        "keygate proxy",
+    );
     for listener in &config.listeners {
         proxy.add_tcp(&listener.address.to_string());
     }
     server.add_service(proxy);
-    server.add_service(background_service("keygate maintenance", Maintenance { state, keys_file }));
+    server.add_service(background_service(
+        "keygate maintenance",
+        Maintenance { state, keys_file },
+    ));
 
     tracing::info!(
         mode = config.mode.as_str(),
@@ -72,18 +97,24 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
 
 /// Pingora's own settings, derived from keygate's config rather than read from a file.
 fn server_conf(config: &Config) -> ServerConf {
-    let mut conf = ServerConf::default();
-    conf.threads = config.threads;
-    conf.daemon = false;
-    conf.error_log = None;
-    // Pingora's defaults wait five minutes before exiting on SIGTERM.
-    conf.grace_period_seconds = Some(0);
-    conf.graceful_shutdown_timeout_seconds = Some(10);
     let port = config.listeners.first().map_or(0, |l| l.address.port());
-    let runtime_dir = std::env::temp_dir();
-    conf.upgrade_sock = runtime_dir.join(format!("keygate-{}-{port}.upgrade.sock", config.node_id)).display().to_string();
-    conf.pid_file = runtime_dir.join(format!("keygate-{}-{port}.pid", config.node_id)).display().to_string();
-    conf
+    let runtime_file = |suffix: &str| {
+        std::env::temp_dir()
+            .join(format!("keygate-{}-{port}.{suffix}", config.node_id))
+            .display()
+            .to_string()
+    };
+    ServerConf {
+        threads: config.threads,
+        daemon: false,
+        error_log: None,
+        // Pingora's defaults wait five minutes before exiting on SIGTERM.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(10),
+        upgrade_sock: runtime_file("upgrade.sock"),
+        pid_file: runtime_file("pid"),
+        ..ServerConf::default()
+    }
 }
 
 /// Work beside the request path: keys file watching, health checks, SIGHUP.

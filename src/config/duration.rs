@@ -61,11 +61,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
             }));
         }
         let (number, after) = rest.split_at(digits);
-        let amount: u64 = number.parse().map_err(|_| fail("the number is too large"))?;
-        let letters = after
-            .bytes()
-            .take_while(u8::is_ascii_alphabetic)
-            .count();
+        let amount: u64 = number
+            .parse()
+            .map_err(|_| fail("the number is too large"))?;
+        let letters = after.bytes().take_while(u8::is_ascii_alphabetic).count();
         if letters == 0 {
             return Err(fail(match after.as_bytes().first() {
                 None if last_unit.is_none() => "a bare number has no unit",

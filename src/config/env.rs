@@ -150,10 +150,7 @@ mod tests {
     #[test]
     fn env_other_dollar_uses_pass_through() {
         assert_eq!(run("price $$5 and $HOME and ${HOME} and $"), Ok(None));
-        assert_eq!(
-            run("$$${env:TOKEN}$"),
-            Ok(Some("$$s3cret$".to_owned()))
-        );
+        assert_eq!(run("$$${env:TOKEN}$"), Ok(Some("$$s3cret$".to_owned())));
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub mod raw;
 mod validate;
 
 #[cfg(test)]
-mod tests_wip_placeholder;
+mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt;

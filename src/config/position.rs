@@ -4,18 +4,22 @@
 //! with yaml-rust2's marked event parser. The two parsers can disagree on exotic
 //! input; then the map is merely incomplete and errors fall back to an ancestor.
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::Marker;
 
-/// 1-based line and column.
+/// 1-based line and column (yaml-rust2 gives 0-based columns).
 pub(crate) type Pos = (usize, usize);
 
 #[derive(Debug, Default)]
 pub(crate) struct Positions {
     values: HashMap<String, Pos>,
     keys: HashMap<String, Pos>,
+    /// Paths whose value is a mapping or a list: an error there reads best at
+    /// the key that introduces it (`keys:`), when there is one.
+    collections: HashSet<String>,
     /// Mapping keys seen twice, where serde_norway reports no useful position.
     duplicates: Vec<(String, Pos)>,
 }
@@ -32,6 +36,11 @@ impl Positions {
     pub(crate) fn value(&self, path: &str) -> Option<Pos> {
         let mut current = path;
         loop {
+            if self.collections.contains(current) {
+                if let Some(pos) = self.keys.get(current) {
+                    return Some(*pos);
+                }
+            }
             if let Some(pos) = self.values.get(current) {
                 return Some(*pos);
             }
@@ -79,6 +88,9 @@ enum Frame {
         /// None while waiting for a key, or under a key that is not a scalar.
         key: Option<String>,
         expecting_key: bool,
+        /// Where the mapping starts, until its first key says it better: a
+        /// block mapping's start event is marked past its first key.
+        start: Option<Marker>,
     },
     Seq {
         index: usize,
@@ -111,7 +123,9 @@ impl Walker {
     /// A value node is complete: move the parent on to its next key or index.
     fn advance(&mut self) {
         match self.stack.last_mut() {
-            Some(Frame::Map { key, expecting_key }) => {
+            Some(Frame::Map {
+                key, expecting_key, ..
+            }) => {
                 *key = None;
                 *expecting_key = true;
             }
@@ -120,14 +134,28 @@ impl Walker {
         }
     }
 
-    fn record_value(&mut self, mark: Marker) {
+    fn record_value(&mut self, mark: Marker, collection: bool) {
         // The document root is no useful place to point at.
         if let Some(path) = self.path().filter(|p| !p.is_empty()) {
+            if collection {
+                self.positions.collections.insert(path.clone());
+            }
             self.positions
                 .values
                 .entry(path)
-                .or_insert((mark.line(), mark.col()));
+                .or_insert((mark.line(), mark.col() + 1));
         }
+    }
+
+    /// Records the innermost mapping's position at `mark` if still pending.
+    fn settle_map_start(&mut self, mark: Option<Marker>) {
+        let Some(Frame::Map { start, .. }) = self.stack.last_mut() else {
+            return;
+        };
+        let Some(start) = start.take() else { return };
+        let frame = self.stack.pop();
+        self.record_value(mark.unwrap_or(start), true);
+        self.stack.extend(frame);
     }
 }
 
@@ -151,12 +179,25 @@ impl MarkedEventReceiver for Walker {
         }
         let is_node = matches!(
             event,
-            Event::Scalar(..) | Event::Alias(_) | Event::SequenceStart(..) | Event::MappingStart(..)
+            Event::Scalar(..)
+                | Event::Alias(_)
+                | Event::SequenceStart(..)
+                | Event::MappingStart(..)
         );
         if is_node {
+            if matches!(
+                self.stack.last(),
+                Some(Frame::Map {
+                    expecting_key: true,
+                    ..
+                })
+            ) {
+                self.settle_map_start(Some(mark));
+            }
             if let Some(Frame::Map {
                 key,
                 expecting_key: expecting_key @ true,
+                ..
             }) = self.stack.last_mut()
             {
                 *expecting_key = false;
@@ -164,11 +205,14 @@ impl MarkedEventReceiver for Walker {
                     Event::Scalar(text, ..) => {
                         *key = Some(text);
                         if let Some(path) = self.path() {
-                            let pos = (mark.line(), mark.col());
-                            if self.positions.keys.contains_key(&path) {
-                                self.positions.duplicates.push((path, pos));
-                            } else {
-                                self.positions.keys.insert(path, pos);
+                            let pos = (mark.line(), mark.col() + 1);
+                            match self.positions.keys.entry(path) {
+                                Entry::Occupied(seen) => {
+                                    self.positions.duplicates.push((seen.key().clone(), pos));
+                                }
+                                Entry::Vacant(slot) => {
+                                    slot.insert(pos);
+                                }
                             }
                         }
                     }
@@ -182,21 +226,23 @@ impl MarkedEventReceiver for Walker {
         }
         match event {
             Event::Scalar(..) | Event::Alias(_) => {
-                self.record_value(mark);
+                self.record_value(mark, false);
                 self.advance();
             }
             Event::SequenceStart(..) => {
-                self.record_value(mark);
+                self.record_value(mark, true);
                 self.stack.push(Frame::Seq { index: 0 });
             }
             Event::MappingStart(..) => {
-                self.record_value(mark);
                 self.stack.push(Frame::Map {
                     key: None,
                     expecting_key: true,
+                    start: Some(mark),
                 });
             }
             Event::SequenceEnd | Event::MappingEnd => {
+                // An empty mapping has no first key: keep its start mark.
+                self.settle_map_start(None);
                 self.stack.pop();
                 self.advance();
             }
@@ -234,9 +280,25 @@ after: 1
     #[test]
     fn positions_cover_list_elements_and_flow_collections() {
         let p = Positions::build(TEXT);
-        assert_eq!(p.value("routes[0].name"), Some((5, 13)));
-        assert_eq!(p.value("routes[0].match.methods[1]"), Some((6, 45)));
-        assert_eq!(p.value("routes[1].name"), Some((7, 13)));
+        assert_eq!(p.value("routes[0].name"), Some((5, 11)));
+        assert_eq!(p.value("routes[0].match.methods[1]"), Some((6, 46)));
+        assert_eq!(p.value("routes[1].name"), Some((7, 11)));
+    }
+
+    #[test]
+    fn positions_of_collections_are_their_keys_or_first_entries() {
+        let p = Positions::build(TEXT);
+        assert_eq!(p.value("admin"), Some((2, 1)));
+        assert_eq!(p.value("routes"), Some((4, 1)));
+        // A list element has no key: its first entry marks it.
+        assert_eq!(p.value("routes[1]"), Some((7, 5)));
+        assert_eq!(p.value("routes[0].match"), Some((6, 5)));
+        let empty = Positions::build(
+            "a:
+  - {}
+",
+        );
+        assert_eq!(empty.value("a[0]"), Some((2, 5)));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use serde::de::{self, DeserializeOwned, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_norway::Value;
 
-use super::position::{join_index, join_key};
+use super::position::join_index;
 
 /// A serde failure inside one subtree: `path` is relative to that subtree.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -495,7 +495,8 @@ mod tests {
 
     #[test]
     fn raw_parsed_keeps_sibling_errors_apart() {
-        let value: Value = serde_norway::from_str("[{address: a}, {adress: b}, {address: [1]}]").unwrap();
+        let value: Value =
+            serde_norway::from_str("[{address: a}, {adress: b}, {address: [1]}]").unwrap();
         let list: Vec<Parsed<RawListener>> = parse_value(value).unwrap();
         assert!(list[0].0.is_ok());
         let e1 = list[1].0.as_ref().unwrap_err();
@@ -512,7 +513,10 @@ mod tests {
         assert_eq!(parse("'7'"), Ok(Num(7)));
         assert_eq!(parse("1e3"), Ok(Num(1000)));
         assert!(parse("-1").unwrap_err().message.contains("negative"));
-        assert!(parse("4294967296").unwrap_err().message.contains("too large"));
+        assert!(parse("4294967296")
+            .unwrap_err()
+            .message
+            .contains("too large"));
         assert!(parse("seven").is_err());
         assert!(parse("1.5").is_err());
     }

@@ -22,10 +22,10 @@ use super::raw::{
 };
 use super::{
     parse_duration, AccessLogConfig, AdminConfig, ClientIpConfig, Config, ConfigError,
-    ConfigErrors, ControlPlaneClientConfig, HealthCheckConfig, KeyLocation, KeySource,
-    KeysConfig, ListenerConfig, Mode, PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig,
-    RouteAuth, RouteConfig, RouteMatch, SinkConfig, StoreConfig, TlsFiles, TokenConfig,
-    UpstreamConfig, UpstreamTlsConfig, UsageConfig,
+    ConfigErrors, ControlPlaneClientConfig, HealthCheckConfig, KeyLocation, KeySource, KeysConfig,
+    ListenerConfig, Mode, PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig, RouteAuth,
+    RouteConfig, RouteMatch, SinkConfig, StoreConfig, TlsFiles, TokenConfig, UpstreamConfig,
+    UpstreamTlsConfig, UsageConfig,
 };
 
 const MISSING: &str = "required field is missing";
@@ -41,6 +41,12 @@ pub(crate) fn run(text: &str, file: &Path, env: EnvLookup<'_>) -> Result<Config,
         value = Value::Mapping(Mapping::new());
     }
     let mut issues = Issues::default();
+    // `<<: *anchor` merge keys, so that shared upstream or plan settings can be
+    // written once.
+    if let Err(e) = value.apply_merge() {
+        issues.add("", format!("invalid YAML merge key (<<): {e}"));
+        return Err(issues.into_errors(file, &positions));
+    }
     for (path, message) in interpolate_tree(&mut value, "", env) {
         issues.add(&path, message);
         // The unexpanded text would only cause follow-on errors at this path.
@@ -61,8 +67,9 @@ fn syntax_error(e: &serde_norway::Error, file: &Path, positions: &Positions) -> 
         message = message.replacen(&format!(" at line {line} column {column}"), "", 1);
     }
     // libyaml places duplicate keys at the document start; the walk knows better.
-    if message.starts_with("duplicate entry") {
+    if let Some(start) = message.find("duplicate entry") {
         if let Some((dup_path, pos)) = positions.first_duplicate() {
+            message = message[start..].to_owned();
             path.clone_from(dup_path);
             at = Some(*pos);
         }
@@ -144,6 +151,16 @@ impl Issues {
         }
         // File order reads best; errors with no position go last.
         errors.sort_by_key(|e| (e.line.is_none(), e.line, e.column));
+        if errors.is_empty() {
+            // Not expected, but a refusal must always say something.
+            errors.push(ConfigError {
+                file: file.to_owned(),
+                path: String::new(),
+                line: None,
+                column: None,
+                message: "invalid configuration".to_owned(),
+            });
+        }
         ConfigErrors(errors)
     }
 }
@@ -324,8 +341,10 @@ impl Builder<'_> {
                 if id.trim().is_empty() {
                     self.issues.add("node_id", "must not be empty");
                 } else if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    self.issues
-                        .add("node_id", format!("{id:?} must not contain spaces or control characters"));
+                    self.issues.add(
+                        "node_id",
+                        format!("{id:?} must not contain spaces or control characters"),
+                    );
                 }
                 id
             }
@@ -379,12 +398,14 @@ impl Builder<'_> {
             let address = self
                 .required(listener.address, &address_path)
                 .and_then(|s| self.socket_addr(&s, &address_path));
-            let tls = self.parsed(listener.tls, &join_key(&path, "tls")).map(|tls| {
-                let tls_path = join_key(&path, "tls");
-                let cert = self.pem_file(tls.cert, &join_key(&tls_path, "cert"), Pem::Cert);
-                let key = self.pem_file(tls.key, &join_key(&tls_path, "key"), Pem::Key);
-                (cert, key)
-            });
+            let tls = self
+                .parsed(listener.tls, &join_key(&path, "tls"))
+                .map(|tls| {
+                    let tls_path = join_key(&path, "tls");
+                    let cert = self.pem_file(tls.cert, &join_key(&tls_path, "cert"), Pem::Cert);
+                    let key = self.pem_file(tls.key, &join_key(&tls_path, "key"), Pem::Key);
+                    (cert, key)
+                });
             let Some(address) = address else { continue };
             if let Some((j, _)) = seen.iter().find(|(_, other)| overlaps(*other, address)) {
                 self.issues.add(
@@ -430,11 +451,11 @@ impl Builder<'_> {
         }
     }
 
-    fn tokens(&mut self, raw: Option<Vec<Parsed<RawToken>>>, path: &str) -> Vec<TokenConfig> {
+    fn tokens(&mut self, raw: Option<Vec<Parsed<RawToken>>>, list: &str) -> Vec<TokenConfig> {
         let mut out = Vec::new();
         let mut names: HashMap<String, usize> = HashMap::new();
         for (i, item) in raw.unwrap_or_default().into_iter().enumerate() {
-            let path = join_index(path, i);
+            let path = join_index(list, i);
             let Some(token) = self.issues.take(item, &path) else {
                 continue;
             };
@@ -444,26 +465,31 @@ impl Builder<'_> {
                 if let Some(first) = names.get(name) {
                     self.issues.add(
                         &name_path,
-                        format!("duplicate token name {name:?} (also at index {first})"),
+                        format!(
+                            "duplicate token name {name:?} (also {})",
+                            join_index(list, *first)
+                        ),
                     );
                 } else {
                     names.insert(name.clone(), i);
                 }
             }
             let sha256 = match (token.hash, token.token) {
-                (Some(Text(hash)), None) => {
-                    parse_sha256(&hash).map_err(|m| self.issues.add(&join_key(&path, "hash"), m)).ok()
-                }
+                (Some(Text(hash)), None) => parse_sha256(&hash)
+                    .map_err(|m| self.issues.add(&join_key(&path, "hash"), m))
+                    .ok(),
                 (None, Some(Text(raw))) => {
                     if raw.is_empty() {
-                        self.issues.add(&join_key(&path, "token"), "must not be empty");
+                        self.issues
+                            .add(&join_key(&path, "token"), "must not be empty");
                         None
                     } else {
                         Some(Sha256::digest(raw.as_bytes()).into())
                     }
                 }
                 (Some(_), Some(_)) => {
-                    self.issues.add(&path, "give either `hash` or `token`, not both");
+                    self.issues
+                        .add(&path, "give either `hash` or `token`, not both");
                     None
                 }
                 (None, None) => {
@@ -541,6 +567,8 @@ impl Builder<'_> {
         let max_staleness =
             self.duration(max_staleness, "keys.max_staleness", Duration::ZERO, true);
 
+        // Set when no source could be picked: the checks below would only repeat it.
+        let mut unresolved = false;
         let source = match source {
             Some(RawKeySource::Store) => KeySource::Store,
             Some(RawKeySource::ControlPlane) => KeySource::ControlPlane,
@@ -553,12 +581,13 @@ impl Builder<'_> {
                         "keys",
                         "gateway mode needs a key source: set keys.control_plane (source control_plane) or keys.file (source file)",
                     );
+                    unresolved = true;
                     KeySource::File
                 }
                 _ => KeySource::Store,
             },
         };
-        if parsed {
+        if parsed && !unresolved {
             match (source, mode) {
                 (KeySource::Store, Some(Mode::Gateway)) => self.issues.add(
                     "keys.source",
@@ -579,7 +608,8 @@ impl Builder<'_> {
                 );
             }
             if source == KeySource::File && file.is_none() && !self.has_issue("keys.file") {
-                self.issues.add("keys.file", "required when keys.source is file");
+                self.issues
+                    .add("keys.file", "required when keys.source is file");
             }
         }
         (
@@ -673,11 +703,15 @@ impl Builder<'_> {
             match (location.header, location.query) {
                 (Some(Text(header)), None) => {
                     let header_path = join_key(&path, "header");
-                    let name = match http::HeaderName::from_bytes(header.trim().to_ascii_lowercase().as_bytes()) {
+                    let name = match http::HeaderName::from_bytes(
+                        header.trim().to_ascii_lowercase().as_bytes(),
+                    ) {
                         Ok(name) => Some(name),
                         Err(_) => {
-                            self.issues
-                                .add(&header_path, format!("{header:?} is not a valid header name"));
+                            self.issues.add(
+                                &header_path,
+                                format!("{header:?} is not a valid header name"),
+                            );
                             None
                         }
                     };
@@ -686,7 +720,9 @@ impl Builder<'_> {
                         if scheme.is_empty() || !scheme.bytes().all(is_token_byte) {
                             self.issues.add(
                                 &join_key(&path, "scheme"),
-                                format!("{scheme:?} is not a valid auth scheme (one word, like Bearer)"),
+                                format!(
+                                    "{scheme:?} is not a valid auth scheme (one word, like Bearer)"
+                                ),
                             );
                             None
                         } else {
@@ -748,21 +784,20 @@ impl Builder<'_> {
             let Some(upstream) = self.issues.take(item, &path) else {
                 continue;
             };
-            if let Some(config) = self.upstream(upstream, &path) {
-                out.insert(name, config);
-            }
+            let config = self.upstream(upstream, &path);
+            out.insert(name, config);
         }
         (out, Some(names))
     }
 
-    fn upstream(&mut self, raw: RawUpstream, path: &str) -> Option<UpstreamConfig> {
+    fn upstream(&mut self, raw: RawUpstream, path: &str) -> UpstreamConfig {
         let targets_path = join_key(path, "targets");
         let mut targets = Vec::new();
         match raw.targets {
             None => self.issues.add(&targets_path, MISSING),
-            Some(list) if list.is_empty() => {
-                self.issues.add(&targets_path, "at least one target is required")
-            }
+            Some(list) if list.is_empty() => self
+                .issues
+                .add(&targets_path, "at least one target is required"),
             Some(list) => {
                 for (i, Text(target)) in list.into_iter().enumerate() {
                     let target_path = join_index(&targets_path, i);
@@ -847,13 +882,13 @@ impl Builder<'_> {
             Duration::from_secs(30),
             false,
         );
-        Some(UpstreamConfig {
+        UpstreamConfig {
             targets,
             tls,
             health_check,
             connect_timeout,
             read_timeout,
-        })
+        }
     }
 
     fn routes(
@@ -950,9 +985,14 @@ impl Builder<'_> {
                 &prefix_path,
                 "matches the path only: it cannot contain '?' or '#'",
             );
-        } else if path_prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            self.issues
-                .add(&prefix_path, "must not contain spaces or control characters");
+        } else if path_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            self.issues.add(
+                &prefix_path,
+                "must not contain spaces or control characters",
+            );
         }
         let mut methods: Vec<http::Method> = Vec::new();
         for (i, Text(m)) in raw.methods.unwrap_or_default().into_iter().enumerate() {
@@ -1011,11 +1051,14 @@ impl Builder<'_> {
         let mut out: Vec<(http::HeaderName, http::HeaderValue)> = Vec::new();
         for (raw_name, Text(value)) in raw.map(|e| e.0).unwrap_or_default() {
             let header_path = join_key(path, &raw_name);
-            let name = match http::HeaderName::from_bytes(raw_name.to_ascii_lowercase().as_bytes()) {
+            let name = match http::HeaderName::from_bytes(raw_name.to_ascii_lowercase().as_bytes())
+            {
                 Ok(name) => name,
                 Err(_) => {
-                    self.issues
-                        .add(&header_path, format!("{raw_name:?} is not a valid header name"));
+                    self.issues.add(
+                        &header_path,
+                        format!("{raw_name:?} is not a valid header name"),
+                    );
                     continue;
                 }
             };
@@ -1190,7 +1233,11 @@ impl Builder<'_> {
                         "only gateways send usage to a control plane: use { type: store }",
                     );
                 } else if keys.is_some_and(|k| k.control_plane.is_none())
-                    && !self.issues.list.iter().any(|i| i.path.starts_with("keys.control_plane"))
+                    && !self
+                        .issues
+                        .list
+                        .iter()
+                        .any(|i| i.path.starts_with("keys.control_plane"))
                 {
                     self.issues.add(
                         &type_path,
@@ -1208,7 +1255,9 @@ impl Builder<'_> {
             other => {
                 self.issues.add(
                     &type_path,
-                    format!("unknown sink type {other:?}, expected `store`, `control_plane` or `file`"),
+                    format!(
+                        "unknown sink type {other:?}, expected `store`, `control_plane` or `file`"
+                    ),
                 );
                 None
             }
@@ -1367,11 +1416,46 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
 /// Standard methods plus the IANA registry's extension methods (WebDAV and
 /// friends) and PURGE; anything else is far likelier a typo than intended.
 const METHODS: &[&str] = &[
-    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "ACL",
-    "BASELINE-CONTROL", "BIND", "CHECKIN", "CHECKOUT", "COPY", "LABEL", "LINK", "LOCK", "MERGE",
-    "MKACTIVITY", "MKCALENDAR", "MKCOL", "MKREDIRECTREF", "MKWORKSPACE", "MOVE", "ORDERPATCH",
-    "PROPFIND", "PROPPATCH", "PURGE", "QUERY", "REBIND", "REPORT", "SEARCH", "UNBIND",
-    "UNCHECKOUT", "UNLINK", "UNLOCK", "UPDATE", "UPDATEREDIRECTREF", "VERSION-CONTROL",
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "DELETE",
+    "CONNECT",
+    "OPTIONS",
+    "TRACE",
+    "PATCH",
+    "ACL",
+    "BASELINE-CONTROL",
+    "BIND",
+    "CHECKIN",
+    "CHECKOUT",
+    "COPY",
+    "LABEL",
+    "LINK",
+    "LOCK",
+    "MERGE",
+    "MKACTIVITY",
+    "MKCALENDAR",
+    "MKCOL",
+    "MKREDIRECTREF",
+    "MKWORKSPACE",
+    "MOVE",
+    "ORDERPATCH",
+    "PROPFIND",
+    "PROPPATCH",
+    "PURGE",
+    "QUERY",
+    "REBIND",
+    "REPORT",
+    "SEARCH",
+    "UNBIND",
+    "UNCHECKOUT",
+    "UNLINK",
+    "UNLOCK",
+    "UPDATE",
+    "UPDATEREDIRECTREF",
+    "VERSION-CONTROL",
 ];
 
 fn parse_method(s: &str) -> Result<http::Method, String> {
@@ -1417,7 +1501,9 @@ fn check_target(s: &str) -> Result<String, String> {
             ));
         }
         if !valid_host_name(host) {
-            return Err(format!("{s:?}: {host:?} is not a valid host name or IP address"));
+            return Err(format!(
+                "{s:?}: {host:?} is not a valid host name or IP address"
+            ));
         }
         port
     };

@@ -59,11 +59,15 @@ impl Snapshot {
         records: impl IntoIterator<Item = (KeyDigest, KeyRecord)>,
     ) -> Result<Self, SnapshotError> {
         let records = records.into_iter();
-        let mut by_digest = DigestMap::with_capacity_and_hasher(records.size_hint().0, Default::default());
+        let mut by_digest =
+            DigestMap::with_capacity_and_hasher(records.size_hint().0, Default::default());
         for (digest, record) in records {
             if let Some(previous) = by_digest.insert(digest, Arc::new(record)) {
                 let second = by_digest[&digest].id.clone();
-                return Err(SnapshotError::DuplicateHash { first: previous.id.clone(), second });
+                return Err(SnapshotError::DuplicateHash {
+                    first: previous.id.clone(),
+                    second,
+                });
             }
         }
         Ok(Snapshot { version, by_digest })
@@ -93,7 +97,9 @@ pub struct KeyIndex {
 
 impl KeyIndex {
     pub fn new(snapshot: Snapshot) -> Self {
-        KeyIndex { current: ArcSwap::from_pointee(snapshot) }
+        KeyIndex {
+            current: ArcSwap::from_pointee(snapshot),
+        }
     }
 
     /// Lock-free; the guard keeps the snapshot alive while it is held.
@@ -124,7 +130,10 @@ mod tests {
     fn lookup_finds_records_by_digest() {
         let snapshot = Snapshot::build(
             1,
-            [(KeyDigest::of("a"), record("key_a")), (KeyDigest::of("b"), record("key_b"))],
+            [
+                (KeyDigest::of("a"), record("key_a")),
+                (KeyDigest::of("b"), record("key_b")),
+            ],
         )
         .unwrap();
         assert_eq!(snapshot.get(&KeyDigest::of("a")).unwrap().id, "key_a");
@@ -137,7 +146,10 @@ mod tests {
     fn duplicate_hashes_are_refused() {
         let result = Snapshot::build(
             1,
-            [(KeyDigest::of("a"), record("key_a")), (KeyDigest::of("a"), record("key_b"))],
+            [
+                (KeyDigest::of("a"), record("key_a")),
+                (KeyDigest::of("a"), record("key_b")),
+            ],
         );
         assert!(matches!(result, Err(SnapshotError::DuplicateHash { .. })));
     }

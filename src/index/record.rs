@@ -60,7 +60,10 @@ impl ScopeSet {
     pub fn holds(&self, required: &str) -> bool {
         self.all
             || self.exact.iter().any(|s| &**s == required)
-            || self.prefixes.iter().any(|p| required.len() > p.len() && required.starts_with(&**p))
+            || self
+                .prefixes
+                .iter()
+                .any(|p| required.len() > p.len() && required.starts_with(&**p))
     }
 
     pub fn holds_all<S: AsRef<str>>(&self, required: &[S]) -> bool {
@@ -213,7 +216,10 @@ impl KeyRecordBuilder {
 /// guards against a control character slipping through into a header.
 fn header_value(text: &str) -> HeaderValue {
     HeaderValue::from_str(text).unwrap_or_else(|_| {
-        let cleaned: String = text.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
+        let cleaned: String = text
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
         HeaderValue::from_str(&cleaned).unwrap_or(HeaderValue::from_static("?"))
     })
 }
@@ -262,7 +268,10 @@ mod tests {
         let open = KeyRecord::builder("k").build();
         assert!(open.allows_ip("203.0.113.9".parse().unwrap()));
         let closed = KeyRecord::builder("k")
-            .ip_allowlist(vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()])
+            .ip_allowlist(vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ])
             .build();
         assert!(closed.allows_ip("10.1.2.3".parse().unwrap()));
         assert!(closed.allows_ip("2001:db8::1".parse().unwrap()));

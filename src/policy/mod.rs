@@ -53,7 +53,9 @@ impl Denial {
 
     pub fn status(self) -> u16 {
         match self {
-            Denial::MissingKey | Denial::InvalidKey | Denial::KeyRevoked | Denial::KeyExpired => 401,
+            Denial::MissingKey | Denial::InvalidKey | Denial::KeyRevoked | Denial::KeyExpired => {
+                401
+            }
             Denial::KeyDisabled | Denial::IpNotAllowed | Denial::InsufficientScope => 403,
         }
     }
@@ -80,7 +82,9 @@ pub fn decide(
 ) -> Result<Arc<KeyRecord>, Denial> {
     let raw = facts.presented_key.ok_or(Denial::MissingKey)?;
     key::parse(raw).map_err(|_| Denial::InvalidKey)?;
-    let record = snapshot.get(&KeyDigest::of(raw)).ok_or(Denial::InvalidKey)?;
+    let record = snapshot
+        .get(&KeyDigest::of(raw))
+        .ok_or(Denial::InvalidKey)?;
     match record.status {
         KeyStatus::Revoked => return Err(Denial::KeyRevoked),
         _ if record.is_expired(now) => return Err(Denial::KeyExpired),
@@ -110,14 +114,21 @@ mod tests {
 
     /// One key per record, in the order given.
     fn fixture(records: Vec<KeyRecord>) -> Fixture {
-        let keys: Vec<String> = records.iter().map(|_| key::generate("kg_test").unwrap()).collect();
+        let keys: Vec<String> = records
+            .iter()
+            .map(|_| key::generate("kg_test").unwrap())
+            .collect();
         let snapshot =
             Snapshot::build(1, keys.iter().map(|k| KeyDigest::of(k)).zip(records)).unwrap();
         Fixture { snapshot, keys }
     }
 
     fn facts<'a>(key: Option<&'a str>, ip: &str, scopes: &'a [String]) -> RequestFacts<'a> {
-        RequestFacts { presented_key: key, client_ip: ip.parse().unwrap(), required_scopes: scopes }
+        RequestFacts {
+            presented_key: key,
+            client_ip: ip.parse().unwrap(),
+            required_scopes: scopes,
+        }
     }
 
     fn scopes(list: &[&str]) -> Vec<String> {
@@ -132,7 +143,10 @@ mod tests {
     #[test]
     fn missing_key_is_refused_first() {
         let f = fixture(vec![]);
-        assert_eq!(decide(&facts(None, "10.0.0.1", &[]), &f.snapshot, NOW).err(), Some(Denial::MissingKey));
+        assert_eq!(
+            decide(&facts(None, "10.0.0.1", &[]), &f.snapshot, NOW).err(),
+            Some(Denial::MissingKey)
+        );
     }
 
     #[test]
@@ -143,7 +157,11 @@ mod tests {
         tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
         let tampered = String::from_utf8(tampered).unwrap();
         for bad in ["", "not-a-key", "kg_test_tooshort", tampered.as_str()] {
-            assert_eq!(decide(&facts(Some(bad), "10.0.0.1", &[]), &f.snapshot, NOW).err(), Some(Denial::InvalidKey), "{bad}");
+            assert_eq!(
+                decide(&facts(Some(bad), "10.0.0.1", &[]), &f.snapshot, NOW).err(),
+                Some(Denial::InvalidKey),
+                "{bad}"
+            );
         }
     }
 
@@ -151,7 +169,10 @@ mod tests {
     fn well_formed_unknown_key_is_invalid() {
         let f = fixture(vec![]);
         let unknown = key::generate("kg_live").unwrap();
-        assert_eq!(decide(&facts(Some(&unknown), "10.0.0.1", &[]), &f.snapshot, NOW).err(), Some(Denial::InvalidKey));
+        assert_eq!(
+            decide(&facts(Some(&unknown), "10.0.0.1", &[]), &f.snapshot, NOW).err(),
+            Some(Denial::InvalidKey)
+        );
     }
 
     #[test]
@@ -161,17 +182,30 @@ mod tests {
             .ip_allowlist(vec!["10.0.0.0/8".parse().unwrap()])
             .expires_at(Some(datetime!(2027-01-01 0:00 UTC)))
             .build()]);
-        assert_eq!(check(&f, 0, "10.1.2.3", &["orders:read"]), Ok("key_a".into()));
+        assert_eq!(
+            check(&f, 0, "10.1.2.3", &["orders:read"]),
+            Ok("key_a".into())
+        );
     }
 
     #[test]
     fn status_checks_come_in_contract_order() {
         let expired = datetime!(2026-01-01 0:00 UTC);
         let f = fixture(vec![
-            KeyRecord::builder("revoked_and_expired").status(KeyStatus::Revoked).expires_at(Some(expired)).build(),
-            KeyRecord::builder("disabled_and_expired").status(KeyStatus::Disabled).expires_at(Some(expired)).build(),
-            KeyRecord::builder("disabled").status(KeyStatus::Disabled).build(),
-            KeyRecord::builder("expired").expires_at(Some(expired)).build(),
+            KeyRecord::builder("revoked_and_expired")
+                .status(KeyStatus::Revoked)
+                .expires_at(Some(expired))
+                .build(),
+            KeyRecord::builder("disabled_and_expired")
+                .status(KeyStatus::Disabled)
+                .expires_at(Some(expired))
+                .build(),
+            KeyRecord::builder("disabled")
+                .status(KeyStatus::Disabled)
+                .build(),
+            KeyRecord::builder("expired")
+                .expires_at(Some(expired))
+                .build(),
         ]);
         assert_eq!(check(&f, 0, "10.0.0.1", &[]), Err(Denial::KeyRevoked));
         assert_eq!(check(&f, 1, "10.0.0.1", &[]), Err(Denial::KeyExpired));
@@ -199,26 +233,43 @@ mod tests {
         let f = fixture(vec![KeyRecord::builder("k")
             .ip_allowlist(vec!["192.0.2.0/24".parse().unwrap()])
             .build()]);
-        assert_eq!(check(&f, 0, "10.0.0.1", &["orders:read"]), Err(Denial::IpNotAllowed));
-        assert_eq!(check(&f, 0, "192.0.2.7", &["orders:read"]), Err(Denial::InsufficientScope));
+        assert_eq!(
+            check(&f, 0, "10.0.0.1", &["orders:read"]),
+            Err(Denial::IpNotAllowed)
+        );
+        assert_eq!(
+            check(&f, 0, "192.0.2.7", &["orders:read"]),
+            Err(Denial::InsufficientScope)
+        );
     }
 
     #[test]
     fn ipv6_allowlists_match_ipv6_clients() {
         let f = fixture(vec![KeyRecord::builder("k")
-            .ip_allowlist(vec!["2001:db8:1::/48".parse().unwrap(), "127.0.0.1/32".parse().unwrap()])
+            .ip_allowlist(vec![
+                "2001:db8:1::/48".parse().unwrap(),
+                "127.0.0.1/32".parse().unwrap(),
+            ])
             .build()]);
         assert!(check(&f, 0, "2001:db8:1::5", &[]).is_ok());
         assert!(check(&f, 0, "127.0.0.1", &[]).is_ok());
-        assert_eq!(check(&f, 0, "2001:db8:2::5", &[]), Err(Denial::IpNotAllowed));
+        assert_eq!(
+            check(&f, 0, "2001:db8:2::5", &[]),
+            Err(Denial::IpNotAllowed)
+        );
         assert_eq!(check(&f, 0, "::1", &[]), Err(Denial::IpNotAllowed));
     }
 
     #[test]
     fn every_required_scope_must_be_held() {
-        let f = fixture(vec![KeyRecord::builder("k").scopes(scopes(&["orders:*", "billing:read"])).build()]);
+        let f = fixture(vec![KeyRecord::builder("k")
+            .scopes(scopes(&["orders:*", "billing:read"]))
+            .build()]);
         assert!(check(&f, 0, "10.0.0.1", &["orders:write", "billing:read"]).is_ok());
-        assert_eq!(check(&f, 0, "10.0.0.1", &["orders:write", "billing:write"]), Err(Denial::InsufficientScope));
+        assert_eq!(
+            check(&f, 0, "10.0.0.1", &["orders:write", "billing:write"]),
+            Err(Denial::InsufficientScope)
+        );
     }
 
     #[test]

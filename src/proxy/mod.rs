@@ -26,6 +26,7 @@ use crate::config::{KeyLocation, RouteAuth};
 use crate::index::{KeyIndex, KeyRecord};
 use crate::policy::{decide, resolve_client_ip, RequestFacts};
 
+pub use headers::{find_key, new_request_id};
 pub use respond::Rejection;
 pub use routing::Route;
 pub use state::GatewayState;
@@ -66,7 +67,9 @@ pub struct RequestCtx {
 
 impl RequestCtx {
     fn route(&self) -> Option<&Route> {
-        self.state.as_ref().and_then(|state| state.routes.get(self.route))
+        self.state
+            .as_ref()
+            .and_then(|state| state.routes.get(self.route))
     }
 }
 
@@ -82,7 +85,11 @@ impl Gateway {
         if routing::has_dot_segments(path) {
             return Verdict::Reject(Rejection::BadRequest);
         }
-        let host = req.headers.get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri.host());
+        let host = req
+            .headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri.host());
         let Some(index) = routing::find_route(&state.routes, &req.method, host, path) else {
             return Verdict::Reject(Rejection::NoRoute);
         };
@@ -94,7 +101,10 @@ impl Gateway {
         let presented = headers::find_key(req, &state.key_locations);
         let client_ip = resolve_client_ip(
             ctx.peer_ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
-            req.headers.get_all(X_FORWARDED_FOR).iter().map(HeaderValue::as_bytes),
+            req.headers
+                .get_all(X_FORWARDED_FOR)
+                .iter()
+                .map(HeaderValue::as_bytes),
             &state.trusted_proxies,
         );
         let facts = RequestFacts {
@@ -129,8 +139,13 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let state = self.state.load_full();
         ctx.request_id = headers::request_id(session.req_header().headers.get(X_REQUEST_ID));
-        ctx.peer_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_canonical());
-        ctx.peer_trusted = ctx.peer_ip.is_some_and(|ip| state.trusted_proxies.iter().any(|n| n.contains(&ip)));
+        ctx.peer_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_canonical());
+        ctx.peer_trusted = ctx
+            .peer_ip
+            .is_some_and(|ip| state.trusted_proxies.iter().any(|n| n.contains(&ip)));
         let verdict = self.judge(session.req_header(), &state, ctx);
         ctx.state = Some(state);
         match verdict {
@@ -142,7 +157,9 @@ impl ProxyHttp for Gateway {
                 ctx.rejection = Some(rejection);
                 // An unread body would be parsed as the next request: close instead.
                 let keep_alive = session.is_body_done();
-                if let Err(e) = respond::write_error(session, rejection, &ctx.request_id, keep_alive).await {
+                if let Err(e) =
+                    respond::write_error(session, rejection, &ctx.request_id, keep_alive).await
+                {
                     tracing::debug!(error = %e, "could not write a denial to the client");
                     session.set_keepalive(None);
                 }
@@ -151,10 +168,16 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         let upstream = match ctx.route() {
             Some(route) => Arc::clone(&route.upstream),
-            None => return Error::e_explain(ErrorType::InternalError, "upstream_peer without a route"),
+            None => {
+                return Error::e_explain(ErrorType::InternalError, "upstream_peer without a route")
+            }
         };
         ctx.connect_attempts += 1;
         let Some(backend) = upstream.select() else {
@@ -167,7 +190,13 @@ impl ProxyHttp for Gateway {
         upstream.peer(&backend)
     }
 
-    fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
         // Nothing was sent yet, so another target may take the request.
         let targets = ctx.route().map_or(0, |r| r.upstream.target_count());
         if ctx.connect_attempts < targets {
@@ -183,10 +212,17 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let Some(state) = ctx.state.as_ref() else {
-            return Error::e_explain(ErrorType::InternalError, "upstream request without gateway state");
+            return Error::e_explain(
+                ErrorType::InternalError,
+                "upstream request without gateway state",
+            );
         };
         // Only keygate speaks X-Keygate-*: the upstream may trust these headers.
-        if upstream_request.headers.keys().any(|name| name.as_str().starts_with(X_KEYGATE_PREFIX)) {
+        if upstream_request
+            .headers
+            .keys()
+            .any(|name| name.as_str().starts_with(X_KEYGATE_PREFIX))
+        {
             let spoofed: Vec<HeaderName> = upstream_request
                 .headers
                 .keys()
@@ -234,22 +270,35 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let rejection = ctx.rejection.take().or_else(|| classify(e));
         let Some(rejection) = rejection else {
             // The client went away: nobody to answer.
-            return FailToProxy { error_code: 0, can_reuse_downstream: false };
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
         };
         ctx.rejection = Some(rejection);
         if ctx.request_id.is_empty() {
             ctx.request_id = headers::new_request_id();
         }
         if session.response_written().is_none() {
-            if let Err(write_error) = respond::write_error(session, rejection, &ctx.request_id, false).await {
+            if let Err(write_error) =
+                respond::write_error(session, rejection, &ctx.request_id, false).await
+            {
                 tracing::debug!(error = %write_error, "could not write an error response to the client");
             }
         }
-        FailToProxy { error_code: rejection.status(), can_reuse_downstream: false }
+        FailToProxy {
+            error_code: rejection.status(),
+            can_reuse_downstream: false,
+        }
     }
 
     /// Pingora's default summary logs the raw path and query, which can hold `?api_key=`.
@@ -270,7 +319,10 @@ impl ProxyHttp for Gateway {
 fn classify(e: &Error) -> Option<Rejection> {
     use ErrorType::*;
     match (e.esource(), e.etype()) {
-        (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed | ReadTimedout | WriteTimedout) => None,
+        (
+            ErrorSource::Downstream,
+            ReadError | WriteError | ConnectionClosed | ReadTimedout | WriteTimedout,
+        ) => None,
         (ErrorSource::Downstream, _) => Some(Rejection::BadRequest),
         (_, ConnectTimedout | ReadTimedout | WriteTimedout) => Some(Rejection::UpstreamTimeout),
         (ErrorSource::Upstream, _) => Some(Rejection::UpstreamError),
@@ -292,7 +344,9 @@ fn strip_key(upstream_request: &mut RequestHeader, state: &GatewayState) -> Resu
     if state.key_query_params.is_empty() {
         return Ok(());
     }
-    let Some(path_and_query) = upstream_request.uri.path_and_query() else { return Ok(()) };
+    let Some(path_and_query) = upstream_request.uri.path_and_query() else {
+        return Ok(());
+    };
     let names: Vec<&str> = state.key_query_params.iter().map(String::as_str).collect();
     if let Some(stripped) = headers::strip_query_params(path_and_query.as_str(), &names) {
         let uri = stripped
@@ -331,17 +385,33 @@ mod tests {
         let up = Error::new_up;
         assert_eq!(classify(&down(ErrorType::ConnectionClosed)), None);
         assert_eq!(classify(&down(ErrorType::ReadTimedout)), None);
-        assert_eq!(classify(&down(ErrorType::InvalidHTTPHeader)), Some(Rejection::BadRequest));
-        assert_eq!(classify(&up(ErrorType::ConnectTimedout)), Some(Rejection::UpstreamTimeout));
-        assert_eq!(classify(&up(ErrorType::ReadTimedout)), Some(Rejection::UpstreamTimeout));
-        assert_eq!(classify(&up(ErrorType::ConnectRefused)), Some(Rejection::UpstreamError));
-        assert_eq!(classify(&up(ErrorType::ConnectionClosed)), Some(Rejection::UpstreamError));
+        assert_eq!(
+            classify(&down(ErrorType::InvalidHTTPHeader)),
+            Some(Rejection::BadRequest)
+        );
+        assert_eq!(
+            classify(&up(ErrorType::ConnectTimedout)),
+            Some(Rejection::UpstreamTimeout)
+        );
+        assert_eq!(
+            classify(&up(ErrorType::ReadTimedout)),
+            Some(Rejection::UpstreamTimeout)
+        );
+        assert_eq!(
+            classify(&up(ErrorType::ConnectRefused)),
+            Some(Rejection::UpstreamError)
+        );
+        assert_eq!(
+            classify(&up(ErrorType::ConnectionClosed)),
+            Some(Rejection::UpstreamError)
+        );
     }
 
     #[test]
     fn forwarded_for_extends_only_a_trusted_chain() {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-        req.append_header("x-forwarded-for", "198.51.100.1").unwrap();
+        req.append_header("x-forwarded-for", "198.51.100.1")
+            .unwrap();
         let peer: IpAddr = "10.0.0.2".parse().unwrap();
         assert_eq!(forwarded_for(&req, peer, true), "198.51.100.1, 10.0.0.2");
         assert_eq!(forwarded_for(&req, peer, false), "10.0.0.2");

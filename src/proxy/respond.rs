@@ -98,7 +98,9 @@ pub async fn write_error(
         header.insert_header(http::header::CONNECTION, "close")?;
     }
     let head_only = session.req_header().method == http::Method::HEAD;
-    session.write_response_header(Box::new(header), head_only).await?;
+    session
+        .write_response_header(Box::new(header), head_only)
+        .await?;
     if !head_only {
         session.write_response_body(Some(body), true).await?;
     }
@@ -115,7 +117,9 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["error"]["code"], "invalid_key");
         assert_eq!(json["error"]["request_id"], "abc123");
-        assert!(json["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
     }
 
     #[test]
@@ -127,9 +131,30 @@ mod tests {
 
     #[test]
     fn upstream_failures_map_to_gateway_statuses() {
-        assert_eq!((Rejection::UpstreamError.status(), Rejection::UpstreamError.code()), (502, "upstream_error"));
-        assert_eq!((Rejection::UpstreamUnavailable.status(), Rejection::UpstreamUnavailable.code()), (503, "upstream_unavailable"));
-        assert_eq!((Rejection::UpstreamTimeout.status(), Rejection::UpstreamTimeout.code()), (504, "upstream_timeout"));
-        assert_eq!((Rejection::NoRoute.status(), Rejection::NoRoute.code()), (404, "no_route"));
+        assert_eq!(
+            (
+                Rejection::UpstreamError.status(),
+                Rejection::UpstreamError.code()
+            ),
+            (502, "upstream_error")
+        );
+        assert_eq!(
+            (
+                Rejection::UpstreamUnavailable.status(),
+                Rejection::UpstreamUnavailable.code()
+            ),
+            (503, "upstream_unavailable")
+        );
+        assert_eq!(
+            (
+                Rejection::UpstreamTimeout.status(),
+                Rejection::UpstreamTimeout.code()
+            ),
+            (504, "upstream_timeout")
+        );
+        assert_eq!(
+            (Rejection::NoRoute.status(), Rejection::NoRoute.code()),
+            (404, "no_route")
+        );
     }
 }

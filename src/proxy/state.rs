@@ -31,7 +31,11 @@ impl GatewayState {
         let routes = config
             .routes
             .iter()
-            .filter_map(|route| upstreams.get(route.upstream.as_str()).map(|u| Route::new(route, Arc::clone(u))))
+            .filter_map(|route| {
+                upstreams
+                    .get(route.upstream.as_str())
+                    .map(|u| Route::new(route, Arc::clone(u)))
+            })
             .collect();
         let key_query_params = config
             .key_locations
@@ -47,7 +51,10 @@ impl GatewayState {
             key_locations: config.key_locations.clone(),
             key_query_params,
             trusted_proxies: config.client_ip.trusted_proxies.clone(),
-            default_plan: config.default_plan.as_deref().and_then(|p| HeaderValue::from_str(p).ok()),
+            default_plan: config
+                .default_plan
+                .as_deref()
+                .and_then(|p| HeaderValue::from_str(p).ok()),
         })
     }
 }

@@ -19,7 +19,11 @@ const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamBuildError {
     #[error("upstream {upstream}: target {target} does not resolve: {reason}")]
-    Unresolvable { upstream: String, target: String, reason: String },
+    Unresolvable {
+        upstream: String,
+        target: String,
+        reason: String,
+    },
 }
 
 pub struct Upstream {
@@ -47,8 +51,10 @@ impl Upstream {
                 target: target.clone(),
                 reason,
             };
-            let resolved: Vec<SocketAddr> =
-                target.to_socket_addrs().map_err(|e| unresolvable(e.to_string()))?.collect();
+            let resolved: Vec<SocketAddr> = target
+                .to_socket_addrs()
+                .map_err(|e| unresolvable(e.to_string()))?
+                .collect();
             if resolved.is_empty() {
                 return Err(unresolvable("no addresses".into()));
             }
@@ -58,16 +64,26 @@ impl Upstream {
                 }
             }
         }
-        let mut balancer = LoadBalancer::<RoundRobin>::try_from_iter(addrs.iter().copied()).map_err(|e| {
-            UpstreamBuildError::Unresolvable { upstream: name.to_owned(), target: config.targets.join(", "), reason: e.to_string() }
-        })?;
+        let mut balancer = LoadBalancer::<RoundRobin>::try_from_iter(addrs.iter().copied())
+            .map_err(|e| UpstreamBuildError::Unresolvable {
+                upstream: name.to_owned(),
+                target: config.targets.join(", "),
+                reason: e.to_string(),
+            })?;
         let tls_sni = config.tls.as_ref().map(|tls| {
-            tls.sni.clone().unwrap_or_else(|| host_part(&config.targets[0]).to_owned())
+            tls.sni
+                .clone()
+                .unwrap_or_else(|| host_part(&config.targets[0]).to_owned())
         });
         let health_check = config.health_check.as_ref().map(|hc| {
-            let host = tls_sni.clone().unwrap_or_else(|| host_part(&config.targets[0]).to_owned());
+            let host = tls_sni
+                .clone()
+                .unwrap_or_else(|| host_part(&config.targets[0]).to_owned());
             balancer.set_health_check(http_health_check(name, &host, tls_sni.is_some(), hc));
-            HealthSchedule { interval: hc.interval, next_due: Mutex::new(Instant::now()) }
+            HealthSchedule {
+                interval: hc.interval,
+                next_due: Mutex::new(Instant::now()),
+            }
         });
         Ok(Upstream {
             name: name.to_owned(),
@@ -90,12 +106,17 @@ impl Upstream {
     }
 
     pub fn peer(&self, backend: &Backend) -> pingora::Result<Box<HttpPeer>> {
-        let addr = backend
-            .addr
-            .as_inet()
-            .copied()
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "upstream target is not an inet address"))?;
-        let mut peer = HttpPeer::new(addr, self.tls_sni.is_some(), self.tls_sni.clone().unwrap_or_default());
+        let addr = backend.addr.as_inet().copied().ok_or_else(|| {
+            Error::explain(
+                ErrorType::InternalError,
+                "upstream target is not an inet address",
+            )
+        })?;
+        let mut peer = HttpPeer::new(
+            addr,
+            self.tls_sni.is_some(),
+            self.tls_sni.clone().unwrap_or_default(),
+        );
         peer.options.connection_timeout = Some(self.connect_timeout);
         peer.options.read_timeout = Some(self.read_timeout);
         peer.options.write_timeout = Some(self.read_timeout);
@@ -105,8 +126,13 @@ impl Upstream {
 
     /// Claims the next round of health checks if its interval has passed.
     pub fn health_check_due(&self, now: Instant) -> bool {
-        let Some(schedule) = &self.health_check else { return false };
-        let mut next_due = schedule.next_due.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(schedule) = &self.health_check else {
+            return false;
+        };
+        let mut next_due = schedule
+            .next_due
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if now < *next_due {
             return false;
         }
@@ -140,10 +166,15 @@ fn http_health_check(
         if resp.status.is_success() || resp.status.is_redirection() {
             Ok(())
         } else {
-            Error::e_explain(ErrorType::CustomCode("unhealthy status", resp.status.as_u16()), "health check")
+            Error::e_explain(
+                ErrorType::CustomCode("unhealthy status", resp.status.as_u16()),
+                "health check",
+            )
         }
     }));
-    check.health_changed_callback = Some(Box::new(HealthLogger { upstream: upstream.to_owned() }));
+    check.health_changed_callback = Some(Box::new(HealthLogger {
+        upstream: upstream.to_owned(),
+    }));
     Box::new(check)
 }
 
@@ -184,8 +215,11 @@ mod tests {
 
     #[test]
     fn round_robin_visits_every_target() {
-        let upstream = Upstream::build("api", &config(&["127.0.0.1:9001", "127.0.0.1:9002"])).unwrap();
-        let picks: Vec<String> = (0..4).map(|_| upstream.select().unwrap().addr.to_string()).collect();
+        let upstream =
+            Upstream::build("api", &config(&["127.0.0.1:9001", "127.0.0.1:9002"])).unwrap();
+        let picks: Vec<String> = (0..4)
+            .map(|_| upstream.select().unwrap().addr.to_string())
+            .collect();
         assert!(picks.contains(&"127.0.0.1:9001".to_string()));
         assert!(picks.contains(&"127.0.0.1:9002".to_string()));
         assert_ne!(picks[0], picks[1]);
@@ -195,14 +229,20 @@ mod tests {
     fn peers_carry_the_configured_timeouts() {
         let upstream = Upstream::build("api", &config(&["127.0.0.1:9001"])).unwrap();
         let peer = upstream.peer(&upstream.select().unwrap()).unwrap();
-        assert_eq!(peer.options.connection_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(
+            peer.options.connection_timeout,
+            Some(Duration::from_secs(1))
+        );
         assert_eq!(peer.options.read_timeout, Some(Duration::from_secs(2)));
     }
 
     #[test]
     fn unresolvable_targets_are_reported() {
         let result = Upstream::build("api", &config(&["no-such-host.invalid:80"]));
-        assert!(matches!(result, Err(UpstreamBuildError::Unresolvable { .. })));
+        assert!(matches!(
+            result,
+            Err(UpstreamBuildError::Unresolvable { .. })
+        ));
     }
 
     #[test]

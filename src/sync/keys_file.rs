@@ -49,12 +49,22 @@ struct Fingerprint {
 fn fingerprint(path: &Path) -> Option<Fingerprint> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
-    Some(Fingerprint { modified: meta.modified().ok(), len: meta.len(), inode: meta.ino() })
+    Some(Fingerprint {
+        modified: meta.modified().ok(),
+        len: meta.len(),
+        inode: meta.ino(),
+    })
 }
 
 impl KeysFileSource {
     pub fn new(path: PathBuf, plans: BTreeMap<String, PlanConfig>, index: Arc<KeyIndex>) -> Self {
-        KeysFileSource { path, plans, index, version: AtomicU64::new(0), reload_requested: Arc::new(Notify::new()) }
+        KeysFileSource {
+            path,
+            plans,
+            index,
+            version: AtomicU64::new(0),
+            reload_requested: Arc::new(Notify::new()),
+        }
     }
 
     /// Asks the watcher to reload now (SIGHUP).
@@ -64,7 +74,8 @@ impl KeysFileSource {
 
     /// Loads the file and publishes it; on error the index is left as it was.
     pub fn reload(&self) -> Result<usize, KeysFileLoadError> {
-        let records = load_keys_file(&self.path, &self.plans).map_err(KeysFileLoadError::Invalid)?;
+        let records =
+            load_keys_file(&self.path, &self.plans).map_err(KeysFileLoadError::Invalid)?;
         let version = self.version.load(Ordering::Relaxed) + 1;
         let snapshot = Snapshot::build(version, records)?;
         let count = snapshot.len();
@@ -92,7 +103,9 @@ impl KeysFileSource {
             }
             last_seen = current;
             match self.reload() {
-                Ok(count) => tracing::info!(file = %self.path.display(), keys = count, "keys file reloaded"),
+                Ok(count) => {
+                    tracing::info!(file = %self.path.display(), keys = count, "keys file reloaded")
+                }
                 Err(e) => tracing::error!(
                     file = %self.path.display(),
                     "keys file refused, the previously loaded keys stay in use:\n{e}"
@@ -110,7 +123,10 @@ impl KeysFileSource {
         let wake = Arc::clone(&self.reload_requested);
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             if let Ok(event) = event {
-                let touches_file = event.paths.iter().any(|p| p.file_name() == Some(file_name.as_os_str()));
+                let touches_file = event
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name() == Some(file_name.as_os_str()));
                 if touches_file && !event.kind.is_access() {
                     wake.notify_one();
                 }

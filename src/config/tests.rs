@@ -1,0 +1,1468 @@
+//! Tests of the whole pipeline: text in, `Config` or every error out.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+const FILE: &str = "config/keygate.yaml";
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "KEYGATE_SYNC_TOKEN" => Some("sync-secret".to_owned()),
+        "ORDERS_UPSTREAM_TOKEN" => Some("upstream-secret".to_owned()),
+        "ADMIN_TOKEN" => Some("admin-secret".to_owned()),
+        "HOST" => Some("cp.internal".to_owned()),
+        "PORT" => Some("9090".to_owned()),
+        "THREADS" => Some("3".to_owned()),
+        _ => None,
+    }
+}
+
+fn parse(yaml: &str) -> Result<Config, ConfigErrors> {
+    from_str_with_env(yaml, Path::new(FILE), &env)
+}
+
+fn ok(yaml: &str) -> Config {
+    match parse(yaml) {
+        Ok(config) => config,
+        Err(errors) => panic!("config should load, got:\n{errors}"),
+    }
+}
+
+fn errors(yaml: &str) -> Vec<ConfigError> {
+    match parse(yaml) {
+        Ok(config) => panic!("config should be refused, got {config:?}"),
+        Err(errors) => {
+            assert!(!errors.is_empty());
+            errors.0
+        }
+    }
+}
+
+/// The error at `path` whose message contains `needle`.
+fn error_at(yaml: &str, path: &str, needle: &str) -> ConfigError {
+    let all = errors(yaml);
+    match all
+        .iter()
+        .find(|e| e.path == path && e.message.contains(needle))
+    {
+        Some(e) => e.clone(),
+        None => panic!(
+            "no error at {path:?} containing {needle:?}; got:\n{}",
+            ConfigErrors(all)
+        ),
+    }
+}
+
+/// A gateway that needs no files: the base for rule tests.
+const GATEWAY: &str = "\
+mode: gateway
+keys: { source: file, file: keys.yaml }
+upstreams:
+  api: { targets: [\"127.0.0.1:8000\"] }
+routes:
+  - name: all
+    upstream: api
+";
+
+/// The contract's example, verbatim (CONTRACT.md §3).
+const CONTRACT_EXAMPLE: &str = r#"mode: standalone                  # standalone | gateway | control-plane
+node_id: gw-1                     # default: the host name
+threads: 2                        # proxy worker threads (default: the number of CPUs)
+listeners:
+  - address: 0.0.0.0:8080
+  - address: 0.0.0.0:8443
+    tls: { cert: /etc/keygate/tls/cert.pem, key: /etc/keygate/tls/key.pem }
+admin:
+  address: 127.0.0.1:9090         # admin API, /healthz, /readyz, /metrics
+  tokens:                         # admin bearer tokens (store them as sha256:... hashes or ${env:...})
+    - { name: ops, hash: "sha256:..." }
+  sync_tokens:                    # tokens that gateways use for the sync feed and usage upload
+    - { name: edge, hash: "sha256:..." }
+store:
+  url: sqlite://data/keygate.db   # or postgres://user@host:5432/db
+keys:
+  source: store                   # store (standalone) | control_plane | file
+  control_plane: { url: "http://cp.internal:9090", token: "${env:KEYGATE_SYNC_TOKEN}" }
+  file: config/keys.yaml
+  cache_file: data/keys.snapshot  # last-known-good snapshot, used when the control plane is down at start
+  max_staleness: 0s               # 0s: serve the last-known-good forever; else 503 not_ready after this long without a sync
+client_ip:
+  trusted_proxies: [10.0.0.0/8]   # X-Forwarded-For is believed only from these peers
+key_locations:                    # where a key may be presented, tried in this order
+  - { header: authorization, scheme: Bearer }
+  - { header: x-api-key }
+  - { query: api_key }
+upstreams:
+  orders:
+    targets: ["10.0.1.5:8000", "10.0.1.6:8000"]
+    tls: { sni: orders.internal }  # omit for plain HTTP
+    health_check: { path: /healthz, interval: 5s }
+    connect_timeout: 2s
+    read_timeout: 30s
+routes:                           # first match in file order wins
+  - name: health
+    match: { path_prefix: /healthz }
+    upstream: orders
+    auth: none
+  - name: orders-read
+    match: { path_prefix: /v1/orders, methods: [GET, HEAD], host: api.example.com }
+    upstream: orders
+    scopes: [orders:read]          # the key must hold every listed scope
+    set_headers:                   # upstream credential injection: clients never see this secret
+      authorization: "Bearer ${env:ORDERS_UPSTREAM_TOKEN}"
+plans:
+  free: { rate_limit: { requests: 10, per: 1s, burst: 20 }, quota: { requests: 10000, per: month } }
+  pro:  { rate_limit: { requests: 1000, per: 1s } }
+default_plan: free
+usage:
+  flush_interval: 5s
+  sinks:
+    - { type: store }              # standalone; gateways use { type: control_plane }
+    - { type: file, path: data/usage.jsonl }
+access_log: { path: stdout }       # JSON lines to stdout or a file path; `access_log: off` disables it
+"#;
+
+const OPS_HASH: &str = "sha256:8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4";
+const EDGE_HASH: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000001";
+
+struct TlsDir {
+    dir: tempfile::TempDir,
+}
+
+impl TlsDir {
+    fn new() -> TlsDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("cert.pem"),
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("key.pem"),
+            "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        TlsDir { dir }
+    }
+
+    fn cert(&self) -> String {
+        self.dir.path().join("cert.pem").display().to_string()
+    }
+
+    fn key(&self) -> String {
+        self.dir.path().join("key.pem").display().to_string()
+    }
+}
+
+/// The example with its placeholders made real: the `sha256:...` hashes and
+/// the TLS files under /etc, which a test machine does not have.
+fn contract_example(tls: &TlsDir) -> String {
+    CONTRACT_EXAMPLE
+        .replacen(
+            "sha256:...\" }\n  sync",
+            &format!("{OPS_HASH}\" }}\n  sync"),
+            1,
+        )
+        .replacen("sha256:...\" }", &format!("{EDGE_HASH}\" }}"), 1)
+        .replace("/etc/keygate/tls/cert.pem", &tls.cert())
+        .replace("/etc/keygate/tls/key.pem", &tls.key())
+}
+
+#[test]
+fn contract_example_loads() {
+    let tls = TlsDir::new();
+    let config = ok(&contract_example(&tls));
+    assert_eq!(config.mode, Mode::Standalone);
+    assert_eq!(config.node_id, "gw-1");
+    assert_eq!(config.threads, 2);
+    assert_eq!(config.listeners.len(), 2);
+    assert_eq!(config.listeners[0].address.to_string(), "0.0.0.0:8080");
+    assert_eq!(config.listeners[0].tls, None);
+    assert_eq!(
+        config.listeners[1].tls,
+        Some(TlsFiles {
+            cert: tls.cert().into(),
+            key: tls.key().into()
+        })
+    );
+    assert_eq!(config.admin.address.to_string(), "127.0.0.1:9090");
+    assert_eq!(config.admin.tokens[0].name, "ops");
+    assert_eq!(
+        hex::encode(config.admin.tokens[0].sha256),
+        OPS_HASH.trim_start_matches("sha256:")
+    );
+    assert_eq!(config.admin.sync_tokens[0].name, "edge");
+    assert_eq!(config.store.url, "sqlite://data/keygate.db");
+    assert_eq!(config.keys.source, KeySource::Store);
+    let cp = config.keys.control_plane.as_ref().unwrap();
+    assert_eq!(cp.url, "http://cp.internal:9090");
+    assert_eq!(cp.token, "sync-secret");
+    assert_eq!(
+        config.keys.file.as_deref(),
+        Some(Path::new("config/keys.yaml"))
+    );
+    assert_eq!(
+        config.keys.cache_file.as_deref(),
+        Some(Path::new("data/keys.snapshot"))
+    );
+    assert_eq!(config.keys.max_staleness, Duration::ZERO);
+    assert_eq!(
+        config.client_ip.trusted_proxies,
+        vec!["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]
+    );
+    assert_eq!(config.key_locations.len(), 3);
+    let orders = &config.upstreams["orders"];
+    assert_eq!(orders.targets, vec!["10.0.1.5:8000", "10.0.1.6:8000"]);
+    assert_eq!(
+        orders.tls,
+        Some(UpstreamTlsConfig {
+            sni: Some("orders.internal".to_owned()),
+            ca: None,
+            verify: true
+        })
+    );
+    let hc = orders.health_check.as_ref().unwrap();
+    assert_eq!(hc.path, "/healthz");
+    assert_eq!(hc.interval, Duration::from_secs(5));
+    assert_eq!(orders.connect_timeout, Duration::from_secs(2));
+    assert_eq!(orders.read_timeout, Duration::from_secs(30));
+    assert_eq!(config.routes.len(), 2);
+    assert_eq!(config.routes[0].name, "health");
+    assert_eq!(config.routes[0].auth, RouteAuth::None);
+    assert_eq!(config.routes[0].matcher.path_prefix, "/healthz");
+    let read = &config.routes[1];
+    assert_eq!(read.auth, RouteAuth::Key);
+    assert_eq!(
+        read.matcher.methods,
+        vec![http::Method::GET, http::Method::HEAD]
+    );
+    assert_eq!(read.matcher.host.as_deref(), Some("api.example.com"));
+    assert_eq!(read.scopes, vec!["orders:read"]);
+    assert_eq!(read.set_headers[0].0, http::header::AUTHORIZATION);
+    assert_eq!(read.set_headers[0].1, "Bearer upstream-secret");
+    assert_eq!(
+        config.plans["free"],
+        PlanConfig {
+            rate_limit: Some(RateLimitConfig {
+                requests: 10,
+                per: Duration::from_secs(1),
+                burst: Some(20)
+            }),
+            quota: Some(QuotaConfig {
+                requests: 10_000,
+                per: QuotaPeriod::Month
+            }),
+        }
+    );
+    assert_eq!(config.plans["pro"].rate_limit.unwrap().burst, None);
+    assert_eq!(config.default_plan.as_deref(), Some("free"));
+    assert_eq!(config.usage.flush_interval, Duration::from_secs(5));
+    assert_eq!(
+        config.usage.sinks,
+        vec![
+            SinkConfig::Store,
+            SinkConfig::File {
+                path: "data/usage.jsonl".into()
+            }
+        ]
+    );
+    assert_eq!(config.access_log, AccessLogConfig::Stdout);
+}
+
+#[test]
+fn contract_example_placeholders_are_reported_not_accepted() {
+    // The example's literal `sha256:...` is a placeholder, not a hash.
+    let e = errors(CONTRACT_EXAMPLE);
+    assert!(e
+        .iter()
+        .any(|e| e.path == "admin.tokens[0].hash" && e.line == Some(11)));
+    assert!(e.iter().any(|e| e.path == "listeners[1].tls.cert"));
+}
+
+#[test]
+fn load_reads_the_file_and_the_process_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keygate.yaml");
+    // A name no other test uses, so setting it cannot race with them.
+    std::env::set_var("KEYGATE_CONFIG_TEST_LOAD_NODE", "from-env");
+    std::fs::write(&file, "node_id: ${env:KEYGATE_CONFIG_TEST_LOAD_NODE}\n").unwrap();
+    assert_eq!(load(&file).unwrap().node_id, "from-env");
+    let missing = load(&dir.path().join("nope.yaml")).unwrap_err();
+    assert_eq!(missing.len(), 1);
+    assert!(missing.0[0].message.contains("cannot read"));
+    assert!(missing
+        .to_string()
+        .starts_with(&dir.path().display().to_string()));
+}
+
+#[test]
+fn minimal_gateway_fills_defaults() {
+    let config = ok(GATEWAY);
+    assert_eq!(config.mode, Mode::Gateway);
+    assert!(!config.node_id.is_empty());
+    assert!(config.threads >= 1);
+    assert_eq!(
+        config.listeners,
+        vec![ListenerConfig {
+            address: "0.0.0.0:8080".parse().unwrap(),
+            tls: None
+        }]
+    );
+    assert_eq!(config.admin.address.to_string(), "127.0.0.1:9090");
+    assert!(config.admin.tokens.is_empty() && config.admin.sync_tokens.is_empty());
+    assert_eq!(config.store.url, "sqlite://data/keygate.db");
+    assert_eq!(config.keys.source, KeySource::File);
+    assert_eq!(config.keys.file.as_deref(), Some(Path::new("keys.yaml")));
+    assert_eq!(config.keys.max_staleness, Duration::ZERO);
+    assert!(config.client_ip.trusted_proxies.is_empty());
+    assert_eq!(
+        config.key_locations,
+        vec![
+            KeyLocation::Header {
+                name: http::header::AUTHORIZATION,
+                scheme: Some("Bearer".to_owned())
+            },
+            KeyLocation::Header {
+                name: http::HeaderName::from_static("x-api-key"),
+                scheme: None
+            },
+            KeyLocation::Query {
+                name: "api_key".to_owned()
+            },
+        ]
+    );
+    let api = &config.upstreams["api"];
+    assert_eq!(api.tls, None);
+    assert_eq!(api.health_check, None);
+    assert_eq!(api.connect_timeout, Duration::from_secs(2));
+    assert_eq!(api.read_timeout, Duration::from_secs(30));
+    let route = &config.routes[0];
+    assert_eq!(route.matcher.path_prefix, "/");
+    assert!(route.matcher.methods.is_empty());
+    assert_eq!(route.matcher.host, None);
+    assert_eq!(route.auth, RouteAuth::Key);
+    assert!(route.scopes.is_empty() && route.set_headers.is_empty());
+    assert!(config.plans.is_empty());
+    assert_eq!(config.default_plan, None);
+    assert_eq!(config.usage.flush_interval, Duration::from_secs(5));
+    assert!(config.usage.sinks.is_empty());
+    assert_eq!(config.access_log, AccessLogConfig::Stdout);
+}
+
+#[test]
+fn empty_file_is_a_standalone_node_with_defaults() {
+    let config = ok("");
+    assert_eq!(config.mode, Mode::Standalone);
+    assert_eq!(config.keys.source, KeySource::Store);
+    assert_eq!(config.usage.sinks, vec![SinkConfig::Store]);
+    assert!(config.routes.is_empty());
+}
+
+#[test]
+fn defaults_fill_in_nested_sections() {
+    let config = ok(&format!(
+        "{GATEWAY}upstreams:\n  api:\n    targets: [\"a.internal:80\"]\n    tls: {{}}\n    health_check: {{}}\n"
+    )
+    .replacen("upstreams:\n  api: { targets: [\"127.0.0.1:8000\"] }\n", "", 1));
+    let api = &config.upstreams["api"];
+    assert_eq!(
+        api.tls,
+        Some(UpstreamTlsConfig {
+            sni: None,
+            ca: None,
+            verify: true
+        })
+    );
+    assert_eq!(
+        api.health_check,
+        Some(HealthCheckConfig {
+            path: "/".to_owned(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            healthy_threshold: 1,
+            unhealthy_threshold: 1,
+        })
+    );
+}
+
+#[test]
+fn several_errors_are_all_listed_with_their_lines() {
+    let yaml = "\
+mode: gateway
+keys: { source: file, file: keys.yaml }
+admin:
+  adress: 127.0.0.1:9090
+client_ip:
+  trusted_proxies:
+    - 10.0.0.0/8
+    - 10.0.0.300/8
+upstreams:
+  api: { targets: [\"127.0.0.1:8000\"] }
+routes:
+  - name: ok
+    upstream: api
+  - name: bad
+    upstream: missing
+    match: { methods: [GET, GTE] }
+";
+    let all = errors(yaml);
+    let summary: Vec<(&str, Option<usize>, Option<usize>)> = all
+        .iter()
+        .map(|e| (e.path.as_str(), e.line, e.column))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("admin.adress", Some(4), Some(3)),
+            ("client_ip.trusted_proxies[1]", Some(8), Some(7)),
+            ("routes[1].upstream", Some(15), Some(15)),
+            ("routes[1].match.methods[1]", Some(16), Some(29)),
+        ],
+        "{}",
+        ConfigErrors(all.clone())
+    );
+    assert!(all[0].message.contains("unknown field `adress`"));
+    assert!(all[2].message.contains("unknown upstream \"missing\""));
+    assert_eq!(
+        all[3].to_string(),
+        "config/keygate.yaml:16:29: routes[1].match.methods[1]: unknown HTTP method \"GTE\""
+    );
+}
+
+#[test]
+fn errors_in_sibling_list_elements_are_all_reported() {
+    let yaml = format!(
+        "{GATEWAY}  - name: a\n    upstream: api\n    bogus: 1\n  - name: b\n    upstream: api\n    auth: maybe\n  - name: c\n    upstream: nope\n"
+    );
+    let all = errors(&yaml);
+    let paths: Vec<&str> = all.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec!["routes[1].bogus", "routes[2].auth", "routes[3].upstream"]
+    );
+    assert_eq!(all[0].line, Some(10));
+}
+
+#[test]
+fn unknown_top_level_field_is_rejected_with_path() {
+    let e = error_at(
+        &format!("{GATEWAY}listners: []\n"),
+        "listners",
+        "unknown field `listners`",
+    );
+    assert_eq!((e.line, e.column), (Some(8), Some(1)));
+    assert!(e.message.contains("`listeners`"));
+}
+
+#[test]
+fn unknown_nested_field_is_rejected_with_path() {
+    let yaml = GATEWAY.replace(
+        "api: { targets: [\"127.0.0.1:8000\"] }",
+        "api: { targets: [\"127.0.0.1:8000\"], health_check: { path: /h, intervall: 5s } }",
+    );
+    let e = error_at(
+        &yaml,
+        "upstreams.api.health_check.intervall",
+        "unknown field",
+    );
+    assert_eq!(e.line, Some(4));
+    error_at(
+        &format!("{GATEWAY}    match: {{ prefix: /x }}\n"),
+        "routes[0].match.prefix",
+        "unknown field `prefix`",
+    );
+}
+
+#[test]
+fn yaml_syntax_error_has_line_and_column() {
+    let all = errors("mode: gateway\nroutes: [\n  { name: a,\nkeys: 1\n");
+    assert_eq!(all.len(), 1);
+    assert!(all[0].message.starts_with("invalid YAML"), "{}", all[0]);
+    assert!(all[0].line.is_some() && all[0].column.is_some());
+    let tab = errors("mode: gateway\nadmin:\n\taddress: x\n");
+    assert_eq!(tab[0].line, Some(3), "{}", tab[0]);
+}
+
+#[test]
+fn duplicate_yaml_key_points_at_the_second_key() {
+    let all = errors("mode: gateway\nadmin:\n  address: 127.0.0.1:1\n  address: 127.0.0.1:2\n");
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].path, "admin.address");
+    assert_eq!((all[0].line, all[0].column), (Some(4), Some(3)));
+    assert!(all[0].message.contains("duplicate"));
+}
+
+#[test]
+fn yaml_anchors_and_merge_keys_are_supported() {
+    let yaml = "\
+mode: gateway
+keys: { file: k.yaml }
+upstreams:
+  a: &base
+    targets: [\"a:80\"]
+    read_timeout: 5s
+  b:
+    <<: *base
+    targets: [\"b:80\"]
+  c:
+    <<: *base
+    connect_timeout: 1x
+";
+    let all = errors(yaml);
+    assert_eq!(all.len(), 1, "{}", ConfigErrors(all.clone()));
+    assert_eq!(all[0].path, "upstreams.c.connect_timeout");
+    assert_eq!(all[0].line, Some(12));
+    let config = ok(&yaml.replace("1x", "1s"));
+    assert_eq!(config.upstreams["b"].targets, vec!["b:80"]);
+    assert_eq!(config.upstreams["b"].read_timeout, Duration::from_secs(5));
+    assert_eq!(config.upstreams["c"].targets, vec!["a:80"]);
+}
+
+#[test]
+fn top_level_must_be_a_mapping() {
+    error_at("- a\n- b\n", "", "must be a mapping");
+}
+
+#[test]
+fn wrong_type_for_a_section_is_reported() {
+    error_at(
+        &format!("{GATEWAY}plans: [free]\n"),
+        "plans",
+        "expected a mapping",
+    );
+    error_at(
+        &format!("{GATEWAY}listeners: 0.0.0.0:80\n"),
+        "listeners",
+        "invalid type",
+    );
+}
+
+#[test]
+fn error_display_formats() {
+    let with_position = ConfigError {
+        file: "config/keygate.yaml".into(),
+        path: "routes[1].match.methods[0]".to_owned(),
+        line: Some(12),
+        column: Some(5),
+        message: "unknown HTTP method \"GTE\"".to_owned(),
+    };
+    assert_eq!(
+        with_position.to_string(),
+        "config/keygate.yaml:12:5: routes[1].match.methods[0]: unknown HTTP method \"GTE\""
+    );
+    let without = ConfigError {
+        line: None,
+        column: None,
+        ..with_position.clone()
+    };
+    assert_eq!(
+        without.to_string(),
+        "config/keygate.yaml: routes[1].match.methods[0]: unknown HTTP method \"GTE\""
+    );
+    let both = ConfigErrors(vec![with_position, without]);
+    assert_eq!(both.to_string().lines().count(), 2);
+}
+
+// ---- environment interpolation ----
+
+#[test]
+fn env_variables_are_interpolated_in_any_string() {
+    let config = ok(&format!(
+        "{GATEWAY}    set_headers:\n      x-auth: \"${{env:ADMIN_TOKEN}}:${{env:ORDERS_UPSTREAM_TOKEN}}\"\nadmin:\n  address: \"127.0.0.1:${{env:PORT}}\"\nthreads: ${{env:THREADS}}\n"
+    ));
+    assert_eq!(
+        config.routes[0].set_headers[0].1,
+        "admin-secret:upstream-secret"
+    );
+    assert_eq!(config.admin.address.port(), 9090);
+    assert_eq!(config.threads, 3);
+}
+
+#[test]
+fn env_missing_variable_is_an_error_at_its_path() {
+    let yaml = "mode: gateway\nkeys:\n  control_plane: { url: \"http://${env:HOST}:1\", token: \"${env:NO_SUCH_TOKEN}\" }\n";
+    let all = errors(yaml);
+    assert_eq!(all.len(), 1, "{}", ConfigErrors(all.clone()));
+    assert_eq!(all[0].path, "keys.control_plane.token");
+    assert_eq!(all[0].line, Some(3));
+    assert!(all[0].message.contains("NO_SUCH_TOKEN is not set"));
+}
+
+#[test]
+fn env_missing_variable_causes_no_follow_on_errors() {
+    let all = errors(&format!("{GATEWAY}threads: ${{env:NO_SUCH_THREADS}}\n"));
+    assert_eq!(all.len(), 1, "{}", ConfigErrors(all.clone()));
+    assert_eq!(all[0].path, "threads");
+}
+
+#[test]
+fn env_dollar_without_env_prefix_passes_through() {
+    let config = ok(&format!(
+        "{GATEWAY}    set_headers: {{ x-price: \"$$5 $HOME\" }}\n"
+    ));
+    assert_eq!(config.routes[0].set_headers[0].1, "$$5 $HOME");
+}
+
+#[test]
+fn env_is_not_applied_to_keys() {
+    error_at(
+        &format!("{GATEWAY}\"${{env:HOST}}\": 1\n"),
+        "${env:HOST}",
+        "unknown field",
+    );
+}
+
+// ---- one test per rule ----
+
+#[test]
+fn mode_must_be_known() {
+    error_at("mode: proxy\n", "mode", "unknown variant `proxy`");
+}
+
+#[test]
+fn mode_control_plane_needs_no_routes() {
+    let config = ok("mode: control-plane\nstore: { url: \"postgres://kg@db:5432/kg\" }\n");
+    assert_eq!(config.mode, Mode::ControlPlane);
+    assert_eq!(config.keys.source, KeySource::Store);
+    assert!(config.usage.sinks.is_empty());
+}
+
+#[test]
+fn routes_may_be_absent_in_gateway_and_standalone() {
+    ok("mode: gateway\nkeys: { file: keys.yaml }\n");
+    ok("mode: standalone\n");
+}
+
+#[test]
+fn node_id_must_not_be_blank() {
+    error_at("node_id: \"  \"\n", "node_id", "must not be empty");
+    error_at("node_id: \"a b\"\n", "node_id", "spaces");
+    assert_eq!(ok("node_id: 7\n").node_id, "7");
+}
+
+#[test]
+fn threads_zero_is_rejected() {
+    error_at("threads: 0\n", "threads", "at least 1");
+    error_at("threads: -2\n", "threads", "negative");
+}
+
+#[test]
+fn listeners_must_not_be_empty_when_given() {
+    error_at("listeners: []\n", "listeners", "at least one listener");
+}
+
+#[test]
+fn listener_address_must_be_ip_and_port() {
+    error_at(
+        "listeners:\n  - address: localhost:8080\n",
+        "listeners[0].address",
+        "expected IP:port",
+    );
+    error_at(
+        "listeners:\n  - address: 8080\n",
+        "listeners[0].address",
+        "IP:port",
+    );
+    error_at(
+        "listeners:\n  - tls: {}\n",
+        "listeners[0].address",
+        "required",
+    );
+    assert_eq!(
+        ok("listeners:\n  - address: \"[::1]:8443\"\n").listeners[0]
+            .address
+            .to_string(),
+        "[::1]:8443"
+    );
+}
+
+#[test]
+fn listener_addresses_must_not_repeat() {
+    let e = error_at(
+        "listeners:\n  - address: 0.0.0.0:8080\n  - address: 127.0.0.1:8081\n  - address: 127.0.0.1:8080\n",
+        "listeners[2].address",
+        "already used by listeners[0]",
+    );
+    assert_eq!(e.line, Some(4));
+    error_at(
+        "listeners:\n  - address: 127.0.0.1:9090\n",
+        "listeners[0].address",
+        "admin.address",
+    );
+    // Port 0 asks the kernel for a free port each time: never a clash.
+    ok("listeners:\n  - address: 127.0.0.1:0\n  - address: 127.0.0.1:0\n");
+}
+
+#[test]
+fn listener_tls_files_must_exist() {
+    let tls = TlsDir::new();
+    let yaml = format!(
+        "listeners:\n  - address: 0.0.0.0:8443\n    tls: {{ cert: {}, key: /no/such/key.pem }}\n",
+        tls.cert()
+    );
+    error_at(
+        &yaml,
+        "listeners[0].tls.key",
+        "cannot read /no/such/key.pem",
+    );
+    error_at(
+        "listeners:\n  - address: 0.0.0.0:8443\n    tls: { key: k.pem }\n",
+        "listeners[0].tls.cert",
+        "required",
+    );
+}
+
+#[test]
+fn listener_tls_files_must_hold_pem() {
+    let tls = TlsDir::new();
+    // Swapped: the certificate file holds no private key and vice versa.
+    let yaml = format!(
+        "listeners:\n  - address: 0.0.0.0:8443\n    tls: {{ cert: {}, key: {} }}\n",
+        tls.key(),
+        tls.cert()
+    );
+    let all = errors(&yaml);
+    assert!(all
+        .iter()
+        .any(|e| e.path == "listeners[0].tls.cert" && e.message.contains("no PEM certificate")));
+    assert!(all
+        .iter()
+        .any(|e| e.path == "listeners[0].tls.key" && e.message.contains("no PEM private key")));
+}
+
+#[test]
+fn admin_address_must_be_ip_and_port() {
+    error_at(
+        "admin: { address: \"admin:9090\" }\n",
+        "admin.address",
+        "IP:port",
+    );
+}
+
+#[test]
+fn admin_token_needs_exactly_one_of_hash_and_token() {
+    error_at(
+        "admin:\n  tokens:\n    - { name: a }\n",
+        "admin.tokens[0]",
+        "needs `hash",
+    );
+    error_at(
+        &format!("admin:\n  tokens:\n    - {{ name: a, hash: \"{OPS_HASH}\", token: x }}\n"),
+        "admin.tokens[0]",
+        "not both",
+    );
+}
+
+#[test]
+fn admin_token_hash_must_be_sha256_hex() {
+    for bad in [
+        "sha256:...",
+        "md5:abcd",
+        "sha256:abcd",
+        &OPS_HASH.replace('a', "g"),
+    ] {
+        error_at(
+            &format!("admin:\n  tokens:\n    - {{ name: a, hash: \"{bad}\" }}\n"),
+            "admin.tokens[0].hash",
+            "sha256:<64 hex digits>",
+        );
+    }
+}
+
+#[test]
+fn admin_raw_token_is_hashed_at_load() {
+    let config =
+        ok("admin:\n  sync_tokens:\n    - { name: edge, token: \"${env:ADMIN_TOKEN}\" }\n");
+    let expected: [u8; 32] = sha2::Sha256::digest(b"admin-secret").into();
+    assert_eq!(config.admin.sync_tokens[0].sha256, expected);
+    assert!(!format!("{config:?}").contains("admin-secret"));
+    error_at(
+        "admin:\n  tokens:\n    - { name: a, token: \"\" }\n",
+        "admin.tokens[0].token",
+        "must not be empty",
+    );
+}
+
+#[test]
+fn admin_token_names_are_unique_per_list() {
+    let yaml = format!(
+        "admin:\n  tokens:\n    - {{ name: ops, hash: \"{OPS_HASH}\" }}\n    - {{ name: ops, token: x }}\n  sync_tokens:\n    - {{ name: ops, token: y }}\n"
+    );
+    let all = errors(&yaml);
+    assert_eq!(all.len(), 1, "{}", ConfigErrors(all.clone()));
+    assert_eq!(all[0].path, "admin.tokens[1].name");
+    assert!(all[0]
+        .message
+        .contains("duplicate token name \"ops\" (also admin.tokens[0])"));
+    error_at(
+        "admin:\n  tokens:\n    - { hash: x }\n",
+        "admin.tokens[0].name",
+        "required",
+    );
+}
+
+use sha2::Digest as _;
+
+#[test]
+fn store_url_scheme_is_checked() {
+    error_at(
+        "store: { url: \"mysql://x\" }\n",
+        "store.url",
+        "expected sqlite://",
+    );
+    error_at(
+        "store: { url: \"sqlite://\" }\n",
+        "store.url",
+        "expected sqlite://",
+    );
+    for good in [
+        "sqlite://data/keygate.db",
+        "sqlite::memory:",
+        "postgres://kg@db:5432/kg",
+        "postgresql://db/kg",
+    ] {
+        assert_eq!(
+            ok(&format!("store: {{ url: \"{good}\" }}\n")).store.url,
+            good
+        );
+    }
+}
+
+#[test]
+fn keys_source_store_is_refused_in_gateway_mode() {
+    error_at(
+        &GATEWAY.replace("source: file", "source: store"),
+        "keys.source",
+        "not available in gateway mode",
+    );
+}
+
+#[test]
+fn keys_source_defaults_by_mode() {
+    let cp = ok("mode: gateway\nkeys: { control_plane: { url: \"https://cp:9090\", token: t }, file: k.yaml }\n");
+    assert_eq!(cp.keys.source, KeySource::ControlPlane);
+    let file = ok("mode: gateway\nkeys: { file: k.yaml }\n");
+    assert_eq!(file.keys.source, KeySource::File);
+    let all = errors("mode: gateway\nkeys:\n  cache_file: x\n");
+    assert_eq!(all.len(), 1, "{}", ConfigErrors(all.clone()));
+    assert_eq!((all[0].path.as_str(), all[0].line), ("keys", Some(2)));
+    assert!(all[0].message.contains("gateway mode needs a key source"));
+    error_at("mode: gateway\n", "keys", "gateway mode needs a key source");
+    assert_eq!(ok("keys: { file: k.yaml }\n").keys.source, KeySource::Store);
+}
+
+#[test]
+fn keys_source_file_requires_keys_file() {
+    error_at(
+        "mode: gateway\nkeys: { source: file }\n",
+        "keys.file",
+        "required when keys.source is file",
+    );
+    error_at(
+        "keys: { source: file, file: \"\" }\n",
+        "keys.file",
+        "must not be empty",
+    );
+}
+
+#[test]
+fn keys_source_control_plane_requires_control_plane() {
+    error_at(
+        "mode: gateway\nkeys: { source: control_plane }\n",
+        "keys.control_plane",
+        "required when keys.source is control_plane",
+    );
+}
+
+#[test]
+fn keys_source_must_be_store_in_control_plane_mode() {
+    error_at(
+        "mode: control-plane\nkeys: { source: file, file: k.yaml }\n",
+        "keys.source",
+        "serves keys from its store",
+    );
+}
+
+#[test]
+fn keys_source_must_be_known() {
+    error_at(
+        "keys: { source: database }\n",
+        "keys.source",
+        "unknown variant `database`",
+    );
+}
+
+#[test]
+fn keys_control_plane_url_and_token_are_checked() {
+    let yaml = "mode: gateway\nkeys: { control_plane: { url: \"ftp://cp\", token: \"\" } }\n";
+    error_at(yaml, "keys.control_plane.url", "http:// or https://");
+    error_at(yaml, "keys.control_plane.token", "must not be empty");
+    error_at(
+        "mode: gateway\nkeys: { control_plane: { token: t } }\n",
+        "keys.control_plane.url",
+        "required",
+    );
+}
+
+#[test]
+fn keys_control_plane_token_is_not_debug_printed() {
+    let config = ok("mode: gateway\nkeys: { control_plane: { url: \"http://cp:1\", token: \"${env:KEYGATE_SYNC_TOKEN}\" } }\n");
+    assert!(!format!("{config:?}").contains("sync-secret"));
+}
+
+#[test]
+fn keys_max_staleness_is_a_duration() {
+    let config = ok("keys: { max_staleness: 1h30m }\n");
+    assert_eq!(config.keys.max_staleness, Duration::from_secs(5400));
+    error_at(
+        "keys: { max_staleness: 30 }\n",
+        "keys.max_staleness",
+        "no unit",
+    );
+}
+
+#[test]
+fn trusted_proxies_accept_cidrs_and_bare_addresses() {
+    let config =
+        ok("client_ip: { trusted_proxies: [10.0.0.0/8, 10.1.2.3, \"::1\", \"fd00::/8\"] }\n");
+    let expected: Vec<ipnet::IpNet> = ["10.0.0.0/8", "10.1.2.3/32", "::1/128", "fd00::/8"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(config.client_ip.trusted_proxies, expected);
+}
+
+#[test]
+fn trusted_proxies_bad_cidr_is_reported_per_element() {
+    let all = errors("client_ip:\n  trusted_proxies: [10.0.0.0/33, ok, 1.2.3.4]\n");
+    let paths: Vec<&str> = all.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "client_ip.trusted_proxies[0]",
+            "client_ip.trusted_proxies[1]"
+        ]
+    );
+}
+
+#[test]
+fn key_location_needs_exactly_one_of_header_and_query() {
+    error_at(
+        "key_locations:\n  - { scheme: Bearer }\n",
+        "key_locations[0]",
+        "needs `header",
+    );
+    error_at(
+        "key_locations:\n  - { header: a, query: b }\n",
+        "key_locations[0]",
+        "not both",
+    );
+    error_at(
+        "key_locations:\n  - { query: api_key, scheme: Bearer }\n",
+        "key_locations[0].scheme",
+        "header` locations only",
+    );
+    error_at("key_locations: []\n", "key_locations", "at least one");
+}
+
+#[test]
+fn key_location_header_names_are_checked_and_lowercased() {
+    let config = ok(
+        "key_locations:\n  - { header: X-Api-Key }\n  - { header: Authorization, scheme: Token }\n",
+    );
+    assert_eq!(
+        config.key_locations,
+        vec![
+            KeyLocation::Header {
+                name: http::HeaderName::from_static("x-api-key"),
+                scheme: None
+            },
+            KeyLocation::Header {
+                name: http::header::AUTHORIZATION,
+                scheme: Some("Token".to_owned())
+            },
+        ]
+    );
+    error_at(
+        "key_locations:\n  - { header: \"x key\" }\n",
+        "key_locations[0].header",
+        "not a valid header name",
+    );
+    error_at(
+        "key_locations:\n  - { header: authorization, scheme: \"Bear er\" }\n",
+        "key_locations[0].scheme",
+        "auth scheme",
+    );
+}
+
+#[test]
+fn upstream_targets_are_required_and_checked() {
+    let base = "mode: gateway\nkeys: { file: k }\nupstreams:\n";
+    error_at(
+        &format!("{base}  a: {{ read_timeout: 1s }}\n"),
+        "upstreams.a.targets",
+        "required",
+    );
+    error_at(
+        &format!("{base}  a: {{ targets: [] }}\n"),
+        "upstreams.a.targets",
+        "at least one",
+    );
+    let all = errors(&format!(
+        "{base}  a: {{ targets: [\"10.0.0.1\", \"http://x:80\", \"x:0\", \"::1:80\", \"bad host:80\", \"ok.internal:80\", \"ok.internal:80\"] }}\n"
+    ));
+    let messages: Vec<(&str, &str)> = all
+        .iter()
+        .map(|e| (e.path.as_str(), e.message.as_str()))
+        .collect();
+    assert_eq!(messages.len(), 6, "{messages:#?}");
+    assert!(messages[0].1.contains("has no port"));
+    assert!(messages[1].1.contains("without a scheme"));
+    assert!(messages[2].1.contains("1 to 65535"));
+    assert!(messages[3].1.contains("brackets"));
+    assert!(messages[4].1.contains("not a valid host name"));
+    assert_eq!(messages[5].0, "upstreams.a.targets[6]");
+    assert!(messages[5].1.contains("duplicate"));
+    let config = ok(&format!(
+        "{base}  a: {{ targets: [\"[::1]:8000\", \"api.internal:443\"] }}\n"
+    ));
+    assert_eq!(
+        config.upstreams["a"].targets,
+        vec!["[::1]:8000", "api.internal:443"]
+    );
+}
+
+#[test]
+fn upstream_timeouts_must_be_positive_durations() {
+    let base = "mode: gateway\nkeys: { file: k }\nupstreams:\n  a:\n    targets: [\"h:1\"]\n";
+    error_at(
+        &format!("{base}    connect_timeout: 0s\n"),
+        "upstreams.a.connect_timeout",
+        "greater than 0",
+    );
+    error_at(
+        &format!("{base}    read_timeout: 30\n"),
+        "upstreams.a.read_timeout",
+        "250ms, 5s",
+    );
+}
+
+#[test]
+fn upstream_tls_fields_are_checked() {
+    let base = "mode: gateway\nkeys: { file: k }\nupstreams:\n  a:\n    targets: [\"h:1\"]\n";
+    let config = ok(&format!(
+        "{base}    tls: {{ sni: API.Internal, verify: false }}\n"
+    ));
+    assert_eq!(
+        config.upstreams["a"].tls,
+        Some(UpstreamTlsConfig {
+            sni: Some("api.internal".to_owned()),
+            ca: None,
+            verify: false
+        })
+    );
+    error_at(
+        &format!("{base}    tls: {{ ca: /no/such/ca.pem }}\n"),
+        "upstreams.a.tls.ca",
+        "cannot read",
+    );
+    error_at(
+        &format!("{base}    tls: {{ verify: maybe }}\n"),
+        "upstreams.a.tls.verify",
+        "true or false",
+    );
+    let tls = TlsDir::new();
+    let config = ok(&format!("{base}    tls: {{ ca: {} }}\n", tls.cert()));
+    assert_eq!(
+        config.upstreams["a"].tls.as_ref().unwrap().ca,
+        Some(tls.cert().into())
+    );
+}
+
+#[test]
+fn upstream_health_check_fields_are_checked() {
+    let base = "mode: gateway\nkeys: { file: k }\nupstreams:\n  a:\n    targets: [\"h:1\"]\n";
+    let yaml = format!(
+        "{base}    health_check: {{ path: healthz, interval: 0s, timeout: 1x, healthy_threshold: 0, unhealthy_threshold: 3 }}\n"
+    );
+    let all = errors(&yaml);
+    let paths: Vec<&str> = all.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "upstreams.a.health_check.path",
+            "upstreams.a.health_check.interval",
+            "upstreams.a.health_check.timeout",
+            "upstreams.a.health_check.healthy_threshold",
+        ]
+    );
+}
+
+#[test]
+fn upstream_entry_errors_do_not_hide_each_other() {
+    let yaml = "mode: gateway\nkeys: { file: k }\nupstreams:\n  a: { targets: [\"h:1\"], tsl: {} }\n  b: { targets: [\"h\"] }\nroutes:\n  - { name: r, upstream: a }\n";
+    let all = errors(yaml);
+    let paths: Vec<&str> = all.iter().map(|e| e.path.as_str()).collect();
+    // Route r names `a`, which exists even though its entry failed.
+    assert_eq!(paths, vec!["upstreams.a.tsl", "upstreams.b.targets[0]"]);
+}
+
+#[test]
+fn route_upstream_must_exist() {
+    let e = error_at(
+        &GATEWAY.replace("upstream: api", "upstream: apii"),
+        "routes[0].upstream",
+        "unknown upstream \"apii\"",
+    );
+    assert_eq!(e.line, Some(7));
+    error_at(
+        &GATEWAY.replace("    upstream: api\n", ""),
+        "routes[0].upstream",
+        "required",
+    );
+}
+
+#[test]
+fn route_name_is_required_and_unique() {
+    let yaml =
+        format!("{GATEWAY}  - name: other\n    upstream: api\n  - name: all\n    upstream: api\n");
+    let e = error_at(&yaml, "routes[2].name", "routes[0] and routes[2]");
+    assert_eq!(e.line, Some(10));
+    error_at(
+        &GATEWAY.replace("  - name: all\n    upstream", "  - upstream"),
+        "routes[0].name",
+        "required",
+    );
+}
+
+#[test]
+fn route_auth_none_with_scopes_is_rejected() {
+    error_at(
+        &format!("{GATEWAY}    auth: none\n    scopes: [orders:read]\n"),
+        "routes[0].scopes",
+        "auth: none",
+    );
+    let config = ok(&format!("{GATEWAY}    auth: none\n"));
+    assert_eq!(config.routes[0].auth, RouteAuth::None);
+    error_at(
+        &format!("{GATEWAY}    auth: token\n"),
+        "routes[0].auth",
+        "unknown variant",
+    );
+}
+
+#[test]
+fn route_scopes_must_be_words() {
+    error_at(
+        &format!("{GATEWAY}    scopes: [\"orders read\", \"\"]\n"),
+        "routes[0].scopes[0]",
+        "not a valid scope",
+    );
+    error_at(
+        &format!("{GATEWAY}    scopes: [\"orders read\", \"\"]\n"),
+        "routes[0].scopes[1]",
+        "not a valid scope",
+    );
+    let config = ok(&format!("{GATEWAY}    scopes: [\"orders:*\", \"*\"]\n"));
+    assert_eq!(config.routes[0].scopes, vec!["orders:*", "*"]);
+}
+
+#[test]
+fn route_match_path_prefix_must_start_with_slash() {
+    error_at(
+        &format!("{GATEWAY}    match: {{ path_prefix: v1 }}\n"),
+        "routes[0].match.path_prefix",
+        "start with '/'",
+    );
+    error_at(
+        &format!("{GATEWAY}    match: {{ path_prefix: \"/v1?x=1\" }}\n"),
+        "routes[0].match.path_prefix",
+        "'?'",
+    );
+}
+
+#[test]
+fn route_match_methods_are_checked() {
+    error_at(
+        &format!("{GATEWAY}    match: {{ methods: [get] }}\n"),
+        "routes[0].match.methods[0]",
+        "write \"GET\"",
+    );
+    let e = error_at(
+        &format!("{GATEWAY}    match: {{ methods: [GET, GTE] }}\n"),
+        "routes[0].match.methods[1]",
+        "unknown HTTP method \"GTE\"",
+    );
+    assert_eq!((e.line, e.column), (Some(8), Some(29)));
+    let config = ok(&format!(
+        "{GATEWAY}    match: {{ methods: [GET, PROPFIND, GET] }}\n"
+    ));
+    assert_eq!(
+        config.routes[0].matcher.methods,
+        vec![
+            http::Method::GET,
+            http::Method::from_bytes(b"PROPFIND").unwrap()
+        ]
+    );
+}
+
+#[test]
+fn route_match_host_is_lowercased_and_portless() {
+    let config = ok(&format!(
+        "{GATEWAY}    match: {{ host: API.Example.com }}\n"
+    ));
+    assert_eq!(
+        config.routes[0].matcher.host.as_deref(),
+        Some("api.example.com")
+    );
+    error_at(
+        &format!("{GATEWAY}    match: {{ host: \"api.example.com:8443\" }}\n"),
+        "routes[0].match.host",
+        "without a port",
+    );
+    error_at(
+        &format!("{GATEWAY}    match: {{ host: \"api example\" }}\n"),
+        "routes[0].match.host",
+        "not a valid host name",
+    );
+}
+
+#[test]
+fn route_set_headers_are_checked_and_keep_order() {
+    let config = ok(&format!(
+        "{GATEWAY}    set_headers:\n      X-B: two\n      x-a: 1\n      Authorization: \"Bearer ${{env:ORDERS_UPSTREAM_TOKEN}}\"\n"
+    ));
+    let names: Vec<&str> = config.routes[0]
+        .set_headers
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(names, vec!["x-b", "x-a", "authorization"]);
+    assert_eq!(config.routes[0].set_headers[1].1, "1");
+    assert!(!format!("{config:?}").contains("upstream-secret"));
+
+    let bad = format!(
+        "{GATEWAY}    set_headers:\n      \"bad name\": x\n      x-ok: \"line\\nbreak\"\n      Content-Length: \"5\"\n      X-Dup: a\n      x-dup: b\n"
+    );
+    error_at(
+        &bad,
+        "routes[0].set_headers.bad name",
+        "not a valid header name",
+    );
+    let value_error = error_at(&bad, "routes[0].set_headers.x-ok", "invalid header value");
+    assert!(!value_error.message.contains("line"));
+    error_at(
+        &bad,
+        "routes[0].set_headers.Content-Length",
+        "managed by the proxy",
+    );
+    let dup = error_at(&bad, "routes[0].set_headers.x-dup", "set twice");
+    assert_eq!(dup.line, Some(13));
+}
+
+#[test]
+fn plans_limits_are_checked() {
+    let yaml = format!(
+        "{GATEWAY}plans:\n  a: {{ rate_limit: {{ requests: 0, per: 0s, burst: 0 }} }}\n  b: {{ quota: {{ requests: 0, per: week }} }}\n  c: {{ rate_limit: {{ per: 1s }}, quota: {{ requests: 5 }} }}\n  d: {{ rate_limit: {{ requests: 5, per: 1s, brust: 2 }} }}\n"
+    );
+    let all = errors(&yaml);
+    let paths: Vec<&str> = all.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "plans.a.rate_limit.requests",
+            "plans.a.rate_limit.per",
+            "plans.a.rate_limit.burst",
+            "plans.b.quota.requests",
+            "plans.b.quota.per",
+            "plans.c.rate_limit.requests",
+            "plans.c.quota.per",
+            "plans.d.rate_limit.brust",
+        ],
+        "{}",
+        ConfigErrors(all.clone())
+    );
+    assert!(all[4].message.contains("`day` or `month`"));
+}
+
+#[test]
+fn plans_may_be_empty() {
+    let config = ok(&format!("{GATEWAY}plans:\n  unlimited: {{}}\n  daily: {{ quota: {{ requests: \"100\", per: day }} }}\n"));
+    assert_eq!(config.plans["unlimited"], PlanConfig::default());
+    assert_eq!(
+        config.plans["daily"].quota,
+        Some(QuotaConfig {
+            requests: 100,
+            per: QuotaPeriod::Day
+        })
+    );
+}
+
+#[test]
+fn default_plan_must_exist() {
+    error_at(
+        &format!("{GATEWAY}plans: {{ free: {{}} }}\ndefault_plan: fre\n"),
+        "default_plan",
+        "unknown plan \"fre\"",
+    );
+    error_at(
+        &format!("{GATEWAY}default_plan: free\n"),
+        "default_plan",
+        "unknown plan",
+    );
+    // A plan whose entry failed still exists: no follow-on error.
+    let all = errors(&format!(
+        "{GATEWAY}plans: {{ free: {{ bogus: 1 }} }}\ndefault_plan: free\n"
+    ));
+    assert_eq!(all.len(), 1);
+}
+
+#[test]
+fn usage_sinks_are_checked_against_the_mode() {
+    error_at(
+        &format!("{GATEWAY}usage: {{ sinks: [{{ type: store }}] }}\n"),
+        "usage.sinks[0].type",
+        "gateway has no store",
+    );
+    error_at(
+        "usage: { sinks: [{ type: control_plane }] }\n",
+        "usage.sinks[0].type",
+        "only gateways",
+    );
+    error_at(
+        &format!("{GATEWAY}usage: {{ sinks: [{{ type: control_plane }}] }}\n"),
+        "usage.sinks[0].type",
+        "needs keys.control_plane",
+    );
+    let config = ok("mode: gateway\nkeys: { control_plane: { url: \"http://cp:9090\", token: t } }\nusage: { sinks: [{ type: control_plane }, { type: file, path: u.jsonl }] }\n");
+    assert_eq!(
+        config.usage.sinks,
+        vec![
+            SinkConfig::ControlPlane,
+            SinkConfig::File {
+                path: "u.jsonl".into()
+            }
+        ]
+    );
+}
+
+#[test]
+fn usage_sink_fields_are_checked() {
+    error_at(
+        "usage: { sinks: [{ type: kafka }] }\n",
+        "usage.sinks[0].type",
+        "unknown sink type",
+    );
+    error_at(
+        "usage: { sinks: [{ type: file }] }\n",
+        "usage.sinks[0].path",
+        "required",
+    );
+    error_at(
+        "usage: { sinks: [{ type: store, path: x }] }\n",
+        "usage.sinks[0].path",
+        "only a sink of type `file`",
+    );
+    error_at(
+        "usage: { sinks: [{ path: x }] }\n",
+        "usage.sinks[0].type",
+        "required",
+    );
+    error_at(
+        "usage: { sinks: [{ type: store }, { type: store }] }\n",
+        "usage.sinks[1]",
+        "counted twice",
+    );
+    error_at(
+        "usage: { flush_interval: 0s }\n",
+        "usage.flush_interval",
+        "greater than 0",
+    );
+}
+
+#[test]
+fn usage_sinks_default_by_mode() {
+    assert_eq!(ok("").usage.sinks, vec![SinkConfig::Store]);
+    assert!(ok(GATEWAY).usage.sinks.is_empty());
+    assert!(ok("usage: { sinks: [] }\n").usage.sinks.is_empty());
+}
+
+#[test]
+fn access_log_forms() {
+    assert_eq!(ok("access_log: off\n").access_log, AccessLogConfig::Off);
+    assert_eq!(ok("access_log: false\n").access_log, AccessLogConfig::Off);
+    assert_eq!(
+        ok("access_log: { path: stdout }\n").access_log,
+        AccessLogConfig::Stdout
+    );
+    assert_eq!(
+        ok("access_log: { path: /var/log/keygate/access.log }\n").access_log,
+        AccessLogConfig::File("/var/log/keygate/access.log".into())
+    );
+    error_at("access_log: on\n", "access_log", "expected `off`");
+    error_at(
+        "access_log: { file: x }\n",
+        "access_log",
+        "unknown field `file`",
+    );
+    error_at("access_log: {}\n", "access_log.path", "required");
+}
+
+// ---- the typed limits that the keys file reuses ----
+
+#[test]
+fn rate_limit_and_quota_deserialize_directly() {
+    let rl: RateLimitConfig =
+        serde_norway::from_str("{ requests: 10, per: 1s, burst: 20 }").unwrap();
+    assert_eq!(
+        rl,
+        RateLimitConfig {
+            requests: 10,
+            per: Duration::from_secs(1),
+            burst: Some(20)
+        }
+    );
+    let q: QuotaConfig = serde_json::from_str(r#"{"requests": 10000, "per": "month"}"#).unwrap();
+    assert_eq!(q.per, QuotaPeriod::Month);
+    let err = serde_norway::from_str::<RateLimitConfig>("{ requests: 0, per: 5 }").unwrap_err();
+    assert!(
+        err.to_string().contains("requests: must be at least 1"),
+        "{err}"
+    );
+    assert!(serde_norway::from_str::<QuotaConfig>("{ requests: 1, per: day, x: 1 }").is_err());
+}
+
+#[test]
+fn rate_limit_and_quota_serialize_in_config_form() {
+    let rl = RateLimitConfig {
+        requests: 10,
+        per: Duration::from_millis(1500),
+        burst: None,
+    };
+    assert_eq!(
+        serde_json::to_string(&rl).unwrap(),
+        r#"{"requests":10,"per":"1s500ms"}"#
+    );
+    let q = QuotaConfig {
+        requests: 5,
+        per: QuotaPeriod::Day,
+    };
+    assert_eq!(
+        serde_json::to_string(&q).unwrap(),
+        r#"{"requests":5,"per":"day"}"#
+    );
+}
+
+#[test]
+fn raw_limits_validate_with_paths() {
+    let raw: raw::RawRateLimit = serde_norway::from_str("{ per: 1m }").unwrap();
+    assert_eq!(
+        raw.validate("keys[3].rate_limit").unwrap_err(),
+        vec![(
+            "keys[3].rate_limit.requests".to_owned(),
+            "required field is missing".to_owned()
+        )]
+    );
+}
