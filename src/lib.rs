@@ -8,6 +8,7 @@
 //! - `config`: the config file, validated
 //! - `server`, `cli`: running a node, the command line
 
+pub mod access_log;
 pub mod cli;
 pub mod config;
 pub mod index;

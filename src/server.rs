@@ -11,6 +11,7 @@ use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::access_log::AccessLog;
 use crate::config::{Config, KeySource, Mode};
 use crate::index::KeyIndex;
 use crate::proxy::{Gateway, GatewayState};
@@ -70,7 +71,13 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config));
     server.bootstrap();
 
-    let gateway = Gateway::new(Arc::clone(&state), Arc::clone(&keys));
+    let access_log =
+        Arc::new(AccessLog::start(&config.access_log).context("cannot open the access log")?);
+    let gateway = Gateway::new(
+        Arc::clone(&state),
+        Arc::clone(&keys),
+        Arc::clone(&access_log),
+    );
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         gateway,
@@ -92,6 +99,8 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         "keygate serving"
     );
     server.run(RunArgs::default());
+    access_log.flush(std::time::Duration::from_secs(5));
+    tracing::info!("keygate stopped");
     Ok(())
 }
 

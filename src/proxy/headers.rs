@@ -58,11 +58,11 @@ pub fn header_holds_key(req: &RequestHeader, location: &KeyLocation) -> bool {
 
 /// The path and query with every parameter named in `names` removed, the others
 /// kept in order; `None` when nothing had to be removed.
-pub fn strip_query_params(path_and_query: &str, names: &[&str]) -> Option<String> {
+pub fn strip_query_params<S: AsRef<str>>(path_and_query: &str, names: &[S]) -> Option<String> {
     let (path, query) = path_and_query.split_once('?')?;
     let is_key_param = |pair: &&str| {
         let name = pair.split_once('=').map_or(*pair, |(k, _)| k);
-        names.iter().any(|n| decode(name) == *n)
+        names.iter().any(|n| decode(name) == n.as_ref())
     };
     if !query.split('&').any(|pair| is_key_param(&pair)) {
         return None;

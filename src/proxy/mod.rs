@@ -9,8 +9,9 @@ mod routing;
 mod state;
 mod upstream;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -22,6 +23,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use time::OffsetDateTime;
 
+use crate::access_log::{AccessEntry, AccessLog};
 use crate::config::{KeyLocation, RouteAuth};
 use crate::index::{KeyIndex, KeyRecord};
 use crate::policy::{decide, resolve_client_ip, RequestFacts};
@@ -44,32 +46,44 @@ const X_KEYGATE_SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes")
 pub struct Gateway {
     state: Arc<ArcSwap<GatewayState>>,
     keys: Arc<KeyIndex>,
+    access_log: Arc<AccessLog>,
 }
 
 impl Gateway {
-    pub fn new(state: Arc<ArcSwap<GatewayState>>, keys: Arc<KeyIndex>) -> Self {
-        Gateway { state, keys }
+    pub fn new(
+        state: Arc<ArcSwap<GatewayState>>,
+        keys: Arc<KeyIndex>,
+        access_log: Arc<AccessLog>,
+    ) -> Self {
+        Gateway {
+            state,
+            keys,
+            access_log,
+        }
     }
 }
 
 /// Per-request state carried between Pingora's hooks.
 pub struct RequestCtx {
     state: Option<Arc<GatewayState>>,
-    route: usize,
+    route: Option<usize>,
     request_id: HeaderValue,
     key: Option<Arc<KeyRecord>>,
     peer_ip: Option<IpAddr>,
     peer_trusted: bool,
+    /// The client address after `trusted_proxies`, once known.
+    client_ip: Option<IpAddr>,
+    upstream_addr: Option<SocketAddr>,
     connect_attempts: usize,
+    started: Instant,
     /// Set when keygate decided the outcome itself, so `fail_to_proxy` answers with it.
     rejection: Option<Rejection>,
 }
 
 impl RequestCtx {
     fn route(&self) -> Option<&Route> {
-        self.state
-            .as_ref()
-            .and_then(|state| state.routes.get(self.route))
+        let (state, index) = (self.state.as_ref()?, self.route?);
+        state.routes.get(index)
     }
 }
 
@@ -93,7 +107,7 @@ impl Gateway {
         let Some(index) = routing::find_route(&state.routes, &req.method, host, path) else {
             return Verdict::Reject(Rejection::NoRoute);
         };
-        ctx.route = index;
+        ctx.route = Some(index);
         let route = &state.routes[index];
         if route.auth == RouteAuth::None {
             return Verdict::Proxy { key: None };
@@ -107,6 +121,7 @@ impl Gateway {
                 .map(HeaderValue::as_bytes),
             &state.trusted_proxies,
         );
+        ctx.client_ip = Some(client_ip);
         let facts = RequestFacts {
             presented_key: presented.as_deref(),
             client_ip,
@@ -126,12 +141,15 @@ impl ProxyHttp for Gateway {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             state: None,
-            route: 0,
+            route: None,
             request_id: HeaderValue::from_static(""),
             key: None,
             peer_ip: None,
             peer_trusted: false,
+            client_ip: None,
+            upstream_addr: None,
             connect_attempts: 0,
+            started: Instant::now(),
             rejection: None,
         }
     }
@@ -187,6 +205,7 @@ impl ProxyHttp for Gateway {
                 format!("upstream {} has no healthy target", upstream.name),
             );
         };
+        ctx.upstream_addr = backend.addr.as_inet().copied();
         upstream.peer(&backend)
     }
 
@@ -252,7 +271,7 @@ impl ProxyHttp for Gateway {
             upstream_request.insert_header(X_FORWARDED_FOR, forwarded)?;
         }
         upstream_request.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
-        if let Some(route) = state.routes.get(ctx.route) {
+        if let Some(route) = ctx.route.and_then(|index| state.routes.get(index)) {
             for (name, value) in &route.set_headers {
                 upstream_request.insert_header(name.clone(), value.clone())?;
             }
@@ -301,6 +320,40 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    async fn logging(&self, session: &mut Session, _error: Option<&Error>, ctx: &mut RequestCtx) {
+        if !self.access_log.enabled() {
+            return;
+        }
+        let req = session.req_header();
+        let path_and_query = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let stripped = ctx
+            .state
+            .as_ref()
+            .and_then(|state| headers::strip_query_params(path_and_query, &state.key_query_params));
+        let status = match (session.response_written(), ctx.rejection) {
+            (Some(resp), _) => resp.status.as_u16(),
+            (None, Some(rejection)) => rejection.status(),
+            (None, None) => 0,
+        };
+        let route = ctx.route();
+        self.access_log.record(&AccessEntry {
+            time: OffsetDateTime::now_utc(),
+            request_id: ctx.request_id.to_str().unwrap_or(""),
+            route: route.map(|r| r.name.as_str()),
+            key_id: ctx.key.as_ref().map(|k| k.id.as_str()),
+            client_ip: ctx.client_ip.or(ctx.peer_ip),
+            method: req.method.as_str(),
+            path: stripped.as_deref().unwrap_or(path_and_query),
+            status,
+            outcome: ctx.rejection.map_or("allowed", Rejection::code),
+            duration_ms: (ctx.started.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0,
+            upstream: route
+                .filter(|_| ctx.upstream_addr.is_some())
+                .map(|r| r.upstream.name.as_str()),
+            upstream_addr: ctx.upstream_addr,
+        });
+    }
+
     /// Pingora's default summary logs the raw path and query, which can hold `?api_key=`.
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
         let req = session.req_header();
@@ -347,8 +400,9 @@ fn strip_key(upstream_request: &mut RequestHeader, state: &GatewayState) -> Resu
     let Some(path_and_query) = upstream_request.uri.path_and_query() else {
         return Ok(());
     };
-    let names: Vec<&str> = state.key_query_params.iter().map(String::as_str).collect();
-    if let Some(stripped) = headers::strip_query_params(path_and_query.as_str(), &names) {
+    if let Some(stripped) =
+        headers::strip_query_params(path_and_query.as_str(), &state.key_query_params)
+    {
         let uri = stripped
             .parse::<http::Uri>()
             .map_err(|e| Error::because(ErrorType::InternalError, "rewriting the query", e))?;
