@@ -7,9 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 
 fn main() -> std::io::Result<()> {
-    let address = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:9000".to_owned());
+    let address = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:9000".to_owned());
     let listener = TcpListener::bind(&address)?;
     eprintln!("demo upstream listening on http://{address}");
     for stream in listener.incoming() {
@@ -54,10 +52,8 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
         let mut parts = request_line.split_whitespace();
         let method = parts.next().unwrap_or("");
         let target = parts.next().unwrap_or("");
-        let header_json: Vec<String> = headers
-            .iter()
-            .map(|(n, v)| format!("{}:{}", json_string(n), json_string(v)))
-            .collect();
+        let header_json: Vec<String> =
+            headers.iter().map(|(n, v)| format!("{}:{}", json_string(n), json_string(v))).collect();
         let response_body = format!(
             "{{\"method\":{},\"path\":{},\"headers\":{{{}}},\"body_bytes\":{}}}\n",
             json_string(method),

@@ -8,10 +8,10 @@
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -49,52 +49,39 @@ enum Message {
 
 pub struct AccessLog {
     sender: Option<SyncSender<Message>>,
-    dropped: AtomicU64,
+    dropped: IntCounter,
 }
 
 impl AccessLog {
-    pub fn off() -> Self {
-        AccessLog {
-            sender: None,
-            dropped: AtomicU64::new(0),
-        }
-    }
-
-    pub fn start(config: &AccessLogConfig) -> io::Result<Self> {
+    /// `dropped` counts lines given up because the writer fell behind.
+    pub fn start(config: &AccessLogConfig, dropped: IntCounter) -> io::Result<Self> {
         let sink: Box<dyn Write + Send> = match config {
-            AccessLogConfig::Off => return Ok(AccessLog::off()),
+            AccessLogConfig::Off => return Ok(AccessLog { sender: None, dropped }),
             AccessLogConfig::Stdout => Box::new(io::stdout()),
-            AccessLogConfig::File(path) => {
-                Box::new(OpenOptions::new().create(true).append(true).open(path)?)
-            }
+            AccessLogConfig::File(path) => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
         };
         let (sender, receiver) = mpsc::sync_channel::<Message>(QUEUE_LINES);
-        std::thread::Builder::new()
-            .name("keygate-access-log".into())
-            .spawn(move || {
-                let mut out = BufWriter::with_capacity(64 * 1024, sink);
-                loop {
-                    // Write errors have nowhere to go but this log; keep serving.
-                    match receiver.recv_timeout(FLUSH_EVERY) {
-                        Ok(Message::Line(line)) => {
-                            let _ = out.write_all(&line);
-                        }
-                        Ok(Message::Flush(done)) => {
-                            let _ = out.flush();
-                            let _ = done.send(());
-                        }
-                        Err(RecvTimeoutError::Timeout) => {
-                            let _ = out.flush();
-                        }
-                        Err(RecvTimeoutError::Disconnected) => break,
+        std::thread::Builder::new().name("keygate-access-log".into()).spawn(move || {
+            let mut out = BufWriter::with_capacity(64 * 1024, sink);
+            loop {
+                // Write errors have nowhere to go but this log; keep serving.
+                match receiver.recv_timeout(FLUSH_EVERY) {
+                    Ok(Message::Line(line)) => {
+                        let _ = out.write_all(&line);
                     }
+                    Ok(Message::Flush(done)) => {
+                        let _ = out.flush();
+                        let _ = done.send(());
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        let _ = out.flush();
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
                 }
-                let _ = out.flush();
-            })?;
-        Ok(AccessLog {
-            sender: Some(sender),
-            dropped: AtomicU64::new(0),
-        })
+            }
+            let _ = out.flush();
+        })?;
+        Ok(AccessLog { sender: Some(sender), dropped })
     }
 
     pub fn enabled(&self) -> bool {
@@ -109,12 +96,8 @@ impl AccessLog {
         }
         line.push(b'\n');
         if let Err(TrySendError::Full(_)) = sender.try_send(Message::Line(line)) {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
         }
-    }
-
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
     }
 
     /// Waits until every line recorded so far has been written (shutdown).
@@ -135,7 +118,8 @@ mod tests {
     fn lines_reach_the_file_as_json() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("access.log");
-        let log = AccessLog::start(&AccessLogConfig::File(path.clone())).unwrap();
+        let dropped = IntCounter::new("dropped", "test").unwrap();
+        let log = AccessLog::start(&AccessLogConfig::File(path.clone()), dropped).unwrap();
         log.record(&AccessEntry {
             time: OffsetDateTime::UNIX_EPOCH,
             request_id: "r1",
@@ -161,7 +145,7 @@ mod tests {
 
     #[test]
     fn off_records_nothing() {
-        let log = AccessLog::off();
+        let log = AccessLog::start(&AccessLogConfig::Off, IntCounter::new("dropped", "test").unwrap()).unwrap();
         assert!(!log.enabled());
     }
 }

@@ -63,9 +63,7 @@ pub fn run() -> ExitCode {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
-            "info,pingora_core=warn,pingora_proxy=warn,pingora_load_balancing=warn",
-        )
+        tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn,pingora_load_balancing=warn")
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -9,11 +9,15 @@
 //! - `server`, `cli`: running a node, the command line
 
 pub mod access_log;
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod index;
 pub mod key;
+pub mod limit;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod sync;
+pub mod usage;

@@ -12,28 +12,16 @@ use common::*;
 use sha2::{Digest, Sha256};
 
 fn sha256_hex(s: &str) -> String {
-    Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn combined(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 #[track_caller]
 fn assert_exit(out: &Output, code: i32) {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "expected exit {code}; output:\n{}",
-        combined(out)
-    );
+    assert_eq!(out.status.code(), Some(code), "expected exit {code}; output:\n{}", combined(out));
 }
 
 fn is_base62(s: &str) -> bool {
@@ -47,27 +35,15 @@ fn assert_key_format(key: &str, prefix: &str) {
         .strip_prefix(prefix)
         .and_then(|r| r.strip_prefix('_'))
         .unwrap_or_else(|| panic!("key {key:?} does not start with {prefix}_"));
-    assert_eq!(
-        rest.len(),
-        38,
-        "key {key:?}: want 32 random + 6 checksum chars"
-    );
-    assert!(
-        is_base62(rest),
-        "key {key:?} is not base62 after the prefix"
-    );
+    assert_eq!(rest.len(), 38, "key {key:?}: want 32 random + 6 checksum chars");
+    assert!(is_base62(rest), "key {key:?} is not base62 after the prefix");
 }
 
 #[track_caller]
 fn assert_hash_format(hash: &str) {
-    let hex = hash
-        .strip_prefix("sha256:")
-        .unwrap_or_else(|| panic!("hash {hash:?} lacks the sha256: prefix"));
+    let hex = hash.strip_prefix("sha256:").unwrap_or_else(|| panic!("hash {hash:?} lacks the sha256: prefix"));
     assert_eq!(hex.len(), 64, "hash {hash:?}");
-    assert!(
-        hex.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')),
-        "hash {hash:?} is not lowercase hex"
-    );
+    assert!(hex.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')), "hash {hash:?} is not lowercase hex");
 }
 
 // ---------------------------------------------------------------------------
@@ -102,8 +78,7 @@ fn gen_key_never_repeats_a_key() {
     dedup.dedup();
     assert_eq!(dedup.len(), keys.len(), "repeated keys: {keys:?}");
     // Same length, so the checksum part differs too, not just the random part.
-    let checksums: std::collections::HashSet<&str> =
-        keys.iter().map(|k| &k[k.len() - 6..]).collect();
+    let checksums: std::collections::HashSet<&str> = keys.iter().map(|k| &k[k.len() - 6..]).collect();
     assert!(checksums.len() > 1, "checksums never vary: {keys:?}");
 }
 
@@ -132,9 +107,7 @@ struct Files {
 
 impl Files {
     fn new() -> Files {
-        Files {
-            dir: tempfile::tempdir().unwrap(),
-        }
+        Files { dir: tempfile::tempdir().unwrap() }
     }
     fn path(&self, name: &str) -> String {
         self.dir.path().join(name).display().to_string()
@@ -232,19 +205,14 @@ fn assert_reported(output: &str, file: &str, path: &str, also: &str, line: u32) 
     let e = errors
         .iter()
         .find(|e| e.rest.starts_with(path) && e.rest.contains(also))
-        .unwrap_or_else(|| {
-            panic!("no `{file}:LINE:COL: {path}...` error mentioning {also:?}; output:\n{output}")
-        });
+        .unwrap_or_else(|| panic!("no `{file}:LINE:COL: {path}...` error mentioning {also:?}; output:\n{output}"));
     assert_eq!(e.line, line, "wrong line for {path}: {e:?}");
     assert!(e.col >= 1, "column must be 1-based: {e:?}");
 }
 
 /// 1-based number of the first line of `text` containing `needle`.
 fn line_of(text: &str, needle: &str) -> u32 {
-    text.lines()
-        .position(|l| l.contains(needle))
-        .unwrap_or_else(|| panic!("{needle:?} not in config")) as u32
-        + 1
+    text.lines().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle:?} not in config")) as u32 + 1
 }
 
 #[test]
@@ -252,12 +220,7 @@ fn check_config_accepts_a_valid_gateway_config() {
     let f = Files::new();
     let keys = f.write("keys.yaml", &good_keys());
     let config = f.write("keygate.yaml", &good_config(&keys));
-    let out = run_cli(
-        &["check-config", "-c", &config],
-        None,
-        &[("KG_CC_UPSTREAM_TOKEN", "secret")],
-        &[],
-    );
+    let out = run_cli(&["check-config", "-c", &config], None, &[("KG_CC_UPSTREAM_TOKEN", "secret")], &[]);
     assert_exit(&out, 0);
 }
 
@@ -299,34 +262,10 @@ access_log: off
     assert_exit(&out, 1);
     let output = combined(&out);
 
-    assert_reported(
-        &output,
-        &config,
-        "listeners[0]",
-        "bogus_field",
-        line_of(&text, "bogus_field"),
-    );
-    assert_reported(
-        &output,
-        &config,
-        "client_ip.trusted_proxies[1]",
-        "",
-        line_of(&text, "10.0.0.0/33"),
-    );
-    assert_reported(
-        &output,
-        &config,
-        "upstreams.api.connect_timeout",
-        "",
-        line_of(&text, "2 seconds"),
-    );
-    assert_reported(
-        &output,
-        &config,
-        "routes[1].upstream",
-        "",
-        line_of(&text, "upstream: nope"),
-    );
+    assert_reported(&output, &config, "listeners[0]", "bogus_field", line_of(&text, "bogus_field"));
+    assert_reported(&output, &config, "client_ip.trusted_proxies[1]", "", line_of(&text, "10.0.0.0/33"));
+    assert_reported(&output, &config, "upstreams.api.connect_timeout", "", line_of(&text, "2 seconds"));
+    assert_reported(&output, &config, "routes[1].upstream", "", line_of(&text, "upstream: nope"));
     // Nothing else in the file is wrong.
     let n = errors_for(&output, &config).len();
     assert_eq!(n, 4, "want exactly the four errors; output:\n{output}");
@@ -350,35 +289,12 @@ fn check_config_reports_errors_in_the_keys_file() {
     );
     let keys = f.write("keys.yaml", &keys_text);
     let config = f.write("keygate.yaml", &good_config(&keys));
-    let out = run_cli(
-        &["check-config", "-c", &config],
-        None,
-        &[("KG_CC_UPSTREAM_TOKEN", "secret")],
-        &[],
-    );
+    let out = run_cli(&["check-config", "-c", &config], None, &[("KG_CC_UPSTREAM_TOKEN", "secret")], &[]);
     assert_exit(&out, 1);
     let output = combined(&out);
-    assert_reported(
-        &output,
-        &keys,
-        "keys[0].ip_allowlist",
-        "",
-        line_of(&keys_text, "/33"),
-    );
-    assert_reported(
-        &output,
-        &keys,
-        "keys[1].hash",
-        "",
-        line_of(&keys_text, "nothex"),
-    );
-    assert_reported(
-        &output,
-        &keys,
-        "keys[1].status",
-        "",
-        line_of(&keys_text, "sleeping"),
-    );
+    assert_reported(&output, &keys, "keys[0].ip_allowlist", "", line_of(&keys_text, "/33"));
+    assert_reported(&output, &keys, "keys[1].hash", "", line_of(&keys_text, "nothex"));
+    assert_reported(&output, &keys, "keys[1].status", "", line_of(&keys_text, "sleeping"));
 }
 
 #[test]
@@ -387,28 +303,16 @@ fn check_config_reports_a_missing_env_var() {
     let keys = f.write("keys.yaml", &good_keys());
     let config = f.write("keygate.yaml", &good_config(&keys));
 
-    let out = run_cli(
-        &["check-config", "-c", &config],
-        None,
-        &[],
-        &["KG_CC_UPSTREAM_TOKEN"],
-    );
+    let out = run_cli(&["check-config", "-c", &config], None, &[], &["KG_CC_UPSTREAM_TOKEN"]);
     assert_exit(&out, 1);
     let output = combined(&out);
     assert!(
-        output
-            .lines()
-            .any(|l| l.contains("routes[1].set_headers") && l.contains("KG_CC_UPSTREAM_TOKEN")),
+        output.lines().any(|l| l.contains("routes[1].set_headers") && l.contains("KG_CC_UPSTREAM_TOKEN")),
         "no error naming the field and the variable; output:\n{output}"
     );
 
     // The same file passes once the variable exists.
-    let out = run_cli(
-        &["check-config", "-c", &config],
-        None,
-        &[("KG_CC_UPSTREAM_TOKEN", "x")],
-        &[],
-    );
+    let out = run_cli(&["check-config", "-c", &config], None, &[("KG_CC_UPSTREAM_TOKEN", "x")], &[]);
     assert_exit(&out, 0);
 }
 
@@ -433,12 +337,7 @@ fn bad_command_line_exits_2() {
         &["hash-key", "extra", "args", "here"],
     ] {
         let out = run_cli(args, None, &[], &[]);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "keygate {args:?}: want exit 2; output:\n{}",
-            combined(&out)
-        );
+        assert_eq!(out.status.code(), Some(2), "keygate {args:?}: want exit 2; output:\n{}", combined(&out));
     }
 }
 
@@ -462,17 +361,11 @@ fn serve_refuses_an_invalid_config_with_exit_1() {
         if Instant::now() >= deadline {
             let _ = child.kill();
             let out = child.wait_with_output().unwrap();
-            panic!(
-                "serve kept running with an invalid config:\n{}",
-                combined(&out)
-            );
+            panic!("serve kept running with an invalid config:\n{}", combined(&out));
         }
         thread::sleep(Duration::from_millis(50));
     }
     let out = child.wait_with_output().unwrap();
     assert_exit(&out, 1);
-    assert!(
-        combined(&out).contains("bogus_top"),
-        "error does not name the field"
-    );
+    assert!(combined(&out).contains("bogus_top"), "error does not name the field");
 }

@@ -29,10 +29,7 @@ routes:
 }
 
 fn start_simple(up: &Upstream, keys: &str) -> Gateway {
-    GatewayBuilder::new(&simple_config(""))
-        .var("UP", &up.addr())
-        .keys(keys)
-        .start()
+    GatewayBuilder::new(&simple_config("")).var("UP", &up.addr()).keys(keys).start()
 }
 
 /// Splits an X-Forwarded-For value into trimmed entries.
@@ -69,11 +66,7 @@ fn unmatched_path_is_404_no_route_before_any_key_check() {
     assert_error(&gw.get("/nowhere", &[]), 404, "no_route");
     // Routing comes first: a valid key does not turn a 404 into anything else,
     // nor does a missing key turn it into a 401.
-    assert_error(
-        &gw.get("/nowhere", &[("x-api-key", &alice.raw)]),
-        404,
-        "no_route",
-    );
+    assert_error(&gw.get("/nowhere", &[("x-api-key", &alice.raw)]), 404, "no_route");
     assert_error(&gw.get("/", &[]), 404, "no_route");
     assert_eq!(up.request_count(), 0);
 }
@@ -116,10 +109,7 @@ routes:
 access_log: off
 "#,
     );
-    let gw = GatewayBuilder::new(&config)
-        .var("A", &a.addr())
-        .var("B", &b.addr())
-        .start();
+    let gw = GatewayBuilder::new(&config).var("A", &a.addr()).var("B", &b.addr()).start();
 
     assert_eq!(gw.get("/v1/orders", &[]).upstream(), Some("a"));
     let head = gw.send("HEAD", "/v1/orders", &[]);
@@ -129,18 +119,10 @@ access_log: off
     let post = conn.send(&request_with_body("POST", "/v1/orders", &[], b"{\"n\":1}"));
     assert_eq!((post.status, post.upstream()), (200, Some("b")));
     let rec = b.last();
-    assert_eq!(
-        (rec.method.as_str(), rec.body.as_slice()),
-        ("POST", &b"{\"n\":1}"[..])
-    );
+    assert_eq!((rec.method.as_str(), rec.body.as_slice()), ("POST", &b"{\"n\":1}"[..]));
 
     assert_error(&gw.send("DELETE", "/v1/orders", &[]), 404, "no_route");
-    assert_error(
-        &gw.conn()
-            .send(&request_with_body("POST", "/v1/reports", &[], b"x")),
-        404,
-        "no_route",
-    );
+    assert_error(&gw.conn().send(&request_with_body("POST", "/v1/reports", &[], b"x")), 404, "no_route");
     assert_eq!(gw.get("/v1/reports", &[]).upstream(), Some("a"));
     assert_eq!((a.request_count(), b.request_count()), (3, 1));
 }
@@ -169,26 +151,13 @@ routes:
 access_log: off
 "#,
     );
-    let gw = GatewayBuilder::new(&config)
-        .var("A", &a.addr())
-        .var("B", &b.addr())
-        .start();
+    let gw = GatewayBuilder::new(&config).var("A", &a.addr()).var("B", &b.addr()).start();
     let via = |host: &str, path: &str| gw.get(path, &[("Host", host)]);
 
-    for host in [
-        "api.example.com",
-        "API.Example.COM",
-        "api.example.com:8080",
-        "Api.Example.Com:443",
-    ] {
+    for host in ["api.example.com", "API.Example.COM", "api.example.com:8080", "Api.Example.Com:443"] {
         assert_eq!(via(host, "/v1/x").upstream(), Some("a"), "Host: {host}");
     }
-    for host in [
-        "other.example.com",
-        "api.example.com.evil.test",
-        "xapi.example.com",
-        "localhost",
-    ] {
+    for host in ["other.example.com", "api.example.com.evil.test", "xapi.example.com", "localhost"] {
         assert_eq!(via(host, "/v1/x").upstream(), Some("b"), "Host: {host}");
     }
     assert_eq!(via("api.example.com", "/only").upstream(), Some("a"));
@@ -211,21 +180,12 @@ routes:
 access_log: off
 "#,
     );
-    let gw = GatewayBuilder::new(&config)
-        .var("A", &a.addr())
-        .var("B", &b.addr())
-        .start();
+    let gw = GatewayBuilder::new(&config).var("A", &a.addr()).var("B", &b.addr()).start();
 
     assert_eq!(gw.get("/v1/orders/1", &[]).upstream(), Some("a"));
     assert_eq!(gw.get("/v1/other", &[]).upstream(), Some("a"));
     assert_eq!(gw.get("/v2/x", &[]).upstream(), Some("b"));
-    assert_eq!(
-        b.requests()
-            .iter()
-            .filter(|r| r.target.starts_with("/v1"))
-            .count(),
-        0
-    );
+    assert_eq!(b.requests().iter().filter(|r| r.target.starts_with("/v1")).count(), 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -239,11 +199,7 @@ fn missing_key_is_401_missing_key_with_bearer_challenge() {
 
     assert_error(&gw.get("/v1/orders", &[]), 401, "missing_key");
     // A non-Bearer Authorization holds no key.
-    assert_error(
-        &gw.get("/v1/orders", &[("Authorization", "Basic dXNlcjpwYXNz")]),
-        401,
-        "missing_key",
-    );
+    assert_error(&gw.get("/v1/orders", &[("Authorization", "Basic dXNlcjpwYXNz")]), 401, "missing_key");
     assert_eq!(up.request_count(), 0);
 }
 
@@ -252,13 +208,8 @@ fn unknown_malformed_and_bad_checksum_keys_are_401_invalid_key() {
     let up = Upstream::start("api");
     let alice = TestKey::new("key_alice");
     let custom = TestKey::with_prefix("key_custom", Some("kg_test"));
-    let gw = start_simple(
-        &up,
-        &keys_file(&[
-            alice.entry("scopes: [orders:read]"),
-            custom.entry("scopes: [orders:read]"),
-        ]),
-    );
+    let gw =
+        start_simple(&up, &keys_file(&[alice.entry("scopes: [orders:read]"), custom.entry("scopes: [orders:read]")]));
     let (unknown, _) = gen_key(None);
     let bad_checksum = with_bad_checksum(&alice.raw);
     let custom_bad_checksum = with_bad_checksum(&custom.raw);
@@ -273,22 +224,10 @@ fn unknown_malformed_and_bad_checksum_keys_are_401_invalid_key() {
         "kg_live_!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!",
     ] {
         let bearer = format!("Bearer {bad}");
-        assert_error(
-            &gw.get("/v1/orders", &[("Authorization", &bearer)]),
-            401,
-            "invalid_key",
-        );
-        assert_error(
-            &gw.get("/v1/orders", &[("x-api-key", bad)]),
-            401,
-            "invalid_key",
-        );
+        assert_error(&gw.get("/v1/orders", &[("Authorization", &bearer)]), 401, "invalid_key");
+        assert_error(&gw.get("/v1/orders", &[("x-api-key", bad)]), 401, "invalid_key");
         if bad.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            assert_error(
-                &gw.get(&format!("/v1/orders?api_key={bad}"), &[]),
-                401,
-                "invalid_key",
-            );
+            assert_error(&gw.get(&format!("/v1/orders?api_key={bad}"), &[]), 401, "invalid_key");
         }
     }
     assert_eq!(up.request_count(), 0);
@@ -306,8 +245,7 @@ fn revoked_expired_and_disabled_keys_are_refused() {
     let future = TestKey::new("key_future");
     let keys = keys_file(&[
         revoked.entry("scopes: [orders:read]\nstatus: revoked"),
-        expired
-            .entry("scopes: [orders:read]\nstatus: active\nexpires_at: \"2001-01-01T00:00:00Z\""),
+        expired.entry("scopes: [orders:read]\nstatus: active\nexpires_at: \"2001-01-01T00:00:00Z\""),
         disabled.entry("scopes: [orders:read]\nstatus: disabled"),
         future.entry("scopes: [orders:read]\nstatus: active\nexpires_at: \"2099-01-01T00:00:00Z\""),
     ]);
@@ -335,13 +273,9 @@ fn denial_checks_run_in_contract_order() {
         k("key_ip_scope"),
     );
     let keys = keys_file(&[
-        revoked_all.entry(&format!(
-            "status: revoked\n{past}\nip_allowlist: [\"10.0.0.0/8\"]\nscopes: [other:thing]"
-        )),
+        revoked_all.entry(&format!("status: revoked\n{past}\nip_allowlist: [\"10.0.0.0/8\"]\nscopes: [other:thing]")),
         revoked_expired.entry(&format!("status: revoked\n{past}\nscopes: [orders:read]")),
-        expired_disabled.entry(&format!(
-            "status: disabled\n{past}\nip_allowlist: [\"10.0.0.0/8\"]\nscopes: []"
-        )),
+        expired_disabled.entry(&format!("status: disabled\n{past}\nip_allowlist: [\"10.0.0.0/8\"]\nscopes: []")),
         disabled_ip.entry("status: disabled\nip_allowlist: [\"10.0.0.0/8\"]\nscopes: []"),
         ip_scope.entry("status: active\nip_allowlist: [\"10.0.0.0/8\"]\nscopes: [other:thing]"),
     ]);
@@ -360,45 +294,17 @@ fn denial_checks_run_in_contract_order() {
 fn ip_allowlist_admits_only_listed_networks() {
     let up = Upstream::start("api");
     let entries: Vec<(TestKey, &str, u16)> = vec![
-        (
-            TestKey::new("key_loop"),
-            "ip_allowlist: [\"127.0.0.1/32\"]",
-            200,
-        ),
-        (
-            TestKey::new("key_loopnet"),
-            "ip_allowlist: [\"127.0.0.0/8\"]",
-            200,
-        ),
-        (
-            TestKey::new("key_multi"),
-            "ip_allowlist: [\"10.0.0.0/8\", \"127.0.0.1/32\"]",
-            200,
-        ),
+        (TestKey::new("key_loop"), "ip_allowlist: [\"127.0.0.1/32\"]", 200),
+        (TestKey::new("key_loopnet"), "ip_allowlist: [\"127.0.0.0/8\"]", 200),
+        (TestKey::new("key_multi"), "ip_allowlist: [\"10.0.0.0/8\", \"127.0.0.1/32\"]", 200),
         (TestKey::new("key_empty"), "ip_allowlist: []", 200),
         (TestKey::new("key_absent"), "", 200),
-        (
-            TestKey::new("key_net10"),
-            "ip_allowlist: [\"10.0.0.0/8\"]",
-            403,
-        ),
-        (
-            TestKey::new("key_other_host"),
-            "ip_allowlist: [\"127.0.0.2/32\"]",
-            403,
-        ),
-        (
-            TestKey::new("key_v6only"),
-            "ip_allowlist: [\"::1/128\"]",
-            403,
-        ),
+        (TestKey::new("key_net10"), "ip_allowlist: [\"10.0.0.0/8\"]", 403),
+        (TestKey::new("key_other_host"), "ip_allowlist: [\"127.0.0.2/32\"]", 403),
+        (TestKey::new("key_v6only"), "ip_allowlist: [\"::1/128\"]", 403),
     ];
-    let keys = keys_file(
-        &entries
-            .iter()
-            .map(|(k, f, _)| k.entry(&format!("scopes: [orders:read]\n{f}")))
-            .collect::<Vec<_>>(),
-    );
+    let keys =
+        keys_file(&entries.iter().map(|(k, f, _)| k.entry(&format!("scopes: [orders:read]\n{f}"))).collect::<Vec<_>>());
     let gw = start_simple(&up, &keys);
 
     for (key, fields, want) in &entries {
@@ -444,16 +350,9 @@ routes:
   - { name: orders, match: { path_prefix: /v1/orders }, upstream: api, scopes: [orders:read] }
 access_log: off
 "#;
-    let gw = GatewayBuilder::new(config)
-        .var("LISTEN6", &v6_addr)
-        .var("UP", &up.addr())
-        .keys(&keys)
-        .start();
+    let gw = GatewayBuilder::new(config).var("LISTEN6", &v6_addr).var("UP", &up.addr()).keys(&keys).start();
     let v6_sock = sock(&v6_addr);
-    assert!(
-        wait_for_port(v6_sock, Duration::from_secs(10)),
-        "no IPv6 listener on {v6_addr}"
-    );
+    assert!(wait_for_port(v6_sock, Duration::from_secs(10)), "no IPv6 listener on {v6_addr}");
     let from_v6 = |k: &TestKey| get(v6_sock, "/v1/orders", &[("x-api-key", &k.raw)]);
     let from_v4 = |k: &TestKey| gw.get("/v1/orders", &[("x-api-key", &k.raw)]);
 
@@ -476,10 +375,7 @@ fn trusted_proxy_x_forwarded_for_decides_the_client_ip() {
         v6doc.entry("scopes: [orders:read]\nip_allowlist: [\"2001:db8::/32\"]"),
     ]);
     let config = simple_config("client_ip:\n  trusted_proxies: [127.0.0.1/32, 10.0.0.0/8]\n");
-    let gw = GatewayBuilder::new(&config)
-        .var("UP", &up.addr())
-        .keys(&keys)
-        .start();
+    let gw = GatewayBuilder::new(&config).var("UP", &up.addr()).keys(&keys).start();
     let call = |k: &TestKey, xff: Option<&str>| {
         let mut h = vec![("x-api-key", k.raw.as_str())];
         if let Some(x) = xff {
@@ -491,27 +387,15 @@ fn trusted_proxy_x_forwarded_for_decides_the_client_ip() {
     // The peer 127.0.0.1 is trusted, so the client is the entry it forwards.
     assert_proxied(&call(&docnet, Some("203.0.113.7")));
     let xff = up.last().header_all("x-forwarded-for").join(",");
-    assert_eq!(
-        xff_entries(&xff),
-        ["203.0.113.7", "127.0.0.1"],
-        "XFF must gain the peer"
-    );
+    assert_eq!(xff_entries(&xff), ["203.0.113.7", "127.0.0.1"], "XFF must gain the peer");
     assert_error(&call(&loopback, Some("203.0.113.7")), 403, "ip_not_allowed");
 
     // Right to left, trusted hops are skipped.
     assert_proxied(&call(&docnet, Some("203.0.113.7, 10.1.2.3")));
     // The first untrusted address from the right is the client; anything to its
     // left may be forged by that client and is ignored.
-    assert_error(
-        &call(&docnet, Some("203.0.113.7, 198.51.100.9")),
-        403,
-        "ip_not_allowed",
-    );
-    assert_error(
-        &call(&docnet, Some("203.0.113.7, 198.51.100.9, 10.0.0.1")),
-        403,
-        "ip_not_allowed",
-    );
+    assert_error(&call(&docnet, Some("203.0.113.7, 198.51.100.9")), 403, "ip_not_allowed");
+    assert_error(&call(&docnet, Some("203.0.113.7, 198.51.100.9, 10.0.0.1")), 403, "ip_not_allowed");
 
     // IPv6 clients behind the proxy are matched against IPv6 CIDRs.
     assert_proxied(&call(&v6doc, Some("2001:db8::5")));
@@ -534,25 +418,13 @@ fn untrusted_client_cannot_spoof_its_ip_with_x_forwarded_for() {
     ]);
     // Proxies exist, but the test client (127.0.0.1) is not one of them.
     let config = simple_config("client_ip:\n  trusted_proxies: [10.0.0.0/8]\n");
-    let gw = GatewayBuilder::new(&config)
-        .var("UP", &up.addr())
-        .keys(&keys)
-        .start();
+    let gw = GatewayBuilder::new(&config).var("UP", &up.addr()).keys(&keys).start();
 
     for forged in ["203.0.113.7", "203.0.113.7, 10.0.0.1"] {
-        let r = gw.get(
-            "/v1/orders",
-            &[("x-api-key", &docnet.raw), ("X-Forwarded-For", forged)],
-        );
+        let r = gw.get("/v1/orders", &[("x-api-key", &docnet.raw), ("X-Forwarded-For", forged)]);
         assert_error(&r, 403, "ip_not_allowed");
     }
-    let r = gw.get(
-        "/v1/orders",
-        &[
-            ("x-api-key", &loopback.raw),
-            ("X-Forwarded-For", "203.0.113.7"),
-        ],
-    );
+    let r = gw.get("/v1/orders", &[("x-api-key", &loopback.raw), ("X-Forwarded-For", "203.0.113.7")]);
     assert_proxied(&r);
     // The forged entries do not reach the upstream either.
     let xff = up.last().header_all("x-forwarded-for").join(",");
@@ -585,19 +457,9 @@ access_log: off
         none.entry("scopes: []"),
         orders.entry("scopes: [\"orders:*\"]"),
     ]);
-    let gw = GatewayBuilder::new(&config)
-        .var("UP", &up.addr())
-        .keys(&keys)
-        .start();
+    let gw = GatewayBuilder::new(&config).var("UP", &up.addr()).keys(&keys).start();
 
-    let paths = [
-        "/orders-read",
-        "/orders-write",
-        "/refund",
-        "/both",
-        "/mixed",
-        "/open",
-    ];
+    let paths = ["/orders-read", "/orders-write", "/refund", "/both", "/mixed", "/open"];
     let table: [(&TestKey, [u16; 6]); 4] = [
         (&alice, [200, 403, 200, 200, 403, 200]),
         (&root, [200, 200, 200, 200, 200, 200]),
@@ -635,46 +497,23 @@ fn default_key_locations_are_tried_in_order() {
     assert_proxied(&gw.get(&format!("/v1/orders?api_key={}", alice.raw), &[]));
 
     // The first location holding a key decides; later ones are not consulted.
-    assert_proxied(&gw.get(
-        "/v1/orders",
-        &[("Authorization", &bearer), ("x-api-key", &other)],
-    ));
+    assert_proxied(&gw.get("/v1/orders", &[("Authorization", &bearer), ("x-api-key", &other)]));
     assert_error(
-        &gw.get(
-            "/v1/orders",
-            &[("Authorization", &other_bearer), ("x-api-key", &alice.raw)],
-        ),
+        &gw.get("/v1/orders", &[("Authorization", &other_bearer), ("x-api-key", &alice.raw)]),
         401,
         "invalid_key",
     );
-    assert_proxied(&gw.get(
-        &format!("/v1/orders?api_key={other}"),
-        &[("x-api-key", &alice.raw)],
-    ));
-    assert_error(
-        &gw.get(
-            &format!("/v1/orders?api_key={}", alice.raw),
-            &[("x-api-key", &other)],
-        ),
-        401,
-        "invalid_key",
-    );
+    assert_proxied(&gw.get(&format!("/v1/orders?api_key={other}"), &[("x-api-key", &alice.raw)]));
+    assert_error(&gw.get(&format!("/v1/orders?api_key={}", alice.raw), &[("x-api-key", &other)]), 401, "invalid_key");
     // A non-Bearer Authorization is not a key location.
-    assert_proxied(&gw.get(
-        "/v1/orders",
-        &[
-            ("Authorization", "Basic dXNlcjpwYXNz"),
-            ("x-api-key", &alice.raw),
-        ],
-    ));
+    assert_proxied(&gw.get("/v1/orders", &[("Authorization", "Basic dXNlcjpwYXNz"), ("x-api-key", &alice.raw)]));
 }
 
 #[test]
 fn configured_key_locations_replace_the_defaults() {
     let up = Upstream::start("api");
     let alice = TestKey::new("key_alice");
-    let config =
-        simple_config("key_locations:\n  - { header: x-custom-key }\n  - { query: token }\n");
+    let config = simple_config("key_locations:\n  - { header: x-custom-key }\n  - { query: token }\n");
     let gw = GatewayBuilder::new(&config)
         .var("UP", &up.addr())
         .keys(&keys_file(&[alice.entry("scopes: [orders:read]")]))
@@ -682,49 +521,21 @@ fn configured_key_locations_replace_the_defaults() {
     let (other, _) = gen_key(None);
 
     // The defaults are gone.
-    assert_error(
-        &gw.get("/v1/orders", &[("x-api-key", &alice.raw)]),
-        401,
-        "missing_key",
-    );
-    assert_error(
-        &gw.get("/v1/orders", &[("Authorization", &alice.bearer())]),
-        401,
-        "missing_key",
-    );
-    assert_error(
-        &gw.get(&format!("/v1/orders?api_key={}", alice.raw), &[]),
-        401,
-        "missing_key",
-    );
+    assert_error(&gw.get("/v1/orders", &[("x-api-key", &alice.raw)]), 401, "missing_key");
+    assert_error(&gw.get("/v1/orders", &[("Authorization", &alice.bearer())]), 401, "missing_key");
+    assert_error(&gw.get(&format!("/v1/orders?api_key={}", alice.raw), &[]), 401, "missing_key");
 
     assert_proxied(&gw.get("/v1/orders", &[("x-custom-key", &alice.raw)]));
     let rec = up.last();
-    assert!(
-        rec.header("x-custom-key").is_none(),
-        "key header reached the upstream"
-    );
-    assert!(
-        !rec.contains(&alice.raw),
-        "raw key reached the upstream: {rec:?}"
-    );
+    assert!(rec.header("x-custom-key").is_none(), "key header reached the upstream");
+    assert!(!rec.contains(&alice.raw), "raw key reached the upstream: {rec:?}");
 
     assert_proxied(&gw.get(&format!("/v1/orders?a=1&token={}&b=2", alice.raw), &[]));
     assert_eq!(up.last().target, "/v1/orders?a=1&b=2");
 
     // Configured order: the header before the query parameter.
-    assert_proxied(&gw.get(
-        &format!("/v1/orders?token={other}"),
-        &[("x-custom-key", &alice.raw)],
-    ));
-    assert_error(
-        &gw.get(
-            &format!("/v1/orders?token={}", alice.raw),
-            &[("x-custom-key", &other)],
-        ),
-        401,
-        "invalid_key",
-    );
+    assert_proxied(&gw.get(&format!("/v1/orders?token={other}"), &[("x-custom-key", &alice.raw)]));
+    assert_error(&gw.get(&format!("/v1/orders?token={}", alice.raw), &[("x-custom-key", &other)]), 401, "invalid_key");
 }
 
 // ---------------------------------------------------------------------------
@@ -736,13 +547,11 @@ fn upstream_request_has_key_removed_and_identity_headers_added() {
     let up = Upstream::start("api");
     let alice = TestKey::new("key_alice");
     let config = simple_config("plans:\n  free: { rate_limit: { requests: 1000000, per: 1s } }\n");
-    let keys = keys_file(&[alice.entry(
-        "plan: free\nscopes: [\"orders:read\", \"billing:*\"]\nmetadata: { team: payments }\ntags: [a, b]",
-    )]);
-    let gw = GatewayBuilder::new(&config)
-        .var("UP", &up.addr())
-        .keys(&keys)
-        .start();
+    let keys =
+        keys_file(&[alice.entry(
+            "plan: free\nscopes: [\"orders:read\", \"billing:*\"]\nmetadata: { team: payments }\ntags: [a, b]",
+        )]);
+    let gw = GatewayBuilder::new(&config).var("UP", &up.addr()).keys(&keys).start();
 
     // Forged identity headers, in several spellings, must not survive.
     let bearer = alice.bearer();
@@ -762,14 +571,8 @@ fn upstream_request_has_key_removed_and_identity_headers_added() {
     assert_proxied(&r);
     let rec = up.last();
     assert_eq!(rec.target, "/v1/orders/7");
-    assert!(
-        !rec.contains(&alice.raw),
-        "raw key reached the upstream: {rec:?}"
-    );
-    assert!(
-        rec.header("authorization").is_none(),
-        "Authorization was not removed"
-    );
+    assert!(!rec.contains(&alice.raw), "raw key reached the upstream: {rec:?}");
+    assert!(rec.header("authorization").is_none(), "Authorization was not removed");
     assert_eq!(rec.header_all("x-keygate-key-id"), ["key_alice"]);
     assert_eq!(rec.header_all("x-keygate-owner"), ["acme"]);
     assert_eq!(rec.header_all("x-keygate-plan"), ["free"]);
@@ -778,10 +581,7 @@ fn upstream_request_has_key_removed_and_identity_headers_added() {
     let mut got: Vec<&str> = scopes[0].split(' ').collect();
     got.sort();
     assert_eq!(got, ["billing:*", "orders:read"]);
-    assert!(
-        rec.header("x-keygate-admin").is_none(),
-        "client X-Keygate-* header leaked"
-    );
+    assert!(rec.header("x-keygate-admin").is_none(), "client X-Keygate-* header leaked");
     assert_eq!(rec.header("x-other"), Some("kept"));
     let xff = rec.header_all("x-forwarded-for").join(",");
     assert_eq!(xff_entries(&xff), ["127.0.0.1"]);
@@ -793,20 +593,11 @@ fn upstream_request_has_key_removed_and_identity_headers_added() {
     assert_eq!(r.header("x-request-id"), Some(id[0]));
 
     // A client id is kept, and x-api-key is removed like Authorization.
-    let r = gw.get(
-        "/v1/orders",
-        &[("x-api-key", &alice.raw), ("X-Request-Id", "req-test-0042")],
-    );
+    let r = gw.get("/v1/orders", &[("x-api-key", &alice.raw), ("X-Request-Id", "req-test-0042")]);
     assert_proxied(&r);
     let rec = up.last();
-    assert!(
-        rec.header("x-api-key").is_none(),
-        "x-api-key was not removed"
-    );
-    assert!(
-        !rec.contains(&alice.raw),
-        "raw key reached the upstream: {rec:?}"
-    );
+    assert!(rec.header("x-api-key").is_none(), "x-api-key was not removed");
+    assert!(!rec.contains(&alice.raw), "raw key reached the upstream: {rec:?}");
     assert_eq!(rec.header_all("x-request-id"), ["req-test-0042"]);
     assert_eq!(r.header("x-request-id"), Some("req-test-0042"));
 
@@ -825,18 +616,9 @@ fn query_key_is_removed_and_other_parameters_keep_their_order() {
     let k = &alice.raw;
 
     let cases = [
-        (
-            format!("/v1/orders?a=1&api_key={k}&b=2&c=x%20y"),
-            "/v1/orders?a=1&b=2&c=x%20y",
-        ),
-        (
-            format!("/v1/orders?api_key={k}&z=9&a=1"),
-            "/v1/orders?z=9&a=1",
-        ),
-        (
-            format!("/v1/orders/5?z=9&a=1&api_key={k}"),
-            "/v1/orders/5?z=9&a=1",
-        ),
+        (format!("/v1/orders?a=1&api_key={k}&b=2&c=x%20y"), "/v1/orders?a=1&b=2&c=x%20y"),
+        (format!("/v1/orders?api_key={k}&z=9&a=1"), "/v1/orders?z=9&a=1"),
+        (format!("/v1/orders/5?z=9&a=1&api_key={k}"), "/v1/orders/5?z=9&a=1"),
     ];
     for (sent, want) in &cases {
         assert_proxied(&gw.get(sent, &[]));
@@ -876,10 +658,7 @@ access_log: off
 
     // The client's own Authorization carries the key; upstream gets only ours.
     let bearer = alice.bearer();
-    assert_proxied(&gw.get(
-        "/v1/orders",
-        &[("Authorization", &bearer), ("X-Static", "client")],
-    ));
+    assert_proxied(&gw.get("/v1/orders", &[("Authorization", &bearer), ("X-Static", "client")]));
     let rec = up.last();
     assert_eq!(rec.header_all("authorization"), ["Bearer tok-from-env-123"]);
     assert_eq!(rec.header_all("x-static"), ["fixed"]);
@@ -898,23 +677,12 @@ fn denial_error_carries_the_client_request_id() {
     let gw = start_simple(&up, &keys_file(&[]));
     let (unknown, _) = gen_key(None);
 
-    let r = gw.get(
-        "/v1/orders",
-        &[("x-api-key", &unknown), ("X-Request-Id", "req-deny-7")],
-    );
+    let r = gw.get("/v1/orders", &[("x-api-key", &unknown), ("X-Request-Id", "req-deny-7")]);
     let id = assert_error(&r, 401, "invalid_key");
     assert_eq!(id, "req-deny-7");
     // Without one, each denial gets its own id.
-    let a = assert_error(
-        &gw.get("/v1/orders", &[("x-api-key", &unknown)]),
-        401,
-        "invalid_key",
-    );
-    let b = assert_error(
-        &gw.get("/v1/orders", &[("x-api-key", &unknown)]),
-        401,
-        "invalid_key",
-    );
+    let a = assert_error(&gw.get("/v1/orders", &[("x-api-key", &unknown)]), 401, "invalid_key");
+    let b = assert_error(&gw.get("/v1/orders", &[("x-api-key", &unknown)]), 401, "invalid_key");
     assert_ne!(a, b);
 }
 
@@ -938,40 +706,17 @@ access_log: off
     );
     let gw = GatewayBuilder::new(&config)
         .var("UP", &up.addr())
-        .keys(&keys_file(&[
-            alice.entry("scopes: [orders:read]"),
-            reader.entry("scopes: [orders:read]"),
-        ]))
+        .keys(&keys_file(&[alice.entry("scopes: [orders:read]"), reader.entry("scopes: [orders:read]")]))
         .start();
 
     let mut conn = gw.conn();
-    assert_error(
-        &conn.send(&request("GET", "/v1/orders", &[])),
-        401,
-        "missing_key",
-    );
+    assert_error(&conn.send(&request("GET", "/v1/orders", &[])), 401, "missing_key");
     assert_proxied(&conn.send(&request("GET", "/v1/orders", &[("x-api-key", &alice.raw)])));
-    assert_error(
-        &conn.send(&request("GET", "/v1/admin", &[("x-api-key", &reader.raw)])),
-        403,
-        "insufficient_scope",
-    );
-    assert_proxied(&conn.send(&request(
-        "GET",
-        "/v1/orders/2",
-        &[("x-api-key", &reader.raw)],
-    )));
+    assert_error(&conn.send(&request("GET", "/v1/admin", &[("x-api-key", &reader.raw)])), 403, "insufficient_scope");
+    assert_proxied(&conn.send(&request("GET", "/v1/orders/2", &[("x-api-key", &reader.raw)])));
     let (unknown, _) = gen_key(None);
-    assert_error(
-        &conn.send(&request("GET", "/v1/orders", &[("x-api-key", &unknown)])),
-        401,
-        "invalid_key",
-    );
-    assert_proxied(&conn.send(&request(
-        "GET",
-        "/v1/orders/3",
-        &[("x-api-key", &alice.raw)],
-    )));
+    assert_error(&conn.send(&request("GET", "/v1/orders", &[("x-api-key", &unknown)])), 401, "invalid_key");
+    assert_proxied(&conn.send(&request("GET", "/v1/orders/3", &[("x-api-key", &alice.raw)])));
     assert_eq!(up.request_count(), 3);
 }
 
@@ -983,11 +728,7 @@ fn assert_not_smuggled(gw: &Gateway, up: &Upstream, alice: &TestKey, raw: &[u8],
     assert_error(&first, 401, code);
     // Closing or draining are both fine; answering the body is not.
     if let Some(second) = conn.unexpected_response(Duration::from_millis(1500)) {
-        panic!(
-            "gateway answered the smuggled request: {} {}",
-            second.status,
-            second.text()
-        );
+        panic!("gateway answered the smuggled request: {} {}", second.status, second.text());
     }
     // A marker request on a fresh connection is proxied: the upstream sees it
     // and nothing else since, and never the smuggled target.
@@ -995,10 +736,7 @@ fn assert_not_smuggled(gw: &Gateway, up: &Upstream, alice: &TestKey, raw: &[u8],
     assert_proxied(&gw.get("/v1/orders?marker=1", &[("x-api-key", &alice.raw)]));
     let reqs = up.requests();
     assert_eq!(reqs.len(), before + 1);
-    assert!(
-        reqs.iter().all(|r| !r.target.contains("smuggled")),
-        "smuggled request reached the upstream: {reqs:?}"
-    );
+    assert!(reqs.iter().all(|r| !r.target.contains("smuggled")), "smuggled request reached the upstream: {reqs:?}");
 }
 
 #[test]
@@ -1006,10 +744,7 @@ fn denied_request_body_cannot_smuggle_a_keyed_request() {
     let up = Upstream::start("api");
     let alice = TestKey::new("key_alice");
     let gw = start_simple(&up, &keys_file(&[alice.entry("scopes: [orders:read]")]));
-    let smuggled = format!(
-        "GET /v1/orders?smuggled=1 HTTP/1.1\r\nHost: localhost\r\nx-api-key: {}\r\n\r\n",
-        alice.raw
-    );
+    let smuggled = format!("GET /v1/orders?smuggled=1 HTTP/1.1\r\nHost: localhost\r\nx-api-key: {}\r\n\r\n", alice.raw);
     let (unknown, _) = gen_key(None);
 
     // Content-Length, no key.
@@ -1042,11 +777,7 @@ fn denied_request_body_cannot_smuggle_a_keyed_request() {
     );
     assert_not_smuggled(&gw, &up, &alice, raw.as_bytes(), "invalid_key");
 
-    assert_eq!(
-        up.request_count(),
-        4,
-        "only the four marker requests were proxied"
-    );
+    assert_eq!(up.request_count(), 4, "only the four marker requests were proxied");
 }
 
 // ---------------------------------------------------------------------------
@@ -1076,11 +807,7 @@ access_log: off
 
     let r = gw.get("/v1/orders", &[("x-api-key", &alice.raw)]);
     let id = assert_error(&r, 502, "upstream_error");
-    assert_eq!(
-        r.header("x-request-id"),
-        Some(id.as_str()),
-        "keyed 502 lacks X-Request-Id"
-    );
+    assert_eq!(r.header("x-request-id"), Some(id.as_str()), "keyed 502 lacks X-Request-Id");
     assert_error(&gw.get("/open", &[]), 502, "upstream_error");
 }
 
@@ -1089,24 +816,15 @@ fn upstream_slower_than_read_timeout_is_504_upstream_timeout() {
     let up = Upstream::start("api");
     up.set_slow(Duration::from_secs(4));
     let alice = TestKey::new("key_alice");
-    let gw =
-        GatewayBuilder::new(&simple_config("").replace("read_timeout: 5s", "read_timeout: 1s"))
-            .var("UP", &up.addr())
-            .keys(&keys_file(&[alice.entry("scopes: [orders:read]")]))
-            .start();
+    let gw = GatewayBuilder::new(&simple_config("").replace("read_timeout: 5s", "read_timeout: 1s"))
+        .var("UP", &up.addr())
+        .keys(&keys_file(&[alice.entry("scopes: [orders:read]")]))
+        .start();
 
     let r = gw.get("/v1/orders/slow", &[("x-api-key", &alice.raw)]);
     let id = assert_error(&r, 504, "upstream_timeout");
-    assert_eq!(
-        r.header("x-request-id"),
-        Some(id.as_str()),
-        "keyed 504 lacks X-Request-Id"
-    );
-    assert_eq!(
-        up.last().target,
-        "/v1/orders/slow",
-        "the slow request did reach the upstream"
-    );
+    assert_eq!(r.header("x-request-id"), Some(id.as_str()), "keyed 504 lacks X-Request-Id");
+    assert_eq!(up.last().target, "/v1/orders/slow", "the slow request did reach the upstream");
     // Fast requests on the same upstream are fine.
     assert_proxied(&gw.get("/v1/orders", &[("x-api-key", &alice.raw)]));
 }
@@ -1130,29 +848,17 @@ access_log: off
 fn all_targets_unhealthy_is_503_upstream_unavailable_until_one_recovers() {
     let a = Upstream::start("a");
     let b = Upstream::start("b");
-    let gw = GatewayBuilder::new(&health_checked_config())
-        .var("A", &a.addr())
-        .var("B", &b.addr())
-        .start();
-    wait_until(EVENTUALLY, "the upstream to serve", || {
-        (gw.get("/x", &[]).status == 200).then_some(())
-    });
+    let gw = GatewayBuilder::new(&health_checked_config()).var("A", &a.addr()).var("B", &b.addr()).start();
+    wait_until(EVENTUALLY, "the upstream to serve", || (gw.get("/x", &[]).status == 200).then_some(()));
 
     a.set_healthy(false);
     b.set_healthy(false);
-    let r = wait_until(
-        EVENTUALLY,
-        "503 once every target fails its health check",
-        || {
-            let r = gw.get("/x", &[]);
-            (r.status == 503).then_some(r)
-        },
-    );
+    let r = wait_until(EVENTUALLY, "503 once every target fails its health check", || {
+        let r = gw.get("/x", &[]);
+        (r.status == 503).then_some(r)
+    });
     assert_error(&r, 503, "upstream_unavailable");
-    assert!(
-        a.health_checks() > 0 && b.health_checks() > 0,
-        "health checks were never made"
-    );
+    assert!(a.health_checks() > 0 && b.health_checks() > 0, "health checks were never made");
 
     b.set_healthy(true);
     let r = wait_until(EVENTUALLY, "200 once a target recovers", || {
@@ -1174,10 +880,7 @@ routes:
 access_log: off
 "#,
     );
-    let gw = GatewayBuilder::new(&config)
-        .var("A", &a.addr())
-        .var("B", &b.addr())
-        .start();
+    let gw = GatewayBuilder::new(&config).var("A", &a.addr()).var("B", &b.addr()).start();
 
     let mut counts: HashMap<String, usize> = HashMap::new();
     for _ in 0..10 {
@@ -1197,10 +900,7 @@ access_log: off
 fn unhealthy_target_is_taken_out_of_rotation_and_brought_back() {
     let a = Upstream::start("a");
     let b = Upstream::start("b");
-    let gw = GatewayBuilder::new(&health_checked_config())
-        .var("A", &a.addr())
-        .var("B", &b.addr())
-        .start();
+    let gw = GatewayBuilder::new(&health_checked_config()).var("A", &a.addr()).var("B", &b.addr()).start();
     let burst = |n: usize| -> Vec<String> {
         (0..n)
             .map(|_| {
@@ -1218,23 +918,16 @@ fn unhealthy_target_is_taken_out_of_rotation_and_brought_back() {
 
     b.set_healthy(false);
     // Six in a row on one target cannot happen while both are in rotation.
-    wait_until(EVENTUALLY, "traffic to leave the unhealthy target", || {
-        burst(6).iter().all(|u| u == "a").then_some(())
-    });
+    wait_until(EVENTUALLY, "traffic to leave the unhealthy target", || burst(6).iter().all(|u| u == "a").then_some(()));
     let b_before = b.request_count();
     let seen = burst(10);
-    assert!(
-        seen.iter().all(|u| u == "a"),
-        "unhealthy target still served: {seen:?}"
-    );
+    assert!(seen.iter().all(|u| u == "a"), "unhealthy target still served: {seen:?}");
     assert_eq!(b.request_count(), b_before);
 
     b.set_healthy(true);
-    wait_until(
-        EVENTUALLY,
-        "the recovered target to get traffic again",
-        || burst(4).iter().any(|u| u == "b").then_some(()),
-    );
+    wait_until(EVENTUALLY, "the recovered target to get traffic again", || {
+        burst(4).iter().any(|u| u == "b").then_some(())
+    });
 }
 
 // ---------------------------------------------------------------------------
@@ -1290,16 +983,12 @@ access_log: { path: stdout }
     }
     // Wait for the access log (a contract feature) so the check below covers
     // it too, instead of sleeping and hoping the lines were flushed.
-    wait_until(
-        EVENTUALLY,
-        "a JSON access log line on stdout (access_log: { path: stdout })",
-        || {
-            gw.stdout()
-                .lines()
-                .any(|l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v.is_object()))
-                .then_some(())
-        },
-    );
+    wait_until(EVENTUALLY, "a JSON access log line on stdout (access_log: { path: stdout })", || {
+        gw.stdout()
+            .lines()
+            .any(|l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v.is_object()))
+            .then_some(())
+    });
 
     let output = gw.stop();
     for key in &secrets {
@@ -1329,27 +1018,13 @@ access_log: { path: stdout }
         .var("UP", &up.addr())
         .keys(&keys_file(&[alice.entry("scopes: [orders:read]")]))
         .start();
-    let ok = gw.get(
-        &format!("/v1/orders/7?a=1&api_key={}&b=2", alice.raw),
-        &[("x-request-id", "req-ok")],
-    );
+    let ok = gw.get(&format!("/v1/orders/7?a=1&api_key={}&b=2", alice.raw), &[("x-request-id", "req-ok")]);
     assert_eq!(ok.status, 200);
-    assert_eq!(
-        gw.get("/elsewhere", &[("x-request-id", "req-none")]).status,
-        404
-    );
-    assert_eq!(
-        gw.get("/v1/orders", &[("x-request-id", "req-denied")])
-            .status,
-        401
-    );
+    assert_eq!(gw.get("/elsewhere", &[("x-request-id", "req-none")]).status, 404);
+    assert_eq!(gw.get("/v1/orders", &[("x-request-id", "req-denied")]).status, 401);
 
     let lines: Vec<serde_json::Value> = wait_until(EVENTUALLY, "three access log lines", || {
-        let lines: Vec<serde_json::Value> = gw
-            .stdout()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
+        let lines: Vec<serde_json::Value> = gw.stdout().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
         (lines.len() >= 3).then_some(lines)
     });
     let by_id = |id: &str| {
@@ -1400,16 +1075,9 @@ fn keys_file_rewritten_in_place_adds_a_key_without_restart() {
     let alice = TestKey::new("key_alice");
     let bob = TestKey::new("key_bob");
     let gw = start_simple(&up, &keys_file(&[alice.entry("scopes: [orders:read]")]));
-    assert_error(
-        &gw.get("/v1/orders", &[("x-api-key", &bob.raw)]),
-        401,
-        "invalid_key",
-    );
+    assert_error(&gw.get("/v1/orders", &[("x-api-key", &bob.raw)]), 401, "invalid_key");
 
-    gw.write_keys_in_place(&keys_file(&[
-        alice.entry("scopes: [orders:read]"),
-        bob.entry("scopes: [orders:read]"),
-    ]));
+    gw.write_keys_in_place(&keys_file(&[alice.entry("scopes: [orders:read]"), bob.entry("scopes: [orders:read]")]));
     wait_for_status(&gw, &bob, 200, "the new key to be accepted");
     assert_eq!(up.last().header("x-keygate-key-id"), Some("key_bob"));
     assert_proxied(&gw.get("/v1/orders", &[("x-api-key", &alice.raw)]));
@@ -1422,16 +1090,9 @@ fn keys_file_replaced_by_rename_adds_a_key_without_restart() {
     let bob = TestKey::new("key_bob");
     let carol = TestKey::new("key_carol");
     let gw = start_simple(&up, &keys_file(&[alice.entry("scopes: [orders:read]")]));
-    assert_error(
-        &gw.get("/v1/orders", &[("x-api-key", &bob.raw)]),
-        401,
-        "invalid_key",
-    );
+    assert_error(&gw.get("/v1/orders", &[("x-api-key", &bob.raw)]), 401, "invalid_key");
 
-    gw.replace_keys(&keys_file(&[
-        alice.entry("scopes: [orders:read]"),
-        bob.entry("scopes: [orders:read]"),
-    ]));
+    gw.replace_keys(&keys_file(&[alice.entry("scopes: [orders:read]"), bob.entry("scopes: [orders:read]")]));
     wait_for_status(&gw, &bob, 200, "the new key to be accepted after a rename");
     assert_proxied(&gw.get("/v1/orders", &[("x-api-key", &alice.raw)]));
 
@@ -1449,13 +1110,7 @@ fn keys_file_reload_revokes_and_removes_keys() {
     let up = Upstream::start("api");
     let alice = TestKey::new("key_alice");
     let bob = TestKey::new("key_bob");
-    let gw = start_simple(
-        &up,
-        &keys_file(&[
-            alice.entry("scopes: [orders:read]"),
-            bob.entry("scopes: [orders:read]"),
-        ]),
-    );
+    let gw = start_simple(&up, &keys_file(&[alice.entry("scopes: [orders:read]"), bob.entry("scopes: [orders:read]")]));
     assert_proxied(&gw.get("/v1/orders", &[("x-api-key", &alice.raw)]));
 
     gw.write_keys_in_place(&keys_file(&[
@@ -1466,9 +1121,7 @@ fn keys_file_reload_revokes_and_removes_keys() {
     assert_error(&r, 401, "key_revoked");
     assert_proxied(&gw.get("/v1/orders", &[("x-api-key", &bob.raw)]));
 
-    gw.replace_keys(&keys_file(&[
-        alice.entry("scopes: [orders:read]\nstatus: revoked")
-    ]));
+    gw.replace_keys(&keys_file(&[alice.entry("scopes: [orders:read]\nstatus: revoked")]));
     let r = wait_for_status(&gw, &bob, 401, "the removal to take effect");
     assert_error(&r, 401, "invalid_key");
 }
@@ -1482,10 +1135,7 @@ fn broken_keys_file_is_refused_and_previous_keys_keep_working() {
     assert_proxied(&gw.get("/v1/orders", &[("x-api-key", &alice.raw)]));
 
     // Renames, so the gateway only ever sees the whole broken file.
-    let invalid_yaml = format!(
-        "keys:\n  - id: key_bob\n    hash: \"{}\n    scopes: [orders:read\n",
-        bob.hash
-    );
+    let invalid_yaml = format!("keys:\n  - id: key_bob\n    hash: \"{}\n    scopes: [orders:read\n", bob.hash);
     let unknown_field = keys_file(&[bob.entry("scopes: [orders:read]\ncolour: red")]);
     let revokes_alice_but_bad = keys_file(&[
         alice.entry("scopes: [orders:read]\nstatus: revoked"),
@@ -1497,31 +1147,14 @@ fn broken_keys_file_is_refused_and_previous_keys_keep_working() {
         let until = Instant::now() + Duration::from_millis(2500);
         while Instant::now() < until {
             let r = gw.get("/v1/orders", &[("x-api-key", &alice.raw)]);
-            assert_eq!(
-                r.status,
-                200,
-                "old key stopped working after a broken file:\n{broken}\n{}",
-                r.text()
-            );
-            assert_error(
-                &gw.get("/v1/orders", &[("x-api-key", &bob.raw)]),
-                401,
-                "invalid_key",
-            );
+            assert_eq!(r.status, 200, "old key stopped working after a broken file:\n{broken}\n{}", r.text());
+            assert_error(&gw.get("/v1/orders", &[("x-api-key", &bob.raw)]), 401, "invalid_key");
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
     // A good file after the broken ones is picked up again.
-    gw.replace_keys(&keys_file(&[
-        alice.entry("scopes: [orders:read]"),
-        bob.entry("scopes: [orders:read]"),
-    ]));
-    wait_for_status(
-        &gw,
-        &bob,
-        200,
-        "a valid file after broken ones to be loaded",
-    );
+    gw.replace_keys(&keys_file(&[alice.entry("scopes: [orders:read]"), bob.entry("scopes: [orders:read]")]));
+    wait_for_status(&gw, &bob, 200, "a valid file after broken ones to be loaded");
     assert_proxied(&gw.get("/v1/orders", &[("x-api-key", &alice.raw)]));
 }

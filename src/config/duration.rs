@@ -17,32 +17,19 @@ pub struct DurationError {
 
 impl fmt::Display for DurationError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid duration {:?}: {}; {HINT}",
-            self.input, self.reason
-        )
+        write!(f, "invalid duration {:?}: {}; {HINT}", self.input, self.reason)
     }
 }
 
 impl std::error::Error for DurationError {}
 
 /// Units from largest to smallest, with their length in milliseconds.
-const UNITS: [(&str, u64); 5] = [
-    ("d", 86_400_000),
-    ("h", 3_600_000),
-    ("m", 60_000),
-    ("s", 1_000),
-    ("ms", 1),
-];
+const UNITS: [(&str, u64); 5] = [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)];
 
 /// Parses `250ms`, `5s`, `1m`, `1h`, `30d` and compounds like `1h30m`.
 /// Units in a compound go from largest to smallest, each at most once.
 pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
-    let fail = |reason| DurationError {
-        input: s.to_owned(),
-        reason,
-    };
+    let fail = |reason| DurationError { input: s.to_owned(), reason };
     let text = s.trim();
     if text.is_empty() {
         return Err(fail("it is empty"));
@@ -61,9 +48,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
             }));
         }
         let (number, after) = rest.split_at(digits);
-        let amount: u64 = number
-            .parse()
-            .map_err(|_| fail("the number is too large"))?;
+        let amount: u64 = number.parse().map_err(|_| fail("the number is too large"))?;
         let letters = after.bytes().take_while(u8::is_ascii_alphabetic).count();
         if letters == 0 {
             return Err(fail(match after.as_bytes().first() {
@@ -79,9 +64,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
             .position(|(name, _)| *name == unit)
             .ok_or_else(|| fail("unknown unit (use ms, s, m, h or d)"))?;
         if last_unit.is_some_and(|last| index <= last) {
-            return Err(fail(
-                "units must go from largest to smallest, each at most once",
-            ));
+            return Err(fail("units must go from largest to smallest, each at most once"));
         }
         last_unit = Some(index);
         let millis = amount

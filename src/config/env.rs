@@ -16,11 +16,7 @@ pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 /// Replaces every `${env:NAME}` in the string values under `value`. Returns
 /// (path, message) for each variable that could not be resolved; such a string
 /// is left as written.
-pub(crate) fn interpolate_tree(
-    value: &mut Value,
-    path: &str,
-    lookup: EnvLookup<'_>,
-) -> Vec<(String, String)> {
+pub(crate) fn interpolate_tree(value: &mut Value, path: &str, lookup: EnvLookup<'_>) -> Vec<(String, String)> {
     let mut errors = Vec::new();
     walk(value, path, lookup, &mut errors);
     errors
@@ -72,9 +68,7 @@ pub(crate) fn interpolate(s: &str, lookup: EnvLookup<'_>) -> Result<Option<Strin
         out.push_str(&rest[..start]);
         let after = &rest[start + OPEN.len()..];
         let Some(end) = after.find('}') else {
-            errors.push(format!(
-                "unterminated {OPEN}...}} reference (write {OPEN}NAME}})"
-            ));
+            errors.push(format!("unterminated {OPEN}...}} reference (write {OPEN}NAME}})"));
             rest = "";
             break;
         };
@@ -101,9 +95,7 @@ pub(crate) fn interpolate(s: &str, lookup: EnvLookup<'_>) -> Result<Option<Strin
 
 fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
@@ -141,10 +133,7 @@ mod tests {
 
     #[test]
     fn env_values_are_not_reinterpreted() {
-        assert_eq!(
-            run("${env:TRICKY}"),
-            Ok(Some("a: b\n- c ${env:TOKEN}".to_owned()))
-        );
+        assert_eq!(run("${env:TRICKY}"), Ok(Some("a: b\n- c ${env:TOKEN}".to_owned())));
     }
 
     #[test]
@@ -167,18 +156,9 @@ mod tests {
 
     #[test]
     fn env_malformed_references_are_errors() {
-        assert!(run("${env:TOKEN")
-            .unwrap_err()
-            .iter()
-            .any(|e| e.contains("unterminated")));
-        assert!(run("${env:}")
-            .unwrap_err()
-            .iter()
-            .any(|e| e.contains("invalid environment variable name")));
-        assert!(run("${env:A-B}")
-            .unwrap_err()
-            .iter()
-            .any(|e| e.contains("invalid environment variable name")));
+        assert!(run("${env:TOKEN").unwrap_err().iter().any(|e| e.contains("unterminated")));
+        assert!(run("${env:}").unwrap_err().iter().any(|e| e.contains("invalid environment variable name")));
+        assert!(run("${env:A-B}").unwrap_err().iter().any(|e| e.contains("invalid environment variable name")));
     }
 
     #[test]
@@ -188,17 +168,8 @@ mod tests {
         )
         .unwrap();
         let errors = interpolate_tree(&mut value, "", &env);
-        assert_eq!(
-            errors,
-            vec![(
-                "list[1]".to_owned(),
-                "environment variable NOPE is not set".to_owned()
-            )]
-        );
+        assert_eq!(errors, vec![("list[1]".to_owned(), "environment variable NOPE is not set".to_owned())]);
         assert_eq!(value["a"], Value::String("s3cret".to_owned()));
-        assert_eq!(
-            value["${env:TOKEN}"]["s"],
-            Value::String("cp.internal".to_owned())
-        );
+        assert_eq!(value["${env:TOKEN}"]["s"], Value::String("cp.internal".to_owned()));
     }
 }

@@ -63,11 +63,7 @@ pub fn from_str(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
 
 /// Like [`from_str`], with `${env:NAME}` resolved through `env` instead of the
 /// process environment (tests need not mutate process-global state).
-pub fn from_str_with_env(
-    text: &str,
-    file: &Path,
-    env: EnvLookup<'_>,
-) -> Result<Config, ConfigErrors> {
+pub fn from_str_with_env(text: &str, file: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
     validate::run(text, file, env)
 }
 
@@ -209,10 +205,7 @@ pub struct TokenConfig {
 
 impl fmt::Debug for TokenConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenConfig")
-            .field("name", &self.name)
-            .field("sha256", &hex::encode(self.sha256))
-            .finish()
+        f.debug_struct("TokenConfig").field("name", &self.name).field("sha256", &hex::encode(self.sha256)).finish()
     }
 }
 
@@ -249,10 +242,7 @@ pub struct ControlPlaneClientConfig {
 
 impl fmt::Debug for ControlPlaneClientConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ControlPlaneClientConfig")
-            .field("url", &self.url)
-            .field("token", &"<redacted>")
-            .finish()
+        f.debug_struct("ControlPlaneClientConfig").field("url", &self.url).field("token", &"<redacted>").finish()
     }
 }
 
@@ -378,18 +368,12 @@ impl<'de> Deserialize<'de> for RateLimitConfig {
 
 impl<'de> Deserialize<'de> for QuotaConfig {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        raw::RawQuota::deserialize(d)?
-            .validate("")
-            .map_err(|errors| serde::de::Error::custom(join_messages(&errors)))
+        raw::RawQuota::deserialize(d)?.validate("").map_err(|errors| serde::de::Error::custom(join_messages(&errors)))
     }
 }
 
 fn join_messages(errors: &[(String, String)]) -> String {
-    errors
-        .iter()
-        .map(|(path, message)| format!("{path}: {message}"))
-        .collect::<Vec<_>>()
-        .join("; ")
+    errors.iter().map(|(path, message)| format!("{path}: {message}")).collect::<Vec<_>>().join("; ")
 }
 
 impl Serialize for RateLimitConfig {

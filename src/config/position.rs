@@ -123,9 +123,7 @@ impl Walker {
     /// A value node is complete: move the parent on to its next key or index.
     fn advance(&mut self) {
         match self.stack.last_mut() {
-            Some(Frame::Map {
-                key, expecting_key, ..
-            }) => {
+            Some(Frame::Map { key, expecting_key, .. }) => {
                 *key = None;
                 *expecting_key = true;
             }
@@ -140,10 +138,7 @@ impl Walker {
             if collection {
                 self.positions.collections.insert(path.clone());
             }
-            self.positions
-                .values
-                .entry(path)
-                .or_insert((mark.line(), mark.col() + 1));
+            self.positions.values.entry(path).or_insert((mark.line(), mark.col() + 1));
         }
     }
 
@@ -177,29 +172,13 @@ impl MarkedEventReceiver for Walker {
             }
             return;
         }
-        let is_node = matches!(
-            event,
-            Event::Scalar(..)
-                | Event::Alias(_)
-                | Event::SequenceStart(..)
-                | Event::MappingStart(..)
-        );
+        let is_node =
+            matches!(event, Event::Scalar(..) | Event::Alias(_) | Event::SequenceStart(..) | Event::MappingStart(..));
         if is_node {
-            if matches!(
-                self.stack.last(),
-                Some(Frame::Map {
-                    expecting_key: true,
-                    ..
-                })
-            ) {
+            if matches!(self.stack.last(), Some(Frame::Map { expecting_key: true, .. })) {
                 self.settle_map_start(Some(mark));
             }
-            if let Some(Frame::Map {
-                key,
-                expecting_key: expecting_key @ true,
-                ..
-            }) = self.stack.last_mut()
-            {
+            if let Some(Frame::Map { key, expecting_key: expecting_key @ true, .. }) = self.stack.last_mut() {
                 *expecting_key = false;
                 match event {
                     Event::Scalar(text, ..) => {
@@ -234,11 +213,7 @@ impl MarkedEventReceiver for Walker {
                 self.stack.push(Frame::Seq { index: 0 });
             }
             Event::MappingStart(..) => {
-                self.stack.push(Frame::Map {
-                    key: None,
-                    expecting_key: true,
-                    start: Some(mark),
-                });
+                self.stack.push(Frame::Map { key: None, expecting_key: true, start: Some(mark) });
             }
             Event::SequenceEnd | Event::MappingEnd => {
                 // An empty mapping has no first key: keep its start mark.

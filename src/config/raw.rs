@@ -73,10 +73,7 @@ pub fn parse_value<T: DeserializeOwned>(value: Value) -> Result<T, NodeError> {
                 serde_path_to_error::Segment::Unknown => {}
             }
         }
-        NodeError {
-            path,
-            message: e.into_inner().to_string(),
-        }
+        NodeError { path, message: e.into_inner().to_string() }
     })
 }
 
@@ -130,9 +127,7 @@ impl<'de, T: TryFrom<u64>> Deserialize<'de> for Num<T> {
                 f.write_str("a whole number")
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Num<T>, E> {
-                T::try_from(v)
-                    .map(Num)
-                    .map_err(|_| E::custom(format!("{v} is too large")))
+                T::try_from(v).map(Num).map_err(|_| E::custom(format!("{v} is too large")))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Num<T>, E> {
                 match u64::try_from(v) {
@@ -458,16 +453,16 @@ impl<'de> Deserialize<'de> for RawAccessLog {
         match Value::deserialize(d)? {
             Value::Bool(false) => Ok(RawAccessLog::Off),
             Value::String(s) if s == "off" => Ok(RawAccessLog::Off),
-            Value::Mapping(map) => parse_value::<RawAccessLogPath>(Value::Mapping(map))
-                .map(|p| RawAccessLog::Path(p.path))
-                .map_err(|e| {
+            Value::Mapping(map) => {
+                parse_value::<RawAccessLogPath>(Value::Mapping(map)).map(|p| RawAccessLog::Path(p.path)).map_err(|e| {
                     let at = e.path_under("");
                     if at.is_empty() {
                         de::Error::custom(e.message)
                     } else {
                         de::Error::custom(format!("{at}: {}", e.message))
                     }
-                }),
+                })
+            }
             _ => Err(de::Error::custom(EXPECTED)),
         }
     }
@@ -495,8 +490,7 @@ mod tests {
 
     #[test]
     fn raw_parsed_keeps_sibling_errors_apart() {
-        let value: Value =
-            serde_norway::from_str("[{address: a}, {adress: b}, {address: [1]}]").unwrap();
+        let value: Value = serde_norway::from_str("[{address: a}, {adress: b}, {address: [1]}]").unwrap();
         let list: Vec<Parsed<RawListener>> = parse_value(value).unwrap();
         assert!(list[0].0.is_ok());
         let e1 = list[1].0.as_ref().unwrap_err();
@@ -513,10 +507,7 @@ mod tests {
         assert_eq!(parse("'7'"), Ok(Num(7)));
         assert_eq!(parse("1e3"), Ok(Num(1000)));
         assert!(parse("-1").unwrap_err().message.contains("negative"));
-        assert!(parse("4294967296")
-            .unwrap_err()
-            .message
-            .contains("too large"));
+        assert!(parse("4294967296").unwrap_err().message.contains("too large"));
         assert!(parse("seven").is_err());
         assert!(parse("1.5").is_err());
     }

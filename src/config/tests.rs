@@ -43,15 +43,9 @@ fn errors(yaml: &str) -> Vec<ConfigError> {
 /// The error at `path` whose message contains `needle`.
 fn error_at(yaml: &str, path: &str, needle: &str) -> ConfigError {
     let all = errors(yaml);
-    match all
-        .iter()
-        .find(|e| e.path == path && e.message.contains(needle))
-    {
+    match all.iter().find(|e| e.path == path && e.message.contains(needle)) {
         Some(e) => e.clone(),
-        None => panic!(
-            "no error at {path:?} containing {needle:?}; got:\n{}",
-            ConfigErrors(all)
-        ),
+        None => panic!("no error at {path:?} containing {needle:?}; got:\n{}", ConfigErrors(all)),
     }
 }
 
@@ -134,16 +128,10 @@ struct TlsDir {
 impl TlsDir {
     fn new() -> TlsDir {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("cert.pem"),
-            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("key.pem"),
-            "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("cert.pem"), "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+            .unwrap();
+        std::fs::write(dir.path().join("key.pem"), "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n")
+            .unwrap();
         TlsDir { dir }
     }
 
@@ -160,11 +148,7 @@ impl TlsDir {
 /// the TLS files under /etc, which a test machine does not have.
 fn contract_example(tls: &TlsDir) -> String {
     CONTRACT_EXAMPLE
-        .replacen(
-            "sha256:...\" }\n  sync",
-            &format!("{OPS_HASH}\" }}\n  sync"),
-            1,
-        )
+        .replacen("sha256:...\" }\n  sync", &format!("{OPS_HASH}\" }}\n  sync"), 1)
         .replacen("sha256:...\" }", &format!("{EDGE_HASH}\" }}"), 1)
         .replace("/etc/keygate/tls/cert.pem", &tls.cert())
         .replace("/etc/keygate/tls/key.pem", &tls.key())
@@ -180,49 +164,24 @@ fn contract_example_loads() {
     assert_eq!(config.listeners.len(), 2);
     assert_eq!(config.listeners[0].address.to_string(), "0.0.0.0:8080");
     assert_eq!(config.listeners[0].tls, None);
-    assert_eq!(
-        config.listeners[1].tls,
-        Some(TlsFiles {
-            cert: tls.cert().into(),
-            key: tls.key().into()
-        })
-    );
+    assert_eq!(config.listeners[1].tls, Some(TlsFiles { cert: tls.cert().into(), key: tls.key().into() }));
     assert_eq!(config.admin.address.to_string(), "127.0.0.1:9090");
     assert_eq!(config.admin.tokens[0].name, "ops");
-    assert_eq!(
-        hex::encode(config.admin.tokens[0].sha256),
-        OPS_HASH.trim_start_matches("sha256:")
-    );
+    assert_eq!(hex::encode(config.admin.tokens[0].sha256), OPS_HASH.trim_start_matches("sha256:"));
     assert_eq!(config.admin.sync_tokens[0].name, "edge");
     assert_eq!(config.store.url, "sqlite://data/keygate.db");
     assert_eq!(config.keys.source, KeySource::Store);
     let cp = config.keys.control_plane.as_ref().unwrap();
     assert_eq!(cp.url, "http://cp.internal:9090");
     assert_eq!(cp.token, "sync-secret");
-    assert_eq!(
-        config.keys.file.as_deref(),
-        Some(Path::new("config/keys.yaml"))
-    );
-    assert_eq!(
-        config.keys.cache_file.as_deref(),
-        Some(Path::new("data/keys.snapshot"))
-    );
+    assert_eq!(config.keys.file.as_deref(), Some(Path::new("config/keys.yaml")));
+    assert_eq!(config.keys.cache_file.as_deref(), Some(Path::new("data/keys.snapshot")));
     assert_eq!(config.keys.max_staleness, Duration::ZERO);
-    assert_eq!(
-        config.client_ip.trusted_proxies,
-        vec!["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]
-    );
+    assert_eq!(config.client_ip.trusted_proxies, vec!["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]);
     assert_eq!(config.key_locations.len(), 3);
     let orders = &config.upstreams["orders"];
     assert_eq!(orders.targets, vec!["10.0.1.5:8000", "10.0.1.6:8000"]);
-    assert_eq!(
-        orders.tls,
-        Some(UpstreamTlsConfig {
-            sni: Some("orders.internal".to_owned()),
-            ca: None,
-            verify: true
-        })
-    );
+    assert_eq!(orders.tls, Some(UpstreamTlsConfig { sni: Some("orders.internal".to_owned()), ca: None, verify: true }));
     let hc = orders.health_check.as_ref().unwrap();
     assert_eq!(hc.path, "/healthz");
     assert_eq!(hc.interval, Duration::from_secs(5));
@@ -234,10 +193,7 @@ fn contract_example_loads() {
     assert_eq!(config.routes[0].matcher.path_prefix, "/healthz");
     let read = &config.routes[1];
     assert_eq!(read.auth, RouteAuth::Key);
-    assert_eq!(
-        read.matcher.methods,
-        vec![http::Method::GET, http::Method::HEAD]
-    );
+    assert_eq!(read.matcher.methods, vec![http::Method::GET, http::Method::HEAD]);
     assert_eq!(read.matcher.host.as_deref(), Some("api.example.com"));
     assert_eq!(read.scopes, vec!["orders:read"]);
     assert_eq!(read.set_headers[0].0, http::header::AUTHORIZATION);
@@ -245,29 +201,14 @@ fn contract_example_loads() {
     assert_eq!(
         config.plans["free"],
         PlanConfig {
-            rate_limit: Some(RateLimitConfig {
-                requests: 10,
-                per: Duration::from_secs(1),
-                burst: Some(20)
-            }),
-            quota: Some(QuotaConfig {
-                requests: 10_000,
-                per: QuotaPeriod::Month
-            }),
+            rate_limit: Some(RateLimitConfig { requests: 10, per: Duration::from_secs(1), burst: Some(20) }),
+            quota: Some(QuotaConfig { requests: 10_000, per: QuotaPeriod::Month }),
         }
     );
     assert_eq!(config.plans["pro"].rate_limit.unwrap().burst, None);
     assert_eq!(config.default_plan.as_deref(), Some("free"));
     assert_eq!(config.usage.flush_interval, Duration::from_secs(5));
-    assert_eq!(
-        config.usage.sinks,
-        vec![
-            SinkConfig::Store,
-            SinkConfig::File {
-                path: "data/usage.jsonl".into()
-            }
-        ]
-    );
+    assert_eq!(config.usage.sinks, vec![SinkConfig::Store, SinkConfig::File { path: "data/usage.jsonl".into() }]);
     assert_eq!(config.access_log, AccessLogConfig::Stdout);
 }
 
@@ -275,9 +216,7 @@ fn contract_example_loads() {
 fn contract_example_placeholders_are_reported_not_accepted() {
     // The example's literal `sha256:...` is a placeholder, not a hash.
     let e = errors(CONTRACT_EXAMPLE);
-    assert!(e
-        .iter()
-        .any(|e| e.path == "admin.tokens[0].hash" && e.line == Some(11)));
+    assert!(e.iter().any(|e| e.path == "admin.tokens[0].hash" && e.line == Some(11)));
     assert!(e.iter().any(|e| e.path == "listeners[1].tls.cert"));
 }
 
@@ -292,9 +231,7 @@ fn load_reads_the_file_and_the_process_environment() {
     let missing = load(&dir.path().join("nope.yaml")).unwrap_err();
     assert_eq!(missing.len(), 1);
     assert!(missing.0[0].message.contains("cannot read"));
-    assert!(missing
-        .to_string()
-        .starts_with(&dir.path().display().to_string()));
+    assert!(missing.to_string().starts_with(&dir.path().display().to_string()));
 }
 
 #[test]
@@ -303,13 +240,7 @@ fn minimal_gateway_fills_defaults() {
     assert_eq!(config.mode, Mode::Gateway);
     assert!(!config.node_id.is_empty());
     assert!(config.threads >= 1);
-    assert_eq!(
-        config.listeners,
-        vec![ListenerConfig {
-            address: "0.0.0.0:8080".parse().unwrap(),
-            tls: None
-        }]
-    );
+    assert_eq!(config.listeners, vec![ListenerConfig { address: "0.0.0.0:8080".parse().unwrap(), tls: None }]);
     assert_eq!(config.admin.address.to_string(), "127.0.0.1:9090");
     assert!(config.admin.tokens.is_empty() && config.admin.sync_tokens.is_empty());
     assert_eq!(config.store.url, "sqlite://data/keygate.db");
@@ -320,17 +251,9 @@ fn minimal_gateway_fills_defaults() {
     assert_eq!(
         config.key_locations,
         vec![
-            KeyLocation::Header {
-                name: http::header::AUTHORIZATION,
-                scheme: Some("Bearer".to_owned())
-            },
-            KeyLocation::Header {
-                name: http::HeaderName::from_static("x-api-key"),
-                scheme: None
-            },
-            KeyLocation::Query {
-                name: "api_key".to_owned()
-            },
+            KeyLocation::Header { name: http::header::AUTHORIZATION, scheme: Some("Bearer".to_owned()) },
+            KeyLocation::Header { name: http::HeaderName::from_static("x-api-key"), scheme: None },
+            KeyLocation::Query { name: "api_key".to_owned() },
         ]
     );
     let api = &config.upstreams["api"];
@@ -367,14 +290,7 @@ fn defaults_fill_in_nested_sections() {
     )
     .replacen("upstreams:\n  api: { targets: [\"127.0.0.1:8000\"] }\n", "", 1));
     let api = &config.upstreams["api"];
-    assert_eq!(
-        api.tls,
-        Some(UpstreamTlsConfig {
-            sni: None,
-            ca: None,
-            verify: true
-        })
-    );
+    assert_eq!(api.tls, Some(UpstreamTlsConfig { sni: None, ca: None, verify: true }));
     assert_eq!(
         api.health_check,
         Some(HealthCheckConfig {
@@ -408,10 +324,8 @@ routes:
     match: { methods: [GET, GTE] }
 ";
     let all = errors(yaml);
-    let summary: Vec<(&str, Option<usize>, Option<usize>)> = all
-        .iter()
-        .map(|e| (e.path.as_str(), e.line, e.column))
-        .collect();
+    let summary: Vec<(&str, Option<usize>, Option<usize>)> =
+        all.iter().map(|e| (e.path.as_str(), e.line, e.column)).collect();
     assert_eq!(
         summary,
         vec![
@@ -438,20 +352,13 @@ fn errors_in_sibling_list_elements_are_all_reported() {
     );
     let all = errors(&yaml);
     let paths: Vec<&str> = all.iter().map(|e| e.path.as_str()).collect();
-    assert_eq!(
-        paths,
-        vec!["routes[1].bogus", "routes[2].auth", "routes[3].upstream"]
-    );
+    assert_eq!(paths, vec!["routes[1].bogus", "routes[2].auth", "routes[3].upstream"]);
     assert_eq!(all[0].line, Some(10));
 }
 
 #[test]
 fn unknown_top_level_field_is_rejected_with_path() {
-    let e = error_at(
-        &format!("{GATEWAY}listners: []\n"),
-        "listners",
-        "unknown field `listners`",
-    );
+    let e = error_at(&format!("{GATEWAY}listners: []\n"), "listners", "unknown field `listners`");
     assert_eq!((e.line, e.column), (Some(8), Some(1)));
     assert!(e.message.contains("`listeners`"));
 }
@@ -462,17 +369,9 @@ fn unknown_nested_field_is_rejected_with_path() {
         "api: { targets: [\"127.0.0.1:8000\"] }",
         "api: { targets: [\"127.0.0.1:8000\"], health_check: { path: /h, intervall: 5s } }",
     );
-    let e = error_at(
-        &yaml,
-        "upstreams.api.health_check.intervall",
-        "unknown field",
-    );
+    let e = error_at(&yaml, "upstreams.api.health_check.intervall", "unknown field");
     assert_eq!(e.line, Some(4));
-    error_at(
-        &format!("{GATEWAY}    match: {{ prefix: /x }}\n"),
-        "routes[0].match.prefix",
-        "unknown field `prefix`",
-    );
+    error_at(&format!("{GATEWAY}    match: {{ prefix: /x }}\n"), "routes[0].match.prefix", "unknown field `prefix`");
 }
 
 #[test]
@@ -527,16 +426,8 @@ fn top_level_must_be_a_mapping() {
 
 #[test]
 fn wrong_type_for_a_section_is_reported() {
-    error_at(
-        &format!("{GATEWAY}plans: [free]\n"),
-        "plans",
-        "expected a mapping",
-    );
-    error_at(
-        &format!("{GATEWAY}listeners: 0.0.0.0:80\n"),
-        "listeners",
-        "invalid type",
-    );
+    error_at(&format!("{GATEWAY}plans: [free]\n"), "plans", "expected a mapping");
+    error_at(&format!("{GATEWAY}listeners: 0.0.0.0:80\n"), "listeners", "invalid type");
 }
 
 #[test]
@@ -552,15 +443,8 @@ fn error_display_formats() {
         with_position.to_string(),
         "config/keygate.yaml:12:5: routes[1].match.methods[0]: unknown HTTP method \"GTE\""
     );
-    let without = ConfigError {
-        line: None,
-        column: None,
-        ..with_position.clone()
-    };
-    assert_eq!(
-        without.to_string(),
-        "config/keygate.yaml: routes[1].match.methods[0]: unknown HTTP method \"GTE\""
-    );
+    let without = ConfigError { line: None, column: None, ..with_position.clone() };
+    assert_eq!(without.to_string(), "config/keygate.yaml: routes[1].match.methods[0]: unknown HTTP method \"GTE\"");
     let both = ConfigErrors(vec![with_position, without]);
     assert_eq!(both.to_string().lines().count(), 2);
 }
@@ -572,17 +456,15 @@ fn env_variables_are_interpolated_in_any_string() {
     let config = ok(&format!(
         "{GATEWAY}    set_headers:\n      x-auth: \"${{env:ADMIN_TOKEN}}:${{env:ORDERS_UPSTREAM_TOKEN}}\"\nadmin:\n  address: \"127.0.0.1:${{env:PORT}}\"\nthreads: ${{env:THREADS}}\n"
     ));
-    assert_eq!(
-        config.routes[0].set_headers[0].1,
-        "admin-secret:upstream-secret"
-    );
+    assert_eq!(config.routes[0].set_headers[0].1, "admin-secret:upstream-secret");
     assert_eq!(config.admin.address.port(), 9090);
     assert_eq!(config.threads, 3);
 }
 
 #[test]
 fn env_missing_variable_is_an_error_at_its_path() {
-    let yaml = "mode: gateway\nkeys:\n  control_plane: { url: \"http://${env:HOST}:1\", token: \"${env:NO_SUCH_TOKEN}\" }\n";
+    let yaml =
+        "mode: gateway\nkeys:\n  control_plane: { url: \"http://${env:HOST}:1\", token: \"${env:NO_SUCH_TOKEN}\" }\n";
     let all = errors(yaml);
     assert_eq!(all.len(), 1, "{}", ConfigErrors(all.clone()));
     assert_eq!(all[0].path, "keys.control_plane.token");
@@ -599,19 +481,13 @@ fn env_missing_variable_causes_no_follow_on_errors() {
 
 #[test]
 fn env_dollar_without_env_prefix_passes_through() {
-    let config = ok(&format!(
-        "{GATEWAY}    set_headers: {{ x-price: \"$$5 $HOME\" }}\n"
-    ));
+    let config = ok(&format!("{GATEWAY}    set_headers: {{ x-price: \"$$5 $HOME\" }}\n"));
     assert_eq!(config.routes[0].set_headers[0].1, "$$5 $HOME");
 }
 
 #[test]
 fn env_is_not_applied_to_keys() {
-    error_at(
-        &format!("{GATEWAY}\"${{env:HOST}}\": 1\n"),
-        "${env:HOST}",
-        "unknown field",
-    );
+    error_at(&format!("{GATEWAY}\"${{env:HOST}}\": 1\n"), "${env:HOST}", "unknown field");
 }
 
 // ---- one test per rule ----
@@ -655,27 +531,10 @@ fn listeners_must_not_be_empty_when_given() {
 
 #[test]
 fn listener_address_must_be_ip_and_port() {
-    error_at(
-        "listeners:\n  - address: localhost:8080\n",
-        "listeners[0].address",
-        "expected IP:port",
-    );
-    error_at(
-        "listeners:\n  - address: 8080\n",
-        "listeners[0].address",
-        "IP:port",
-    );
-    error_at(
-        "listeners:\n  - tls: {}\n",
-        "listeners[0].address",
-        "required",
-    );
-    assert_eq!(
-        ok("listeners:\n  - address: \"[::1]:8443\"\n").listeners[0]
-            .address
-            .to_string(),
-        "[::1]:8443"
-    );
+    error_at("listeners:\n  - address: localhost:8080\n", "listeners[0].address", "expected IP:port");
+    error_at("listeners:\n  - address: 8080\n", "listeners[0].address", "IP:port");
+    error_at("listeners:\n  - tls: {}\n", "listeners[0].address", "required");
+    assert_eq!(ok("listeners:\n  - address: \"[::1]:8443\"\n").listeners[0].address.to_string(), "[::1]:8443");
 }
 
 #[test]
@@ -686,11 +545,7 @@ fn listener_addresses_must_not_repeat() {
         "already used by listeners[0]",
     );
     assert_eq!(e.line, Some(4));
-    error_at(
-        "listeners:\n  - address: 127.0.0.1:9090\n",
-        "listeners[0].address",
-        "admin.address",
-    );
+    error_at("listeners:\n  - address: 127.0.0.1:9090\n", "listeners[0].address", "admin.address");
     // Port 0 asks the kernel for a free port each time: never a clash.
     ok("listeners:\n  - address: 127.0.0.1:0\n  - address: 127.0.0.1:0\n");
 }
@@ -698,56 +553,31 @@ fn listener_addresses_must_not_repeat() {
 #[test]
 fn listener_tls_files_must_exist() {
     let tls = TlsDir::new();
-    let yaml = format!(
-        "listeners:\n  - address: 0.0.0.0:8443\n    tls: {{ cert: {}, key: /no/such/key.pem }}\n",
-        tls.cert()
-    );
-    error_at(
-        &yaml,
-        "listeners[0].tls.key",
-        "cannot read /no/such/key.pem",
-    );
-    error_at(
-        "listeners:\n  - address: 0.0.0.0:8443\n    tls: { key: k.pem }\n",
-        "listeners[0].tls.cert",
-        "required",
-    );
+    let yaml =
+        format!("listeners:\n  - address: 0.0.0.0:8443\n    tls: {{ cert: {}, key: /no/such/key.pem }}\n", tls.cert());
+    error_at(&yaml, "listeners[0].tls.key", "cannot read /no/such/key.pem");
+    error_at("listeners:\n  - address: 0.0.0.0:8443\n    tls: { key: k.pem }\n", "listeners[0].tls.cert", "required");
 }
 
 #[test]
 fn listener_tls_files_must_hold_pem() {
     let tls = TlsDir::new();
     // Swapped: the certificate file holds no private key and vice versa.
-    let yaml = format!(
-        "listeners:\n  - address: 0.0.0.0:8443\n    tls: {{ cert: {}, key: {} }}\n",
-        tls.key(),
-        tls.cert()
-    );
+    let yaml =
+        format!("listeners:\n  - address: 0.0.0.0:8443\n    tls: {{ cert: {}, key: {} }}\n", tls.key(), tls.cert());
     let all = errors(&yaml);
-    assert!(all
-        .iter()
-        .any(|e| e.path == "listeners[0].tls.cert" && e.message.contains("no PEM certificate")));
-    assert!(all
-        .iter()
-        .any(|e| e.path == "listeners[0].tls.key" && e.message.contains("no PEM private key")));
+    assert!(all.iter().any(|e| e.path == "listeners[0].tls.cert" && e.message.contains("no PEM certificate")));
+    assert!(all.iter().any(|e| e.path == "listeners[0].tls.key" && e.message.contains("no PEM private key")));
 }
 
 #[test]
 fn admin_address_must_be_ip_and_port() {
-    error_at(
-        "admin: { address: \"admin:9090\" }\n",
-        "admin.address",
-        "IP:port",
-    );
+    error_at("admin: { address: \"admin:9090\" }\n", "admin.address", "IP:port");
 }
 
 #[test]
 fn admin_token_needs_exactly_one_of_hash_and_token() {
-    error_at(
-        "admin:\n  tokens:\n    - { name: a }\n",
-        "admin.tokens[0]",
-        "needs `hash",
-    );
+    error_at("admin:\n  tokens:\n    - { name: a }\n", "admin.tokens[0]", "needs `hash");
     error_at(
         &format!("admin:\n  tokens:\n    - {{ name: a, hash: \"{OPS_HASH}\", token: x }}\n"),
         "admin.tokens[0]",
@@ -757,12 +587,7 @@ fn admin_token_needs_exactly_one_of_hash_and_token() {
 
 #[test]
 fn admin_token_hash_must_be_sha256_hex() {
-    for bad in [
-        "sha256:...",
-        "md5:abcd",
-        "sha256:abcd",
-        &OPS_HASH.replace('a', "g"),
-    ] {
+    for bad in ["sha256:...", "md5:abcd", "sha256:abcd", &OPS_HASH.replace('a', "g")] {
         error_at(
             &format!("admin:\n  tokens:\n    - {{ name: a, hash: \"{bad}\" }}\n"),
             "admin.tokens[0].hash",
@@ -773,16 +598,11 @@ fn admin_token_hash_must_be_sha256_hex() {
 
 #[test]
 fn admin_raw_token_is_hashed_at_load() {
-    let config =
-        ok("admin:\n  sync_tokens:\n    - { name: edge, token: \"${env:ADMIN_TOKEN}\" }\n");
+    let config = ok("admin:\n  sync_tokens:\n    - { name: edge, token: \"${env:ADMIN_TOKEN}\" }\n");
     let expected: [u8; 32] = sha2::Sha256::digest(b"admin-secret").into();
     assert_eq!(config.admin.sync_tokens[0].sha256, expected);
     assert!(!format!("{config:?}").contains("admin-secret"));
-    error_at(
-        "admin:\n  tokens:\n    - { name: a, token: \"\" }\n",
-        "admin.tokens[0].token",
-        "must not be empty",
-    );
+    error_at("admin:\n  tokens:\n    - { name: a, token: \"\" }\n", "admin.tokens[0].token", "must not be empty");
 }
 
 #[test]
@@ -793,50 +613,24 @@ fn admin_token_names_are_unique_per_list() {
     let all = errors(&yaml);
     assert_eq!(all.len(), 1, "{}", ConfigErrors(all.clone()));
     assert_eq!(all[0].path, "admin.tokens[1].name");
-    assert!(all[0]
-        .message
-        .contains("duplicate token name \"ops\" (also admin.tokens[0])"));
-    error_at(
-        "admin:\n  tokens:\n    - { hash: x }\n",
-        "admin.tokens[0].name",
-        "required",
-    );
+    assert!(all[0].message.contains("duplicate token name \"ops\" (also admin.tokens[0])"));
+    error_at("admin:\n  tokens:\n    - { hash: x }\n", "admin.tokens[0].name", "required");
 }
 
 use sha2::Digest as _;
 
 #[test]
 fn store_url_scheme_is_checked() {
-    error_at(
-        "store: { url: \"mysql://x\" }\n",
-        "store.url",
-        "expected sqlite://",
-    );
-    error_at(
-        "store: { url: \"sqlite://\" }\n",
-        "store.url",
-        "expected sqlite://",
-    );
-    for good in [
-        "sqlite://data/keygate.db",
-        "sqlite::memory:",
-        "postgres://kg@db:5432/kg",
-        "postgresql://db/kg",
-    ] {
-        assert_eq!(
-            ok(&format!("store: {{ url: \"{good}\" }}\n")).store.url,
-            good
-        );
+    error_at("store: { url: \"mysql://x\" }\n", "store.url", "expected sqlite://");
+    error_at("store: { url: \"sqlite://\" }\n", "store.url", "expected sqlite://");
+    for good in ["sqlite://data/keygate.db", "sqlite::memory:", "postgres://kg@db:5432/kg", "postgresql://db/kg"] {
+        assert_eq!(ok(&format!("store: {{ url: \"{good}\" }}\n")).store.url, good);
     }
 }
 
 #[test]
 fn keys_source_store_is_refused_in_gateway_mode() {
-    error_at(
-        &GATEWAY.replace("source: file", "source: store"),
-        "keys.source",
-        "not available in gateway mode",
-    );
+    error_at(&GATEWAY.replace("source: file", "source: store"), "keys.source", "not available in gateway mode");
 }
 
 #[test]
@@ -855,16 +649,8 @@ fn keys_source_defaults_by_mode() {
 
 #[test]
 fn keys_source_file_requires_keys_file() {
-    error_at(
-        "mode: gateway\nkeys: { source: file }\n",
-        "keys.file",
-        "required when keys.source is file",
-    );
-    error_at(
-        "keys: { source: file, file: \"\" }\n",
-        "keys.file",
-        "must not be empty",
-    );
+    error_at("mode: gateway\nkeys: { source: file }\n", "keys.file", "required when keys.source is file");
+    error_at("keys: { source: file, file: \"\" }\n", "keys.file", "must not be empty");
 }
 
 #[test]
@@ -887,11 +673,7 @@ fn keys_source_must_be_store_in_control_plane_mode() {
 
 #[test]
 fn keys_source_must_be_known() {
-    error_at(
-        "keys: { source: database }\n",
-        "keys.source",
-        "unknown variant `database`",
-    );
+    error_at("keys: { source: database }\n", "keys.source", "unknown variant `database`");
 }
 
 #[test]
@@ -899,16 +681,13 @@ fn keys_control_plane_url_and_token_are_checked() {
     let yaml = "mode: gateway\nkeys: { control_plane: { url: \"ftp://cp\", token: \"\" } }\n";
     error_at(yaml, "keys.control_plane.url", "http:// or https://");
     error_at(yaml, "keys.control_plane.token", "must not be empty");
-    error_at(
-        "mode: gateway\nkeys: { control_plane: { token: t } }\n",
-        "keys.control_plane.url",
-        "required",
-    );
+    error_at("mode: gateway\nkeys: { control_plane: { token: t } }\n", "keys.control_plane.url", "required");
 }
 
 #[test]
 fn keys_control_plane_token_is_not_debug_printed() {
-    let config = ok("mode: gateway\nkeys: { control_plane: { url: \"http://cp:1\", token: \"${env:KEYGATE_SYNC_TOKEN}\" } }\n");
+    let config =
+        ok("mode: gateway\nkeys: { control_plane: { url: \"http://cp:1\", token: \"${env:KEYGATE_SYNC_TOKEN}\" } }\n");
     assert!(!format!("{config:?}").contains("sync-secret"));
 }
 
@@ -916,21 +695,14 @@ fn keys_control_plane_token_is_not_debug_printed() {
 fn keys_max_staleness_is_a_duration() {
     let config = ok("keys: { max_staleness: 1h30m }\n");
     assert_eq!(config.keys.max_staleness, Duration::from_secs(5400));
-    error_at(
-        "keys: { max_staleness: 30 }\n",
-        "keys.max_staleness",
-        "no unit",
-    );
+    error_at("keys: { max_staleness: 30 }\n", "keys.max_staleness", "no unit");
 }
 
 #[test]
 fn trusted_proxies_accept_cidrs_and_bare_addresses() {
-    let config =
-        ok("client_ip: { trusted_proxies: [10.0.0.0/8, 10.1.2.3, \"::1\", \"fd00::/8\"] }\n");
-    let expected: Vec<ipnet::IpNet> = ["10.0.0.0/8", "10.1.2.3/32", "::1/128", "fd00::/8"]
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
+    let config = ok("client_ip: { trusted_proxies: [10.0.0.0/8, 10.1.2.3, \"::1\", \"fd00::/8\"] }\n");
+    let expected: Vec<ipnet::IpNet> =
+        ["10.0.0.0/8", "10.1.2.3/32", "::1/128", "fd00::/8"].iter().map(|s| s.parse().unwrap()).collect();
     assert_eq!(config.client_ip.trusted_proxies, expected);
 }
 
@@ -938,27 +710,13 @@ fn trusted_proxies_accept_cidrs_and_bare_addresses() {
 fn trusted_proxies_bad_cidr_is_reported_per_element() {
     let all = errors("client_ip:\n  trusted_proxies: [10.0.0.0/33, ok, 1.2.3.4]\n");
     let paths: Vec<&str> = all.iter().map(|e| e.path.as_str()).collect();
-    assert_eq!(
-        paths,
-        vec![
-            "client_ip.trusted_proxies[0]",
-            "client_ip.trusted_proxies[1]"
-        ]
-    );
+    assert_eq!(paths, vec!["client_ip.trusted_proxies[0]", "client_ip.trusted_proxies[1]"]);
 }
 
 #[test]
 fn key_location_needs_exactly_one_of_header_and_query() {
-    error_at(
-        "key_locations:\n  - { scheme: Bearer }\n",
-        "key_locations[0]",
-        "needs `header",
-    );
-    error_at(
-        "key_locations:\n  - { header: a, query: b }\n",
-        "key_locations[0]",
-        "not both",
-    );
+    error_at("key_locations:\n  - { scheme: Bearer }\n", "key_locations[0]", "needs `header");
+    error_at("key_locations:\n  - { header: a, query: b }\n", "key_locations[0]", "not both");
     error_at(
         "key_locations:\n  - { query: api_key, scheme: Bearer }\n",
         "key_locations[0].scheme",
@@ -969,27 +727,15 @@ fn key_location_needs_exactly_one_of_header_and_query() {
 
 #[test]
 fn key_location_header_names_are_checked_and_lowercased() {
-    let config = ok(
-        "key_locations:\n  - { header: X-Api-Key }\n  - { header: Authorization, scheme: Token }\n",
-    );
+    let config = ok("key_locations:\n  - { header: X-Api-Key }\n  - { header: Authorization, scheme: Token }\n");
     assert_eq!(
         config.key_locations,
         vec![
-            KeyLocation::Header {
-                name: http::HeaderName::from_static("x-api-key"),
-                scheme: None
-            },
-            KeyLocation::Header {
-                name: http::header::AUTHORIZATION,
-                scheme: Some("Token".to_owned())
-            },
+            KeyLocation::Header { name: http::HeaderName::from_static("x-api-key"), scheme: None },
+            KeyLocation::Header { name: http::header::AUTHORIZATION, scheme: Some("Token".to_owned()) },
         ]
     );
-    error_at(
-        "key_locations:\n  - { header: \"x key\" }\n",
-        "key_locations[0].header",
-        "not a valid header name",
-    );
+    error_at("key_locations:\n  - { header: \"x key\" }\n", "key_locations[0].header", "not a valid header name");
     error_at(
         "key_locations:\n  - { header: authorization, scheme: \"Bear er\" }\n",
         "key_locations[0].scheme",
@@ -1000,23 +746,12 @@ fn key_location_header_names_are_checked_and_lowercased() {
 #[test]
 fn upstream_targets_are_required_and_checked() {
     let base = "mode: gateway\nkeys: { file: k }\nupstreams:\n";
-    error_at(
-        &format!("{base}  a: {{ read_timeout: 1s }}\n"),
-        "upstreams.a.targets",
-        "required",
-    );
-    error_at(
-        &format!("{base}  a: {{ targets: [] }}\n"),
-        "upstreams.a.targets",
-        "at least one",
-    );
+    error_at(&format!("{base}  a: {{ read_timeout: 1s }}\n"), "upstreams.a.targets", "required");
+    error_at(&format!("{base}  a: {{ targets: [] }}\n"), "upstreams.a.targets", "at least one");
     let all = errors(&format!(
         "{base}  a: {{ targets: [\"10.0.0.1\", \"http://x:80\", \"x:0\", \"::1:80\", \"bad host:80\", \"ok.internal:80\", \"ok.internal:80\"] }}\n"
     ));
-    let messages: Vec<(&str, &str)> = all
-        .iter()
-        .map(|e| (e.path.as_str(), e.message.as_str()))
-        .collect();
+    let messages: Vec<(&str, &str)> = all.iter().map(|e| (e.path.as_str(), e.message.as_str())).collect();
     assert_eq!(messages.len(), 6, "{messages:#?}");
     assert!(messages[0].1.contains("has no port"));
     assert!(messages[1].1.contains("without a scheme"));
@@ -1025,60 +760,30 @@ fn upstream_targets_are_required_and_checked() {
     assert!(messages[4].1.contains("not a valid host name"));
     assert_eq!(messages[5].0, "upstreams.a.targets[6]");
     assert!(messages[5].1.contains("duplicate"));
-    let config = ok(&format!(
-        "{base}  a: {{ targets: [\"[::1]:8000\", \"api.internal:443\"] }}\n"
-    ));
-    assert_eq!(
-        config.upstreams["a"].targets,
-        vec!["[::1]:8000", "api.internal:443"]
-    );
+    let config = ok(&format!("{base}  a: {{ targets: [\"[::1]:8000\", \"api.internal:443\"] }}\n"));
+    assert_eq!(config.upstreams["a"].targets, vec!["[::1]:8000", "api.internal:443"]);
 }
 
 #[test]
 fn upstream_timeouts_must_be_positive_durations() {
     let base = "mode: gateway\nkeys: { file: k }\nupstreams:\n  a:\n    targets: [\"h:1\"]\n";
-    error_at(
-        &format!("{base}    connect_timeout: 0s\n"),
-        "upstreams.a.connect_timeout",
-        "greater than 0",
-    );
-    error_at(
-        &format!("{base}    read_timeout: 30\n"),
-        "upstreams.a.read_timeout",
-        "250ms, 5s",
-    );
+    error_at(&format!("{base}    connect_timeout: 0s\n"), "upstreams.a.connect_timeout", "greater than 0");
+    error_at(&format!("{base}    read_timeout: 30\n"), "upstreams.a.read_timeout", "250ms, 5s");
 }
 
 #[test]
 fn upstream_tls_fields_are_checked() {
     let base = "mode: gateway\nkeys: { file: k }\nupstreams:\n  a:\n    targets: [\"h:1\"]\n";
-    let config = ok(&format!(
-        "{base}    tls: {{ sni: API.Internal, verify: false }}\n"
-    ));
+    let config = ok(&format!("{base}    tls: {{ sni: API.Internal, verify: false }}\n"));
     assert_eq!(
         config.upstreams["a"].tls,
-        Some(UpstreamTlsConfig {
-            sni: Some("api.internal".to_owned()),
-            ca: None,
-            verify: false
-        })
+        Some(UpstreamTlsConfig { sni: Some("api.internal".to_owned()), ca: None, verify: false })
     );
-    error_at(
-        &format!("{base}    tls: {{ ca: /no/such/ca.pem }}\n"),
-        "upstreams.a.tls.ca",
-        "cannot read",
-    );
-    error_at(
-        &format!("{base}    tls: {{ verify: maybe }}\n"),
-        "upstreams.a.tls.verify",
-        "true or false",
-    );
+    error_at(&format!("{base}    tls: {{ ca: /no/such/ca.pem }}\n"), "upstreams.a.tls.ca", "cannot read");
+    error_at(&format!("{base}    tls: {{ verify: maybe }}\n"), "upstreams.a.tls.verify", "true or false");
     let tls = TlsDir::new();
     let config = ok(&format!("{base}    tls: {{ ca: {} }}\n", tls.cert()));
-    assert_eq!(
-        config.upstreams["a"].tls.as_ref().unwrap().ca,
-        Some(tls.cert().into())
-    );
+    assert_eq!(config.upstreams["a"].tls.as_ref().unwrap().ca, Some(tls.cert().into()));
 }
 
 #[test]
@@ -1117,106 +822,59 @@ fn route_upstream_must_exist() {
         "unknown upstream \"apii\"",
     );
     assert_eq!(e.line, Some(7));
-    error_at(
-        &GATEWAY.replace("    upstream: api\n", ""),
-        "routes[0].upstream",
-        "required",
-    );
+    error_at(&GATEWAY.replace("    upstream: api\n", ""), "routes[0].upstream", "required");
 }
 
 #[test]
 fn route_name_is_required_and_unique() {
-    let yaml =
-        format!("{GATEWAY}  - name: other\n    upstream: api\n  - name: all\n    upstream: api\n");
+    let yaml = format!("{GATEWAY}  - name: other\n    upstream: api\n  - name: all\n    upstream: api\n");
     let e = error_at(&yaml, "routes[2].name", "routes[0] and routes[2]");
     assert_eq!(e.line, Some(10));
-    error_at(
-        &GATEWAY.replace("  - name: all\n    upstream", "  - upstream"),
-        "routes[0].name",
-        "required",
-    );
+    error_at(&GATEWAY.replace("  - name: all\n    upstream", "  - upstream"), "routes[0].name", "required");
 }
 
 #[test]
 fn route_auth_none_with_scopes_is_rejected() {
-    error_at(
-        &format!("{GATEWAY}    auth: none\n    scopes: [orders:read]\n"),
-        "routes[0].scopes",
-        "auth: none",
-    );
+    error_at(&format!("{GATEWAY}    auth: none\n    scopes: [orders:read]\n"), "routes[0].scopes", "auth: none");
     let config = ok(&format!("{GATEWAY}    auth: none\n"));
     assert_eq!(config.routes[0].auth, RouteAuth::None);
-    error_at(
-        &format!("{GATEWAY}    auth: token\n"),
-        "routes[0].auth",
-        "unknown variant",
-    );
+    error_at(&format!("{GATEWAY}    auth: token\n"), "routes[0].auth", "unknown variant");
 }
 
 #[test]
 fn route_scopes_must_be_words() {
-    error_at(
-        &format!("{GATEWAY}    scopes: [\"orders read\", \"\"]\n"),
-        "routes[0].scopes[0]",
-        "not a valid scope",
-    );
-    error_at(
-        &format!("{GATEWAY}    scopes: [\"orders read\", \"\"]\n"),
-        "routes[0].scopes[1]",
-        "not a valid scope",
-    );
+    error_at(&format!("{GATEWAY}    scopes: [\"orders read\", \"\"]\n"), "routes[0].scopes[0]", "not a valid scope");
+    error_at(&format!("{GATEWAY}    scopes: [\"orders read\", \"\"]\n"), "routes[0].scopes[1]", "not a valid scope");
     let config = ok(&format!("{GATEWAY}    scopes: [\"orders:*\", \"*\"]\n"));
     assert_eq!(config.routes[0].scopes, vec!["orders:*", "*"]);
 }
 
 #[test]
 fn route_match_path_prefix_must_start_with_slash() {
-    error_at(
-        &format!("{GATEWAY}    match: {{ path_prefix: v1 }}\n"),
-        "routes[0].match.path_prefix",
-        "start with '/'",
-    );
-    error_at(
-        &format!("{GATEWAY}    match: {{ path_prefix: \"/v1?x=1\" }}\n"),
-        "routes[0].match.path_prefix",
-        "'?'",
-    );
+    error_at(&format!("{GATEWAY}    match: {{ path_prefix: v1 }}\n"), "routes[0].match.path_prefix", "start with '/'");
+    error_at(&format!("{GATEWAY}    match: {{ path_prefix: \"/v1?x=1\" }}\n"), "routes[0].match.path_prefix", "'?'");
 }
 
 #[test]
 fn route_match_methods_are_checked() {
-    error_at(
-        &format!("{GATEWAY}    match: {{ methods: [get] }}\n"),
-        "routes[0].match.methods[0]",
-        "write \"GET\"",
-    );
+    error_at(&format!("{GATEWAY}    match: {{ methods: [get] }}\n"), "routes[0].match.methods[0]", "write \"GET\"");
     let e = error_at(
         &format!("{GATEWAY}    match: {{ methods: [GET, GTE] }}\n"),
         "routes[0].match.methods[1]",
         "unknown HTTP method \"GTE\"",
     );
     assert_eq!((e.line, e.column), (Some(8), Some(29)));
-    let config = ok(&format!(
-        "{GATEWAY}    match: {{ methods: [GET, PROPFIND, GET] }}\n"
-    ));
+    let config = ok(&format!("{GATEWAY}    match: {{ methods: [GET, PROPFIND, GET] }}\n"));
     assert_eq!(
         config.routes[0].matcher.methods,
-        vec![
-            http::Method::GET,
-            http::Method::from_bytes(b"PROPFIND").unwrap()
-        ]
+        vec![http::Method::GET, http::Method::from_bytes(b"PROPFIND").unwrap()]
     );
 }
 
 #[test]
 fn route_match_host_is_lowercased_and_portless() {
-    let config = ok(&format!(
-        "{GATEWAY}    match: {{ host: API.Example.com }}\n"
-    ));
-    assert_eq!(
-        config.routes[0].matcher.host.as_deref(),
-        Some("api.example.com")
-    );
+    let config = ok(&format!("{GATEWAY}    match: {{ host: API.Example.com }}\n"));
+    assert_eq!(config.routes[0].matcher.host.as_deref(), Some("api.example.com"));
     error_at(
         &format!("{GATEWAY}    match: {{ host: \"api.example.com:8443\" }}\n"),
         "routes[0].match.host",
@@ -1234,11 +892,7 @@ fn route_set_headers_are_checked_and_keep_order() {
     let config = ok(&format!(
         "{GATEWAY}    set_headers:\n      X-B: two\n      x-a: 1\n      Authorization: \"Bearer ${{env:ORDERS_UPSTREAM_TOKEN}}\"\n"
     ));
-    let names: Vec<&str> = config.routes[0]
-        .set_headers
-        .iter()
-        .map(|(n, _)| n.as_str())
-        .collect();
+    let names: Vec<&str> = config.routes[0].set_headers.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, vec!["x-b", "x-a", "authorization"]);
     assert_eq!(config.routes[0].set_headers[1].1, "1");
     assert!(!format!("{config:?}").contains("upstream-secret"));
@@ -1246,18 +900,10 @@ fn route_set_headers_are_checked_and_keep_order() {
     let bad = format!(
         "{GATEWAY}    set_headers:\n      \"bad name\": x\n      x-ok: \"line\\nbreak\"\n      Content-Length: \"5\"\n      X-Dup: a\n      x-dup: b\n"
     );
-    error_at(
-        &bad,
-        "routes[0].set_headers.bad name",
-        "not a valid header name",
-    );
+    error_at(&bad, "routes[0].set_headers.bad name", "not a valid header name");
     let value_error = error_at(&bad, "routes[0].set_headers.x-ok", "invalid header value");
     assert!(!value_error.message.contains("line"));
-    error_at(
-        &bad,
-        "routes[0].set_headers.Content-Length",
-        "managed by the proxy",
-    );
+    error_at(&bad, "routes[0].set_headers.Content-Length", "managed by the proxy");
     let dup = error_at(&bad, "routes[0].set_headers.x-dup", "set twice");
     assert_eq!(dup.line, Some(13));
 }
@@ -1289,33 +935,18 @@ fn plans_limits_are_checked() {
 
 #[test]
 fn plans_may_be_empty() {
-    let config = ok(&format!("{GATEWAY}plans:\n  unlimited: {{}}\n  daily: {{ quota: {{ requests: \"100\", per: day }} }}\n"));
+    let config =
+        ok(&format!("{GATEWAY}plans:\n  unlimited: {{}}\n  daily: {{ quota: {{ requests: \"100\", per: day }} }}\n"));
     assert_eq!(config.plans["unlimited"], PlanConfig::default());
-    assert_eq!(
-        config.plans["daily"].quota,
-        Some(QuotaConfig {
-            requests: 100,
-            per: QuotaPeriod::Day
-        })
-    );
+    assert_eq!(config.plans["daily"].quota, Some(QuotaConfig { requests: 100, per: QuotaPeriod::Day }));
 }
 
 #[test]
 fn default_plan_must_exist() {
-    error_at(
-        &format!("{GATEWAY}plans: {{ free: {{}} }}\ndefault_plan: fre\n"),
-        "default_plan",
-        "unknown plan \"fre\"",
-    );
-    error_at(
-        &format!("{GATEWAY}default_plan: free\n"),
-        "default_plan",
-        "unknown plan",
-    );
+    error_at(&format!("{GATEWAY}plans: {{ free: {{}} }}\ndefault_plan: fre\n"), "default_plan", "unknown plan \"fre\"");
+    error_at(&format!("{GATEWAY}default_plan: free\n"), "default_plan", "unknown plan");
     // A plan whose entry failed still exists: no follow-on error.
-    let all = errors(&format!(
-        "{GATEWAY}plans: {{ free: {{ bogus: 1 }} }}\ndefault_plan: free\n"
-    ));
+    let all = errors(&format!("{GATEWAY}plans: {{ free: {{ bogus: 1 }} }}\ndefault_plan: free\n"));
     assert_eq!(all.len(), 1);
 }
 
@@ -1326,60 +957,24 @@ fn usage_sinks_are_checked_against_the_mode() {
         "usage.sinks[0].type",
         "gateway has no store",
     );
-    error_at(
-        "usage: { sinks: [{ type: control_plane }] }\n",
-        "usage.sinks[0].type",
-        "only gateways",
-    );
+    error_at("usage: { sinks: [{ type: control_plane }] }\n", "usage.sinks[0].type", "only gateways");
     error_at(
         &format!("{GATEWAY}usage: {{ sinks: [{{ type: control_plane }}] }}\n"),
         "usage.sinks[0].type",
         "needs keys.control_plane",
     );
     let config = ok("mode: gateway\nkeys: { control_plane: { url: \"http://cp:9090\", token: t } }\nusage: { sinks: [{ type: control_plane }, { type: file, path: u.jsonl }] }\n");
-    assert_eq!(
-        config.usage.sinks,
-        vec![
-            SinkConfig::ControlPlane,
-            SinkConfig::File {
-                path: "u.jsonl".into()
-            }
-        ]
-    );
+    assert_eq!(config.usage.sinks, vec![SinkConfig::ControlPlane, SinkConfig::File { path: "u.jsonl".into() }]);
 }
 
 #[test]
 fn usage_sink_fields_are_checked() {
-    error_at(
-        "usage: { sinks: [{ type: kafka }] }\n",
-        "usage.sinks[0].type",
-        "unknown sink type",
-    );
-    error_at(
-        "usage: { sinks: [{ type: file }] }\n",
-        "usage.sinks[0].path",
-        "required",
-    );
-    error_at(
-        "usage: { sinks: [{ type: store, path: x }] }\n",
-        "usage.sinks[0].path",
-        "only a sink of type `file`",
-    );
-    error_at(
-        "usage: { sinks: [{ path: x }] }\n",
-        "usage.sinks[0].type",
-        "required",
-    );
-    error_at(
-        "usage: { sinks: [{ type: store }, { type: store }] }\n",
-        "usage.sinks[1]",
-        "counted twice",
-    );
-    error_at(
-        "usage: { flush_interval: 0s }\n",
-        "usage.flush_interval",
-        "greater than 0",
-    );
+    error_at("usage: { sinks: [{ type: kafka }] }\n", "usage.sinks[0].type", "unknown sink type");
+    error_at("usage: { sinks: [{ type: file }] }\n", "usage.sinks[0].path", "required");
+    error_at("usage: { sinks: [{ type: store, path: x }] }\n", "usage.sinks[0].path", "only a sink of type `file`");
+    error_at("usage: { sinks: [{ path: x }] }\n", "usage.sinks[0].type", "required");
+    error_at("usage: { sinks: [{ type: store }, { type: store }] }\n", "usage.sinks[1]", "counted twice");
+    error_at("usage: { flush_interval: 0s }\n", "usage.flush_interval", "greater than 0");
 }
 
 #[test]
@@ -1393,20 +988,13 @@ fn usage_sinks_default_by_mode() {
 fn access_log_forms() {
     assert_eq!(ok("access_log: off\n").access_log, AccessLogConfig::Off);
     assert_eq!(ok("access_log: false\n").access_log, AccessLogConfig::Off);
-    assert_eq!(
-        ok("access_log: { path: stdout }\n").access_log,
-        AccessLogConfig::Stdout
-    );
+    assert_eq!(ok("access_log: { path: stdout }\n").access_log, AccessLogConfig::Stdout);
     assert_eq!(
         ok("access_log: { path: /var/log/keygate/access.log }\n").access_log,
         AccessLogConfig::File("/var/log/keygate/access.log".into())
     );
     error_at("access_log: on\n", "access_log", "expected `off`");
-    error_at(
-        "access_log: { file: x }\n",
-        "access_log",
-        "unknown field `file`",
-    );
+    error_at("access_log: { file: x }\n", "access_log", "unknown field `file`");
     error_at("access_log: {}\n", "access_log.path", "required");
 }
 
@@ -1414,45 +1002,21 @@ fn access_log_forms() {
 
 #[test]
 fn rate_limit_and_quota_deserialize_directly() {
-    let rl: RateLimitConfig =
-        serde_norway::from_str("{ requests: 10, per: 1s, burst: 20 }").unwrap();
-    assert_eq!(
-        rl,
-        RateLimitConfig {
-            requests: 10,
-            per: Duration::from_secs(1),
-            burst: Some(20)
-        }
-    );
+    let rl: RateLimitConfig = serde_norway::from_str("{ requests: 10, per: 1s, burst: 20 }").unwrap();
+    assert_eq!(rl, RateLimitConfig { requests: 10, per: Duration::from_secs(1), burst: Some(20) });
     let q: QuotaConfig = serde_json::from_str(r#"{"requests": 10000, "per": "month"}"#).unwrap();
     assert_eq!(q.per, QuotaPeriod::Month);
     let err = serde_norway::from_str::<RateLimitConfig>("{ requests: 0, per: 5 }").unwrap_err();
-    assert!(
-        err.to_string().contains("requests: must be at least 1"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("requests: must be at least 1"), "{err}");
     assert!(serde_norway::from_str::<QuotaConfig>("{ requests: 1, per: day, x: 1 }").is_err());
 }
 
 #[test]
 fn rate_limit_and_quota_serialize_in_config_form() {
-    let rl = RateLimitConfig {
-        requests: 10,
-        per: Duration::from_millis(1500),
-        burst: None,
-    };
-    assert_eq!(
-        serde_json::to_string(&rl).unwrap(),
-        r#"{"requests":10,"per":"1s500ms"}"#
-    );
-    let q = QuotaConfig {
-        requests: 5,
-        per: QuotaPeriod::Day,
-    };
-    assert_eq!(
-        serde_json::to_string(&q).unwrap(),
-        r#"{"requests":5,"per":"day"}"#
-    );
+    let rl = RateLimitConfig { requests: 10, per: Duration::from_millis(1500), burst: None };
+    assert_eq!(serde_json::to_string(&rl).unwrap(), r#"{"requests":10,"per":"1s500ms"}"#);
+    let q = QuotaConfig { requests: 5, per: QuotaPeriod::Day };
+    assert_eq!(serde_json::to_string(&q).unwrap(), r#"{"requests":5,"per":"day"}"#);
 }
 
 #[test]
@@ -1460,9 +1024,6 @@ fn raw_limits_validate_with_paths() {
     let raw: raw::RawRateLimit = serde_norway::from_str("{ per: 1m }").unwrap();
     assert_eq!(
         raw.validate("keys[3].rate_limit").unwrap_err(),
-        vec![(
-            "keys[3].rate_limit.requests".to_owned(),
-            "required field is missing".to_owned()
-        )]
+        vec![("keys[3].rate_limit.requests".to_owned(), "required field is missing".to_owned())]
     );
 }

@@ -16,16 +16,15 @@ use sha2::{Digest, Sha256};
 use super::env::{interpolate_tree, key_text, EnvLookup};
 use super::position::{join_index, join_key, Positions};
 use super::raw::{
-    self, Entries, NodeError, Parsed, RawAccessLog, RawAdmin, RawConfig, RawKeyLocation,
-    RawKeySource, RawKeys, RawListener, RawMode, RawPlan, RawQuota, RawRateLimit, RawRoute,
-    RawRouteAuth, RawSink, RawToken, RawUpstream, RawUsage, Text, TOP_LEVEL_FIELDS,
+    self, Entries, NodeError, Parsed, RawAccessLog, RawAdmin, RawConfig, RawKeyLocation, RawKeySource, RawKeys,
+    RawListener, RawMode, RawPlan, RawQuota, RawRateLimit, RawRoute, RawRouteAuth, RawSink, RawToken, RawUpstream,
+    RawUsage, Text, TOP_LEVEL_FIELDS,
 };
 use super::{
-    parse_duration, AccessLogConfig, AdminConfig, ClientIpConfig, Config, ConfigError,
-    ConfigErrors, ControlPlaneClientConfig, HealthCheckConfig, KeyLocation, KeySource, KeysConfig,
-    ListenerConfig, Mode, PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig, RouteAuth,
-    RouteConfig, RouteMatch, SinkConfig, StoreConfig, TlsFiles, TokenConfig, UpstreamConfig,
-    UpstreamTlsConfig, UsageConfig,
+    parse_duration, AccessLogConfig, AdminConfig, ClientIpConfig, Config, ConfigError, ConfigErrors,
+    ControlPlaneClientConfig, HealthCheckConfig, KeyLocation, KeySource, KeysConfig, ListenerConfig, Mode, PlanConfig,
+    QuotaConfig, QuotaPeriod, RateLimitConfig, RouteAuth, RouteConfig, RouteMatch, SinkConfig, StoreConfig, TlsFiles,
+    TokenConfig, UpstreamConfig, UpstreamTlsConfig, UsageConfig,
 };
 
 const MISSING: &str = "required field is missing";
@@ -98,16 +97,12 @@ struct Issues {
 
 impl Issues {
     fn push(&mut self, path: &str, message: String, at_key: bool) {
-        let hidden = self.suppressed.iter().any(|s| {
-            path.strip_prefix(s.as_str())
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
-        });
+        let hidden = self
+            .suppressed
+            .iter()
+            .any(|s| path.strip_prefix(s.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '['])));
         if !hidden {
-            self.list.push(Issue {
-                path: path.to_owned(),
-                message,
-                at_key,
-            });
+            self.list.push(Issue { path: path.to_owned(), message, at_key });
         }
     }
 
@@ -133,11 +128,7 @@ impl Issues {
     fn into_errors(self, file: &Path, positions: &Positions) -> ConfigErrors {
         let mut errors: Vec<ConfigError> = Vec::with_capacity(self.list.len());
         for issue in self.list {
-            let at = if issue.at_key {
-                positions.key(&issue.path)
-            } else {
-                positions.value(&issue.path)
-            };
+            let at = if issue.at_key { positions.key(&issue.path) } else { positions.value(&issue.path) };
             let error = ConfigError {
                 file: file.to_owned(),
                 path: issue.path,
@@ -167,10 +158,7 @@ impl Issues {
 
 fn build(value: Value, issues: &mut Issues) -> Option<Config> {
     let Value::Mapping(map) = value else {
-        issues.add(
-            "",
-            "the config file must be a mapping of settings (mode, listeners, routes, ...)",
-        );
+        issues.add("", "the config file must be a mapping of settings (mode, listeners, routes, ...)");
         return None;
     };
     let mut known = Mapping::new();
@@ -184,11 +172,7 @@ fn build(value: Value, issues: &mut Issues) -> Option<Config> {
                 format!(
                     "unknown field `{}`, expected one of {}",
                     key_text(&key),
-                    TOP_LEVEL_FIELDS
-                        .iter()
-                        .map(|f| format!("`{f}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    TOP_LEVEL_FIELDS.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ")
                 ),
                 true,
             ),
@@ -288,13 +272,7 @@ impl Builder<'_> {
         Some(PathBuf::from(s))
     }
 
-    fn duration(
-        &mut self,
-        text: Option<Text>,
-        path: &str,
-        default: Duration,
-        zero_ok: bool,
-    ) -> Duration {
+    fn duration(&mut self, text: Option<Text>, path: &str, default: Duration, zero_ok: bool) -> Duration {
         let Some(Text(s)) = text else {
             return default;
         };
@@ -315,10 +293,7 @@ impl Builder<'_> {
         match s.trim().parse::<SocketAddr>() {
             Ok(addr) => Some(addr),
             Err(_) => {
-                self.issues.add(
-                    path,
-                    format!("expected IP:port such as 0.0.0.0:8080 or [::]:8080, found {s:?}"),
-                );
+                self.issues.add(path, format!("expected IP:port such as 0.0.0.0:8080 or [::]:8080, found {s:?}"));
                 None
             }
         }
@@ -341,10 +316,7 @@ impl Builder<'_> {
                 if id.trim().is_empty() {
                     self.issues.add("node_id", "must not be empty");
                 } else if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    self.issues.add(
-                        "node_id",
-                        format!("{id:?} must not contain spaces or control characters"),
-                    );
+                    self.issues.add("node_id", format!("{id:?} must not contain spaces or control characters"));
                 }
                 id
             }
@@ -367,25 +339,15 @@ impl Builder<'_> {
         }
     }
 
-    fn listeners(
-        &mut self,
-        raw: Option<Parsed<Vec<Parsed<RawListener>>>>,
-        admin: SocketAddr,
-    ) -> Vec<ListenerConfig> {
+    fn listeners(&mut self, raw: Option<Parsed<Vec<Parsed<RawListener>>>>, admin: SocketAddr) -> Vec<ListenerConfig> {
         let Some(parsed) = raw else {
-            return vec![ListenerConfig {
-                address: SocketAddr::from(([0, 0, 0, 0], 8080)),
-                tls: None,
-            }];
+            return vec![ListenerConfig { address: SocketAddr::from(([0, 0, 0, 0], 8080)), tls: None }];
         };
         let Some(items) = self.issues.take(parsed, "listeners") else {
             return Vec::new();
         };
         if items.is_empty() {
-            self.issues.add(
-                "listeners",
-                "at least one listener is required (leave `listeners` out for 0.0.0.0:8080)",
-            );
+            self.issues.add("listeners", "at least one listener is required (leave `listeners` out for 0.0.0.0:8080)");
         }
         let mut out = Vec::new();
         let mut seen: Vec<(usize, SocketAddr)> = Vec::new();
@@ -395,28 +357,19 @@ impl Builder<'_> {
                 continue;
             };
             let address_path = join_key(&path, "address");
-            let address = self
-                .required(listener.address, &address_path)
-                .and_then(|s| self.socket_addr(&s, &address_path));
-            let tls = self
-                .parsed(listener.tls, &join_key(&path, "tls"))
-                .map(|tls| {
-                    let tls_path = join_key(&path, "tls");
-                    let cert = self.pem_file(tls.cert, &join_key(&tls_path, "cert"), Pem::Cert);
-                    let key = self.pem_file(tls.key, &join_key(&tls_path, "key"), Pem::Key);
-                    (cert, key)
-                });
+            let address =
+                self.required(listener.address, &address_path).and_then(|s| self.socket_addr(&s, &address_path));
+            let tls = self.parsed(listener.tls, &join_key(&path, "tls")).map(|tls| {
+                let tls_path = join_key(&path, "tls");
+                let cert = self.pem_file(tls.cert, &join_key(&tls_path, "cert"), Pem::Cert);
+                let key = self.pem_file(tls.key, &join_key(&tls_path, "key"), Pem::Key);
+                (cert, key)
+            });
             let Some(address) = address else { continue };
             if let Some((j, _)) = seen.iter().find(|(_, other)| overlaps(*other, address)) {
-                self.issues.add(
-                    &address_path,
-                    format!("address {address} is already used by listeners[{j}]"),
-                );
+                self.issues.add(&address_path, format!("address {address} is already used by listeners[{j}]"));
             } else if overlaps(admin, address) {
-                self.issues.add(
-                    &address_path,
-                    format!("address {address} is already used by admin.address ({admin})"),
-                );
+                self.issues.add(&address_path, format!("address {address} is already used by admin.address ({admin})"));
             }
             seen.push((i, address));
             let tls = match tls {
@@ -432,16 +385,10 @@ impl Builder<'_> {
     fn admin(&mut self, raw: Option<Parsed<RawAdmin>>) -> AdminConfig {
         let default_address = SocketAddr::from(([127, 0, 0, 1], 9090));
         let Some(admin) = self.parsed(raw, "admin") else {
-            return AdminConfig {
-                address: default_address,
-                tokens: Vec::new(),
-                sync_tokens: Vec::new(),
-            };
+            return AdminConfig { address: default_address, tokens: Vec::new(), sync_tokens: Vec::new() };
         };
         let address = match admin.address {
-            Some(Text(s)) => self
-                .socket_addr(&s, "admin.address")
-                .unwrap_or(default_address),
+            Some(Text(s)) => self.socket_addr(&s, "admin.address").unwrap_or(default_address),
             None => default_address,
         };
         AdminConfig {
@@ -463,40 +410,30 @@ impl Builder<'_> {
             let name = self.required_nonblank(token.name, &name_path);
             if let Some(name) = &name {
                 if let Some(first) = names.get(name) {
-                    self.issues.add(
-                        &name_path,
-                        format!(
-                            "duplicate token name {name:?} (also {})",
-                            join_index(list, *first)
-                        ),
-                    );
+                    self.issues
+                        .add(&name_path, format!("duplicate token name {name:?} (also {})", join_index(list, *first)));
                 } else {
                     names.insert(name.clone(), i);
                 }
             }
             let sha256 = match (token.hash, token.token) {
-                (Some(Text(hash)), None) => parse_sha256(&hash)
-                    .map_err(|m| self.issues.add(&join_key(&path, "hash"), m))
-                    .ok(),
+                (Some(Text(hash)), None) => {
+                    parse_sha256(&hash).map_err(|m| self.issues.add(&join_key(&path, "hash"), m)).ok()
+                }
                 (None, Some(Text(raw))) => {
                     if raw.is_empty() {
-                        self.issues
-                            .add(&join_key(&path, "token"), "must not be empty");
+                        self.issues.add(&join_key(&path, "token"), "must not be empty");
                         None
                     } else {
                         Some(Sha256::digest(raw.as_bytes()).into())
                     }
                 }
                 (Some(_), Some(_)) => {
-                    self.issues
-                        .add(&path, "give either `hash` or `token`, not both");
+                    self.issues.add(&path, "give either `hash` or `token`, not both");
                     None
                 }
                 (None, None) => {
-                    self.issues.add(
-                        &path,
-                        "needs `hash: \"sha256:<64 hex digits>\"` or `token: \"${env:NAME}\"`",
-                    );
+                    self.issues.add(&path, "needs `hash: \"sha256:<64 hex digits>\"` or `token: \"${env:NAME}\"`");
                     None
                 }
             };
@@ -509,10 +446,7 @@ impl Builder<'_> {
 
     fn store(&mut self, raw: Option<Parsed<raw::RawStore>>) -> StoreConfig {
         const DEFAULT: &str = "sqlite://data/keygate.db";
-        let url = self
-            .parsed(raw, "store")
-            .and_then(|s| s.url)
-            .map_or_else(|| DEFAULT.to_owned(), |Text(url)| url);
+        let url = self.parsed(raw, "store").and_then(|s| s.url).map_or_else(|| DEFAULT.to_owned(), |Text(url)| url);
         let sqlite_path = url.strip_prefix("sqlite://");
         let ok = url == "sqlite::memory:"
             || sqlite_path.is_some_and(|p| !p.is_empty())
@@ -520,10 +454,8 @@ impl Builder<'_> {
                 .iter()
                 .any(|scheme| url.len() > scheme.len() && url.starts_with(scheme));
         if !ok {
-            self.issues.add(
-                "store.url",
-                "expected sqlite://<file>, sqlite::memory:, postgres://... or postgresql://...",
-            );
+            self.issues
+                .add("store.url", "expected sqlite://<file>, sqlite::memory:, postgres://... or postgresql://...");
         }
         StoreConfig { url }
     }
@@ -537,13 +469,7 @@ impl Builder<'_> {
                 None => (None, false),
             },
         };
-        let RawKeys {
-            source,
-            control_plane,
-            file,
-            cache_file,
-            max_staleness,
-        } = keys.unwrap_or(RawKeys {
+        let RawKeys { source, control_plane, file, cache_file, max_staleness } = keys.unwrap_or(RawKeys {
             source: None,
             control_plane: None,
             file: None,
@@ -551,21 +477,15 @@ impl Builder<'_> {
             max_staleness: None,
         });
         let had_control_plane = control_plane.is_some();
-        let control_plane = self
-            .parsed(control_plane, "keys.control_plane")
-            .and_then(|cp| {
-                let url = self.required(cp.url, "keys.control_plane.url");
-                let token = self.required_nonblank(cp.token, "keys.control_plane.token");
-                let url = url.filter(|url| self.check_http_url(url, "keys.control_plane.url"));
-                Some(ControlPlaneClientConfig {
-                    url: url?,
-                    token: token?,
-                })
-            });
+        let control_plane = self.parsed(control_plane, "keys.control_plane").and_then(|cp| {
+            let url = self.required(cp.url, "keys.control_plane.url");
+            let token = self.required_nonblank(cp.token, "keys.control_plane.token");
+            let url = url.filter(|url| self.check_http_url(url, "keys.control_plane.url"));
+            Some(ControlPlaneClientConfig { url: url?, token: token? })
+        });
         let file = self.optional_path(file, "keys.file");
         let cache_file = self.optional_path(cache_file, "keys.cache_file");
-        let max_staleness =
-            self.duration(max_staleness, "keys.max_staleness", Duration::ZERO, true);
+        let max_staleness = self.duration(max_staleness, "keys.max_staleness", Duration::ZERO, true);
 
         // Set when no source could be picked: the checks below would only repeat it.
         let mut unresolved = false;
@@ -593,35 +513,20 @@ impl Builder<'_> {
                     "keys.source",
                     "`store` is not available in gateway mode (a gateway has no store): use control_plane or file",
                 ),
-                (KeySource::ControlPlane | KeySource::File, Some(Mode::ControlPlane)) => {
-                    self.issues.add(
-                        "keys.source",
-                        "a control plane serves keys from its store: use `store` (or leave it out)",
-                    )
-                }
+                (KeySource::ControlPlane | KeySource::File, Some(Mode::ControlPlane)) => self
+                    .issues
+                    .add("keys.source", "a control plane serves keys from its store: use `store` (or leave it out)"),
                 _ => {}
             }
             if source == KeySource::ControlPlane && !had_control_plane {
-                self.issues.add(
-                    "keys.control_plane",
-                    "required when keys.source is control_plane: { url: ..., token: ... }",
-                );
+                self.issues
+                    .add("keys.control_plane", "required when keys.source is control_plane: { url: ..., token: ... }");
             }
             if source == KeySource::File && file.is_none() && !self.has_issue("keys.file") {
-                self.issues
-                    .add("keys.file", "required when keys.source is file");
+                self.issues.add("keys.file", "required when keys.source is file");
             }
         }
-        (
-            KeysConfig {
-                source,
-                control_plane,
-                file,
-                cache_file,
-                max_staleness,
-            },
-            parsed,
-        )
+        (KeysConfig { source, control_plane, file, cache_file, max_staleness }, parsed)
     }
 
     fn has_issue(&self, path: &str) -> bool {
@@ -630,31 +535,19 @@ impl Builder<'_> {
 
     fn check_http_url(&mut self, url: &str, path: &str) -> bool {
         let ok = (url.starts_with("http://") || url.starts_with("https://"))
-            && url
-                .parse::<http::Uri>()
-                .ok()
-                .and_then(|u| u.host().map(|h| !h.is_empty()))
-                .unwrap_or(false);
+            && url.parse::<http::Uri>().ok().and_then(|u| u.host().map(|h| !h.is_empty())).unwrap_or(false);
         if !ok {
-            self.issues.add(
-                path,
-                format!("expected an http:// or https:// URL with a host, found {url:?}"),
-            );
+            self.issues.add(path, format!("expected an http:// or https:// URL with a host, found {url:?}"));
         }
         ok
     }
 
     fn client_ip(&mut self, raw: Option<Parsed<raw::RawClientIp>>) -> ClientIpConfig {
         let mut trusted_proxies = Vec::new();
-        let list = self
-            .parsed(raw, "client_ip")
-            .and_then(|c| c.trusted_proxies)
-            .unwrap_or_default();
+        let list = self.parsed(raw, "client_ip").and_then(|c| c.trusted_proxies).unwrap_or_default();
         for (i, Text(s)) in list.into_iter().enumerate() {
             let s = s.trim();
-            let net = s
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from));
+            let net = s.parse::<ipnet::IpNet>().or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from));
             match net {
                 Ok(net) => trusted_proxies.push(net),
                 Err(_) => self.issues.add(
@@ -666,23 +559,12 @@ impl Builder<'_> {
         ClientIpConfig { trusted_proxies }
     }
 
-    fn key_locations(
-        &mut self,
-        raw: Option<Parsed<Vec<Parsed<RawKeyLocation>>>>,
-    ) -> Vec<KeyLocation> {
+    fn key_locations(&mut self, raw: Option<Parsed<Vec<Parsed<RawKeyLocation>>>>) -> Vec<KeyLocation> {
         let Some(parsed) = raw else {
             return vec![
-                KeyLocation::Header {
-                    name: http::header::AUTHORIZATION,
-                    scheme: Some("Bearer".to_owned()),
-                },
-                KeyLocation::Header {
-                    name: http::HeaderName::from_static("x-api-key"),
-                    scheme: None,
-                },
-                KeyLocation::Query {
-                    name: "api_key".to_owned(),
-                },
+                KeyLocation::Header { name: http::header::AUTHORIZATION, scheme: Some("Bearer".to_owned()) },
+                KeyLocation::Header { name: http::HeaderName::from_static("x-api-key"), scheme: None },
+                KeyLocation::Query { name: "api_key".to_owned() },
             ];
         };
         let Some(items) = self.issues.take(parsed, "key_locations") else {
@@ -703,15 +585,10 @@ impl Builder<'_> {
             match (location.header, location.query) {
                 (Some(Text(header)), None) => {
                     let header_path = join_key(&path, "header");
-                    let name = match http::HeaderName::from_bytes(
-                        header.trim().to_ascii_lowercase().as_bytes(),
-                    ) {
+                    let name = match http::HeaderName::from_bytes(header.trim().to_ascii_lowercase().as_bytes()) {
                         Ok(name) => Some(name),
                         Err(_) => {
-                            self.issues.add(
-                                &header_path,
-                                format!("{header:?} is not a valid header name"),
-                            );
+                            self.issues.add(&header_path, format!("{header:?} is not a valid header name"));
                             None
                         }
                     };
@@ -720,9 +597,7 @@ impl Builder<'_> {
                         if scheme.is_empty() || !scheme.bytes().all(is_token_byte) {
                             self.issues.add(
                                 &join_key(&path, "scheme"),
-                                format!(
-                                    "{scheme:?} is not a valid auth scheme (one word, like Bearer)"
-                                ),
+                                format!("{scheme:?} is not a valid auth scheme (one word, like Bearer)"),
                             );
                             None
                         } else {
@@ -735,28 +610,20 @@ impl Builder<'_> {
                 }
                 (None, Some(Text(query))) => {
                     if location.scheme.is_some() {
-                        self.issues.add(
-                            &join_key(&path, "scheme"),
-                            "`scheme` applies to `header` locations only",
-                        );
+                        self.issues.add(&join_key(&path, "scheme"), "`scheme` applies to `header` locations only");
                     }
                     let query = query.trim().to_owned();
                     if query.is_empty() || query.contains(['&', '=', '#', '?', ' ']) {
-                        self.issues.add(
-                            &join_key(&path, "query"),
-                            format!("{query:?} is not a valid query parameter name"),
-                        );
+                        self.issues
+                            .add(&join_key(&path, "query"), format!("{query:?} is not a valid query parameter name"));
                     } else {
                         out.push(KeyLocation::Query { name: query });
                     }
                 }
-                (Some(_), Some(_)) => self
-                    .issues
-                    .add(&path, "give either `header` or `query`, not both"),
-                (None, None) => self.issues.add(
-                    &path,
-                    "needs `header: <name>` (optionally with `scheme`) or `query: <name>`",
-                ),
+                (Some(_), Some(_)) => self.issues.add(&path, "give either `header` or `query`, not both"),
+                (None, None) => {
+                    self.issues.add(&path, "needs `header: <name>` (optionally with `scheme`) or `query: <name>`")
+                }
             }
         }
         out
@@ -795,16 +662,14 @@ impl Builder<'_> {
         let mut targets = Vec::new();
         match raw.targets {
             None => self.issues.add(&targets_path, MISSING),
-            Some(list) if list.is_empty() => self
-                .issues
-                .add(&targets_path, "at least one target is required"),
+            Some(list) if list.is_empty() => self.issues.add(&targets_path, "at least one target is required"),
             Some(list) => {
                 for (i, Text(target)) in list.into_iter().enumerate() {
                     let target_path = join_index(&targets_path, i);
                     match check_target(&target) {
-                        Ok(target) if targets.contains(&target) => self
-                            .issues
-                            .add(&target_path, format!("duplicate target {target:?}")),
+                        Ok(target) if targets.contains(&target) => {
+                            self.issues.add(&target_path, format!("duplicate target {target:?}"))
+                        }
                         Ok(target) => targets.push(target),
                         Err(message) => self.issues.add(&target_path, message),
                     }
@@ -818,34 +683,23 @@ impl Builder<'_> {
                 if valid_host_name(&sni) {
                     Some(sni)
                 } else {
-                    self.issues.add(
-                        &join_key(&tls_path, "sni"),
-                        format!("{sni:?} is not a valid host name"),
-                    );
+                    self.issues.add(&join_key(&tls_path, "sni"), format!("{sni:?} is not a valid host name"));
                     None
                 }
             });
-            let ca = tls
-                .ca
-                .and_then(|ca| self.pem_file(Some(ca), &join_key(&tls_path, "ca"), Pem::Cert));
-            UpstreamTlsConfig {
-                sni,
-                ca,
-                verify: tls.verify.is_none_or(|raw::Flag(v)| v),
-            }
+            let ca = tls.ca.and_then(|ca| self.pem_file(Some(ca), &join_key(&tls_path, "ca"), Pem::Cert));
+            UpstreamTlsConfig { sni, ca, verify: tls.verify.is_none_or(|raw::Flag(v)| v) }
         });
         let hc_path = join_key(path, "health_check");
         let health_check = self.parsed(raw.health_check, &hc_path).map(|hc| {
             let check_path = hc.path.map_or_else(|| "/".to_owned(), |Text(p)| p);
             if !check_path.starts_with('/') {
-                self.issues
-                    .add(&join_key(&hc_path, "path"), "must start with '/'");
+                self.issues.add(&join_key(&hc_path, "path"), "must start with '/'");
             }
             let mut threshold = |value: Option<raw::Num<u32>>, field: &str| match value {
                 None => 1,
                 Some(raw::Num(0)) => {
-                    self.issues
-                        .add(&join_key(&hc_path, field), "must be at least 1");
+                    self.issues.add(&join_key(&hc_path, field), "must be at least 1");
                     1
                 }
                 Some(raw::Num(n)) => n,
@@ -854,41 +708,17 @@ impl Builder<'_> {
             let unhealthy_threshold = threshold(hc.unhealthy_threshold, "unhealthy_threshold");
             HealthCheckConfig {
                 path: check_path,
-                interval: self.duration(
-                    hc.interval,
-                    &join_key(&hc_path, "interval"),
-                    Duration::from_secs(5),
-                    false,
-                ),
-                timeout: self.duration(
-                    hc.timeout,
-                    &join_key(&hc_path, "timeout"),
-                    Duration::from_secs(2),
-                    false,
-                ),
+                interval: self.duration(hc.interval, &join_key(&hc_path, "interval"), Duration::from_secs(5), false),
+                timeout: self.duration(hc.timeout, &join_key(&hc_path, "timeout"), Duration::from_secs(2), false),
                 healthy_threshold,
                 unhealthy_threshold,
             }
         });
-        let connect_timeout = self.duration(
-            raw.connect_timeout,
-            &join_key(path, "connect_timeout"),
-            Duration::from_secs(2),
-            false,
-        );
-        let read_timeout = self.duration(
-            raw.read_timeout,
-            &join_key(path, "read_timeout"),
-            Duration::from_secs(30),
-            false,
-        );
-        UpstreamConfig {
-            targets,
-            tls,
-            health_check,
-            connect_timeout,
-            read_timeout,
-        }
+        let connect_timeout =
+            self.duration(raw.connect_timeout, &join_key(path, "connect_timeout"), Duration::from_secs(2), false);
+        let read_timeout =
+            self.duration(raw.read_timeout, &join_key(path, "read_timeout"), Duration::from_secs(30), false);
+        UpstreamConfig { targets, tls, health_check, connect_timeout, read_timeout }
     }
 
     fn routes(
@@ -918,24 +748,15 @@ impl Builder<'_> {
             }
             let match_path = join_key(&path, "match");
             let matcher = match route.matcher {
-                None => Some(RouteMatch {
-                    path_prefix: "/".to_owned(),
-                    methods: Vec::new(),
-                    host: None,
-                }),
-                Some(p) => self
-                    .issues
-                    .take(p, &match_path)
-                    .map(|m| self.route_match(m, &match_path)),
+                None => Some(RouteMatch { path_prefix: "/".to_owned(), methods: Vec::new(), host: None }),
+                Some(p) => self.issues.take(p, &match_path).map(|m| self.route_match(m, &match_path)),
             };
             let upstream_path = join_key(&path, "upstream");
             let upstream = self.required_nonblank(route.upstream, &upstream_path);
             if let (Some(upstream), Some(known)) = (&upstream, upstreams) {
                 if !known.contains(upstream) {
-                    self.issues.add(
-                        &upstream_path,
-                        format!("unknown upstream {upstream:?} (not defined under `upstreams`)"),
-                    );
+                    self.issues
+                        .add(&upstream_path, format!("unknown upstream {upstream:?} (not defined under `upstreams`)"));
                 }
             }
             let auth = match route.auth {
@@ -962,14 +783,7 @@ impl Builder<'_> {
             }
             let set_headers = self.set_headers(route.set_headers, &join_key(&path, "set_headers"));
             if let (Some(name), Some(matcher), Some(upstream)) = (name, matcher, upstream) {
-                out.push(RouteConfig {
-                    name,
-                    matcher,
-                    upstream,
-                    auth,
-                    scopes,
-                    set_headers,
-                });
+                out.push(RouteConfig { name, matcher, upstream, auth, scopes, set_headers });
             }
         }
         out
@@ -981,18 +795,9 @@ impl Builder<'_> {
         if !path_prefix.starts_with('/') {
             self.issues.add(&prefix_path, "must start with '/'");
         } else if path_prefix.contains(['?', '#']) {
-            self.issues.add(
-                &prefix_path,
-                "matches the path only: it cannot contain '?' or '#'",
-            );
-        } else if path_prefix
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control())
-        {
-            self.issues.add(
-                &prefix_path,
-                "must not contain spaces or control characters",
-            );
+            self.issues.add(&prefix_path, "matches the path only: it cannot contain '?' or '#'");
+        } else if path_prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            self.issues.add(&prefix_path, "must not contain spaces or control characters");
         }
         let mut methods: Vec<http::Method> = Vec::new();
         for (i, Text(m)) in raw.methods.unwrap_or_default().into_iter().enumerate() {
@@ -1002,40 +807,26 @@ impl Builder<'_> {
                         methods.push(method);
                     }
                 }
-                Err(message) => self
-                    .issues
-                    .add(&join_index(&join_key(path, "methods"), i), message),
+                Err(message) => self.issues.add(&join_index(&join_key(path, "methods"), i), message),
             }
         }
         let host = raw.host.and_then(|Text(host)| {
             let host = host.trim().to_ascii_lowercase();
             let host_path = join_key(path, "host");
             if host.contains(':') {
-                self.issues.add(
-                    &host_path,
-                    format!("{host:?}: match the host name without a port"),
-                );
+                self.issues.add(&host_path, format!("{host:?}: match the host name without a port"));
                 None
             } else if !valid_host_name(&host) {
-                self.issues
-                    .add(&host_path, format!("{host:?} is not a valid host name"));
+                self.issues.add(&host_path, format!("{host:?} is not a valid host name"));
                 None
             } else {
                 Some(host)
             }
         });
-        RouteMatch {
-            path_prefix,
-            methods,
-            host,
-        }
+        RouteMatch { path_prefix, methods, host }
     }
 
-    fn set_headers(
-        &mut self,
-        raw: Option<Entries<Text>>,
-        path: &str,
-    ) -> Vec<(http::HeaderName, http::HeaderValue)> {
+    fn set_headers(&mut self, raw: Option<Entries<Text>>, path: &str) -> Vec<(http::HeaderName, http::HeaderValue)> {
         // Headers that frame the message or the connection: overriding them
         // would corrupt the proxied exchange.
         const FORBIDDEN: &[&str] = &[
@@ -1051,29 +842,19 @@ impl Builder<'_> {
         let mut out: Vec<(http::HeaderName, http::HeaderValue)> = Vec::new();
         for (raw_name, Text(value)) in raw.map(|e| e.0).unwrap_or_default() {
             let header_path = join_key(path, &raw_name);
-            let name = match http::HeaderName::from_bytes(raw_name.to_ascii_lowercase().as_bytes())
-            {
+            let name = match http::HeaderName::from_bytes(raw_name.to_ascii_lowercase().as_bytes()) {
                 Ok(name) => name,
                 Err(_) => {
-                    self.issues.add(
-                        &header_path,
-                        format!("{raw_name:?} is not a valid header name"),
-                    );
+                    self.issues.add(&header_path, format!("{raw_name:?} is not a valid header name"));
                     continue;
                 }
             };
             if FORBIDDEN.contains(&name.as_str()) {
-                self.issues.add(
-                    &header_path,
-                    format!("{name} is managed by the proxy and cannot be set"),
-                );
+                self.issues.add(&header_path, format!("{name} is managed by the proxy and cannot be set"));
                 continue;
             }
             if out.iter().any(|(n, _)| *n == name) {
-                self.issues.add(
-                    &header_path,
-                    format!("header {name} is set twice (names are case-insensitive)"),
-                );
+                self.issues.add(&header_path, format!("header {name} is set twice (names are case-insensitive)"));
                 continue;
             }
             // The value is likely a secret: the message must not echo it.
@@ -1112,13 +893,9 @@ impl Builder<'_> {
                 continue;
             };
             let rl_path = join_key(&path, "rate_limit");
-            let rate_limit = self
-                .parsed(plan.rate_limit, &rl_path)
-                .and_then(|rl| self.collect(rl.validate(&rl_path)));
+            let rate_limit = self.parsed(plan.rate_limit, &rl_path).and_then(|rl| self.collect(rl.validate(&rl_path)));
             let quota_path = join_key(&path, "quota");
-            let quota = self
-                .parsed(plan.quota, &quota_path)
-                .and_then(|q| self.collect(q.validate(&quota_path)));
+            let quota = self.parsed(plan.quota, &quota_path).and_then(|q| self.collect(q.validate(&quota_path)));
             out.insert(name, PlanConfig { rate_limit, quota });
         }
         (out, Some(names))
@@ -1136,48 +913,24 @@ impl Builder<'_> {
         }
     }
 
-    fn default_plan(
-        &mut self,
-        raw: Option<Parsed<Text>>,
-        plans: Option<&BTreeSet<String>>,
-    ) -> Option<String> {
+    fn default_plan(&mut self, raw: Option<Parsed<Text>>, plans: Option<&BTreeSet<String>>) -> Option<String> {
         let Text(name) = self.parsed(raw, "default_plan")?;
         if plans.is_some_and(|plans| !plans.contains(&name)) {
-            self.issues.add(
-                "default_plan",
-                format!("unknown plan {name:?} (not defined under `plans`)"),
-            );
+            self.issues.add("default_plan", format!("unknown plan {name:?} (not defined under `plans`)"));
         }
         Some(name)
     }
 
-    fn usage(
-        &mut self,
-        raw: Option<Parsed<RawUsage>>,
-        mode: Option<Mode>,
-        keys: Option<&KeysConfig>,
-    ) -> UsageConfig {
+    fn usage(&mut self, raw: Option<Parsed<RawUsage>>, mode: Option<Mode>, keys: Option<&KeysConfig>) -> UsageConfig {
         let usage = self.parsed(raw, "usage");
         let (flush_interval, sinks) = match usage {
             Some(u) => (u.flush_interval, u.sinks),
             None => (None, None),
         };
-        let flush_interval = self.duration(
-            flush_interval,
-            "usage.flush_interval",
-            Duration::from_secs(5),
-            false,
-        );
+        let flush_interval = self.duration(flush_interval, "usage.flush_interval", Duration::from_secs(5), false);
         let Some(sinks) = sinks else {
-            let sinks = if mode.unwrap_or_default() == Mode::Standalone {
-                vec![SinkConfig::Store]
-            } else {
-                Vec::new()
-            };
-            return UsageConfig {
-                flush_interval,
-                sinks,
-            };
+            let sinks = if mode.unwrap_or_default() == Mode::Standalone { vec![SinkConfig::Store] } else { Vec::new() };
+            return UsageConfig { flush_interval, sinks };
         };
         let mut out: Vec<SinkConfig> = Vec::new();
         for (i, item) in sinks.into_iter().enumerate() {
@@ -1187,77 +940,48 @@ impl Builder<'_> {
             };
             if let Some(sink) = self.sink(sink, &path, mode, keys) {
                 if let Some(j) = out.iter().position(|s| *s == sink) {
-                    self.issues.add(
-                        &path,
-                        format!("same sink as an earlier entry (index {j}): usage would be counted twice"),
-                    );
+                    self.issues
+                        .add(&path, format!("same sink as an earlier entry (index {j}): usage would be counted twice"));
                 } else {
                     out.push(sink);
                 }
             }
         }
-        UsageConfig {
-            flush_interval,
-            sinks: out,
-        }
+        UsageConfig { flush_interval, sinks: out }
     }
 
-    fn sink(
-        &mut self,
-        raw: RawSink,
-        path: &str,
-        mode: Option<Mode>,
-        keys: Option<&KeysConfig>,
-    ) -> Option<SinkConfig> {
+    fn sink(&mut self, raw: RawSink, path: &str, mode: Option<Mode>, keys: Option<&KeysConfig>) -> Option<SinkConfig> {
         let type_path = join_key(path, "type");
         let kind = self.required(raw.kind, &type_path)?;
         let path_path = join_key(path, "path");
         if kind != "file" && raw.path.is_some() {
-            self.issues
-                .add(&path_path, "only a sink of type `file` takes a path");
+            self.issues.add(&path_path, "only a sink of type `file` takes a path");
         }
         match kind.as_str() {
             "store" => {
                 if mode == Some(Mode::Gateway) {
-                    self.issues.add(
-                        &type_path,
-                        "a gateway has no store: use { type: control_plane } or a file sink",
-                    );
+                    self.issues.add(&type_path, "a gateway has no store: use { type: control_plane } or a file sink");
                 }
                 Some(SinkConfig::Store)
             }
             "control_plane" => {
                 if mode.is_some_and(|m| m != Mode::Gateway) {
-                    self.issues.add(
-                        &type_path,
-                        "only gateways send usage to a control plane: use { type: store }",
-                    );
+                    self.issues.add(&type_path, "only gateways send usage to a control plane: use { type: store }");
                 } else if keys.is_some_and(|k| k.control_plane.is_none())
-                    && !self
-                        .issues
-                        .list
-                        .iter()
-                        .any(|i| i.path.starts_with("keys.control_plane"))
+                    && !self.issues.list.iter().any(|i| i.path.starts_with("keys.control_plane"))
                 {
-                    self.issues.add(
-                        &type_path,
-                        "needs keys.control_plane, the control plane to send usage to",
-                    );
+                    self.issues.add(&type_path, "needs keys.control_plane, the control plane to send usage to");
                 }
                 Some(SinkConfig::ControlPlane)
             }
             "file" => {
                 let file = self.required_nonblank(raw.path, &path_path)?;
-                Some(SinkConfig::File {
-                    path: PathBuf::from(file),
-                })
+                Some(SinkConfig::File { path: PathBuf::from(file) })
             }
             other => {
                 self.issues.add(
                     &type_path,
-                    format!(
-                        "unknown sink type {other:?}, expected `store`, `control_plane` or `file`"
-                    ),
+                    format!("unknown sink type {other:?}, expected `store`, `control_plane` or `file`"),
                 );
                 None
             }
@@ -1268,13 +992,11 @@ impl Builder<'_> {
         match self.parsed(raw, "access_log") {
             None => AccessLogConfig::Stdout,
             Some(RawAccessLog::Off) => AccessLogConfig::Off,
-            Some(RawAccessLog::Path(path)) => {
-                match self.required_nonblank(path, "access_log.path") {
-                    Some(p) if p == "stdout" => AccessLogConfig::Stdout,
-                    Some(p) => AccessLogConfig::File(PathBuf::from(p)),
-                    None => AccessLogConfig::Stdout,
-                }
-            }
+            Some(RawAccessLog::Path(path)) => match self.required_nonblank(path, "access_log.path") {
+                Some(p) if p == "stdout" => AccessLogConfig::Stdout,
+                Some(p) => AccessLogConfig::File(PathBuf::from(p)),
+                None => AccessLogConfig::Stdout,
+            },
         }
     }
 }
@@ -1297,17 +1019,10 @@ impl RawRateLimit {
         };
         let per = required_duration(self.per.as_ref(), &join_key(path, "per"), &mut errors);
         if self.burst == Some(raw::Num(0)) {
-            errors.push((
-                join_key(path, "burst"),
-                "must be at least 1 when given".to_owned(),
-            ));
+            errors.push((join_key(path, "burst"), "must be at least 1 when given".to_owned()));
         }
         if errors.is_empty() {
-            Ok(RateLimitConfig {
-                requests,
-                per,
-                burst: self.burst.map(|raw::Num(b)| b),
-            })
+            Ok(RateLimitConfig { requests, per, burst: self.burst.map(|raw::Num(b)| b) })
         } else {
             Err(errors)
         }
@@ -1335,10 +1050,7 @@ impl RawQuota {
             Some("day") => Some(QuotaPeriod::Day),
             Some("month") => Some(QuotaPeriod::Month),
             Some(other) => {
-                errors.push((
-                    per_path,
-                    format!("unknown quota period {other:?}, expected `day` or `month`"),
-                ));
+                errors.push((per_path, format!("unknown quota period {other:?}, expected `day` or `month`")));
                 None
             }
             None => {
@@ -1353,17 +1065,11 @@ impl RawQuota {
     }
 }
 
-fn required_duration(
-    text: Option<&Text>,
-    path: &str,
-    errors: &mut Vec<(String, String)>,
-) -> Duration {
+fn required_duration(text: Option<&Text>, path: &str, errors: &mut Vec<(String, String)>) -> Duration {
     match text.map(|Text(s)| parse_duration(s)) {
         None => errors.push((path.to_owned(), MISSING.to_owned())),
         Some(Err(e)) => errors.push((path.to_owned(), e.to_string())),
-        Some(Ok(d)) if d.is_zero() => {
-            errors.push((path.to_owned(), "must be greater than 0".to_owned()))
-        }
+        Some(Ok(d)) if d.is_zero() => errors.push((path.to_owned(), "must be greater than 0".to_owned())),
         Some(Ok(d)) => return d,
     }
     Duration::ZERO
@@ -1372,10 +1078,7 @@ fn required_duration(
 /// `sha256:<64 hex digits>` → digest.
 fn parse_sha256(s: &str) -> Result<[u8; 32], String> {
     const FORM: &str = "expected sha256:<64 hex digits> (`keygate hash-key` prints one)";
-    let digits = s
-        .trim()
-        .strip_prefix("sha256:")
-        .ok_or_else(|| FORM.to_owned())?;
+    let digits = s.trim().strip_prefix("sha256:").ok_or_else(|| FORM.to_owned())?;
     let mut out = [0u8; 32];
     hex::decode_to_slice(digits, &mut out).map_err(|_| FORM.to_owned())?;
     Ok(out)
@@ -1392,14 +1095,12 @@ fn check_pem(path: &Path, kind: Pem) -> Result<(), String> {
     let data = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let has = |needle: &[u8]| data.windows(needle.len()).any(|w| w == needle);
     match kind {
-        Pem::Cert if !has(b"-----BEGIN CERTIFICATE-----") => Err(format!(
-            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            path.display()
-        )),
-        Pem::Key if !(has(b"-----BEGIN") && has(b"PRIVATE KEY-----")) => Err(format!(
-            "{} holds no PEM private key (-----BEGIN ... PRIVATE KEY-----)",
-            path.display()
-        )),
+        Pem::Cert if !has(b"-----BEGIN CERTIFICATE-----") => {
+            Err(format!("{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)", path.display()))
+        }
+        Pem::Key if !(has(b"-----BEGIN") && has(b"PRIVATE KEY-----")) => {
+            Err(format!("{} holds no PEM private key (-----BEGIN ... PRIVATE KEY-----)", path.display()))
+        }
         _ => Ok(()),
     }
 }
@@ -1461,14 +1162,11 @@ const METHODS: &[&str] = &[
 fn parse_method(s: &str) -> Result<http::Method, String> {
     let name = s.trim();
     if METHODS.contains(&name) {
-        return http::Method::from_bytes(name.as_bytes())
-            .map_err(|_| format!("unknown HTTP method {s:?}"));
+        return http::Method::from_bytes(name.as_bytes()).map_err(|_| format!("unknown HTTP method {s:?}"));
     }
     let upper = name.to_ascii_uppercase();
     if METHODS.contains(&upper.as_str()) {
-        return Err(format!(
-            "HTTP methods are case-sensitive: write {upper:?}, not {s:?}"
-        ));
+        return Err(format!("HTTP methods are case-sensitive: write {upper:?}, not {s:?}"));
     }
     Err(format!("unknown HTTP method {s:?}"))
 }
@@ -1478,32 +1176,20 @@ fn parse_method(s: &str) -> Result<http::Method, String> {
 fn check_target(s: &str) -> Result<String, String> {
     let target = s.trim();
     if target.contains("://") {
-        return Err(format!(
-            "{s:?}: targets are host:port without a scheme (use `tls:` for HTTPS)"
-        ));
+        return Err(format!("{s:?}: targets are host:port without a scheme (use `tls:` for HTTPS)"));
     }
     let port = if let Some(rest) = target.strip_prefix('[') {
-        let (ip, after) = rest
-            .split_once(']')
-            .ok_or_else(|| format!("{s:?}: missing ']' after the IPv6 address"))?;
-        ip.parse::<Ipv6Addr>()
-            .map_err(|_| format!("{s:?}: {ip:?} is not an IPv6 address"))?;
-        after
-            .strip_prefix(':')
-            .ok_or_else(|| format!("{s:?} has no port; write [addr]:port"))?
+        let (ip, after) = rest.split_once(']').ok_or_else(|| format!("{s:?}: missing ']' after the IPv6 address"))?;
+        ip.parse::<Ipv6Addr>().map_err(|_| format!("{s:?}: {ip:?} is not an IPv6 address"))?;
+        after.strip_prefix(':').ok_or_else(|| format!("{s:?} has no port; write [addr]:port"))?
     } else {
-        let (host, port) = target
-            .rsplit_once(':')
-            .ok_or_else(|| format!("{s:?} has no port; write host:port, e.g. 10.0.1.5:8000"))?;
+        let (host, port) =
+            target.rsplit_once(':').ok_or_else(|| format!("{s:?} has no port; write host:port, e.g. 10.0.1.5:8000"))?;
         if host.contains(':') {
-            return Err(format!(
-                "{s:?}: write IPv6 addresses in brackets, e.g. [::1]:8000"
-            ));
+            return Err(format!("{s:?}: write IPv6 addresses in brackets, e.g. [::1]:8000"));
         }
         if !valid_host_name(host) {
-            return Err(format!(
-                "{s:?}: {host:?} is not a valid host name or IP address"
-            ));
+            return Err(format!("{s:?}: {host:?} is not a valid host name or IP address"));
         }
         port
     };
@@ -1523,9 +1209,7 @@ fn valid_host_name(host: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
 }
 

@@ -81,23 +81,12 @@ pub fn parse_keys_file(
     plans: &BTreeMap<String, PlanConfig>,
 ) -> Result<Vec<(KeyDigest, KeyRecord)>, KeysFileError> {
     let positions = Positions::build(text);
-    let mut errors = Errors {
-        file,
-        positions: &positions,
-        list: Vec::new(),
-    };
+    let mut errors = Errors { file, positions: &positions, list: Vec::new() };
 
     let document: RawKeysFile = match serde_norway::from_str::<serde_norway::Value>(text)
-        .map_err(|e| {
-            (
-                String::new(),
-                e.location().map(|l| (l.line(), l.column())),
-                e.to_string(),
-            )
-        })
+        .map_err(|e| (String::new(), e.location().map(|l| (l.line(), l.column())), e.to_string()))
         .and_then(|value| {
-            serde_path_to_error::deserialize(value)
-                .map_err(|e| (e.path().to_string(), None, e.inner().to_string()))
+            serde_path_to_error::deserialize(value).map_err(|e| (e.path().to_string(), None, e.inner().to_string()))
         }) {
         Ok(document) => document,
         Err((path, location, message)) => {
@@ -116,11 +105,7 @@ pub fn parse_keys_file(
             Ok(raw) => raw,
             Err(e) => {
                 let inner = e.path().to_string();
-                let path = if inner == "." {
-                    base
-                } else {
-                    format!("{base}.{inner}")
-                };
+                let path = if inner == "." { base } else { format!("{base}.{inner}") };
                 errors.push(&path, e.inner().to_string());
                 continue;
             }
@@ -128,18 +113,12 @@ pub fn parse_keys_file(
         // Duplicates are found even among records with other problems.
         if let Ok(digest) = KeyDigest::parse(&raw.hash) {
             if let Some(first) = seen_hashes.insert(digest, index) {
-                errors.push(
-                    &format!("{base}.hash"),
-                    format!("the same hash as keys[{first}]"),
-                );
+                errors.push(&format!("{base}.hash"), format!("the same hash as keys[{first}]"));
             }
         }
         if let Some(id) = &raw.id {
             if let Some(first) = seen_ids.insert(id.clone(), index) {
-                errors.push(
-                    &format!("{base}.id"),
-                    format!("id {id:?} is already used by keys[{first}]"),
-                );
+                errors.push(&format!("{base}.id"), format!("id {id:?} is already used by keys[{first}]"));
             }
         }
         if let Some(entry) = validate_key(raw, &base, plans, &mut errors) {
@@ -160,28 +139,18 @@ fn validate_key(
     errors: &mut Errors<'_>,
 ) -> Option<(KeyDigest, KeyRecord)> {
     let before = errors.list.len();
-    let digest = KeyDigest::parse(&raw.hash)
-        .map_err(|e| errors.push(&format!("{base}.hash"), e.to_string()))
-        .ok();
+    let digest = KeyDigest::parse(&raw.hash).map_err(|e| errors.push(&format!("{base}.hash"), e.to_string())).ok();
     // Without an explicit id, the digest names the key stably across reloads.
     let id = match raw.id {
         Some(id) => id,
-        None => digest
-            .map(|d| format!("key_{}", &hex::encode(d.0)[..16]))
-            .unwrap_or_default(),
+        None => digest.map(|d| format!("key_{}", &hex::encode(d.0)[..16])).unwrap_or_default(),
     };
     if raw_text_invalid(&id) {
-        errors.push(
-            &format!("{base}.id"),
-            "must be 1 to 128 printable characters without spaces".into(),
-        );
+        errors.push(&format!("{base}.id"), "must be 1 to 128 printable characters without spaces".into());
     }
     for (field, value) in [("owner", &raw.owner), ("plan", &raw.plan)] {
         if value.as_deref().is_some_and(raw_text_invalid) {
-            errors.push(
-                &format!("{base}.{field}"),
-                "must be 1 to 128 printable characters without spaces".into(),
-            );
+            errors.push(&format!("{base}.{field}"), "must be 1 to 128 printable characters without spaces".into());
         }
     }
     if let Some(plan) = &raw.plan {
@@ -191,40 +160,29 @@ fn validate_key(
     }
     for (i, scope) in raw.scopes.iter().enumerate() {
         if raw_text_invalid(scope) {
-            errors.push(
-                &format!("{base}.scopes[{i}]"),
-                "a scope must be non-empty printable text without spaces".into(),
-            );
+            errors
+                .push(&format!("{base}.scopes[{i}]"), "a scope must be non-empty printable text without spaces".into());
         }
     }
     let mut allowlist = Vec::with_capacity(raw.ip_allowlist.len());
     for (i, entry) in raw.ip_allowlist.iter().enumerate() {
         match parse_cidr(entry) {
             Some(net) => allowlist.push(net),
-            None => errors.push(
-                &format!("{base}.ip_allowlist[{i}]"),
-                format!("{entry:?} is not an IP address or CIDR"),
-            ),
+            None => {
+                errors.push(&format!("{base}.ip_allowlist[{i}]"), format!("{entry:?} is not an IP address or CIDR"))
+            }
         }
     }
     let status = match raw.status.as_deref() {
         None => KeyStatus::Active,
         Some(text) => KeyStatus::parse(text).unwrap_or_else(|| {
-            errors.push(
-                &format!("{base}.status"),
-                format!("{text:?} is not one of active, disabled, revoked"),
-            );
+            errors.push(&format!("{base}.status"), format!("{text:?} is not one of active, disabled, revoked"));
             KeyStatus::Active
         }),
     };
     let expires_at = raw.expires_at.as_deref().and_then(|text| {
         OffsetDateTime::parse(text, &Rfc3339)
-            .map_err(|_| {
-                errors.push(
-                    &format!("{base}.expires_at"),
-                    format!("{text:?} is not an RFC 3339 time"),
-                )
-            })
+            .map_err(|_| errors.push(&format!("{base}.expires_at"), format!("{text:?} is not an RFC 3339 time")))
             .ok()
     });
     if errors.list.len() > before {
@@ -253,9 +211,7 @@ fn raw_text_invalid(text: &str) -> bool {
 /// A CIDR, or a bare address meaning exactly that host.
 pub fn parse_cidr(text: &str) -> Option<IpNet> {
     let text = text.trim();
-    text.parse::<IpNet>()
-        .ok()
-        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+    text.parse::<IpNet>().ok().or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
 }
 
 struct Errors<'a> {
@@ -292,13 +248,7 @@ mod tests {
 
     fn plans() -> BTreeMap<String, PlanConfig> {
         let mut plans = BTreeMap::new();
-        plans.insert(
-            "free".to_owned(),
-            PlanConfig {
-                rate_limit: None,
-                quota: None,
-            },
-        );
+        plans.insert("free".to_owned(), PlanConfig { rate_limit: None, quota: None });
         plans
     }
 
@@ -361,20 +311,11 @@ keys:
         let errors = parse(&text).unwrap_err();
         let rendered: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
         let find = |needle: &str| rendered.iter().find(|line| line.contains(needle)).cloned();
-        assert!(
-            find("keys[0].ip_allowlist[0]").is_some_and(|l| l.starts_with("keys.yaml:4:")),
-            "{rendered:?}"
-        );
+        assert!(find("keys[0].ip_allowlist[0]").is_some_and(|l| l.starts_with("keys.yaml:4:")), "{rendered:?}");
         assert!(find("keys[1].hash").is_some(), "{rendered:?}");
-        assert!(
-            find("keys[1].status").is_some_and(|l| l.starts_with("keys.yaml:7:")),
-            "{rendered:?}"
-        );
+        assert!(find("keys[1].status").is_some_and(|l| l.starts_with("keys.yaml:7:")), "{rendered:?}");
         assert!(find("keys[3].plan").is_some(), "{rendered:?}");
-        assert!(
-            find("keys[2].hash").is_some_and(|l| l.contains("keys[0]")),
-            "{rendered:?}"
-        );
+        assert!(find("keys[2].hash").is_some_and(|l| l.contains("keys[0]")), "{rendered:?}");
         assert!(find("colour").is_some(), "{rendered:?}");
     }
 
@@ -411,10 +352,7 @@ keys:
 
     #[test]
     fn bare_addresses_are_single_host_networks() {
-        assert_eq!(
-            parse_cidr("192.0.2.7"),
-            Some("192.0.2.7/32".parse().unwrap())
-        );
+        assert_eq!(parse_cidr("192.0.2.7"), Some("192.0.2.7/32".parse().unwrap()));
         assert_eq!(parse_cidr("::1"), Some("::1/128".parse().unwrap()));
         assert_eq!(parse_cidr("10.0.0.0/33"), None);
         assert_eq!(parse_cidr("banana"), None);

@@ -8,6 +8,7 @@ mod record;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -59,15 +60,11 @@ impl Snapshot {
         records: impl IntoIterator<Item = (KeyDigest, KeyRecord)>,
     ) -> Result<Self, SnapshotError> {
         let records = records.into_iter();
-        let mut by_digest =
-            DigestMap::with_capacity_and_hasher(records.size_hint().0, Default::default());
+        let mut by_digest = DigestMap::with_capacity_and_hasher(records.size_hint().0, Default::default());
         for (digest, record) in records {
             if let Some(previous) = by_digest.insert(digest, Arc::new(record)) {
                 let second = by_digest[&digest].id.clone();
-                return Err(SnapshotError::DuplicateHash {
-                    first: previous.id.clone(),
-                    second,
-                });
+                return Err(SnapshotError::DuplicateHash { first: previous.id.clone(), second });
             }
         }
         Ok(Snapshot { version, by_digest })
@@ -93,13 +90,13 @@ impl Snapshot {
 /// The live index shared by every worker thread.
 pub struct KeyIndex {
     current: ArcSwap<Snapshot>,
+    /// Whether a snapshot has been published yet: what `/readyz` reports.
+    loaded: AtomicBool,
 }
 
 impl KeyIndex {
     pub fn new(snapshot: Snapshot) -> Self {
-        KeyIndex {
-            current: ArcSwap::from_pointee(snapshot),
-        }
+        KeyIndex { current: ArcSwap::from_pointee(snapshot), loaded: AtomicBool::new(false) }
     }
 
     /// Lock-free; the guard keeps the snapshot alive while it is held.
@@ -109,6 +106,11 @@ impl KeyIndex {
 
     pub fn publish(&self, snapshot: Snapshot) {
         self.current.store(Arc::new(snapshot));
+        self.loaded.store(true, Ordering::Release);
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
     }
 }
 
@@ -128,14 +130,8 @@ mod tests {
 
     #[test]
     fn lookup_finds_records_by_digest() {
-        let snapshot = Snapshot::build(
-            1,
-            [
-                (KeyDigest::of("a"), record("key_a")),
-                (KeyDigest::of("b"), record("key_b")),
-            ],
-        )
-        .unwrap();
+        let snapshot =
+            Snapshot::build(1, [(KeyDigest::of("a"), record("key_a")), (KeyDigest::of("b"), record("key_b"))]).unwrap();
         assert_eq!(snapshot.get(&KeyDigest::of("a")).unwrap().id, "key_a");
         assert_eq!(snapshot.get(&KeyDigest::of("b")).unwrap().id, "key_b");
         assert!(snapshot.get(&KeyDigest::of("c")).is_none());
@@ -144,13 +140,7 @@ mod tests {
 
     #[test]
     fn duplicate_hashes_are_refused() {
-        let result = Snapshot::build(
-            1,
-            [
-                (KeyDigest::of("a"), record("key_a")),
-                (KeyDigest::of("a"), record("key_b")),
-            ],
-        );
+        let result = Snapshot::build(1, [(KeyDigest::of("a"), record("key_a")), (KeyDigest::of("a"), record("key_b"))]);
         assert!(matches!(result, Err(SnapshotError::DuplicateHash { .. })));
     }
 

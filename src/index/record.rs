@@ -60,10 +60,7 @@ impl ScopeSet {
     pub fn holds(&self, required: &str) -> bool {
         self.all
             || self.exact.iter().any(|s| &**s == required)
-            || self
-                .prefixes
-                .iter()
-                .any(|p| required.len() > p.len() && required.starts_with(&**p))
+            || self.prefixes.iter().any(|p| required.len() > p.len() && required.starts_with(&**p))
     }
 
     pub fn holds_all<S: AsRef<str>>(&self, required: &[S]) -> bool {
@@ -216,10 +213,7 @@ impl KeyRecordBuilder {
 /// guards against a control character slipping through into a header.
 fn header_value(text: &str) -> HeaderValue {
     HeaderValue::from_str(text).unwrap_or_else(|_| {
-        let cleaned: String = text
-            .chars()
-            .map(|c| if c.is_control() { '?' } else { c })
-            .collect();
+        let cleaned: String = text.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
         HeaderValue::from_str(&cleaned).unwrap_or(HeaderValue::from_static("?"))
     })
 }
@@ -268,10 +262,7 @@ mod tests {
         let open = KeyRecord::builder("k").build();
         assert!(open.allows_ip("203.0.113.9".parse().unwrap()));
         let closed = KeyRecord::builder("k")
-            .ip_allowlist(vec![
-                "10.0.0.0/8".parse().unwrap(),
-                "2001:db8::/32".parse().unwrap(),
-            ])
+            .ip_allowlist(vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()])
             .build();
         assert!(closed.allows_ip("10.1.2.3".parse().unwrap()));
         assert!(closed.allows_ip("2001:db8::1".parse().unwrap()));
@@ -281,10 +272,8 @@ mod tests {
 
     #[test]
     fn identity_headers_are_prepared_once() {
-        let record = KeyRecord::builder("key_1")
-            .owner(Some("acme".into()))
-            .scopes(vec!["a:b".into(), "c".into()])
-            .build();
+        let record =
+            KeyRecord::builder("key_1").owner(Some("acme".into())).scopes(vec!["a:b".into(), "c".into()]).build();
         assert_eq!(record.headers.key_id, "key_1");
         assert_eq!(record.headers.owner.as_ref().unwrap(), "acme");
         assert_eq!(record.headers.scopes, "a:b c");

@@ -29,7 +29,9 @@ pub enum KeyFormatError {
     Malformed,
     #[error("key checksum does not match")]
     BadChecksum,
-    #[error("prefix must be 1 to {MAX_PREFIX_LEN} characters of a-z, A-Z, 0-9 and '_', not starting or ending with '_'")]
+    #[error(
+        "prefix must be 1 to {MAX_PREFIX_LEN} characters of a-z, A-Z, 0-9 and '_', not starting or ending with '_'"
+    )]
     BadPrefix,
 }
 
@@ -70,9 +72,7 @@ pub fn valid_prefix(prefix: &str) -> bool {
         && prefix.len() <= MAX_PREFIX_LEN
         && !prefix.starts_with('_')
         && !prefix.ends_with('_')
-        && prefix
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// Creates a new random key with a valid checksum.
@@ -106,12 +106,7 @@ fn encode_checksum(mut crc: u32) -> [u8; CHECKSUM_LEN] {
 /// `kg_live_Ab3dXXXX...x9Zq` becomes `kg_live_Ab3d…x9Zq`.
 pub fn mask(raw: &str) -> String {
     match parse(raw) {
-        Ok(key) => format!(
-            "{}_{}…{}",
-            key.prefix,
-            &key.body[..4],
-            &raw[raw.len() - 4..]
-        ),
+        Ok(key) => format!("{}_{}…{}", key.prefix, &key.body[..4], &raw[raw.len() - 4..]),
         Err(_) => "…".to_owned(),
     }
 }
@@ -191,11 +186,7 @@ mod tests {
             let mut changed = bytes.to_vec();
             changed[i] = if bytes[i] == b'a' { b'b' } else { b'a' };
             let changed = String::from_utf8(changed).unwrap();
-            assert_eq!(
-                parse(&changed),
-                Err(KeyFormatError::BadChecksum),
-                "position {i}"
-            );
+            assert_eq!(parse(&changed), Err(KeyFormatError::BadChecksum), "position {i}");
         }
     }
 
@@ -221,27 +212,13 @@ mod tests {
         for case in cases {
             assert!(parse(&case).is_err(), "{case:?} parsed");
         }
-        assert_eq!(
-            parse(&"a".repeat(MAX_KEY_LEN + 1)),
-            Err(KeyFormatError::TooLong)
-        );
+        assert_eq!(parse(&"a".repeat(MAX_KEY_LEN + 1)), Err(KeyFormatError::TooLong));
     }
 
     #[test]
     fn bad_prefixes_are_refused_at_generation() {
-        for prefix in [
-            "",
-            "_x",
-            "x_",
-            "has space",
-            "dash-y",
-            &"p".repeat(MAX_PREFIX_LEN + 1),
-        ] {
-            assert_eq!(
-                generate(prefix),
-                Err(KeyFormatError::BadPrefix),
-                "{prefix:?}"
-            );
+        for prefix in ["", "_x", "x_", "has space", "dash-y", &"p".repeat(MAX_PREFIX_LEN + 1)] {
+            assert_eq!(generate(prefix), Err(KeyFormatError::BadPrefix), "{prefix:?}");
         }
     }
 
@@ -258,10 +235,7 @@ mod tests {
         let key = generate(DEFAULT_PREFIX).unwrap();
         let masked = mask(&key);
         assert!(masked.starts_with("kg_live_"));
-        assert_eq!(
-            masked,
-            format!("kg_live_{}…{}", &key[8..12], &key[key.len() - 4..])
-        );
+        assert_eq!(masked, format!("kg_live_{}…{}", &key[8..12], &key[key.len() - 4..]));
         assert!(!masked.contains(&key[12..key.len() - 4]));
     }
 

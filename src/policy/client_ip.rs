@@ -44,9 +44,7 @@ fn parse_hop(entry: &[u8]) -> Option<IpAddr> {
         return Some(ip.to_canonical());
     }
     // Some proxies write "ip:port" or "[v6]:port".
-    text.parse::<std::net::SocketAddr>()
-        .ok()
-        .map(|sa| sa.ip().to_canonical())
+    text.parse::<std::net::SocketAddr>().ok().map(|sa| sa.ip().to_canonical())
 }
 
 #[cfg(test)]
@@ -64,52 +62,29 @@ mod tests {
 
     #[test]
     fn untrusted_peer_cannot_spoof_with_forwarded_for() {
-        assert_eq!(
-            resolve("203.0.113.5", &["10.9.9.9"], &["10.0.0.0/8"]),
-            "203.0.113.5"
-        );
+        assert_eq!(resolve("203.0.113.5", &["10.9.9.9"], &["10.0.0.0/8"]), "203.0.113.5");
         assert_eq!(resolve("203.0.113.5", &["10.9.9.9"], &[]), "203.0.113.5");
     }
 
     #[test]
     fn trusted_peer_forwards_the_client() {
-        assert_eq!(
-            resolve("10.0.0.2", &["198.51.100.7"], &["10.0.0.0/8"]),
-            "198.51.100.7"
-        );
+        assert_eq!(resolve("10.0.0.2", &["198.51.100.7"], &["10.0.0.0/8"]), "198.51.100.7");
     }
 
     #[test]
     fn chain_is_walked_right_to_left_past_trusted_hops() {
         // The client wrote a fake first entry; the trusted proxies appended the real hops.
-        assert_eq!(
-            resolve(
-                "10.0.0.2",
-                &["1.1.1.1, 198.51.100.7, 10.0.0.9"],
-                &["10.0.0.0/8"]
-            ),
-            "198.51.100.7"
-        );
+        assert_eq!(resolve("10.0.0.2", &["1.1.1.1, 198.51.100.7, 10.0.0.9"], &["10.0.0.0/8"]), "198.51.100.7");
     }
 
     #[test]
     fn several_headers_form_one_list() {
-        assert_eq!(
-            resolve(
-                "10.0.0.2",
-                &["1.1.1.1, 198.51.100.7", "10.0.0.9"],
-                &["10.0.0.0/8"]
-            ),
-            "198.51.100.7"
-        );
+        assert_eq!(resolve("10.0.0.2", &["1.1.1.1, 198.51.100.7", "10.0.0.9"], &["10.0.0.0/8"]), "198.51.100.7");
     }
 
     #[test]
     fn all_trusted_chain_yields_the_leftmost() {
-        assert_eq!(
-            resolve("10.0.0.2", &["10.0.0.3, 10.0.0.4"], &["10.0.0.0/8"]),
-            "10.0.0.3"
-        );
+        assert_eq!(resolve("10.0.0.2", &["10.0.0.3, 10.0.0.4"], &["10.0.0.0/8"]), "10.0.0.3");
     }
 
     #[test]
@@ -119,34 +94,19 @@ mod tests {
 
     #[test]
     fn garbage_stops_the_walk_at_the_last_trusted_hop() {
-        assert_eq!(
-            resolve("10.0.0.2", &["198.51.100.7, nonsense"], &["10.0.0.0/8"]),
-            "10.0.0.2"
-        );
+        assert_eq!(resolve("10.0.0.2", &["198.51.100.7, nonsense"], &["10.0.0.0/8"]), "10.0.0.2");
     }
 
     #[test]
     fn ports_and_ipv6_entries_are_understood() {
-        assert_eq!(
-            resolve("10.0.0.2", &["198.51.100.7:5555"], &["10.0.0.0/8"]),
-            "198.51.100.7"
-        );
-        assert_eq!(
-            resolve("::1", &["2001:db8::7"], &["::1/128"]),
-            "2001:db8::7"
-        );
-        assert_eq!(
-            resolve("10.0.0.2", &["[2001:db8::7]:443"], &["10.0.0.0/8"]),
-            "2001:db8::7"
-        );
+        assert_eq!(resolve("10.0.0.2", &["198.51.100.7:5555"], &["10.0.0.0/8"]), "198.51.100.7");
+        assert_eq!(resolve("::1", &["2001:db8::7"], &["::1/128"]), "2001:db8::7");
+        assert_eq!(resolve("10.0.0.2", &["[2001:db8::7]:443"], &["10.0.0.0/8"]), "2001:db8::7");
     }
 
     #[test]
     fn ipv4_mapped_peers_are_treated_as_ipv4() {
-        assert_eq!(
-            resolve("::ffff:10.0.0.2", &["198.51.100.7"], &["10.0.0.0/8"]),
-            "198.51.100.7"
-        );
+        assert_eq!(resolve("::ffff:10.0.0.2", &["198.51.100.7"], &["10.0.0.0/8"]), "198.51.100.7");
         assert_eq!(resolve("::ffff:203.0.113.5", &[], &[]), "203.0.113.5");
     }
 }

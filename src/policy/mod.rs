@@ -4,16 +4,20 @@
 //! calls it, and turns the outcome into a response.
 
 mod client_ip;
+mod plans;
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use governor::clock::{Clock, DefaultClock};
 use time::OffsetDateTime;
 
 use crate::index::{KeyRecord, KeyStatus, Snapshot};
 use crate::key::{self, KeyDigest};
+use crate::limit::{retry_after_secs, QuotaCounters, RateInfo, RateLimiters};
 
 pub use client_ip::resolve_client_ip;
+pub use plans::PlanTable;
 
 /// What the proxy learned about a request that the decision needs.
 #[derive(Debug, Clone, Copy)]
@@ -36,7 +40,17 @@ pub enum Denial {
     KeyDisabled,
     IpNotAllowed,
     InsufficientScope,
+    /// `retry_after` in whole seconds, at least 1.
+    RateLimited {
+        retry_after: u64,
+    },
+    QuotaExceeded {
+        retry_after: u64,
+    },
 }
+
+/// How many distinct denial codes there are; usage counters keep one slot each.
+pub const DENIAL_KINDS: usize = 9;
 
 impl Denial {
     pub fn code(self) -> &'static str {
@@ -48,15 +62,51 @@ impl Denial {
             Denial::KeyDisabled => "key_disabled",
             Denial::IpNotAllowed => "ip_not_allowed",
             Denial::InsufficientScope => "insufficient_scope",
+            Denial::RateLimited { .. } => "rate_limited",
+            Denial::QuotaExceeded { .. } => "quota_exceeded",
+        }
+    }
+
+    /// A dense index per code, for counters.
+    pub fn index(self) -> usize {
+        match self {
+            Denial::MissingKey => 0,
+            Denial::InvalidKey => 1,
+            Denial::KeyRevoked => 2,
+            Denial::KeyExpired => 3,
+            Denial::KeyDisabled => 4,
+            Denial::IpNotAllowed => 5,
+            Denial::InsufficientScope => 6,
+            Denial::RateLimited { .. } => 7,
+            Denial::QuotaExceeded { .. } => 8,
+        }
+    }
+
+    /// The code for each index of [`Denial::index`].
+    pub const CODES: [&'static str; DENIAL_KINDS] = [
+        "missing_key",
+        "invalid_key",
+        "key_revoked",
+        "key_expired",
+        "key_disabled",
+        "ip_not_allowed",
+        "insufficient_scope",
+        "rate_limited",
+        "quota_exceeded",
+    ];
+
+    pub fn retry_after(self) -> Option<u64> {
+        match self {
+            Denial::RateLimited { retry_after } | Denial::QuotaExceeded { retry_after } => Some(retry_after),
+            _ => None,
         }
     }
 
     pub fn status(self) -> u16 {
         match self {
-            Denial::MissingKey | Denial::InvalidKey | Denial::KeyRevoked | Denial::KeyExpired => {
-                401
-            }
+            Denial::MissingKey | Denial::InvalidKey | Denial::KeyRevoked | Denial::KeyExpired => 401,
             Denial::KeyDisabled | Denial::IpNotAllowed | Denial::InsufficientScope => 403,
+            Denial::RateLimited { .. } | Denial::QuotaExceeded { .. } => 429,
         }
     }
 
@@ -69,40 +119,97 @@ impl Denial {
             Denial::KeyDisabled => "the API key is disabled",
             Denial::IpNotAllowed => "the API key may not be used from this address",
             Denial::InsufficientScope => "the API key lacks a scope this route requires",
+            Denial::RateLimited { .. } => "too many requests for this API key; retry later",
+            Denial::QuotaExceeded { .. } => "the API key has used its quota for this period",
         }
     }
 }
 
-/// Runs the checks in contract order and returns the key's record when every one passes.
-/// The checksum is verified before any hashing, so garbage costs no SHA-256 and no lookup.
-pub fn decide(
+/// Per-key mutable state the decision consults and updates.
+pub struct Limits<'a, C: Clock = DefaultClock> {
+    pub plans: &'a PlanTable,
+    pub rates: &'a RateLimiters<C>,
+    pub quotas: &'a QuotaCounters,
+}
+
+/// The outcome of [`decide`].
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// The key's record whenever the presented key is known, also when it is refused,
+    /// so that its usage is counted.
+    pub key: Option<Arc<KeyRecord>>,
+    /// Where a rate limit applies, the state for the `RateLimit-*` headers.
+    pub rate: Option<RateInfo>,
+    pub denial: Option<Denial>,
+}
+
+impl Decision {
+    fn deny(key: Option<Arc<KeyRecord>>, denial: Denial) -> Self {
+        Decision { key, rate: None, denial: Some(denial) }
+    }
+}
+
+/// Runs the checks in contract order. The checksum is verified before any hashing,
+/// so garbage costs no SHA-256 and no lookup. A request refused before the rate
+/// limit spends nothing; one refused by the rate limit spends no quota.
+pub fn decide<C: Clock + Clone>(
     facts: &RequestFacts<'_>,
     snapshot: &Snapshot,
+    limits: &Limits<'_, C>,
     now: OffsetDateTime,
-) -> Result<Arc<KeyRecord>, Denial> {
-    let raw = facts.presented_key.ok_or(Denial::MissingKey)?;
-    key::parse(raw).map_err(|_| Denial::InvalidKey)?;
-    let record = snapshot
-        .get(&KeyDigest::of(raw))
-        .ok_or(Denial::InvalidKey)?;
-    match record.status {
-        KeyStatus::Revoked => return Err(Denial::KeyRevoked),
-        _ if record.is_expired(now) => return Err(Denial::KeyExpired),
-        KeyStatus::Disabled => return Err(Denial::KeyDisabled),
-        KeyStatus::Active => {}
+) -> Decision {
+    let Some(raw) = facts.presented_key else {
+        return Decision::deny(None, Denial::MissingKey);
+    };
+    if key::parse(raw).is_err() {
+        return Decision::deny(None, Denial::InvalidKey);
     }
-    if !record.allows_ip(facts.client_ip) {
-        return Err(Denial::IpNotAllowed);
+    let Some(record) = snapshot.get(&KeyDigest::of(raw)) else {
+        return Decision::deny(None, Denial::InvalidKey);
+    };
+    let record = Arc::clone(record);
+    let denial = match record.status {
+        KeyStatus::Revoked => Some(Denial::KeyRevoked),
+        _ if record.is_expired(now) => Some(Denial::KeyExpired),
+        KeyStatus::Disabled => Some(Denial::KeyDisabled),
+        KeyStatus::Active if !record.allows_ip(facts.client_ip) => Some(Denial::IpNotAllowed),
+        KeyStatus::Active if !record.scopes.holds_all(facts.required_scopes) => Some(Denial::InsufficientScope),
+        KeyStatus::Active => None,
+    };
+    if let Some(denial) = denial {
+        return Decision::deny(Some(record), denial);
     }
-    if !record.scopes.holds_all(facts.required_scopes) {
-        return Err(Denial::InsufficientScope);
+
+    let (rate_limit, quota) = limits.plans.limits_for(&record);
+    let mut rate = None;
+    if let Some(rate_limit) = rate_limit {
+        match limits.rates.check(&record.id, rate_limit) {
+            Ok(info) => rate = Some(info),
+            Err(limited) => {
+                let retry_after = retry_after_secs(limited.retry_after);
+                return Decision {
+                    key: Some(record),
+                    rate: Some(limited.info),
+                    denial: Some(Denial::RateLimited { retry_after }),
+                };
+            }
+        }
     }
-    Ok(Arc::clone(record))
+    if let Some(quota) = quota {
+        if let Err(exceeded) = limits.quotas.try_consume(&record.id, quota, now) {
+            let retry_after = retry_after_secs(exceeded.retry_after);
+            return Decision { key: Some(record), rate, denial: Some(Denial::QuotaExceeded { retry_after }) };
+        }
+    }
+    Decision { key: Some(record), rate, denial: None }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig};
+    use governor::clock::FakeRelativeClock;
+    use std::time::Duration;
     use time::macros::datetime;
 
     const NOW: OffsetDateTime = datetime!(2026-06-01 12:00 UTC);
@@ -110,25 +217,37 @@ mod tests {
     struct Fixture {
         snapshot: Snapshot,
         keys: Vec<String>,
+        plans: PlanTable,
+        rates: RateLimiters<FakeRelativeClock>,
+        quotas: QuotaCounters,
+    }
+
+    impl Fixture {
+        fn limits(&self) -> Limits<'_, FakeRelativeClock> {
+            Limits { plans: &self.plans, rates: &self.rates, quotas: &self.quotas }
+        }
+
+        fn decide(&self, key: Option<&str>, ip: &str, required: &[&str]) -> Decision {
+            let required = scopes(required);
+            decide(&facts(key, ip, &required), &self.snapshot, &self.limits(), NOW)
+        }
     }
 
     /// One key per record, in the order given.
     fn fixture(records: Vec<KeyRecord>) -> Fixture {
-        let keys: Vec<String> = records
-            .iter()
-            .map(|_| key::generate("kg_test").unwrap())
-            .collect();
-        let snapshot =
-            Snapshot::build(1, keys.iter().map(|k| KeyDigest::of(k)).zip(records)).unwrap();
-        Fixture { snapshot, keys }
+        let keys: Vec<String> = records.iter().map(|_| key::generate("kg_test").unwrap()).collect();
+        let snapshot = Snapshot::build(1, keys.iter().map(|k| KeyDigest::of(k)).zip(records)).unwrap();
+        Fixture {
+            snapshot,
+            keys,
+            plans: PlanTable::default(),
+            rates: RateLimiters::with_clock(FakeRelativeClock::default()),
+            quotas: QuotaCounters::new(),
+        }
     }
 
     fn facts<'a>(key: Option<&'a str>, ip: &str, scopes: &'a [String]) -> RequestFacts<'a> {
-        RequestFacts {
-            presented_key: key,
-            client_ip: ip.parse().unwrap(),
-            required_scopes: scopes,
-        }
+        RequestFacts { presented_key: key, client_ip: ip.parse().unwrap(), required_scopes: scopes }
     }
 
     fn scopes(list: &[&str]) -> Vec<String> {
@@ -136,17 +255,17 @@ mod tests {
     }
 
     fn check(f: &Fixture, key: usize, ip: &str, required: &[&str]) -> Result<String, Denial> {
-        let required = scopes(required);
-        decide(&facts(Some(&f.keys[key]), ip, &required), &f.snapshot, NOW).map(|r| r.id.clone())
+        let decision = f.decide(Some(&f.keys[key]), ip, required);
+        match decision.denial {
+            Some(denial) => Err(denial),
+            None => Ok(decision.key.expect("an allowed request has a key").id.clone()),
+        }
     }
 
     #[test]
     fn missing_key_is_refused_first() {
         let f = fixture(vec![]);
-        assert_eq!(
-            decide(&facts(None, "10.0.0.1", &[]), &f.snapshot, NOW).err(),
-            Some(Denial::MissingKey)
-        );
+        assert_eq!(f.decide(None, "10.0.0.1", &[]).denial, Some(Denial::MissingKey));
     }
 
     #[test]
@@ -157,11 +276,9 @@ mod tests {
         tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
         let tampered = String::from_utf8(tampered).unwrap();
         for bad in ["", "not-a-key", "kg_test_tooshort", tampered.as_str()] {
-            assert_eq!(
-                decide(&facts(Some(bad), "10.0.0.1", &[]), &f.snapshot, NOW).err(),
-                Some(Denial::InvalidKey),
-                "{bad}"
-            );
+            let decision = f.decide(Some(bad), "10.0.0.1", &[]);
+            assert_eq!(decision.denial, Some(Denial::InvalidKey), "{bad}");
+            assert!(decision.key.is_none());
         }
     }
 
@@ -169,10 +286,7 @@ mod tests {
     fn well_formed_unknown_key_is_invalid() {
         let f = fixture(vec![]);
         let unknown = key::generate("kg_live").unwrap();
-        assert_eq!(
-            decide(&facts(Some(&unknown), "10.0.0.1", &[]), &f.snapshot, NOW).err(),
-            Some(Denial::InvalidKey)
-        );
+        assert_eq!(f.decide(Some(&unknown), "10.0.0.1", &[]).denial, Some(Denial::InvalidKey));
     }
 
     #[test]
@@ -182,30 +296,17 @@ mod tests {
             .ip_allowlist(vec!["10.0.0.0/8".parse().unwrap()])
             .expires_at(Some(datetime!(2027-01-01 0:00 UTC)))
             .build()]);
-        assert_eq!(
-            check(&f, 0, "10.1.2.3", &["orders:read"]),
-            Ok("key_a".into())
-        );
+        assert_eq!(check(&f, 0, "10.1.2.3", &["orders:read"]), Ok("key_a".into()));
     }
 
     #[test]
     fn status_checks_come_in_contract_order() {
         let expired = datetime!(2026-01-01 0:00 UTC);
         let f = fixture(vec![
-            KeyRecord::builder("revoked_and_expired")
-                .status(KeyStatus::Revoked)
-                .expires_at(Some(expired))
-                .build(),
-            KeyRecord::builder("disabled_and_expired")
-                .status(KeyStatus::Disabled)
-                .expires_at(Some(expired))
-                .build(),
-            KeyRecord::builder("disabled")
-                .status(KeyStatus::Disabled)
-                .build(),
-            KeyRecord::builder("expired")
-                .expires_at(Some(expired))
-                .build(),
+            KeyRecord::builder("revoked_and_expired").status(KeyStatus::Revoked).expires_at(Some(expired)).build(),
+            KeyRecord::builder("disabled_and_expired").status(KeyStatus::Disabled).expires_at(Some(expired)).build(),
+            KeyRecord::builder("disabled").status(KeyStatus::Disabled).build(),
+            KeyRecord::builder("expired").expires_at(Some(expired)).build(),
         ]);
         assert_eq!(check(&f, 0, "10.0.0.1", &[]), Err(Denial::KeyRevoked));
         assert_eq!(check(&f, 1, "10.0.0.1", &[]), Err(Denial::KeyExpired));
@@ -230,46 +331,76 @@ mod tests {
 
     #[test]
     fn address_is_checked_before_scopes() {
-        let f = fixture(vec![KeyRecord::builder("k")
-            .ip_allowlist(vec!["192.0.2.0/24".parse().unwrap()])
-            .build()]);
-        assert_eq!(
-            check(&f, 0, "10.0.0.1", &["orders:read"]),
-            Err(Denial::IpNotAllowed)
-        );
-        assert_eq!(
-            check(&f, 0, "192.0.2.7", &["orders:read"]),
-            Err(Denial::InsufficientScope)
-        );
+        let f = fixture(vec![KeyRecord::builder("k").ip_allowlist(vec!["192.0.2.0/24".parse().unwrap()]).build()]);
+        assert_eq!(check(&f, 0, "10.0.0.1", &["orders:read"]), Err(Denial::IpNotAllowed));
+        assert_eq!(check(&f, 0, "192.0.2.7", &["orders:read"]), Err(Denial::InsufficientScope));
     }
 
     #[test]
     fn ipv6_allowlists_match_ipv6_clients() {
         let f = fixture(vec![KeyRecord::builder("k")
-            .ip_allowlist(vec![
-                "2001:db8:1::/48".parse().unwrap(),
-                "127.0.0.1/32".parse().unwrap(),
-            ])
+            .ip_allowlist(vec!["2001:db8:1::/48".parse().unwrap(), "127.0.0.1/32".parse().unwrap()])
             .build()]);
         assert!(check(&f, 0, "2001:db8:1::5", &[]).is_ok());
         assert!(check(&f, 0, "127.0.0.1", &[]).is_ok());
-        assert_eq!(
-            check(&f, 0, "2001:db8:2::5", &[]),
-            Err(Denial::IpNotAllowed)
-        );
+        assert_eq!(check(&f, 0, "2001:db8:2::5", &[]), Err(Denial::IpNotAllowed));
         assert_eq!(check(&f, 0, "::1", &[]), Err(Denial::IpNotAllowed));
     }
 
     #[test]
     fn every_required_scope_must_be_held() {
-        let f = fixture(vec![KeyRecord::builder("k")
-            .scopes(scopes(&["orders:*", "billing:read"]))
-            .build()]);
+        let f = fixture(vec![KeyRecord::builder("k").scopes(scopes(&["orders:*", "billing:read"])).build()]);
         assert!(check(&f, 0, "10.0.0.1", &["orders:write", "billing:read"]).is_ok());
-        assert_eq!(
-            check(&f, 0, "10.0.0.1", &["orders:write", "billing:write"]),
-            Err(Denial::InsufficientScope)
-        );
+        assert_eq!(check(&f, 0, "10.0.0.1", &["orders:write", "billing:write"]), Err(Denial::InsufficientScope));
+    }
+
+    fn limited(requests: u32, quota: Option<u64>) -> PlanTable {
+        PlanTable::new(
+            [(
+                "p".to_owned(),
+                PlanConfig {
+                    rate_limit: Some(RateLimitConfig { requests, per: Duration::from_secs(1), burst: None }),
+                    quota: quota.map(|requests| QuotaConfig { requests, per: QuotaPeriod::Day }),
+                },
+            )],
+            Some("p".to_owned()),
+        )
+    }
+
+    #[test]
+    fn known_but_refused_keys_are_still_identified() {
+        let f = fixture(vec![KeyRecord::builder("k").status(KeyStatus::Revoked).build()]);
+        let decision = f.decide(Some(&f.keys[0]), "10.0.0.1", &[]);
+        assert_eq!(decision.denial, Some(Denial::KeyRevoked));
+        assert_eq!(decision.key.map(|k| k.id.clone()), Some("k".to_owned()));
+    }
+
+    #[test]
+    fn rate_limit_applies_after_every_other_check() {
+        let mut f = fixture(vec![KeyRecord::builder("k").scopes(scopes(&["a"])).build()]);
+        f.plans = limited(1, None);
+        // Refused for scope: spends nothing from the rate limit.
+        assert_eq!(check(&f, 0, "10.0.0.1", &["b"]), Err(Denial::InsufficientScope));
+        let allowed = f.decide(Some(&f.keys[0]), "10.0.0.1", &["a"]);
+        assert!(allowed.denial.is_none());
+        assert_eq!(allowed.rate.map(|r| (r.limit, r.remaining)), Some((1, 0)));
+        let refused = f.decide(Some(&f.keys[0]), "10.0.0.1", &["a"]);
+        assert_eq!(refused.denial, Some(Denial::RateLimited { retry_after: 1 }));
+        assert_eq!(refused.rate.map(|r| r.remaining), Some(0));
+    }
+
+    #[test]
+    fn rate_limited_requests_spend_no_quota() {
+        let mut f = fixture(vec![KeyRecord::builder("k").build()]);
+        f.plans = limited(1, Some(2));
+        assert!(check(&f, 0, "10.0.0.1", &[]).is_ok());
+        assert!(matches!(check(&f, 0, "10.0.0.1", &[]), Err(Denial::RateLimited { .. })));
+        assert_eq!(f.quotas.used("k", QuotaPeriod::Day, NOW), 1);
+        f.rates = RateLimiters::with_clock(FakeRelativeClock::default());
+        assert!(check(&f, 0, "10.0.0.1", &[]).is_ok());
+        f.rates = RateLimiters::with_clock(FakeRelativeClock::default());
+        // Quota exhausted: retry at the next UTC midnight, twelve hours after NOW.
+        assert_eq!(check(&f, 0, "10.0.0.1", &[]), Err(Denial::QuotaExceeded { retry_after: 12 * 3600 }));
     }
 
     #[test]
@@ -282,9 +413,12 @@ mod tests {
             (Denial::KeyDisabled, "key_disabled", 403),
             (Denial::IpNotAllowed, "ip_not_allowed", 403),
             (Denial::InsufficientScope, "insufficient_scope", 403),
+            (Denial::RateLimited { retry_after: 1 }, "rate_limited", 429),
+            (Denial::QuotaExceeded { retry_after: 1 }, "quota_exceeded", 429),
         ];
         for (denial, code, status) in table {
             assert_eq!((denial.code(), denial.status()), (code, status));
+            assert_eq!(Denial::CODES[denial.index()], code);
         }
     }
 }

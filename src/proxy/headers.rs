@@ -47,11 +47,9 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<Cow<'a, str>> {
 /// those headers are removed (an `Authorization: Basic` meant for the upstream stays).
 pub fn header_holds_key(req: &RequestHeader, location: &KeyLocation) -> bool {
     match location {
-        KeyLocation::Header { name, scheme } => req
-            .headers
-            .get_all(name)
-            .iter()
-            .any(|value| key_in_header(value, scheme.as_deref()).is_some()),
+        KeyLocation::Header { name, scheme } => {
+            req.headers.get_all(name).iter().any(|value| key_in_header(value, scheme.as_deref()).is_some())
+        }
         KeyLocation::Query { .. } => false,
     }
 }
@@ -67,10 +65,7 @@ pub fn strip_query_params<S: AsRef<str>>(path_and_query: &str, names: &[S]) -> O
     if !query.split('&').any(|pair| is_key_param(&pair)) {
         return None;
     }
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|pair| !pair.is_empty() && !is_key_param(pair))
-        .collect();
+    let kept: Vec<&str> = query.split('&').filter(|pair| !pair.is_empty() && !is_key_param(pair)).collect();
     let mut out = String::with_capacity(path_and_query.len());
     out.push_str(path);
     if !kept.is_empty() {
@@ -91,15 +86,13 @@ fn decode(text: &str) -> Cow<'_, str> {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match (hex_value(bytes[i + 1]), hex_value(bytes[i + 2])) {
-                    (Some(hi), Some(lo)) => {
-                        out.push(hi << 4 | lo);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match (hex_value(bytes[i + 1]), hex_value(bytes[i + 2])) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi << 4 | lo);
+                    i += 2;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b => out.push(b),
         }
         i += 1;
@@ -123,10 +116,7 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 pub fn request_id(client_sent: Option<&HeaderValue>) -> HeaderValue {
     if let Some(value) = client_sent {
         let bytes = value.as_bytes();
-        if !bytes.is_empty()
-            && bytes.len() <= MAX_REQUEST_ID_LEN
-            && bytes.iter().all(|b| b.is_ascii_graphic())
-        {
+        if !bytes.is_empty() && bytes.len() <= MAX_REQUEST_ID_LEN && bytes.iter().all(|b| b.is_ascii_graphic()) {
             return value.clone();
         }
     }
@@ -160,26 +150,15 @@ mod tests {
 
     fn default_locations() -> Vec<KeyLocation> {
         vec![
-            KeyLocation::Header {
-                name: http::header::AUTHORIZATION,
-                scheme: Some("Bearer".into()),
-            },
-            KeyLocation::Header {
-                name: http::HeaderName::from_static("x-api-key"),
-                scheme: None,
-            },
-            KeyLocation::Query {
-                name: "api_key".into(),
-            },
+            KeyLocation::Header { name: http::header::AUTHORIZATION, scheme: Some("Bearer".into()) },
+            KeyLocation::Header { name: http::HeaderName::from_static("x-api-key"), scheme: None },
+            KeyLocation::Query { name: "api_key".into() },
         ]
     }
 
     #[test]
     fn locations_are_tried_in_order() {
-        let r = req(
-            "/x?api_key=q",
-            &[("x-api-key", "h"), ("authorization", "Bearer b")],
-        );
+        let r = req("/x?api_key=q", &[("x-api-key", "h"), ("authorization", "Bearer b")]);
         assert_eq!(find_key(&r, &default_locations()).as_deref(), Some("b"));
         let r = req("/x?api_key=q", &[("x-api-key", "h")]);
         assert_eq!(find_key(&r, &default_locations()).as_deref(), Some("h"));
@@ -191,40 +170,19 @@ mod tests {
     #[test]
     fn scheme_is_case_insensitive_and_must_match() {
         let locations = default_locations();
-        assert_eq!(
-            find_key(&req("/", &[("authorization", "bearer  k1 ")]), &locations).as_deref(),
-            Some("k1")
-        );
-        assert_eq!(
-            find_key(
-                &req("/", &[("authorization", "Basic dXNlcg==")]),
-                &locations
-            ),
-            None
-        );
-        assert_eq!(
-            find_key(&req("/", &[("authorization", "Bearer")]), &locations),
-            None
-        );
+        assert_eq!(find_key(&req("/", &[("authorization", "bearer  k1 ")]), &locations).as_deref(), Some("k1"));
+        assert_eq!(find_key(&req("/", &[("authorization", "Basic dXNlcg==")]), &locations), None);
+        assert_eq!(find_key(&req("/", &[("authorization", "Bearer")]), &locations), None);
     }
 
     #[test]
     fn empty_values_are_not_keys() {
-        assert_eq!(
-            find_key(
-                &req("/?api_key=", &[("x-api-key", " ")]),
-                &default_locations()
-            ),
-            None
-        );
+        assert_eq!(find_key(&req("/?api_key=", &[("x-api-key", " ")]), &default_locations()), None);
     }
 
     #[test]
     fn query_keys_are_percent_decoded() {
-        assert_eq!(
-            find_key(&req("/?api%5Fkey=kg%5Flive_x", &[]), &default_locations()).as_deref(),
-            Some("kg_live_x")
-        );
+        assert_eq!(find_key(&req("/?api%5Fkey=kg%5Flive_x", &[]), &default_locations()).as_deref(), Some("kg_live_x"));
     }
 
     #[test]
@@ -237,22 +195,10 @@ mod tests {
 
     #[test]
     fn stripping_keeps_other_parameters_in_order() {
-        assert_eq!(
-            strip_query_params("/p?a=1&api_key=k&b=2", &["api_key"]).as_deref(),
-            Some("/p?a=1&b=2")
-        );
-        assert_eq!(
-            strip_query_params("/p?api_key=k", &["api_key"]).as_deref(),
-            Some("/p")
-        );
-        assert_eq!(
-            strip_query_params("/p?api_key=k&api_key=j&c", &["api_key"]).as_deref(),
-            Some("/p?c")
-        );
-        assert_eq!(
-            strip_query_params("/p?api%5Fkey=k&z=1", &["api_key"]).as_deref(),
-            Some("/p?z=1")
-        );
+        assert_eq!(strip_query_params("/p?a=1&api_key=k&b=2", &["api_key"]).as_deref(), Some("/p?a=1&b=2"));
+        assert_eq!(strip_query_params("/p?api_key=k", &["api_key"]).as_deref(), Some("/p"));
+        assert_eq!(strip_query_params("/p?api_key=k&api_key=j&c", &["api_key"]).as_deref(), Some("/p?c"));
+        assert_eq!(strip_query_params("/p?api%5Fkey=k&z=1", &["api_key"]).as_deref(), Some("/p?z=1"));
         assert_eq!(strip_query_params("/p?a=1", &["api_key"]), None);
         assert_eq!(strip_query_params("/p", &["api_key"]), None);
         assert_eq!(strip_query_params("/p?api_keyx=1", &["api_key"]), None);

@@ -10,6 +10,7 @@ mod state;
 mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,7 +27,10 @@ use time::OffsetDateTime;
 use crate::access_log::{AccessEntry, AccessLog};
 use crate::config::{KeyLocation, RouteAuth};
 use crate::index::{KeyIndex, KeyRecord};
-use crate::policy::{decide, resolve_client_ip, RequestFacts};
+use crate::limit::{QuotaCounters, RateInfo, RateLimiters};
+use crate::metrics::Metrics;
+use crate::policy::{decide, resolve_client_ip, Limits, RequestFacts};
+use crate::usage::{RequestUsage, UsageCounters};
 
 pub use headers::{find_key, new_request_id};
 pub use respond::Rejection;
@@ -42,24 +46,27 @@ const X_KEYGATE_OWNER: HeaderName = HeaderName::from_static("x-keygate-owner");
 const X_KEYGATE_PLAN: HeaderName = HeaderName::from_static("x-keygate-plan");
 const X_KEYGATE_SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes");
 
+/// Everything the request path shares with the rest of the node.
+pub struct DataPlane {
+    pub state: ArcSwap<GatewayState>,
+    pub keys: Arc<KeyIndex>,
+    pub rates: RateLimiters,
+    pub quotas: QuotaCounters,
+    pub usage: Arc<UsageCounters>,
+    pub access_log: AccessLog,
+    pub metrics: Arc<Metrics>,
+    /// Requests between their first byte and their log line.
+    pub in_flight: AtomicUsize,
+}
+
 /// The `ProxyHttp` implementation shared by every worker thread.
 pub struct Gateway {
-    state: Arc<ArcSwap<GatewayState>>,
-    keys: Arc<KeyIndex>,
-    access_log: Arc<AccessLog>,
+    plane: Arc<DataPlane>,
 }
 
 impl Gateway {
-    pub fn new(
-        state: Arc<ArcSwap<GatewayState>>,
-        keys: Arc<KeyIndex>,
-        access_log: Arc<AccessLog>,
-    ) -> Self {
-        Gateway {
-            state,
-            keys,
-            access_log,
-        }
+    pub fn new(plane: Arc<DataPlane>) -> Self {
+        Gateway { plane }
     }
 }
 
@@ -69,6 +76,8 @@ pub struct RequestCtx {
     route: Option<usize>,
     request_id: HeaderValue,
     key: Option<Arc<KeyRecord>>,
+    rate: Option<RateInfo>,
+    upstream_status: Option<u16>,
     peer_ip: Option<IpAddr>,
     peer_trusted: bool,
     /// The client address after `trusted_proxies`, once known.
@@ -89,7 +98,7 @@ impl RequestCtx {
 
 /// What `request_filter` concluded, computed while the request is borrowed.
 enum Verdict {
-    Proxy { key: Option<Arc<KeyRecord>> },
+    Proxy,
     Reject(Rejection),
 }
 
@@ -99,37 +108,31 @@ impl Gateway {
         if routing::has_dot_segments(path) {
             return Verdict::Reject(Rejection::BadRequest);
         }
-        let host = req
-            .headers
-            .get(HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri.host());
+        let host = req.headers.get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri.host());
         let Some(index) = routing::find_route(&state.routes, &req.method, host, path) else {
             return Verdict::Reject(Rejection::NoRoute);
         };
         ctx.route = Some(index);
         let route = &state.routes[index];
         if route.auth == RouteAuth::None {
-            return Verdict::Proxy { key: None };
+            return Verdict::Proxy;
         }
         let presented = headers::find_key(req, &state.key_locations);
         let client_ip = resolve_client_ip(
             ctx.peer_ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
-            req.headers
-                .get_all(X_FORWARDED_FOR)
-                .iter()
-                .map(HeaderValue::as_bytes),
+            req.headers.get_all(X_FORWARDED_FOR).iter().map(HeaderValue::as_bytes),
             &state.trusted_proxies,
         );
         ctx.client_ip = Some(client_ip);
-        let facts = RequestFacts {
-            presented_key: presented.as_deref(),
-            client_ip,
-            required_scopes: &route.scopes,
-        };
-        match decide(&facts, &self.keys.load(), OffsetDateTime::now_utc()) {
-            Ok(record) => Verdict::Proxy { key: Some(record) },
-            Err(denial) => Verdict::Reject(Rejection::Denied(denial)),
+        let facts = RequestFacts { presented_key: presented.as_deref(), client_ip, required_scopes: &route.scopes };
+        let plane = &*self.plane;
+        let limits = Limits { plans: &state.plans, rates: &plane.rates, quotas: &plane.quotas };
+        let decision = decide(&facts, &plane.keys.load(), &limits, OffsetDateTime::now_utc());
+        ctx.key = decision.key;
+        ctx.rate = decision.rate;
+        match decision.denial {
+            None => Verdict::Proxy,
+            Some(denial) => Verdict::Reject(Rejection::Denied(denial)),
         }
     }
 }
@@ -139,11 +142,15 @@ impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
+        // Paired with the decrement in `logging`, which Pingora calls for every request.
+        self.plane.in_flight.fetch_add(1, Ordering::Relaxed);
         RequestCtx {
             state: None,
             route: None,
             request_id: HeaderValue::from_static(""),
             key: None,
+            rate: None,
+            upstream_status: None,
             peer_ip: None,
             peer_trusted: false,
             client_ip: None,
@@ -155,29 +162,25 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let state = self.state.load_full();
+        let state = self.plane.state.load_full();
         ctx.request_id = headers::request_id(session.req_header().headers.get(X_REQUEST_ID));
-        ctx.peer_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_canonical());
-        ctx.peer_trusted = ctx
-            .peer_ip
-            .is_some_and(|ip| state.trusted_proxies.iter().any(|n| n.contains(&ip)));
+        ctx.peer_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_canonical());
+        ctx.peer_trusted = ctx.peer_ip.is_some_and(|ip| state.trusted_proxies.iter().any(|n| n.contains(&ip)));
         let verdict = self.judge(session.req_header(), &state, ctx);
         ctx.state = Some(state);
         match verdict {
-            Verdict::Proxy { key } => {
-                ctx.key = key;
-                Ok(false)
-            }
+            Verdict::Proxy => Ok(false),
             Verdict::Reject(rejection) => {
                 ctx.rejection = Some(rejection);
                 // An unread body would be parsed as the next request: close instead.
                 let keep_alive = session.is_body_done();
-                if let Err(e) =
-                    respond::write_error(session, rejection, &ctx.request_id, keep_alive).await
-                {
+                let answer = respond::ErrorAnswer {
+                    rejection,
+                    request_id: &ctx.request_id,
+                    rate: ctx.rate.as_ref(),
+                    keep_alive,
+                };
+                if let Err(e) = respond::write_error(session, answer).await {
                     tracing::debug!(error = %e, "could not write a denial to the client");
                     session.set_keepalive(None);
                 }
@@ -186,16 +189,10 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
         let upstream = match ctx.route() {
             Some(route) => Arc::clone(&route.upstream),
-            None => {
-                return Error::e_explain(ErrorType::InternalError, "upstream_peer without a route")
-            }
+            None => return Error::e_explain(ErrorType::InternalError, "upstream_peer without a route"),
         };
         ctx.connect_attempts += 1;
         let Some(backend) = upstream.select() else {
@@ -231,17 +228,10 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let Some(state) = ctx.state.as_ref() else {
-            return Error::e_explain(
-                ErrorType::InternalError,
-                "upstream request without gateway state",
-            );
+            return Error::e_explain(ErrorType::InternalError, "upstream request without gateway state");
         };
         // Only keygate speaks X-Keygate-*: the upstream may trust these headers.
-        if upstream_request
-            .headers
-            .keys()
-            .any(|name| name.as_str().starts_with(X_KEYGATE_PREFIX))
-        {
+        if upstream_request.headers.keys().any(|name| name.as_str().starts_with(X_KEYGATE_PREFIX)) {
             let spoofed: Vec<HeaderName> = upstream_request
                 .headers
                 .keys()
@@ -279,6 +269,16 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.upstream_status = Some(upstream_response.status.as_u16());
+        Ok(())
+    }
+
     async fn response_filter(
         &self,
         _session: &mut Session,
@@ -286,57 +286,76 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+        if let Some(rate) = &ctx.rate {
+            respond::insert_rate_headers(upstream_response, rate)?;
+        }
         Ok(())
     }
 
-    async fn fail_to_proxy(
-        &self,
-        session: &mut Session,
-        e: &Error,
-        ctx: &mut RequestCtx,
-    ) -> FailToProxy {
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
         let rejection = ctx.rejection.take().or_else(|| classify(e));
         let Some(rejection) = rejection else {
             // The client went away: nobody to answer.
-            return FailToProxy {
-                error_code: 0,
-                can_reuse_downstream: false,
-            };
+            return FailToProxy { error_code: 0, can_reuse_downstream: false };
         };
         ctx.rejection = Some(rejection);
         if ctx.request_id.is_empty() {
             ctx.request_id = headers::new_request_id();
         }
         if session.response_written().is_none() {
-            if let Err(write_error) =
-                respond::write_error(session, rejection, &ctx.request_id, false).await
-            {
+            let answer = respond::ErrorAnswer {
+                rejection,
+                request_id: &ctx.request_id,
+                rate: ctx.rate.as_ref(),
+                keep_alive: false,
+            };
+            if let Err(write_error) = respond::write_error(session, answer).await {
                 tracing::debug!(error = %write_error, "could not write an error response to the client");
             }
         }
-        FailToProxy {
-            error_code: rejection.status(),
-            can_reuse_downstream: false,
-        }
+        FailToProxy { error_code: rejection.status(), can_reuse_downstream: false }
     }
 
     async fn logging(&self, session: &mut Session, _error: Option<&Error>, ctx: &mut RequestCtx) {
-        if !self.access_log.enabled() {
-            return;
-        }
-        let req = session.req_header();
-        let path_and_query = req.uri.path_and_query().map_or("/", |p| p.as_str());
-        let stripped = ctx
-            .state
-            .as_ref()
-            .and_then(|state| headers::strip_query_params(path_and_query, &state.key_query_params));
+        let plane = &*self.plane;
+        plane.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let elapsed = ctx.started.elapsed();
         let status = match (session.response_written(), ctx.rejection) {
             (Some(resp), _) => resp.status.as_u16(),
             (None, Some(rejection)) => rejection.status(),
             (None, None) => 0,
         };
         let route = ctx.route();
-        self.access_log.record(&AccessEntry {
+        match (route, &ctx.state) {
+            (Some(route), _) => route.metrics.observe(ctx.rejection, elapsed.as_secs_f64()),
+            (None, Some(state)) => state.unrouted_metrics.observe(ctx.rejection, elapsed.as_secs_f64()),
+            (None, None) => {}
+        }
+        if let (Some(route), Some(upstream_status)) = (route, ctx.upstream_status) {
+            route.upstream.metrics.observe(upstream_status);
+        }
+        if let Some(key) = &ctx.key {
+            let denial = match ctx.rejection {
+                Some(Rejection::Denied(denial)) => Some(denial),
+                _ => None,
+            };
+            let usage = RequestUsage {
+                denial,
+                status,
+                bytes_in: session.body_bytes_read() as u64,
+                bytes_out: session.body_bytes_sent() as u64,
+                at_ms: unix_millis(),
+            };
+            plane.usage.record(&key.id, &usage);
+        }
+        if !plane.access_log.enabled() {
+            return;
+        }
+        let req = session.req_header();
+        let path_and_query = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let stripped =
+            ctx.state.as_ref().and_then(|state| headers::strip_query_params(path_and_query, &state.key_query_params));
+        plane.access_log.record(&AccessEntry {
             time: OffsetDateTime::now_utc(),
             request_id: ctx.request_id.to_str().unwrap_or(""),
             route: route.map(|r| r.name.as_str()),
@@ -346,10 +365,8 @@ impl ProxyHttp for Gateway {
             path: stripped.as_deref().unwrap_or(path_and_query),
             status,
             outcome: ctx.rejection.map_or("allowed", Rejection::code),
-            duration_ms: (ctx.started.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0,
-            upstream: route
-                .filter(|_| ctx.upstream_addr.is_some())
-                .map(|r| r.upstream.name.as_str()),
+            duration_ms: (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0,
+            upstream: route.filter(|_| ctx.upstream_addr.is_some()).map(|r| r.upstream.name.as_str()),
             upstream_addr: ctx.upstream_addr,
         });
     }
@@ -368,14 +385,17 @@ impl ProxyHttp for Gateway {
     }
 }
 
+fn unix_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Maps a Pingora error to the answer the client gets; `None` when the client is gone.
 fn classify(e: &Error) -> Option<Rejection> {
     use ErrorType::*;
     match (e.esource(), e.etype()) {
-        (
-            ErrorSource::Downstream,
-            ReadError | WriteError | ConnectionClosed | ReadTimedout | WriteTimedout,
-        ) => None,
+        (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed | ReadTimedout | WriteTimedout) => None,
         (ErrorSource::Downstream, _) => Some(Rejection::BadRequest),
         (_, ConnectTimedout | ReadTimedout | WriteTimedout) => Some(Rejection::UpstreamTimeout),
         (ErrorSource::Upstream, _) => Some(Rejection::UpstreamError),
@@ -400,9 +420,7 @@ fn strip_key(upstream_request: &mut RequestHeader, state: &GatewayState) -> Resu
     let Some(path_and_query) = upstream_request.uri.path_and_query() else {
         return Ok(());
     };
-    if let Some(stripped) =
-        headers::strip_query_params(path_and_query.as_str(), &state.key_query_params)
-    {
+    if let Some(stripped) = headers::strip_query_params(path_and_query.as_str(), &state.key_query_params) {
         let uri = stripped
             .parse::<http::Uri>()
             .map_err(|e| Error::because(ErrorType::InternalError, "rewriting the query", e))?;
@@ -439,33 +457,17 @@ mod tests {
         let up = Error::new_up;
         assert_eq!(classify(&down(ErrorType::ConnectionClosed)), None);
         assert_eq!(classify(&down(ErrorType::ReadTimedout)), None);
-        assert_eq!(
-            classify(&down(ErrorType::InvalidHTTPHeader)),
-            Some(Rejection::BadRequest)
-        );
-        assert_eq!(
-            classify(&up(ErrorType::ConnectTimedout)),
-            Some(Rejection::UpstreamTimeout)
-        );
-        assert_eq!(
-            classify(&up(ErrorType::ReadTimedout)),
-            Some(Rejection::UpstreamTimeout)
-        );
-        assert_eq!(
-            classify(&up(ErrorType::ConnectRefused)),
-            Some(Rejection::UpstreamError)
-        );
-        assert_eq!(
-            classify(&up(ErrorType::ConnectionClosed)),
-            Some(Rejection::UpstreamError)
-        );
+        assert_eq!(classify(&down(ErrorType::InvalidHTTPHeader)), Some(Rejection::BadRequest));
+        assert_eq!(classify(&up(ErrorType::ConnectTimedout)), Some(Rejection::UpstreamTimeout));
+        assert_eq!(classify(&up(ErrorType::ReadTimedout)), Some(Rejection::UpstreamTimeout));
+        assert_eq!(classify(&up(ErrorType::ConnectRefused)), Some(Rejection::UpstreamError));
+        assert_eq!(classify(&up(ErrorType::ConnectionClosed)), Some(Rejection::UpstreamError));
     }
 
     #[test]
     fn forwarded_for_extends_only_a_trusted_chain() {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-        req.append_header("x-forwarded-for", "198.51.100.1")
-            .unwrap();
+        req.append_header("x-forwarded-for", "198.51.100.1").unwrap();
         let peer: IpAddr = "10.0.0.2".parse().unwrap();
         assert_eq!(forwarded_for(&req, peer, true), "198.51.100.1, 10.0.0.2");
         assert_eq!(forwarded_for(&req, peer, false), "10.0.0.2");

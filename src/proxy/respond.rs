@@ -6,7 +6,8 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
 
-use crate::policy::Denial;
+use crate::limit::RateInfo;
+use crate::policy::{Denial, DENIAL_KINDS};
 
 /// Everything that keygate itself answers with, rather than the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +22,51 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// How many distinct codes there are (see [`Rejection::index`]).
+    pub const KINDS: usize = DENIAL_KINDS + 6;
+
+    /// A dense index per code, for metrics.
+    pub fn index(self) -> usize {
+        match self {
+            Rejection::Denied(denial) => denial.index(),
+            Rejection::NoRoute => DENIAL_KINDS,
+            Rejection::BadRequest => DENIAL_KINDS + 1,
+            Rejection::UpstreamError => DENIAL_KINDS + 2,
+            Rejection::UpstreamUnavailable => DENIAL_KINDS + 3,
+            Rejection::UpstreamTimeout => DENIAL_KINDS + 4,
+            Rejection::Internal => DENIAL_KINDS + 5,
+        }
+    }
+
+    /// The rejection with a given [`Rejection::index`]; denials come back with
+    /// a zero `retry_after`, which only matters for their code.
+    pub fn from_index(index: usize) -> Option<Rejection> {
+        const DENIALS: [Denial; DENIAL_KINDS] = [
+            Denial::MissingKey,
+            Denial::InvalidKey,
+            Denial::KeyRevoked,
+            Denial::KeyExpired,
+            Denial::KeyDisabled,
+            Denial::IpNotAllowed,
+            Denial::InsufficientScope,
+            Denial::RateLimited { retry_after: 0 },
+            Denial::QuotaExceeded { retry_after: 0 },
+        ];
+        if let Some(denial) = DENIALS.get(index) {
+            return Some(Rejection::Denied(*denial));
+        }
+        [
+            Rejection::NoRoute,
+            Rejection::BadRequest,
+            Rejection::UpstreamError,
+            Rejection::UpstreamUnavailable,
+            Rejection::UpstreamTimeout,
+            Rejection::Internal,
+        ]
+        .get(index - DENIAL_KINDS)
+        .copied()
+    }
+
     pub fn code(self) -> &'static str {
         match self {
             Rejection::Denied(denial) => denial.code(),
@@ -77,33 +123,58 @@ pub fn error_body(rejection: Rejection, request_id: &str) -> Bytes {
     Bytes::from(body)
 }
 
-/// Writes the error and keeps the connection open unless `keep_alive` is false
-/// (a request body is still unread, so the next bytes on the wire are not a request).
-pub async fn write_error(
-    session: &mut Session,
-    rejection: Rejection,
-    request_id: &HeaderValue,
-    keep_alive: bool,
-) -> Result<()> {
-    let body = error_body(rejection, request_id.to_str().unwrap_or(""));
-    let mut header = ResponseHeader::build(rejection.status(), Some(6))?;
+/// One error answer to write.
+pub struct ErrorAnswer<'a> {
+    pub rejection: Rejection,
+    pub request_id: &'a HeaderValue,
+    /// Where a rate limit applied, its state for the `RateLimit-*` headers.
+    pub rate: Option<&'a RateInfo>,
+    /// False when a request body is still unread: the next bytes on the wire
+    /// are not a request, so the connection is closed.
+    pub keep_alive: bool,
+}
+
+pub async fn write_error(session: &mut Session, answer: ErrorAnswer<'_>) -> Result<()> {
+    let rejection = answer.rejection;
+    let body = error_body(rejection, answer.request_id.to_str().unwrap_or(""));
+    let mut header = ResponseHeader::build(rejection.status(), Some(8))?;
     header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    header.insert_header(super::X_REQUEST_ID, request_id.clone())?;
+    header.insert_header(super::X_REQUEST_ID, answer.request_id.clone())?;
     if rejection.status() == 401 {
         header.insert_header(http::header::WWW_AUTHENTICATE, r#"Bearer realm="keygate""#)?;
     }
-    if !keep_alive {
+    if let Rejection::Denied(denial) = rejection {
+        if let Some(seconds) = denial.retry_after() {
+            header.insert_header(http::header::RETRY_AFTER, seconds)?;
+        }
+    }
+    if let Some(rate) = answer.rate {
+        insert_rate_headers(&mut header, rate)?;
+    }
+    if !answer.keep_alive {
         session.set_keepalive(None);
         header.insert_header(http::header::CONNECTION, "close")?;
     }
     let head_only = session.req_header().method == http::Method::HEAD;
-    session
-        .write_response_header(Box::new(header), head_only)
-        .await?;
+    session.write_response_header(Box::new(header), head_only).await?;
     if !head_only {
         session.write_response_body(Some(body), true).await?;
     }
+    Ok(())
+}
+
+const RATELIMIT_LIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: http::HeaderName = http::HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: http::HeaderName = http::HeaderName::from_static("ratelimit-reset");
+
+/// `RateLimit-Limit` is the burst a key may send at once, `RateLimit-Remaining`
+/// what is left of it, `RateLimit-Reset` the whole seconds until it is full again.
+pub fn insert_rate_headers(header: &mut ResponseHeader, rate: &RateInfo) -> Result<()> {
+    let reset = rate.reset.as_secs() + u64::from(rate.reset.subsec_nanos() > 0);
+    header.insert_header(RATELIMIT_LIMIT, rate.limit)?;
+    header.insert_header(RATELIMIT_REMAINING, rate.remaining)?;
+    header.insert_header(RATELIMIT_RESET, reset)?;
     Ok(())
 }
 
@@ -117,9 +188,7 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["error"]["code"], "invalid_key");
         assert_eq!(json["error"]["request_id"], "abc123");
-        assert!(json["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()));
+        assert!(json["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
 
     #[test]
@@ -131,30 +200,12 @@ mod tests {
 
     #[test]
     fn upstream_failures_map_to_gateway_statuses() {
+        assert_eq!((Rejection::UpstreamError.status(), Rejection::UpstreamError.code()), (502, "upstream_error"));
         assert_eq!(
-            (
-                Rejection::UpstreamError.status(),
-                Rejection::UpstreamError.code()
-            ),
-            (502, "upstream_error")
-        );
-        assert_eq!(
-            (
-                Rejection::UpstreamUnavailable.status(),
-                Rejection::UpstreamUnavailable.code()
-            ),
+            (Rejection::UpstreamUnavailable.status(), Rejection::UpstreamUnavailable.code()),
             (503, "upstream_unavailable")
         );
-        assert_eq!(
-            (
-                Rejection::UpstreamTimeout.status(),
-                Rejection::UpstreamTimeout.code()
-            ),
-            (504, "upstream_timeout")
-        );
-        assert_eq!(
-            (Rejection::NoRoute.status(), Rejection::NoRoute.code()),
-            (404, "no_route")
-        );
+        assert_eq!((Rejection::UpstreamTimeout.status(), Rejection::UpstreamTimeout.code()), (504, "upstream_timeout"));
+        assert_eq!((Rejection::NoRoute.status(), Rejection::NoRoute.code()), (404, "no_route"));
     }
 }

@@ -6,6 +6,7 @@ use http::{HeaderName, HeaderValue, Method};
 
 use super::upstream::Upstream;
 use crate::config::{RouteAuth, RouteConfig};
+use crate::metrics::RouteMetrics;
 
 pub struct Route {
     pub name: String,
@@ -16,10 +17,11 @@ pub struct Route {
     pub auth: RouteAuth,
     pub scopes: Vec<String>,
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    pub metrics: RouteMetrics,
 }
 
 impl Route {
-    pub fn new(config: &RouteConfig, upstream: Arc<Upstream>) -> Self {
+    pub fn new(config: &RouteConfig, upstream: Arc<Upstream>, metrics: RouteMetrics) -> Self {
         Route {
             name: config.name.clone(),
             methods: config.matcher.methods.clone(),
@@ -29,29 +31,20 @@ impl Route {
             auth: config.auth,
             scopes: config.scopes.clone(),
             set_headers: config.set_headers.clone(),
+            metrics,
         }
     }
 
     pub fn matches(&self, method: &Method, host: Option<&str>, path: &str) -> bool {
         (self.methods.is_empty() || self.methods.contains(method))
-            && self
-                .host
-                .as_deref()
-                .is_none_or(|want| host.is_some_and(|h| strip_port(h).eq_ignore_ascii_case(want)))
+            && self.host.as_deref().is_none_or(|want| host.is_some_and(|h| strip_port(h).eq_ignore_ascii_case(want)))
             && path.starts_with(&self.path_prefix)
     }
 }
 
 /// The position of the first route, in file order, that matches.
-pub fn find_route(
-    routes: &[Route],
-    method: &Method,
-    host: Option<&str>,
-    path: &str,
-) -> Option<usize> {
-    routes
-        .iter()
-        .position(|route| route.matches(method, host, path))
+pub fn find_route(routes: &[Route], method: &Method, host: Option<&str>, path: &str) -> Option<usize> {
+    routes.iter().position(|route| route.matches(method, host, path))
 }
 
 /// Whether the path holds a `.` or `..` segment, also percent-encoded. Such paths could
@@ -84,6 +77,10 @@ mod tests {
     use crate::config::{RouteMatch, UpstreamConfig};
     use std::time::Duration;
 
+    fn metrics() -> crate::metrics::Metrics {
+        crate::metrics::Metrics::new().unwrap()
+    }
+
     fn upstream() -> Arc<Upstream> {
         let config = UpstreamConfig {
             targets: vec!["127.0.0.1:9".into()],
@@ -92,7 +89,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             read_timeout: Duration::from_secs(1),
         };
-        Arc::new(Upstream::build("u", &config).unwrap())
+        Arc::new(Upstream::build("u", &config, metrics().upstream("u")).unwrap())
     }
 
     fn route(name: &str, prefix: &str, methods: &[&str], host: Option<&str>) -> Route {
@@ -108,42 +105,25 @@ mod tests {
             scopes: vec![],
             set_headers: vec![],
         };
-        Route::new(&config, upstream())
+        Route::new(&config, upstream(), metrics().route(name))
     }
 
-    fn pick<'r>(
-        routes: &'r [Route],
-        method: &str,
-        host: Option<&str>,
-        path: &str,
-    ) -> Option<&'r str> {
+    fn pick<'r>(routes: &'r [Route], method: &str, host: Option<&str>, path: &str) -> Option<&'r str> {
         find_route(routes, &method.parse().unwrap(), host, path).map(|i| routes[i].name.as_str())
     }
 
     #[test]
     fn first_match_in_order_wins() {
-        let routes = [
-            route("specific", "/v1/orders", &[], None),
-            route("catch-all", "/", &[], None),
-        ];
+        let routes = [route("specific", "/v1/orders", &[], None), route("catch-all", "/", &[], None)];
         assert_eq!(pick(&routes, "GET", None, "/v1/orders/7"), Some("specific"));
         assert_eq!(pick(&routes, "GET", None, "/v2"), Some("catch-all"));
-        let reversed = [
-            route("catch-all", "/", &[], None),
-            route("specific", "/v1/orders", &[], None),
-        ];
-        assert_eq!(
-            pick(&reversed, "GET", None, "/v1/orders/7"),
-            Some("catch-all")
-        );
+        let reversed = [route("catch-all", "/", &[], None), route("specific", "/v1/orders", &[], None)];
+        assert_eq!(pick(&reversed, "GET", None, "/v1/orders/7"), Some("catch-all"));
     }
 
     #[test]
     fn methods_filter_and_fall_through() {
-        let routes = [
-            route("read", "/v1", &["GET", "HEAD"], None),
-            route("write", "/v1", &["POST"], None),
-        ];
+        let routes = [route("read", "/v1", &["GET", "HEAD"], None), route("write", "/v1", &["POST"], None)];
         assert_eq!(pick(&routes, "HEAD", None, "/v1/x"), Some("read"));
         assert_eq!(pick(&routes, "POST", None, "/v1/x"), Some("write"));
         assert_eq!(pick(&routes, "DELETE", None, "/v1/x"), None);
@@ -152,14 +132,8 @@ mod tests {
     #[test]
     fn host_matches_without_case_or_port() {
         let routes = [route("api", "/", &[], Some("api.example.com"))];
-        assert_eq!(
-            pick(&routes, "GET", Some("API.example.com:8080"), "/"),
-            Some("api")
-        );
-        assert_eq!(
-            pick(&routes, "GET", Some("api.example.com"), "/"),
-            Some("api")
-        );
+        assert_eq!(pick(&routes, "GET", Some("API.example.com:8080"), "/"), Some("api"));
+        assert_eq!(pick(&routes, "GET", Some("api.example.com"), "/"), Some("api"));
         assert_eq!(pick(&routes, "GET", Some("other.example.com"), "/"), None);
         assert_eq!(pick(&routes, "GET", None, "/"), None);
     }
@@ -174,14 +148,7 @@ mod tests {
 
     #[test]
     fn dot_segments_are_detected_also_when_encoded() {
-        for path in [
-            "/a/../b",
-            "/a/./b",
-            "/..",
-            "/a/%2e%2E/b",
-            "/a/.%2e",
-            "/a/%2e",
-        ] {
+        for path in ["/a/../b", "/a/./b", "/..", "/a/%2e%2E/b", "/a/.%2e", "/a/%2e"] {
             assert!(has_dot_segments(path), "{path}");
         }
         for path in ["/", "/a/b", "/a/..b", "/a/b.", "/.well-known/x"] {

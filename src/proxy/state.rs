@@ -9,6 +9,8 @@ use ipnet::IpNet;
 use super::routing::Route;
 use super::upstream::{Upstream, UpstreamBuildError};
 use crate::config::{Config, KeyLocation};
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::policy::PlanTable;
 
 pub struct GatewayState {
     pub routes: Vec<Route>,
@@ -19,13 +21,16 @@ pub struct GatewayState {
     pub trusted_proxies: Vec<IpNet>,
     /// Sent as `X-Keygate-Plan` for keys without a plan of their own.
     pub default_plan: Option<HeaderValue>,
+    pub plans: PlanTable,
+    /// Series for requests that matched no route.
+    pub unrouted_metrics: RouteMetrics,
 }
 
 impl GatewayState {
-    pub fn build(config: &Config) -> Result<Self, UpstreamBuildError> {
+    pub fn build(config: &Config, metrics: &Metrics) -> Result<Self, UpstreamBuildError> {
         let mut upstreams = BTreeMap::new();
         for (name, upstream) in &config.upstreams {
-            upstreams.insert(name.as_str(), Arc::new(Upstream::build(name, upstream)?));
+            upstreams.insert(name.as_str(), Arc::new(Upstream::build(name, upstream, metrics.upstream(name))?));
         }
         // Validation guarantees every route names an existing upstream.
         let routes = config
@@ -34,7 +39,7 @@ impl GatewayState {
             .filter_map(|route| {
                 upstreams
                     .get(route.upstream.as_str())
-                    .map(|u| Route::new(route, Arc::clone(u)))
+                    .map(|u| Route::new(route, Arc::clone(u), metrics.route(&route.name)))
             })
             .collect();
         let key_query_params = config
@@ -51,10 +56,9 @@ impl GatewayState {
             key_locations: config.key_locations.clone(),
             key_query_params,
             trusted_proxies: config.client_ip.trusted_proxies.clone(),
-            default_plan: config
-                .default_plan
-                .as_deref()
-                .and_then(|p| HeaderValue::from_str(p).ok()),
+            default_plan: config.default_plan.as_deref().and_then(|p| HeaderValue::from_str(p).ok()),
+            plans: PlanTable::new(config.plans.clone(), config.default_plan.clone()),
+            unrouted_metrics: metrics.route("none"),
         })
     }
 }

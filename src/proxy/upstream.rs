@@ -12,6 +12,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 
 use crate::config::{HealthCheckConfig, UpstreamConfig};
+use crate::metrics::UpstreamMetrics;
 
 /// How long an idle upstream connection stays in the keep-alive pool.
 const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -19,11 +20,7 @@ const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamBuildError {
     #[error("upstream {upstream}: target {target} does not resolve: {reason}")]
-    Unresolvable {
-        upstream: String,
-        target: String,
-        reason: String,
-    },
+    Unresolvable { upstream: String, target: String, reason: String },
 }
 
 pub struct Upstream {
@@ -34,6 +31,7 @@ pub struct Upstream {
     connect_timeout: Duration,
     read_timeout: Duration,
     health_check: Option<HealthSchedule>,
+    pub metrics: UpstreamMetrics,
 }
 
 struct HealthSchedule {
@@ -43,7 +41,7 @@ struct HealthSchedule {
 
 impl Upstream {
     /// Resolves every target now: DNS never runs on the request path.
-    pub fn build(name: &str, config: &UpstreamConfig) -> Result<Self, UpstreamBuildError> {
+    pub fn build(name: &str, config: &UpstreamConfig, metrics: UpstreamMetrics) -> Result<Self, UpstreamBuildError> {
         let mut addrs: Vec<SocketAddr> = Vec::new();
         for target in &config.targets {
             let unresolvable = |reason: String| UpstreamBuildError::Unresolvable {
@@ -51,10 +49,8 @@ impl Upstream {
                 target: target.clone(),
                 reason,
             };
-            let resolved: Vec<SocketAddr> = target
-                .to_socket_addrs()
-                .map_err(|e| unresolvable(e.to_string()))?
-                .collect();
+            let resolved: Vec<SocketAddr> =
+                target.to_socket_addrs().map_err(|e| unresolvable(e.to_string()))?.collect();
             if resolved.is_empty() {
                 return Err(unresolvable("no addresses".into()));
             }
@@ -64,26 +60,19 @@ impl Upstream {
                 }
             }
         }
-        let mut balancer = LoadBalancer::<RoundRobin>::try_from_iter(addrs.iter().copied())
-            .map_err(|e| UpstreamBuildError::Unresolvable {
+        let mut balancer = LoadBalancer::<RoundRobin>::try_from_iter(addrs.iter().copied()).map_err(|e| {
+            UpstreamBuildError::Unresolvable {
                 upstream: name.to_owned(),
                 target: config.targets.join(", "),
                 reason: e.to_string(),
-            })?;
-        let tls_sni = config.tls.as_ref().map(|tls| {
-            tls.sni
-                .clone()
-                .unwrap_or_else(|| host_part(&config.targets[0]).to_owned())
-        });
-        let health_check = config.health_check.as_ref().map(|hc| {
-            let host = tls_sni
-                .clone()
-                .unwrap_or_else(|| host_part(&config.targets[0]).to_owned());
-            balancer.set_health_check(http_health_check(name, &host, tls_sni.is_some(), hc));
-            HealthSchedule {
-                interval: hc.interval,
-                next_due: Mutex::new(Instant::now()),
             }
+        })?;
+        let tls_sni =
+            config.tls.as_ref().map(|tls| tls.sni.clone().unwrap_or_else(|| host_part(&config.targets[0]).to_owned()));
+        let health_check = config.health_check.as_ref().map(|hc| {
+            let host = tls_sni.clone().unwrap_or_else(|| host_part(&config.targets[0]).to_owned());
+            balancer.set_health_check(http_health_check(name, &host, tls_sni.is_some(), hc));
+            HealthSchedule { interval: hc.interval, next_due: Mutex::new(Instant::now()) }
         });
         Ok(Upstream {
             name: name.to_owned(),
@@ -93,6 +82,7 @@ impl Upstream {
             connect_timeout: config.connect_timeout,
             read_timeout: config.read_timeout,
             health_check,
+            metrics,
         })
     }
 
@@ -106,17 +96,12 @@ impl Upstream {
     }
 
     pub fn peer(&self, backend: &Backend) -> pingora::Result<Box<HttpPeer>> {
-        let addr = backend.addr.as_inet().copied().ok_or_else(|| {
-            Error::explain(
-                ErrorType::InternalError,
-                "upstream target is not an inet address",
-            )
-        })?;
-        let mut peer = HttpPeer::new(
-            addr,
-            self.tls_sni.is_some(),
-            self.tls_sni.clone().unwrap_or_default(),
-        );
+        let addr = backend
+            .addr
+            .as_inet()
+            .copied()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "upstream target is not an inet address"))?;
+        let mut peer = HttpPeer::new(addr, self.tls_sni.is_some(), self.tls_sni.clone().unwrap_or_default());
         peer.options.connection_timeout = Some(self.connect_timeout);
         peer.options.read_timeout = Some(self.read_timeout);
         peer.options.write_timeout = Some(self.read_timeout);
@@ -129,10 +114,7 @@ impl Upstream {
         let Some(schedule) = &self.health_check else {
             return false;
         };
-        let mut next_due = schedule
-            .next_due
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut next_due = schedule.next_due.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if now < *next_due {
             return false;
         }
@@ -145,12 +127,7 @@ impl Upstream {
     }
 }
 
-fn http_health_check(
-    upstream: &str,
-    host: &str,
-    tls: bool,
-    config: &HealthCheckConfig,
-) -> Box<HttpHealthCheck> {
+fn http_health_check(upstream: &str, host: &str, tls: bool, config: &HealthCheckConfig) -> Box<HttpHealthCheck> {
     let mut check = HttpHealthCheck::new(host, tls);
     // `new` only fails on an invalid method or path; the path was validated with the config.
     if let Ok(mut req) = pingora::http::RequestHeader::build("GET", config.path.as_bytes(), None) {
@@ -166,15 +143,10 @@ fn http_health_check(
         if resp.status.is_success() || resp.status.is_redirection() {
             Ok(())
         } else {
-            Error::e_explain(
-                ErrorType::CustomCode("unhealthy status", resp.status.as_u16()),
-                "health check",
-            )
+            Error::e_explain(ErrorType::CustomCode("unhealthy status", resp.status.as_u16()), "health check")
         }
     }));
-    check.health_changed_callback = Some(Box::new(HealthLogger {
-        upstream: upstream.to_owned(),
-    }));
+    check.health_changed_callback = Some(Box::new(HealthLogger { upstream: upstream.to_owned() }));
     Box::new(check)
 }
 
@@ -203,6 +175,10 @@ fn host_part(target: &str) -> &str {
 mod tests {
     use super::*;
 
+    fn test_metrics() -> UpstreamMetrics {
+        crate::metrics::Metrics::new().unwrap().upstream("api")
+    }
+
     fn config(targets: &[&str]) -> UpstreamConfig {
         UpstreamConfig {
             targets: targets.iter().map(|t| t.to_string()).collect(),
@@ -215,11 +191,8 @@ mod tests {
 
     #[test]
     fn round_robin_visits_every_target() {
-        let upstream =
-            Upstream::build("api", &config(&["127.0.0.1:9001", "127.0.0.1:9002"])).unwrap();
-        let picks: Vec<String> = (0..4)
-            .map(|_| upstream.select().unwrap().addr.to_string())
-            .collect();
+        let upstream = Upstream::build("api", &config(&["127.0.0.1:9001", "127.0.0.1:9002"]), test_metrics()).unwrap();
+        let picks: Vec<String> = (0..4).map(|_| upstream.select().unwrap().addr.to_string()).collect();
         assert!(picks.contains(&"127.0.0.1:9001".to_string()));
         assert!(picks.contains(&"127.0.0.1:9002".to_string()));
         assert_ne!(picks[0], picks[1]);
@@ -227,22 +200,16 @@ mod tests {
 
     #[test]
     fn peers_carry_the_configured_timeouts() {
-        let upstream = Upstream::build("api", &config(&["127.0.0.1:9001"])).unwrap();
+        let upstream = Upstream::build("api", &config(&["127.0.0.1:9001"]), test_metrics()).unwrap();
         let peer = upstream.peer(&upstream.select().unwrap()).unwrap();
-        assert_eq!(
-            peer.options.connection_timeout,
-            Some(Duration::from_secs(1))
-        );
+        assert_eq!(peer.options.connection_timeout, Some(Duration::from_secs(1)));
         assert_eq!(peer.options.read_timeout, Some(Duration::from_secs(2)));
     }
 
     #[test]
     fn unresolvable_targets_are_reported() {
-        let result = Upstream::build("api", &config(&["no-such-host.invalid:80"]));
-        assert!(matches!(
-            result,
-            Err(UpstreamBuildError::Unresolvable { .. })
-        ));
+        let result = Upstream::build("api", &config(&["no-such-host.invalid:80"]), test_metrics());
+        assert!(matches!(result, Err(UpstreamBuildError::Unresolvable { .. })));
     }
 
     #[test]

@@ -16,6 +16,11 @@ use tokio::sync::Notify;
 
 use crate::config::{ConfigErrors, PlanConfig};
 use crate::index::{load_keys_file, KeyIndex, Snapshot};
+use crate::metrics::Metrics;
+
+fn unix_seconds() -> f64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
 
 /// How often the file's metadata is compared when no event arrives.
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -26,6 +31,7 @@ pub struct KeysFileSource {
     path: PathBuf,
     plans: BTreeMap<String, PlanConfig>,
     index: Arc<KeyIndex>,
+    metrics: Arc<Metrics>,
     version: AtomicU64,
     reload_requested: Arc<Notify>,
 }
@@ -49,19 +55,21 @@ struct Fingerprint {
 fn fingerprint(path: &Path) -> Option<Fingerprint> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
-    Some(Fingerprint {
-        modified: meta.modified().ok(),
-        len: meta.len(),
-        inode: meta.ino(),
-    })
+    Some(Fingerprint { modified: meta.modified().ok(), len: meta.len(), inode: meta.ino() })
 }
 
 impl KeysFileSource {
-    pub fn new(path: PathBuf, plans: BTreeMap<String, PlanConfig>, index: Arc<KeyIndex>) -> Self {
+    pub fn new(
+        path: PathBuf,
+        plans: BTreeMap<String, PlanConfig>,
+        index: Arc<KeyIndex>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         KeysFileSource {
             path,
             plans,
             index,
+            metrics,
             version: AtomicU64::new(0),
             reload_requested: Arc::new(Notify::new()),
         }
@@ -74,8 +82,20 @@ impl KeysFileSource {
 
     /// Loads the file and publishes it; on error the index is left as it was.
     pub fn reload(&self) -> Result<usize, KeysFileLoadError> {
-        let records =
-            load_keys_file(&self.path, &self.plans).map_err(KeysFileLoadError::Invalid)?;
+        let result = self.load_and_publish();
+        match &result {
+            Ok(count) => {
+                self.metrics.keys_loaded.set(*count as i64);
+                self.metrics.key_index_version.set(self.version.load(Ordering::Relaxed) as i64);
+                self.metrics.sync_last_success.set(unix_seconds());
+            }
+            Err(_) => self.metrics.sync_errors.inc(),
+        }
+        result
+    }
+
+    fn load_and_publish(&self) -> Result<usize, KeysFileLoadError> {
+        let records = load_keys_file(&self.path, &self.plans).map_err(KeysFileLoadError::Invalid)?;
         let version = self.version.load(Ordering::Relaxed) + 1;
         let snapshot = Snapshot::build(version, records)?;
         let count = snapshot.len();
@@ -123,10 +143,7 @@ impl KeysFileSource {
         let wake = Arc::clone(&self.reload_requested);
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             if let Ok(event) = event {
-                let touches_file = event
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name() == Some(file_name.as_os_str()));
+                let touches_file = event.paths.iter().any(|p| p.file_name() == Some(file_name.as_os_str()));
                 if touches_file && !event.kind.is_access() {
                     wake.notify_one();
                 }

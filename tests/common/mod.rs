@@ -25,11 +25,7 @@ pub const EVENTUALLY: Duration = Duration::from_secs(10);
 
 /// A port that was free a moment ago. The tiny race with other tests is accepted.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().unwrap().port()
 }
 
 /// Polls `f` until it returns `Some`, panicking with `what` after `timeout`.
@@ -65,10 +61,7 @@ pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> bool {
 type Headers = Vec<(String, String)>;
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
 /// Reads one CRLF/LF-terminated line; `None` on EOF before any byte.
@@ -79,10 +72,7 @@ fn read_line(r: &mut impl BufRead) -> io::Result<Option<String>> {
         return Ok(None);
     }
     if buf.last() != Some(&b'\n') {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed mid-line",
-        ));
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-line"));
     }
     while matches!(buf.last(), Some(b'\n' | b'\r')) {
         buf.pop();
@@ -98,40 +88,30 @@ fn read_head(r: &mut impl BufRead) -> io::Result<Option<(String, Headers)>> {
     };
     let mut headers = Vec::new();
     loop {
-        let line = read_line(r)?.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in headers")
-        })?;
+        let line = read_line(r)?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in headers"))?;
         if line.is_empty() {
             break;
         }
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad header line"))?;
+        let (name, value) =
+            line.split_once(':').ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad header line"))?;
         headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
     }
     Ok(Some((start, headers)))
 }
 
 fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
+    headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
 }
 
 fn header_all<'a>(headers: &'a Headers, name: &str) -> Vec<&'a str> {
-    headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
-        .collect()
+    headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect()
 }
 
 fn read_chunked(r: &mut impl BufRead) -> io::Result<Vec<u8>> {
     let mut body = Vec::new();
     loop {
-        let line = read_line(r)?
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in chunk size"))?;
+        let line = read_line(r)?.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in chunk size"))?;
         let size_hex = line.split(';').next().unwrap_or("").trim();
         let size = usize::from_str_radix(size_hex, 16)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
@@ -153,15 +133,11 @@ fn read_chunked(r: &mut impl BufRead) -> io::Result<Vec<u8>> {
 
 /// Reads a body framed by Content-Length or chunked encoding; `None` if neither.
 fn read_framed_body(r: &mut impl BufRead, headers: &Headers) -> io::Result<Option<Vec<u8>>> {
-    if header(headers, "transfer-encoding")
-        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
-    {
+    if header(headers, "transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
         return read_chunked(r).map(Some);
     }
     if let Some(len) = header(headers, "content-length") {
-        let len: usize = len
-            .parse()
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad content-length"))?;
+        let len: usize = len.parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad content-length"))?;
         let mut body = vec![0; len];
         r.read_exact(&mut body)?;
         return Ok(Some(body));
@@ -194,10 +170,7 @@ impl Recorded {
     /// True if `needle` occurs anywhere in the request line, headers or body.
     pub fn contains(&self, needle: &str) -> bool {
         self.target.contains(needle)
-            || self
-                .headers
-                .iter()
-                .any(|(n, v)| n.contains(needle) || v.contains(needle))
+            || self.headers.iter().any(|(n, v)| n.contains(needle) || v.contains(needle))
             || String::from_utf8_lossy(&self.body).contains(needle)
     }
 }
@@ -251,11 +224,7 @@ impl Upstream {
                 });
             }
         });
-        Upstream {
-            addr,
-            state,
-            acceptor: Some(acceptor),
-        }
+        Upstream { addr, state, acceptor: Some(acceptor) }
     }
 
     pub fn addr(&self) -> String {
@@ -273,9 +242,7 @@ impl Upstream {
     }
     /// The most recent proxied request; panics if there is none.
     pub fn last(&self) -> Recorded {
-        self.requests()
-            .pop()
-            .unwrap_or_else(|| panic!("upstream {} received no request", self.name()))
+        self.requests().pop().unwrap_or_else(|| panic!("upstream {} received no request", self.name()))
     }
     pub fn health_checks(&self) -> usize {
         self.state.health_checks.load(Ordering::SeqCst)
@@ -386,11 +353,7 @@ impl Response {
     }
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "response body is not JSON ({e}): status {} body {:?}",
-                self.status,
-                self.text()
-            )
+            panic!("response body is not JSON ({e}): status {} body {:?}", self.status, self.text())
         })
     }
     /// Which upstream answered (from the test upstream's `x-upstream` header).
@@ -409,14 +372,9 @@ pub struct Conn {
 impl Conn {
     pub fn open(addr: SocketAddr) -> Conn {
         let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        stream
-            .set_read_timeout(Some(Duration::from_secs(15)))
-            .unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
         let writer = stream.try_clone().unwrap();
-        Conn {
-            reader: BufReader::new(stream),
-            writer,
-        }
+        Conn { reader: BufReader::new(stream), writer }
     }
 
     pub fn set_read_timeout(&self, d: Duration) {
@@ -430,22 +388,13 @@ impl Conn {
 
     /// Reads one response. `head` says the request was HEAD (no body follows).
     pub fn read_response(&mut self, head: bool) -> io::Result<Response> {
-        let (start, headers) = read_head(&mut self.reader)?.ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed before a response",
-            )
-        })?;
+        let (start, headers) = read_head(&mut self.reader)?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before a response"))?;
         let status: u16 = start
             .split_whitespace()
             .nth(1)
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("bad status line {start:?}"),
-                )
-            })?;
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {start:?}")))?;
         let body = if head || status == 204 || status == 304 || (100..200).contains(&status) {
             Vec::new()
         } else if let Some(b) = read_framed_body(&mut self.reader, &headers)? {
@@ -455,11 +404,7 @@ impl Conn {
             self.reader.read_to_end(&mut b)?;
             b
         };
-        Ok(Response {
-            status,
-            headers,
-            body,
-        })
+        Ok(Response { status, headers, body })
     }
 
     pub fn try_send(&mut self, raw: &[u8]) -> io::Result<Response> {
@@ -468,12 +413,8 @@ impl Conn {
     }
 
     pub fn send(&mut self, raw: &[u8]) -> Response {
-        self.try_send(raw).unwrap_or_else(|e| {
-            panic!(
-                "request failed: {e}\n--- request ---\n{}",
-                String::from_utf8_lossy(raw)
-            )
-        })
+        self.try_send(raw)
+            .unwrap_or_else(|e| panic!("request failed: {e}\n--- request ---\n{}", String::from_utf8_lossy(raw)))
     }
 
     /// Waits up to `d` for anything more from the server. `None` means the
@@ -502,12 +443,7 @@ pub fn request(method: &str, target: &str, headers: &[(&str, &str)]) -> Vec<u8> 
 }
 
 /// A request with a Content-Length body.
-pub fn request_with_body(
-    method: &str,
-    target: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Vec<u8> {
+pub fn request_with_body(method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
     let len = body.len().to_string();
     let mut h: Vec<(&str, &str)> = headers.to_vec();
     h.push(("Content-Length", &len));
@@ -536,25 +472,13 @@ pub fn get(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Response
 /// other keyed requests themselves.
 #[track_caller]
 pub fn assert_error(resp: &Response, status: u16, code: &str) -> String {
-    assert_eq!(
-        resp.status,
-        status,
-        "expected {status} {code}, got {} with body {}",
-        resp.status,
-        resp.text()
-    );
+    assert_eq!(resp.status, status, "expected {status} {code}, got {} with body {}", resp.status, resp.text());
     let ct = resp.header("content-type").unwrap_or("");
-    assert!(
-        ct.starts_with("application/json"),
-        "error {code} has content-type {ct:?}, want application/json"
-    );
+    assert!(ct.starts_with("application/json"), "error {code} has content-type {ct:?}, want application/json");
     let v = resp.json();
     let err = &v["error"];
     assert_eq!(err["code"], code, "wrong error code in {v}");
-    assert!(
-        err["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "error without a message: {v}"
-    );
+    assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "error without a message: {v}");
     let id = err["request_id"]
         .as_str()
         .filter(|s| !s.is_empty())
@@ -588,18 +512,8 @@ pub fn assert_error(resp: &Response, status: u16, code: &str) -> String {
 /// Asserts a 200 that came from one of the test upstreams.
 #[track_caller]
 pub fn assert_proxied(resp: &Response) {
-    assert_eq!(
-        resp.status,
-        200,
-        "expected the upstream's 200, got {} with body {}",
-        resp.status,
-        resp.text()
-    );
-    assert!(
-        resp.upstream().is_some(),
-        "200 did not come from a test upstream: {:?}",
-        resp.headers
-    );
+    assert_eq!(resp.status, 200, "expected the upstream's 200, got {} with body {}", resp.status, resp.text());
+    assert!(resp.upstream().is_some(), "200 did not come from a test upstream: {:?}", resp.headers);
 }
 
 // ---------------------------------------------------------------------------
@@ -614,11 +528,7 @@ pub fn gen_key(prefix: Option<&str>) -> (String, String) {
         cmd.args(["--prefix", p]);
     }
     let out = cmd.output().expect("run keygate gen-key");
-    assert!(
-        out.status.success(),
-        "gen-key failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "gen-key failed: {}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).expect("gen-key prints UTF-8");
     let mut lines = stdout.lines().map(str::trim).filter(|l| !l.is_empty());
     let key = lines.next().expect("gen-key printed no key").to_string();
@@ -641,11 +551,7 @@ impl TestKey {
 
     pub fn with_prefix(id: &str, prefix: Option<&str>) -> TestKey {
         let (raw, hash) = gen_key(prefix);
-        TestKey {
-            id: id.to_string(),
-            raw,
-            hash,
-        }
+        TestKey { id: id.to_string(), raw, hash }
     }
 
     /// A keys-file entry; `fields` are extra YAML lines (e.g. "scopes: [a]").
@@ -718,12 +624,7 @@ pub struct GatewayBuilder {
 
 impl GatewayBuilder {
     pub fn new(config: &str) -> GatewayBuilder {
-        GatewayBuilder {
-            config: config.to_string(),
-            keys: keys_file(&[]),
-            vars: Vec::new(),
-            env: Vec::new(),
-        }
+        GatewayBuilder { config: config.to_string(), keys: keys_file(&[]), vars: Vec::new(), env: Vec::new() }
     }
     pub fn keys(mut self, yaml: &str) -> Self {
         self.keys = yaml.to_string();
@@ -773,16 +674,7 @@ impl GatewayBuilder {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn keygate serve");
-        let mut gw = Gateway {
-            addr,
-            admin,
-            config_path,
-            keys_path,
-            stdout_path,
-            stderr_path,
-            child: Some(child),
-            dir,
-        };
+        let mut gw = Gateway { addr, admin, config_path, keys_path, stdout_path, stderr_path, child: Some(child), dir };
         gw.wait_listening(addr, &config);
         gw
     }
@@ -792,9 +684,7 @@ fn assert_no_placeholders(config: &str) {
     for (i, part) in config.split('@').enumerate() {
         if i % 2 == 1
             && !part.is_empty()
-            && part
-                .chars()
-                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+            && part.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
         {
             panic!("config still has placeholder @{part}@:\n{config}");
         }
@@ -861,11 +751,7 @@ impl Gateway {
 
     /// Overwrites the keys file in place (truncate and write, same inode).
     pub fn write_keys_in_place(&self, yaml: &str) {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .truncate(true)
-            .open(&self.keys_path)
-            .unwrap();
+        let mut f = fs::OpenOptions::new().write(true).truncate(true).open(&self.keys_path).unwrap();
         f.write_all(yaml.as_bytes()).unwrap();
         f.sync_all().unwrap();
     }
@@ -883,20 +769,14 @@ impl Gateway {
 
     /// Captured stdout and stderr so far.
     pub fn output(&self) -> String {
-        format!(
-            "{}{}",
-            self.stdout(),
-            fs::read_to_string(&self.stderr_path).unwrap_or_default()
-        )
+        format!("{}{}", self.stdout(), fs::read_to_string(&self.stderr_path).unwrap_or_default())
     }
 
     /// Stops the process (SIGTERM, then SIGKILL after 10 s) and returns
     /// everything it wrote to stdout and stderr.
     pub fn stop(mut self) -> String {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
             let deadline = Instant::now() + Duration::from_secs(10);
             while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 thread::sleep(Duration::from_millis(50));
@@ -922,19 +802,10 @@ impl Drop for Gateway {
 // ---------------------------------------------------------------------------
 
 /// Runs the binary with `args` and optional stdin; returns its output.
-pub fn run_cli(
-    args: &[&str],
-    stdin: Option<&str>,
-    env: &[(&str, &str)],
-    env_remove: &[&str],
-) -> Output {
+pub fn run_cli(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)], env_remove: &[&str]) -> Output {
     let mut cmd = Command::new(BIN);
     cmd.args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for (k, v) in env {
@@ -945,12 +816,7 @@ pub fn run_cli(
     }
     let mut child = cmd.spawn().expect("spawn keygate");
     if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     }
     child.wait_with_output().expect("wait for keygate")
 }

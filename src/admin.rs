@@ -1,0 +1,55 @@
+//! The admin address: `/healthz`, `/readyz` and `/metrics` on every node.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::index::KeyIndex;
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+pub struct OpsState {
+    pub keys: Arc<KeyIndex>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn ops_router(state: OpsState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<OpsState>) -> Response {
+    if state.keys.is_loaded() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        let body = json!({"error": {"code": "not_ready", "message": "keys are not loaded yet", "request_id": ""}});
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+async fn metrics(State(state): State<OpsState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
+}
+
+/// Serves `router` on an already-bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}

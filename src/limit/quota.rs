@@ -1,0 +1,194 @@
+//! Quotas: requests per UTC calendar day or month, counted per key id.
+//!
+//! A key's period and count share one atomic word (period in the high 24 bits,
+//! count in the low 40), so rolling into a new period and counting are one
+//! compare-and-swap with no lock.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use time::{Date, Month, OffsetDateTime, Time};
+
+use crate::config::{QuotaConfig, QuotaPeriod};
+
+const COUNT_BITS: u32 = 40;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaExceeded {
+    /// Until the period ends.
+    pub retry_after: Duration,
+}
+
+#[derive(Default)]
+pub struct QuotaCounters {
+    by_key: DashMap<Arc<str>, AtomicU64>,
+}
+
+/// The period `now` falls in, numbered so that consecutive periods differ by one.
+fn period_index(period: QuotaPeriod, now: OffsetDateTime) -> u64 {
+    let index = match period {
+        QuotaPeriod::Day => now.unix_timestamp().div_euclid(86_400),
+        QuotaPeriod::Month => i64::from(now.year()) * 12 + i64::from(u8::from(now.month())) - 1,
+    };
+    // Both indices are far below 2^24 for any date `time` can represent here.
+    (index.max(0) as u64) & ((1 << (64 - COUNT_BITS)) - 1)
+}
+
+/// When the period containing `now` ends.
+pub fn period_end(period: QuotaPeriod, now: OffsetDateTime) -> OffsetDateTime {
+    let midnight = now.replace_time(Time::MIDNIGHT);
+    match period {
+        QuotaPeriod::Day => midnight + time::Duration::DAY,
+        QuotaPeriod::Month => {
+            let (year, month) = match now.month() {
+                Month::December => (now.year() + 1, Month::January),
+                month => (now.year(), month.next()),
+            };
+            Date::from_calendar_date(year, month, 1)
+                .map(|date| date.midnight().assume_utc())
+                .unwrap_or(midnight + time::Duration::DAY)
+        }
+    }
+}
+
+impl QuotaCounters {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counts one request unless the key has used its quota for this period.
+    /// Returns how many requests are left after this one.
+    pub fn try_consume(&self, key_id: &str, quota: &QuotaConfig, now: OffsetDateTime) -> Result<u64, QuotaExceeded> {
+        let period = period_index(quota.per, now);
+        let consume = |word: &AtomicU64| -> Result<u64, QuotaExceeded> {
+            let mut current = word.load(Ordering::Relaxed);
+            loop {
+                let used = if current >> COUNT_BITS == period { current & COUNT_MASK } else { 0 };
+                if used >= quota.requests {
+                    let retry_after = (period_end(quota.per, now) - now).try_into().unwrap_or(Duration::from_secs(1));
+                    return Err(QuotaExceeded { retry_after });
+                }
+                let next = (period << COUNT_BITS) | (used + 1).min(COUNT_MASK);
+                match word.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed) {
+                    Ok(_) => return Ok(quota.requests - used - 1),
+                    Err(actual) => current = actual,
+                }
+            }
+        };
+        if let Some(word) = self.by_key.get(key_id) {
+            return consume(&word);
+        }
+        let word = self.by_key.entry(Arc::from(key_id)).or_insert_with(|| AtomicU64::new(period << COUNT_BITS));
+        consume(&word)
+    }
+
+    /// Requests counted for the key in the period containing `now`.
+    pub fn used(&self, key_id: &str, period: QuotaPeriod, now: OffsetDateTime) -> u64 {
+        self.by_key.get(key_id).map_or(0, |word| {
+            let value = word.load(Ordering::Relaxed);
+            if value >> COUNT_BITS == period_index(period, now) {
+                value & COUNT_MASK
+            } else {
+                0
+            }
+        })
+    }
+
+    /// Forgets counters whose period is over.
+    pub fn evict_finished(&self, now: OffsetDateTime) -> usize {
+        let day = period_index(QuotaPeriod::Day, now);
+        let month = period_index(QuotaPeriod::Month, now);
+        let before = self.by_key.len();
+        // A live counter's index equals today's day or this month's index, so it
+        // is always kept; a stale one could only match by a coincidence of
+        // decades and would merely linger.
+        self.by_key.retain(|_, word| {
+            let index = word.load(Ordering::Relaxed) >> COUNT_BITS;
+            index == day || index == month
+        });
+        before - self.by_key.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn daily(requests: u64) -> QuotaConfig {
+        QuotaConfig { requests, per: QuotaPeriod::Day }
+    }
+
+    fn monthly(requests: u64) -> QuotaConfig {
+        QuotaConfig { requests, per: QuotaPeriod::Month }
+    }
+
+    #[test]
+    fn quota_allows_exactly_its_requests_per_period() {
+        let counters = QuotaCounters::new();
+        let now = datetime!(2026-03-10 12:00 UTC);
+        assert_eq!(counters.try_consume("k", &daily(3), now), Ok(2));
+        assert_eq!(counters.try_consume("k", &daily(3), now), Ok(1));
+        assert_eq!(counters.try_consume("k", &daily(3), now), Ok(0));
+        let exceeded = counters.try_consume("k", &daily(3), now).unwrap_err();
+        assert_eq!(exceeded.retry_after, Duration::from_secs(12 * 3600));
+        assert_eq!(counters.used("k", QuotaPeriod::Day, now), 3);
+    }
+
+    #[test]
+    fn refused_requests_do_not_consume_quota() {
+        let counters = QuotaCounters::new();
+        let now = datetime!(2026-03-10 12:00 UTC);
+        assert!(counters.try_consume("k", &daily(1), now).is_ok());
+        for _ in 0..5 {
+            assert!(counters.try_consume("k", &daily(1), now).is_err());
+        }
+        assert_eq!(counters.used("k", QuotaPeriod::Day, now), 1);
+    }
+
+    #[test]
+    fn a_new_utc_day_resets_the_count() {
+        let counters = QuotaCounters::new();
+        assert!(counters.try_consume("k", &daily(1), datetime!(2026-03-10 23:59:59 UTC)).is_ok());
+        assert!(counters.try_consume("k", &daily(1), datetime!(2026-03-10 23:59:59 UTC)).is_err());
+        assert!(counters.try_consume("k", &daily(1), datetime!(2026-03-11 00:00 UTC)).is_ok());
+    }
+
+    #[test]
+    fn monthly_quota_resets_on_the_first_of_the_month() {
+        let counters = QuotaCounters::new();
+        let late = datetime!(2026-12-31 18:00 UTC);
+        assert!(counters.try_consume("k", &monthly(1), late).is_ok());
+        let exceeded = counters.try_consume("k", &monthly(1), late).unwrap_err();
+        assert_eq!(exceeded.retry_after, Duration::from_secs(6 * 3600));
+        assert!(counters.try_consume("k", &monthly(1), datetime!(2027-01-01 00:00 UTC)).is_ok());
+    }
+
+    #[test]
+    fn period_end_handles_month_lengths_and_year_end() {
+        assert_eq!(period_end(QuotaPeriod::Month, datetime!(2028-02-29 10:00 UTC)), datetime!(2028-03-01 00:00 UTC));
+        assert_eq!(period_end(QuotaPeriod::Month, datetime!(2026-12-01 00:00 UTC)), datetime!(2027-01-01 00:00 UTC));
+        assert_eq!(period_end(QuotaPeriod::Day, datetime!(2026-12-31 00:00 UTC)), datetime!(2027-01-01 00:00 UTC));
+    }
+
+    #[test]
+    fn counters_of_finished_periods_are_evicted() {
+        let counters = QuotaCounters::new();
+        assert!(counters.try_consume("old", &daily(5), datetime!(2026-03-09 12:00 UTC)).is_ok());
+        assert!(counters.try_consume("today", &daily(5), datetime!(2026-03-10 12:00 UTC)).is_ok());
+        assert!(counters.try_consume("month", &monthly(5), datetime!(2026-03-01 12:00 UTC)).is_ok());
+        assert_eq!(counters.evict_finished(datetime!(2026-03-10 13:00 UTC)), 1);
+        assert_eq!(counters.len(), 2);
+    }
+}

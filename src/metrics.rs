@@ -1,0 +1,231 @@
+//! Prometheus metrics (CONTRACT §7). No label ever names a key.
+//!
+//! Request-path series are resolved once per route and upstream when the
+//! gateway state is built, so a request only adds to atomics.
+
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+use crate::proxy::Rejection;
+
+/// Request durations from half a millisecond to ten seconds.
+const DURATION_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    upstream_responses: IntCounterVec,
+    pub keys_loaded: IntGauge,
+    pub key_index_version: IntGauge,
+    pub sync_last_success: Gauge,
+    pub sync_errors: IntCounter,
+    usage_flush: IntCounterVec,
+    pub usage_pending: IntGauge,
+    pub usage_dropped: IntCounter,
+    config_reloads: IntCounterVec,
+    pub access_log_dropped: IntCounter,
+}
+
+/// Every value of the `outcome` label: `allowed` and each code keygate answers with.
+pub const OUTCOMES: usize = 1 + Rejection::KINDS;
+
+pub fn outcome_index(rejection: Option<Rejection>) -> usize {
+    rejection.map_or(0, |r| 1 + r.index())
+}
+
+fn outcome_label(index: usize) -> &'static str {
+    if index == 0 {
+        "allowed"
+    } else {
+        Rejection::from_index(index - 1).map_or("unknown", Rejection::code)
+    }
+}
+
+/// One route's series, resolved once.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    by_outcome: Vec<IntCounter>,
+    duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn observe(&self, rejection: Option<Rejection>, seconds: f64) {
+        if let Some(counter) = self.by_outcome.get(outcome_index(rejection)) {
+            counter.inc();
+        }
+        self.duration.observe(seconds);
+    }
+}
+
+/// One upstream's response counters by status class.
+#[derive(Clone)]
+pub struct UpstreamMetrics {
+    by_class: [IntCounter; 5],
+}
+
+impl UpstreamMetrics {
+    pub fn observe(&self, status: u16) {
+        if let Some(counter) = (status / 100).checked_sub(1).and_then(|i| self.by_class.get(usize::from(i))) {
+            counter.inc();
+        }
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("keygate_requests_total", "Requests by route and outcome (allowed or a denial code)"),
+            &["route", "outcome"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new("keygate_request_duration_seconds", "Time from request to response, by route")
+                .buckets(DURATION_BUCKETS.to_vec()),
+            &["route"],
+        )?;
+        let upstream_responses = IntCounterVec::new(
+            Opts::new("keygate_upstream_responses_total", "Upstream responses by upstream and status class"),
+            &["upstream", "class"],
+        )?;
+        let keys_loaded = IntGauge::new("keygate_keys_loaded", "Keys in the active index")?;
+        let key_index_version = IntGauge::new("keygate_key_index_version", "Version of the active key index")?;
+        let sync_last_success = Gauge::new(
+            "keygate_sync_last_success_timestamp_seconds",
+            "Unix time of the last successful key sync or load",
+        )?;
+        let sync_errors = IntCounter::new("keygate_sync_errors_total", "Failed key syncs or loads")?;
+        let usage_flush = IntCounterVec::new(
+            Opts::new("keygate_usage_flush_total", "Usage flushes by sink and result"),
+            &["sink", "result"],
+        )?;
+        let usage_pending = IntGauge::new("keygate_usage_pending", "Usage records waiting to reach their sinks")?;
+        let usage_dropped = IntCounter::new("keygate_usage_dropped_total", "Usage records given up on")?;
+        let config_reloads =
+            IntCounterVec::new(Opts::new("keygate_config_reloads_total", "Config reloads by result"), &["result"])?;
+        let access_log_dropped = IntCounter::new(
+            "keygate_access_log_dropped_total",
+            "Access log lines dropped because the writer fell behind",
+        )?;
+
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(upstream_responses.clone()))?;
+        registry.register(Box::new(keys_loaded.clone()))?;
+        registry.register(Box::new(key_index_version.clone()))?;
+        registry.register(Box::new(sync_last_success.clone()))?;
+        registry.register(Box::new(sync_errors.clone()))?;
+        registry.register(Box::new(usage_flush.clone()))?;
+        registry.register(Box::new(usage_pending.clone()))?;
+        registry.register(Box::new(usage_dropped.clone()))?;
+        registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(access_log_dropped.clone()))?;
+
+        Ok(Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_responses,
+            keys_loaded,
+            key_index_version,
+            sync_last_success,
+            sync_errors,
+            usage_flush,
+            usage_pending,
+            usage_dropped,
+            config_reloads,
+            access_log_dropped,
+        })
+    }
+
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        RouteMetrics {
+            by_outcome: (0..OUTCOMES).map(|i| self.requests.with_label_values(&[route, outcome_label(i)])).collect(),
+            duration: self.request_duration.with_label_values(&[route]),
+        }
+    }
+
+    pub fn upstream(&self, upstream: &str) -> UpstreamMetrics {
+        let class = |c: &str| self.upstream_responses.with_label_values(&[upstream, c]);
+        UpstreamMetrics { by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")] }
+    }
+
+    pub fn usage_flushed(&self, sink: &str, ok: bool) {
+        self.usage_flush.with_label_values(&[sink, if ok { "ok" } else { "error" }]).inc();
+    }
+
+    pub fn config_reloaded(&self, ok: bool) {
+        self.config_reloads.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Denial;
+
+    #[test]
+    fn route_series_count_each_outcome_separately() {
+        let metrics = Metrics::new().unwrap();
+        let route = metrics.route("orders");
+        route.observe(None, 0.002);
+        route.observe(Some(Rejection::Denied(Denial::InvalidKey)), 0.001);
+        route.observe(Some(Rejection::Denied(Denial::InvalidKey)), 0.001);
+        let text = metrics.render();
+        assert!(text.contains(r#"keygate_requests_total{outcome="allowed",route="orders"} 1"#), "{text}");
+        assert!(text.contains(r#"keygate_requests_total{outcome="invalid_key",route="orders"} 2"#), "{text}");
+        assert!(text.contains(r#"keygate_request_duration_seconds_count{route="orders"} 3"#), "{text}");
+    }
+
+    #[test]
+    fn upstream_series_count_by_status_class() {
+        let metrics = Metrics::new().unwrap();
+        let upstream = metrics.upstream("api");
+        upstream.observe(204);
+        upstream.observe(503);
+        upstream.observe(99);
+        let text = metrics.render();
+        assert!(text.contains(r#"keygate_upstream_responses_total{class="2xx",upstream="api"} 1"#), "{text}");
+        assert!(text.contains(r#"keygate_upstream_responses_total{class="5xx",upstream="api"} 1"#), "{text}");
+    }
+
+    #[test]
+    fn every_outcome_has_a_distinct_label() {
+        let labels: std::collections::HashSet<&str> = (0..OUTCOMES).map(outcome_label).collect();
+        assert_eq!(labels.len(), OUTCOMES);
+        assert!(!labels.contains("unknown"));
+    }
+
+    #[test]
+    fn contract_metric_names_are_all_exposed() {
+        let metrics = Metrics::new().unwrap();
+        metrics.route("r");
+        metrics.upstream("u");
+        metrics.usage_flushed("file", true);
+        metrics.config_reloaded(true);
+        metrics.sync_errors.inc();
+        let text = metrics.render();
+        for name in [
+            "keygate_requests_total",
+            "keygate_request_duration_seconds",
+            "keygate_upstream_responses_total",
+            "keygate_keys_loaded",
+            "keygate_key_index_version",
+            "keygate_sync_last_success_timestamp_seconds",
+            "keygate_sync_errors_total",
+            "keygate_usage_flush_total",
+            "keygate_usage_pending",
+            "keygate_usage_dropped_total",
+            "keygate_config_reloads_total",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing from:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! The request-path half of usage: atomics per key id.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use time::OffsetDateTime;
+
+use super::record::{StatusClasses, UsageRecord};
+use crate::policy::{Denial, DENIAL_KINDS};
+
+/// What one finished request adds to its key's usage.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestUsage {
+    pub denial: Option<Denial>,
+    /// The status sent to the client; 0 when none was sent.
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Unix time in milliseconds.
+    pub at_ms: i64,
+}
+
+#[derive(Default)]
+struct KeyUsage {
+    /// Set by every request, cleared by each drain: an entry still clear at the
+    /// next drain sat idle a whole window and is removed.
+    active: AtomicBool,
+    allowed: AtomicU64,
+    denied: [AtomicU64; DENIAL_KINDS],
+    /// 2xx, 3xx, 4xx, 5xx.
+    status: [AtomicU64; 4],
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    last_used_ms: AtomicI64,
+}
+
+#[derive(Default)]
+pub struct UsageCounters {
+    by_key: DashMap<Arc<str>, KeyUsage>,
+}
+
+impl UsageCounters {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn record(&self, key_id: &str, usage: &RequestUsage) {
+        // Counting happens under the shard's read guard, so `drain` (which removes
+        // idle entries under the write guard) can never lose an increment.
+        if let Some(entry) = self.by_key.get(key_id) {
+            entry.add(usage);
+            return;
+        }
+        self.by_key.entry(Arc::from(key_id)).or_default().add(usage);
+    }
+
+    /// Takes every count since the last drain, as records for the window
+    /// `[window_start, window_end)`, and forgets keys that had no requests in it.
+    pub fn drain(&self, node: &str, window_start: OffsetDateTime, window_end: OffsetDateTime) -> Vec<UsageRecord> {
+        let mut records = Vec::new();
+        for entry in self.by_key.iter() {
+            if let Some(record) = entry.value().take(node, entry.key(), window_start, window_end) {
+                records.push(record);
+            }
+        }
+        // Under the write guard: a request counted since `take` set `active` again.
+        self.by_key.retain(|_, usage| usage.active.swap(false, Ordering::AcqRel));
+        records
+    }
+
+    /// Keys with counters in memory.
+    pub fn active_keys(&self) -> usize {
+        self.by_key.len()
+    }
+}
+
+impl KeyUsage {
+    fn add(&self, usage: &RequestUsage) {
+        match usage.denial {
+            None => self.allowed.fetch_add(1, Ordering::Relaxed),
+            Some(denial) => self.denied[denial.index()].fetch_add(1, Ordering::Relaxed),
+        };
+        if let Some(slot) = (usage.status / 100).checked_sub(2).and_then(|i| self.status.get(usize::from(i))) {
+            slot.fetch_add(1, Ordering::Relaxed);
+        }
+        self.bytes_in.fetch_add(usage.bytes_in, Ordering::Relaxed);
+        self.bytes_out.fetch_add(usage.bytes_out, Ordering::Relaxed);
+        self.last_used_ms.fetch_max(usage.at_ms, Ordering::Relaxed);
+        self.active.store(true, Ordering::Release);
+    }
+
+    /// Swaps every counter to zero; `None` when there was nothing to take.
+    /// `requests` is derived from the outcomes, so a record always adds up even
+    /// when requests finish while it is being taken.
+    fn take(
+        &self,
+        node: &str,
+        key_id: &str,
+        window_start: OffsetDateTime,
+        window_end: OffsetDateTime,
+    ) -> Option<UsageRecord> {
+        let allowed = self.allowed.swap(0, Ordering::AcqRel);
+        let denied: BTreeMap<String, u64> = self
+            .denied
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| {
+                let n = n.swap(0, Ordering::AcqRel);
+                (n > 0).then(|| (Denial::CODES[i].to_owned(), n))
+            })
+            .collect();
+        let requests = allowed + denied.values().sum::<u64>();
+        if requests == 0 {
+            return None;
+        }
+        let last_used_ms = self.last_used_ms.load(Ordering::Relaxed);
+        Some(UsageRecord {
+            node: node.to_owned(),
+            key_id: key_id.to_owned(),
+            window_start,
+            window_end,
+            requests,
+            allowed,
+            denied,
+            status: StatusClasses {
+                s2xx: self.status[0].swap(0, Ordering::AcqRel),
+                s3xx: self.status[1].swap(0, Ordering::AcqRel),
+                s4xx: self.status[2].swap(0, Ordering::AcqRel),
+                s5xx: self.status[3].swap(0, Ordering::AcqRel),
+            },
+            bytes_in: self.bytes_in.swap(0, Ordering::AcqRel),
+            bytes_out: self.bytes_out.swap(0, Ordering::AcqRel),
+            last_used_at: OffsetDateTime::from_unix_timestamp_nanos(i128::from(last_used_ms) * 1_000_000).ok(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    const START: OffsetDateTime = datetime!(2026-01-01 00:00 UTC);
+    const END: OffsetDateTime = datetime!(2026-01-01 00:00:05 UTC);
+
+    fn usage(denial: Option<Denial>, status: u16) -> RequestUsage {
+        RequestUsage { denial, status, bytes_in: 3, bytes_out: 7, at_ms: 1_767_225_601_000 }
+    }
+
+    #[test]
+    fn drain_returns_each_key_once_with_exact_counts() {
+        let counters = UsageCounters::new();
+        for _ in 0..3 {
+            counters.record("a", &usage(None, 200));
+        }
+        counters.record("a", &usage(Some(Denial::RateLimited { retry_after: 1 }), 429));
+        counters.record("b", &usage(None, 503));
+        let mut records = counters.drain("n", START, END);
+        records.sort_by(|x, y| x.key_id.cmp(&y.key_id));
+        assert_eq!(records.len(), 2);
+        let a = &records[0];
+        assert_eq!((a.requests, a.allowed), (4, 3));
+        assert_eq!(a.denied["rate_limited"], 1);
+        assert_eq!((a.status.s2xx, a.status.s4xx), (3, 1));
+        assert_eq!((a.bytes_in, a.bytes_out), (12, 28));
+        assert_eq!(a.last_used_at, Some(datetime!(2026-01-01 00:00:01 UTC)));
+        assert_eq!(records[1].status.s5xx, 1);
+        assert!(counters.drain("n", START, END).is_empty());
+    }
+
+    #[test]
+    fn keys_idle_for_a_whole_window_are_forgotten() {
+        let counters = UsageCounters::new();
+        counters.record("a", &usage(None, 200));
+        counters.drain("n", START, END);
+        assert_eq!(counters.active_keys(), 1, "active in the last window: kept");
+        counters.drain("n", START, END);
+        assert_eq!(counters.active_keys(), 0, "idle for a window: removed");
+    }
+
+    #[test]
+    fn concurrent_counting_loses_nothing_across_drains() {
+        let counters = std::sync::Arc::new(UsageCounters::new());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let counters = std::sync::Arc::clone(&counters);
+                std::thread::spawn(move || {
+                    for i in 0..20_000 {
+                        counters.record(&format!("k{}", (t + i) % 7), &usage(None, 200));
+                    }
+                })
+            })
+            .collect();
+        let mut total = 0;
+        while threads.iter().any(|t| !t.is_finished()) {
+            total += counters.drain("n", START, END).iter().map(|r| r.requests).sum::<u64>();
+        }
+        total += counters.drain("n", START, END).iter().map(|r| r.requests).sum::<u64>();
+        assert_eq!(total, 80_000);
+    }
+}

@@ -1,0 +1,116 @@
+//! One key's usage over one window: the line format of CONTRACT §8.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusClasses {
+    #[serde(rename = "2xx")]
+    pub s2xx: u64,
+    #[serde(rename = "3xx")]
+    pub s3xx: u64,
+    #[serde(rename = "4xx")]
+    pub s4xx: u64,
+    #[serde(rename = "5xx")]
+    pub s5xx: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    pub node: String,
+    pub key_id: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub window_start: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub window_end: OffsetDateTime,
+    pub requests: u64,
+    pub allowed: u64,
+    /// Only codes that occurred.
+    pub denied: BTreeMap<String, u64>,
+    pub status: StatusClasses,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_used_at: Option<OffsetDateTime>,
+}
+
+impl UsageRecord {
+    /// Folds a later (or earlier) window of the same key into this one.
+    pub fn merge(&mut self, other: &UsageRecord) {
+        self.window_start = self.window_start.min(other.window_start);
+        self.window_end = self.window_end.max(other.window_end);
+        self.requests += other.requests;
+        self.allowed += other.allowed;
+        for (code, n) in &other.denied {
+            *self.denied.entry(code.clone()).or_default() += n;
+        }
+        self.status.s2xx += other.status.s2xx;
+        self.status.s3xx += other.status.s3xx;
+        self.status.s4xx += other.status.s4xx;
+        self.status.s5xx += other.status.s5xx;
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+        self.last_used_at = self.last_used_at.max(other.last_used_at);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn record(start: OffsetDateTime, end: OffsetDateTime, allowed: u64, denied: &[(&str, u64)]) -> UsageRecord {
+        UsageRecord {
+            node: "n".into(),
+            key_id: "k".into(),
+            window_start: start,
+            window_end: end,
+            requests: allowed + denied.iter().map(|(_, n)| n).sum::<u64>(),
+            allowed,
+            denied: denied.iter().map(|(c, n)| (c.to_string(), *n)).collect(),
+            status: StatusClasses { s2xx: allowed, ..Default::default() },
+            bytes_in: 10,
+            bytes_out: 20,
+            last_used_at: Some(end),
+        }
+    }
+
+    #[test]
+    fn merging_adds_counts_and_spans_both_windows() {
+        let t = |m: u8| datetime!(2026-01-01 00:00 UTC) + time::Duration::minutes(m.into());
+        let mut a = record(t(0), t(5), 3, &[("rate_limited", 1)]);
+        a.merge(&record(t(5), t(10), 2, &[("rate_limited", 2), ("key_revoked", 1)]));
+        assert_eq!((a.window_start, a.window_end), (t(0), t(10)));
+        assert_eq!((a.requests, a.allowed), (9, 5));
+        assert_eq!(a.denied["rate_limited"], 3);
+        assert_eq!(a.denied["key_revoked"], 1);
+        assert_eq!(a.status.s2xx, 5);
+        assert_eq!((a.bytes_in, a.bytes_out), (20, 40));
+        assert_eq!(a.last_used_at, Some(t(10)));
+    }
+
+    #[test]
+    fn serialises_to_the_contract_line() {
+        let r = record(datetime!(2026-01-01 00:00 UTC), datetime!(2026-01-01 00:00:05 UTC), 1, &[]);
+        let json: serde_json::Value = serde_json::to_value(&r).unwrap();
+        for field in [
+            "node",
+            "key_id",
+            "window_start",
+            "window_end",
+            "requests",
+            "allowed",
+            "denied",
+            "status",
+            "bytes_in",
+            "bytes_out",
+            "last_used_at",
+        ] {
+            assert!(json.get(field).is_some(), "{field} missing: {json}");
+        }
+        assert_eq!(json["status"]["2xx"], 1);
+        assert_eq!(json["window_end"], "2026-01-01T00:00:05Z");
+    }
+}

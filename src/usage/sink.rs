@@ -1,0 +1,134 @@
+//! Where usage goes. Each sink receives whole batches and either takes all of
+//! one or none of it, so a retry never counts anything twice.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+
+use super::record::UsageRecord;
+
+/// One delivery attempt. `sequence` identifies the batch for receivers that
+/// drop duplicates: a batch that failed is retried with the same sequence and
+/// the same records.
+#[derive(Debug, Clone, Copy)]
+pub struct UsageBatch<'a> {
+    pub node: &'a str,
+    pub boot_id: &'a str,
+    pub sequence: u64,
+    pub records: &'a [UsageRecord],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("{path}: {source}")]
+    File { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Other(String),
+}
+
+#[async_trait]
+pub trait UsageSink: Send + Sync {
+    /// The `sink` label in metrics: `file`, `store`, `control_plane`.
+    fn kind(&self) -> &'static str;
+
+    async fn write(&self, batch: UsageBatch<'_>) -> Result<(), SinkError>;
+}
+
+/// JSON lines appended to a file (CONTRACT §8). The file is opened for every
+/// batch, so rotating it away needs no signal.
+pub struct FileSink {
+    path: PathBuf,
+}
+
+impl FileSink {
+    pub fn new(path: PathBuf) -> Self {
+        FileSink { path }
+    }
+
+    fn fail(&self, source: std::io::Error) -> SinkError {
+        SinkError::File { path: self.path.display().to_string(), source }
+    }
+}
+
+fn json_lines(records: &[UsageRecord]) -> std::io::Result<Vec<u8>> {
+    let mut lines = Vec::with_capacity(records.len() * 256);
+    for record in records {
+        serde_json::to_writer(&mut lines, record)?;
+        lines.push(b'\n');
+    }
+    Ok(lines)
+}
+
+/// All or nothing: a partial write is cut off again so a retry repeats no line.
+fn append_all_or_nothing(path: &std::path::Path, lines: &[u8]) -> std::io::Result<()> {
+    let mut file = OpenOptions::new().create(true).append(true).open(path)?;
+    let before = file.metadata()?.len();
+    if let Err(e) = file.write_all(lines).and_then(|()| file.sync_data()) {
+        let _ = file.set_len(before);
+        return Err(e);
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl UsageSink for FileSink {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
+    async fn write(&self, batch: UsageBatch<'_>) -> Result<(), SinkError> {
+        let lines = json_lines(batch.records).map_err(|e| self.fail(e))?;
+        let path = self.path.clone();
+        // File I/O and fsync block: keep them off the async workers.
+        tokio::task::spawn_blocking(move || append_all_or_nothing(&path, &lines))
+            .await
+            .map_err(|e| SinkError::Other(format!("usage file writer stopped: {e}")))?
+            .map_err(|e| self.fail(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn record(key: &str) -> UsageRecord {
+        UsageRecord {
+            node: "n".into(),
+            key_id: key.into(),
+            window_start: datetime!(2026-01-01 00:00 UTC),
+            window_end: datetime!(2026-01-01 00:00:05 UTC),
+            requests: 1,
+            allowed: 1,
+            denied: Default::default(),
+            status: Default::default(),
+            bytes_in: 0,
+            bytes_out: 0,
+            last_used_at: None,
+        }
+    }
+
+    fn batch(records: &[UsageRecord]) -> UsageBatch<'_> {
+        UsageBatch { node: "n", boot_id: "b", sequence: 1, records }
+    }
+
+    #[tokio::test]
+    async fn file_sink_appends_one_json_line_per_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = FileSink::new(dir.path().join("usage.jsonl"));
+        sink.write(batch(&[record("a"), record("b")])).await.unwrap();
+        sink.write(batch(&[record("c")])).await.unwrap();
+        let text = std::fs::read_to_string(dir.path().join("usage.jsonl")).unwrap();
+        let keys: Vec<String> = text.lines().map(|l| serde_json::from_str::<UsageRecord>(l).unwrap().key_id).collect();
+        assert_eq!(keys, ["a", "b", "c"]);
+    }
+
+    #[tokio::test]
+    async fn file_sink_fails_cleanly_when_its_directory_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = FileSink::new(dir.path().join("missing").join("usage.jsonl"));
+        assert!(matches!(sink.write(batch(&[record("a")])).await, Err(SinkError::File { .. })));
+    }
+}
