@@ -39,6 +39,10 @@ impl Hasher for DigestHasher {
     }
 }
 
+/// Per-key mutable state (limits, usage) lives beside the index in maps keyed by
+/// key id. Ids come from the index, not from clients, so a fast seeded hasher is safe.
+pub type KeyIdMap<V> = dashmap::DashMap<Arc<str>, V, foldhash::fast::RandomState>;
+
 type DigestMap<V> = HashMap<KeyDigest, V, BuildHasherDefault<DigestHasher>>;
 
 /// Every key known at one moment, by digest.

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
+use crate::index::KeyIdMap;
 use time::{Date, Month, OffsetDateTime, Time};
 
 use crate::config::{QuotaConfig, QuotaPeriod};
@@ -24,7 +24,7 @@ pub struct QuotaExceeded {
 
 #[derive(Default)]
 pub struct QuotaCounters {
-    by_key: DashMap<Arc<str>, AtomicU64>,
+    by_key: KeyIdMap<AtomicU64>,
 }
 
 /// The period `now` falls in, numbered so that consecutive periods differ by one.

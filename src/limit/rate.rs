@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
+use crate::index::KeyIdMap;
 use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
@@ -43,7 +43,7 @@ struct KeyLimiter<C: Clock> {
 pub struct RateLimiters<C: Clock = DefaultClock> {
     clock: C,
     origin: C::Instant,
-    by_key: DashMap<Arc<str>, KeyLimiter<C>>,
+    by_key: KeyIdMap<KeyLimiter<C>>,
 }
 
 impl RateLimiters<DefaultClock> {
@@ -68,7 +68,7 @@ pub fn quota_of(config: &RateLimitConfig) -> Option<Quota> {
 impl<C: Clock + Clone> RateLimiters<C> {
     pub fn with_clock(clock: C) -> Self {
         let origin = clock.now();
-        RateLimiters { clock, origin, by_key: DashMap::new() }
+        RateLimiters { clock, origin, by_key: KeyIdMap::default() }
     }
 
     /// Takes one request from the key's budget. A key whose limit changed since its

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use dashmap::DashMap;
+use crate::index::KeyIdMap;
 use time::OffsetDateTime;
 
 use super::record::{StatusClasses, UsageRecord};
@@ -38,7 +38,7 @@ struct KeyUsage {
 
 #[derive(Default)]
 pub struct UsageCounters {
-    by_key: DashMap<Arc<str>, KeyUsage>,
+    by_key: KeyIdMap<KeyUsage>,
 }
 
 impl UsageCounters {

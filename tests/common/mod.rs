@@ -825,3 +825,41 @@ pub fn run_cli(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)], env_rem
 pub fn sock(addr: &str) -> SocketAddr {
     addr.to_socket_addrs().unwrap().next().unwrap()
 }
+
+// ---------------------------------------------------------------------------
+// Admin address and exit status (appended for tests/limits_usage.rs).
+// ---------------------------------------------------------------------------
+
+impl Gateway {
+    /// The admin listener (`@ADMIN@`): /healthz, /readyz, /metrics.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// One GET to the admin listener on a fresh connection.
+    pub fn admin_get(&self, target: &str) -> Response {
+        get(self.admin, target, &[])
+    }
+
+    /// Like `stop`, but also returns how the process ended: `Some(status)` if it
+    /// exited by itself within 10 s of SIGTERM, `None` if it had to be killed.
+    pub fn stop_with_status(mut self) -> (Option<std::process::ExitStatus>, String) {
+        let mut exit = None;
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Some(status) = child.try_wait().ok().flatten() {
+                    exit = Some(status);
+                    break;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            if exit.is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        (exit, self.output())
+    }
+}
