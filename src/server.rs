@@ -124,7 +124,14 @@ fn usage_sinks(config: &Config) -> anyhow::Result<Vec<Arc<dyn UsageSink>>> {
         .sinks
         .iter()
         .map(|sink| match sink {
-            SinkConfig::File { path } => Ok(Arc::new(FileSink::new(path.clone())) as Arc<dyn UsageSink>),
+            SinkConfig::File { path } => {
+                // Created once at start; a directory that vanishes later is an outage, retried.
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create the usage directory {}", dir.display()))?;
+                }
+                Ok(Arc::new(FileSink::new(path.clone())) as Arc<dyn UsageSink>)
+            }
             SinkConfig::Store | SinkConfig::ControlPlane => {
                 bail!("usage sinks of type store and control_plane need the control plane, which this build does not include")
             }
