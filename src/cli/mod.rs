@@ -1,5 +1,7 @@
 //! The command line: `keygate serve | check-config | gen-key | hash-key`.
 
+mod keys;
+
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -38,6 +40,8 @@ enum Command {
     },
     /// Read one key on stdin and print its sha256 hash.
     HashKey,
+    /// Manage keys through the admin API.
+    Keys(keys::KeysArgs),
 }
 
 /// Runs the command line; clap itself exits with 2 on a bad command line.
@@ -51,6 +55,7 @@ pub fn run() -> ExitCode {
         Command::CheckConfig { config } => return check_config(&config),
         Command::GenKey { prefix } => return gen_key(&prefix),
         Command::HashKey => hash_key(),
+        Command::Keys(args) => return keys::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
