@@ -12,9 +12,18 @@ use serde_json::json;
 use crate::index::KeyIndex;
 use crate::metrics::Metrics;
 
+/// What `/readyz` reports.
+#[derive(Clone)]
+pub enum Readiness {
+    /// Ready once the key index holds a key set (gateways, standalone).
+    KeysLoaded(Arc<KeyIndex>),
+    /// A control plane is ready once it runs: its store opened before it started.
+    Always,
+}
+
 #[derive(Clone)]
 pub struct OpsState {
-    pub keys: Arc<KeyIndex>,
+    pub ready: Readiness,
     pub metrics: Arc<Metrics>,
 }
 
@@ -31,7 +40,11 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 async fn readyz(State(state): State<OpsState>) -> Response {
-    if state.keys.is_loaded() {
+    let ready = match &state.ready {
+        Readiness::KeysLoaded(keys) => keys.is_loaded(),
+        Readiness::Always => true,
+    };
+    if ready {
         Json(json!({"status": "ready"})).into_response()
     } else {
         let body = json!({"error": {"code": "not_ready", "message": "keys are not loaded yet", "request_id": ""}});

@@ -12,6 +12,7 @@ pub mod access_log;
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod index;
 pub mod key;
 pub mod limit;

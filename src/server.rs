@@ -1,7 +1,8 @@
 //! Running a node: builds Pingora's server from keygate's validated config.
 
-use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,15 +16,21 @@ use time::OffsetDateTime;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::access_log::AccessLog;
-use crate::admin::{ops_router, OpsState};
-use crate::config::{Config, KeySource, Mode, SinkConfig};
+use crate::admin::{ops_router, OpsState, Readiness};
+use crate::config::{Config, KeySource, Mode, SinkConfig, TokenConfig};
+use crate::control::api::ApiState;
+use crate::control::feed::Feed;
+use crate::control::store::Store;
+use crate::control::store_sink::StoreSink;
 use crate::index::KeyIndex;
 use crate::limit::{QuotaCounters, RateLimiters};
 use crate::metrics::Metrics;
-use crate::proxy::{DataPlane, Gateway, GatewayState};
-use crate::sync::KeysFileSource;
-use crate::usage::{FileSink, Flusher, FlusherHandle, UsageCounters, UsageSink};
+use crate::proxy::{DataPlane, Freshness, Gateway, GatewayState};
+use crate::sync::{Follower, KeyFeed, KeysFileSource, LocalFeed, RemoteFeed};
+use crate::usage::{ControlPlaneSink, FileSink, Flusher, FlusherHandle, UsageCounters, UsageSink};
 
+/// How long a starting gateway waits for its first key snapshot before trying the cache file.
+const SYNC_START_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often upstream health schedules are looked at; each upstream keeps its own interval.
 const HEALTH_TICK: Duration = Duration::from_millis(250);
 /// How often idle limiter and quota state is dropped.
@@ -42,14 +49,30 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
 
     let keys = Arc::new(KeyIndex::default());
-    let keys_file = match (config.keys.source, &config.keys.file) {
-        (KeySource::File, Some(path)) => {
-            Arc::new(KeysFileSource::new(path.clone(), config.plans.clone(), Arc::clone(&keys), Arc::clone(&metrics)))
+    let key_source = match config.keys.source {
+        KeySource::File => {
+            let Some(path) = &config.keys.file else { bail!("keys.source is file but keys.file is missing") };
+            let source =
+                KeysFileSource::new(path.clone(), config.plans.clone(), Arc::clone(&keys), Arc::clone(&metrics));
+            let loaded = source.reload().context("the keys file is not valid")?;
+            tracing::info!(keys = loaded, "keys loaded");
+            KeySourcePlan::File(Arc::new(source))
         }
-        _ => bail!("this build serves keys only from a keys file (`keys.source: file`)"),
+        KeySource::ControlPlane => {
+            let Some(remote) = &config.keys.control_plane else {
+                bail!("keys.source is control_plane but keys.control_plane is missing")
+            };
+            KeySourcePlan::Remote { url: remote.url.clone(), token: remote.token.clone() }
+        }
+        KeySource::Store => KeySourcePlan::Store,
     };
-    let loaded = keys_file.reload().context("the keys file is not valid")?;
-    tracing::info!(keys = loaded, "keys loaded");
+    let last_sync = Arc::new(AtomicI64::new(0));
+    let freshness = (!config.keys.max_staleness.is_zero() && !matches!(key_source, KeySourcePlan::File(_)))
+        .then(|| Freshness { last_success: Arc::clone(&last_sync), max_staleness: config.keys.max_staleness });
+    let store_url = matches!(config.mode, Mode::Standalone | Mode::ControlPlane).then(|| config.store.url.clone());
+    if let Some(url) = &store_url {
+        preflight_store(url)?;
+    }
 
     let admin_listener = std::net::TcpListener::bind(config.admin.address)
         .with_context(|| format!("cannot listen on the admin address {}", config.admin.address))?;
@@ -63,38 +86,54 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
             .context("cannot open the access log")?,
         metrics: Arc::clone(&metrics),
         in_flight: AtomicUsize::new(0),
+        freshness,
     });
 
     let opt = Opt { upgrade, daemon: false, nocapture: false, test: false, conf: None };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config));
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Gateway::new(Arc::clone(&plane)),
-        "keygate proxy",
-    );
-    for listener in &config.listeners {
-        proxy.add_tcp(&listener.address.to_string());
+    if config.mode != Mode::ControlPlane {
+        let mut proxy = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            Gateway::new(Arc::clone(&plane)),
+            "keygate proxy",
+        );
+        for listener in &config.listeners {
+            proxy.add_tcp(&listener.address.to_string());
+        }
+        server.add_service(proxy);
     }
-    server.add_service(proxy);
     let maintenance = Maintenance {
+        mode: config.mode,
         plane,
-        keys_file,
+        key_source,
+        last_sync,
+        store_url,
+        api: ApiSettings {
+            admin_tokens: config.admin.tokens.clone(),
+            sync_tokens: config.admin.sync_tokens.clone(),
+            plans: config.plans.keys().cloned().collect(),
+        },
+        cache_file: config.keys.cache_file.clone(),
         admin_listener: std::sync::Mutex::new(Some(admin_listener)),
-        sinks: usage_sinks(&config)?,
+        sinks: config.usage.sinks.clone(),
         node_id: config.node_id.clone(),
         flush_interval: config.usage.flush_interval,
     };
     server.add_service(background_service("keygate maintenance", maintenance));
 
-    tracing::info!(
-        mode = config.mode.as_str(),
-        listeners = ?config.listeners.iter().map(|l| l.address).collect::<Vec<_>>(),
-        admin = %config.admin.address,
-        routes = config.routes.len(),
-        "keygate serving"
-    );
+    if config.mode == Mode::ControlPlane {
+        tracing::info!(mode = config.mode.as_str(), admin = %config.admin.address, "keygate serving");
+    } else {
+        tracing::info!(
+            mode = config.mode.as_str(),
+            listeners = ?config.listeners.iter().map(|l| l.address).collect::<Vec<_>>(),
+            admin = %config.admin.address,
+            routes = config.routes.len(),
+            "keygate serving"
+        );
+    }
     server.run(RunArgs { shutdown_signal: Box::new(GracefulOnInterrupt) });
     Ok(())
 }
@@ -102,13 +141,6 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
 /// Parts of the contract this build does not serve yet are refused up front
 /// rather than ignored.
 fn refuse_unavailable(config: &Config) -> anyhow::Result<()> {
-    if config.mode != Mode::Gateway {
-        bail!(
-            "mode {} needs the control plane (admin API and store), which this build does not include; \
-             run with `mode: gateway` and `keys.source: file`",
-            config.mode.as_str()
-        );
-    }
     if let Some(listener) = config.listeners.iter().find(|l| l.tls.is_some()) {
         bail!("listener {}: TLS termination is not available in this build; use a plain listener", listener.address);
     }
@@ -118,25 +150,29 @@ fn refuse_unavailable(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn usage_sinks(config: &Config) -> anyhow::Result<Vec<Arc<dyn UsageSink>>> {
-    config
-        .usage
-        .sinks
-        .iter()
-        .map(|sink| match sink {
-            SinkConfig::File { path } => {
-                // Created once at start; a directory that vanishes later is an outage, retried.
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir)
-                        .with_context(|| format!("cannot create the usage directory {}", dir.display()))?;
-                }
-                Ok(Arc::new(FileSink::new(path.clone())) as Arc<dyn UsageSink>)
+/// Connects once before Pingora starts, so an unreachable database or a failed
+/// migration stops the start with a clear error instead of a half-running node.
+fn preflight_store(url: &str) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let store = Store::connect(url).await.with_context(|| format!("cannot open the store {}", redact_url(url)))?;
+        store.close().await;
+        Ok(())
+    })
+}
+
+/// A store URL without its password, for messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
             }
-            SinkConfig::Store | SinkConfig::ControlPlane => {
-                bail!("usage sinks of type store and control_plane need the control plane, which this build does not include")
-            }
-        })
-        .collect()
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// Pingora's own settings, derived from keygate's config rather than read from a file.
@@ -181,37 +217,110 @@ impl ShutdownSignalWatch for GracefulOnInterrupt {
     }
 }
 
-/// Work beside the request path: keys file watching, health checks, usage,
-/// the admin address, SIGHUP, and the end of a graceful shutdown.
+/// Where this node's keys come from, decided before Pingora starts.
+enum KeySourcePlan {
+    File(Arc<KeysFileSource>),
+    Remote { url: String, token: String },
+    Store,
+}
+
+struct ApiSettings {
+    admin_tokens: Vec<TokenConfig>,
+    sync_tokens: Vec<TokenConfig>,
+    plans: BTreeSet<String>,
+}
+
+/// Work beside the request path: the store and admin API, key sync, health
+/// checks, usage, SIGHUP, and the end of a graceful shutdown. It all runs on
+/// this service's runtime, which is also where the database pool lives.
 struct Maintenance {
+    mode: Mode,
     plane: Arc<DataPlane>,
-    keys_file: Arc<KeysFileSource>,
+    key_source: KeySourcePlan,
+    last_sync: Arc<AtomicI64>,
+    store_url: Option<String>,
+    api: ApiSettings,
+    cache_file: Option<PathBuf>,
     /// Bound before Pingora starts so a busy port fails the start; taken once.
     admin_listener: std::sync::Mutex<Option<std::net::TcpListener>>,
-    sinks: Vec<Arc<dyn UsageSink>>,
+    sinks: Vec<SinkConfig>,
     node_id: String,
     flush_interval: Duration,
+}
+
+/// A failure after Pingora started: nothing sensible can run without it.
+fn fatal(what: &str, error: impl std::fmt::Display) -> ! {
+    tracing::error!("{what}: {error}");
+    eprintln!("error: {what}: {error}");
+    std::process::exit(1);
 }
 
 #[async_trait]
 impl BackgroundService for Maintenance {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let keys_file = Arc::clone(&self.keys_file);
-        let watch_shutdown = shutdown.clone();
-        tokio::spawn(async move { keys_file.watch(watch_shutdown).await });
-        self.start_admin(shutdown.clone());
+        let control = match &self.store_url {
+            Some(url) => {
+                let store = Arc::new(Store::connect(url).await.unwrap_or_else(|e| fatal("cannot open the store", e)));
+                let (_, version) =
+                    store.changes_since(u64::MAX, 1).await.unwrap_or_else(|e| fatal("cannot read the change feed", e));
+                let feed = Arc::new(Feed::new(version));
+                tokio::spawn(Arc::clone(&feed).run(Arc::clone(&store), shutdown.clone()));
+                Some((store, feed))
+            }
+            None => None,
+        };
+        self.start_admin(control.as_ref(), shutdown.clone());
+
+        let follower = match &self.key_source {
+            KeySourcePlan::File(source) => {
+                let source = Arc::clone(source);
+                let watch_shutdown = shutdown.clone();
+                tokio::spawn(async move { source.watch(watch_shutdown).await });
+                None
+            }
+            KeySourcePlan::Remote { url, token } => {
+                let feed =
+                    RemoteFeed::new(url, token).unwrap_or_else(|e| fatal("cannot set up the key sync client", e));
+                Some(Arc::new(feed) as Arc<dyn KeyFeed>)
+            }
+            // A control plane has no proxy, so no index to keep.
+            KeySourcePlan::Store if self.mode == Mode::ControlPlane => None,
+            KeySourcePlan::Store => match &control {
+                Some((store, feed)) => {
+                    Some(Arc::new(LocalFeed::new(Arc::clone(store), Arc::clone(feed))) as Arc<dyn KeyFeed>)
+                }
+                None => fatal("keys.source is store", "this mode has no store"),
+            },
+        };
+        if let Some(feed) = follower {
+            let follower = Arc::new(Follower::new(
+                feed,
+                Arc::clone(&self.plane.keys),
+                Arc::clone(&self.plane.metrics),
+                self.cache_file.clone(),
+                Arc::clone(&self.last_sync),
+            ));
+            if follower.start(SYNC_START_TIMEOUT).await {
+                tracing::info!(keys = self.plane.keys.load().len(), "keys loaded");
+            } else {
+                tracing::warn!("no keys yet: keyed requests get 503 not_ready until the control plane answers");
+            }
+            let follow_shutdown = shutdown.clone();
+            tokio::spawn(async move { follower.run(follow_shutdown).await });
+        }
+
+        let sinks = self.build_sinks(control.as_ref().map(|(store, _)| store));
         let flusher = Flusher::new(
             Arc::clone(&self.plane.usage),
-            self.sinks.clone(),
+            sinks,
             self.node_id.clone(),
             self.flush_interval,
             Arc::clone(&self.plane.metrics),
         )
         .spawn();
 
-        let mut hangup = signal(SignalKind::hangup())
-            .map_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP; reload by editing the keys file"))
-            .ok();
+        let mut hangup =
+            signal(SignalKind::hangup()).map_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP")).ok();
         let mut health_tick = tokio::time::interval(HEALTH_TICK);
         health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut evict_tick = tokio::time::interval(EVICT_EVERY);
@@ -224,8 +333,10 @@ impl BackgroundService for Maintenance {
                     self.plane.quotas.evict_finished(OffsetDateTime::now_utc());
                 }
                 Some(()) = async { match hangup.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
-                    tracing::info!("SIGHUP: reloading the keys file");
-                    self.keys_file.request_reload();
+                    if let KeySourcePlan::File(source) = &self.key_source {
+                        tracing::info!("SIGHUP: reloading the keys file");
+                        source.request_reload();
+                    }
                 }
                 _ = shutdown.changed() => break,
             }
@@ -235,11 +346,27 @@ impl BackgroundService for Maintenance {
 }
 
 impl Maintenance {
-    fn start_admin(&self, mut shutdown: ShutdownWatch) {
+    fn start_admin(&self, control: Option<&(Arc<Store>, Arc<Feed>)>, mut shutdown: ShutdownWatch) {
         let listener = self.admin_listener.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         let Some(listener) = listener else { return };
-        let router =
-            ops_router(OpsState { keys: Arc::clone(&self.plane.keys), metrics: Arc::clone(&self.plane.metrics) });
+        // A control plane without a proxy is ready once its store is open.
+        let ready = match (&self.key_source, control) {
+            (KeySourcePlan::Store, _) | (_, None) => Readiness::KeysLoaded(Arc::clone(&self.plane.keys)),
+            (_, Some(_)) => Readiness::Always,
+        };
+        let mut router = ops_router(OpsState { ready, metrics: Arc::clone(&self.plane.metrics) });
+        if let Some((store, feed)) = control {
+            if self.api.admin_tokens.is_empty() {
+                tracing::warn!("admin.tokens is empty: the admin API will refuse every call");
+            }
+            router = router.merge(crate::control::api::router(Arc::new(ApiState {
+                store: Arc::clone(store),
+                admin_tokens: self.api.admin_tokens.clone(),
+                sync_tokens: self.api.sync_tokens.clone(),
+                plans: self.api.plans.clone(),
+                feed: Arc::clone(feed),
+            })));
+        }
         tokio::spawn(async move {
             let stop = async move {
                 let _ = shutdown.changed().await;
@@ -248,6 +375,35 @@ impl Maintenance {
                 tracing::error!(error = %e, "the admin server stopped");
             }
         });
+    }
+
+    fn build_sinks(&self, store: Option<&Arc<Store>>) -> Vec<Arc<dyn UsageSink>> {
+        let mut sinks: Vec<Arc<dyn UsageSink>> = Vec::new();
+        for sink in &self.sinks {
+            match sink {
+                SinkConfig::File { path } => {
+                    // Created once at start; a directory that vanishes later is an outage, retried.
+                    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                        if let Err(e) = std::fs::create_dir_all(dir) {
+                            tracing::warn!(dir = %dir.display(), error = %e, "cannot create the usage directory");
+                        }
+                    }
+                    sinks.push(Arc::new(FileSink::new(path.clone())));
+                }
+                SinkConfig::Store => match store {
+                    Some(store) => sinks.push(Arc::new(StoreSink::new(Arc::clone(store)))),
+                    None => fatal("usage sink store", "this mode has no store"),
+                },
+                SinkConfig::ControlPlane => match &self.key_source {
+                    KeySourcePlan::Remote { url, token } => match ControlPlaneSink::new(url, token) {
+                        Ok(sink) => sinks.push(Arc::new(sink)),
+                        Err(e) => fatal("cannot set up the usage upload", e),
+                    },
+                    _ => fatal("usage sink control_plane", "keys.control_plane is not configured"),
+                },
+            }
+        }
+        sinks
     }
 
     fn run_due_health_checks(&self) {

@@ -1,6 +1,7 @@
 //! The command line: `keygate serve | check-config | gen-key | hash-key`.
 
 mod keys;
+mod table;
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};

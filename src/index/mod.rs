@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 
 use crate::key::KeyDigest;
 
-pub use keys_file::{load_keys_file, parse_keys_file, KeysFileError};
+pub use keys_file::{load_keys_file, parse_cidr, parse_keys_file, KeysFileError};
 pub use record::{KeyRecord, KeyStatus, ScopeSet};
 
 /// SHA-256 output is already uniform: its first eight bytes are a perfect hash.
@@ -46,10 +46,17 @@ pub type KeyIdMap<V> = dashmap::DashMap<Arc<str>, V, foldhash::fast::RandomState
 type DigestMap<V> = HashMap<KeyDigest, V, BuildHasherDefault<DigestHasher>>;
 
 /// Every key known at one moment, by digest.
-#[derive(Default)]
+///
+/// A large immutable base shared between snapshots, plus a small overlay of the
+/// changes applied since the base was built (`None` marks a removed key). One
+/// change therefore copies the overlay, not the index; `compact` folds the
+/// overlay into a new base off the request path once it has grown.
+#[derive(Default, Clone)]
 pub struct Snapshot {
     version: u64,
-    by_digest: DigestMap<Arc<KeyRecord>>,
+    base: Arc<DigestMap<Arc<KeyRecord>>>,
+    overlay: DigestMap<Option<Arc<KeyRecord>>>,
+    len: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +64,10 @@ pub enum SnapshotError {
     #[error("keys {first} and {second} have the same hash")]
     DuplicateHash { first: String, second: String },
 }
+
+/// An overlay this large (or larger than this share of the base) is worth folding.
+const COMPACT_AT_LEAST: usize = 1024;
+const COMPACT_BASE_DIVISOR: usize = 16;
 
 impl Snapshot {
     pub fn build(
@@ -71,19 +82,64 @@ impl Snapshot {
                 return Err(SnapshotError::DuplicateHash { first: previous.id.clone(), second });
             }
         }
-        Ok(Snapshot { version, by_digest })
+        let len = by_digest.len();
+        Ok(Snapshot { version, base: Arc::new(by_digest), overlay: DigestMap::default(), len })
     }
 
     pub fn get(&self, digest: &KeyDigest) -> Option<&Arc<KeyRecord>> {
-        self.by_digest.get(digest)
+        match self.overlay.get(digest) {
+            Some(entry) => entry.as_ref(),
+            None => self.base.get(digest),
+        }
+    }
+
+    /// The next snapshot: this one with `changes` applied in order (`None` removes
+    /// the key). Costs a copy of the overlay, never of the base.
+    pub fn apply(&self, version: u64, changes: impl IntoIterator<Item = (KeyDigest, Option<KeyRecord>)>) -> Snapshot {
+        let mut next = Snapshot { version, base: Arc::clone(&self.base), overlay: self.overlay.clone(), len: self.len };
+        for (digest, record) in changes {
+            let was_present = next.get(&digest).is_some();
+            let is_present = record.is_some();
+            next.overlay.insert(digest, record.map(Arc::new));
+            match (was_present, is_present) {
+                (false, true) => next.len += 1,
+                (true, false) => next.len -= 1,
+                _ => {}
+            }
+        }
+        next
+    }
+
+    pub fn needs_compaction(&self) -> bool {
+        self.overlay.len() >= COMPACT_AT_LEAST.max(self.base.len() / COMPACT_BASE_DIVISOR)
+    }
+
+    /// The same keys with the overlay folded into a new base: O(keys), so callers
+    /// run it beside the request path and publish the result.
+    pub fn compact(&self) -> Snapshot {
+        let mut base = DigestMap::clone(&self.base);
+        for (digest, record) in &self.overlay {
+            match record {
+                Some(record) => base.insert(*digest, Arc::clone(record)),
+                None => base.remove(digest),
+            };
+        }
+        Snapshot { version: self.version, len: base.len(), base: Arc::new(base), overlay: DigestMap::default() }
+    }
+
+    /// Every live record, base and overlay merged.
+    pub fn records(&self) -> impl Iterator<Item = (&KeyDigest, &Arc<KeyRecord>)> {
+        let overlay = self.overlay.iter().filter_map(|(d, r)| r.as_ref().map(|r| (d, r)));
+        let base = self.base.iter().filter(|(d, _)| !self.overlay.contains_key(*d));
+        overlay.chain(base)
     }
 
     pub fn len(&self) -> usize {
-        self.by_digest.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_digest.is_empty()
+        self.len == 0
     }
 
     pub fn version(&self) -> u64 {
@@ -106,6 +162,11 @@ impl KeyIndex {
     /// Lock-free; the guard keeps the snapshot alive while it is held.
     pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.current.load()
+    }
+
+    /// The current snapshot, for building the next one.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.current.load_full()
     }
 
     pub fn publish(&self, snapshot: Snapshot) {
@@ -157,6 +218,60 @@ mod tests {
         assert!(index.load().get(&KeyDigest::of("a")).is_some());
         // A reader that loaded before the swap keeps a consistent old view.
         assert!(held.is_empty());
+    }
+
+    #[test]
+    fn applied_changes_add_replace_and_remove_without_touching_the_base() {
+        let base =
+            Snapshot::build(1, [(KeyDigest::of("a"), record("key_a")), (KeyDigest::of("b"), record("key_b"))]).unwrap();
+        let next = base.apply(
+            2,
+            [
+                (KeyDigest::of("c"), Some(record("key_c"))),
+                (KeyDigest::of("a"), Some(KeyRecord::builder("key_a").status(KeyStatus::Revoked).build())),
+                (KeyDigest::of("b"), None),
+            ],
+        );
+        assert_eq!(next.version(), 2);
+        assert_eq!(next.len(), 2);
+        assert_eq!(next.get(&KeyDigest::of("a")).unwrap().status, KeyStatus::Revoked);
+        assert!(next.get(&KeyDigest::of("b")).is_none());
+        assert_eq!(next.get(&KeyDigest::of("c")).unwrap().id, "key_c");
+        assert!(Arc::ptr_eq(&base.base, &next.base), "the base is shared, not copied");
+        // The earlier snapshot is untouched.
+        assert_eq!(base.len(), 2);
+        assert_eq!(base.get(&KeyDigest::of("a")).unwrap().status, KeyStatus::Active);
+        assert!(base.get(&KeyDigest::of("b")).is_some());
+    }
+
+    #[test]
+    fn removing_an_absent_key_and_re_adding_keep_the_count_right() {
+        let base = Snapshot::build(1, [(KeyDigest::of("a"), record("key_a"))]).unwrap();
+        let next = base.apply(2, [(KeyDigest::of("zzz"), None), (KeyDigest::of("a"), None)]);
+        assert_eq!(next.len(), 0);
+        let again = next.apply(3, [(KeyDigest::of("a"), Some(record("key_a")))]);
+        assert_eq!(again.len(), 1);
+        assert!(again.get(&KeyDigest::of("a")).is_some());
+    }
+
+    #[test]
+    fn compaction_keeps_exactly_the_live_keys() {
+        let base =
+            Snapshot::build(1, (0..10).map(|i| (KeyDigest::of(&i.to_string()), record(&format!("k{i}"))))).unwrap();
+        let changed = base.apply(
+            2,
+            (0..5).map(|i| (KeyDigest::of(&i.to_string()), None)).chain([(KeyDigest::of("new"), Some(record("new")))]),
+        );
+        let compacted = changed.compact();
+        assert_eq!(compacted.len(), 6);
+        assert!(compacted.overlay.is_empty());
+        assert_eq!(compacted.version(), 2);
+        let mut ids: Vec<String> = compacted.records().map(|(_, r)| r.id.clone()).collect();
+        ids.sort();
+        assert_eq!(ids, ["k5", "k6", "k7", "k8", "k9", "new"]);
+        let mut before: Vec<String> = changed.records().map(|(_, r)| r.id.clone()).collect();
+        before.sort();
+        assert_eq!(before, ids);
     }
 
     impl KeyIndex {

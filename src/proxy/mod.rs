@@ -10,7 +10,7 @@ mod state;
 mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -57,6 +57,27 @@ pub struct DataPlane {
     pub metrics: Arc<Metrics>,
     /// Requests between their first byte and their log line.
     pub in_flight: AtomicUsize,
+    /// Set when keys come from a feed with a `max_staleness` limit.
+    pub freshness: Option<Freshness>,
+}
+
+/// How old the keys may get before keyed requests are refused with `not_ready`.
+pub struct Freshness {
+    /// Unix seconds of the last successful sync; 0 before the first.
+    pub last_success: Arc<AtomicI64>,
+    pub max_staleness: std::time::Duration,
+}
+
+impl DataPlane {
+    /// Whether keyed requests can be judged: keys are loaded and, where a staleness
+    /// limit is set, recent enough.
+    pub fn keys_current(&self, now: OffsetDateTime) -> bool {
+        self.keys.is_loaded()
+            && self.freshness.as_ref().is_none_or(|f| {
+                let age = now.unix_timestamp() - f.last_success.load(Ordering::Relaxed);
+                u64::try_from(age).is_ok_and(|age| age <= f.max_staleness.as_secs())
+            })
+    }
 }
 
 /// The `ProxyHttp` implementation shared by every worker thread.
@@ -126,8 +147,12 @@ impl Gateway {
         ctx.client_ip = Some(client_ip);
         let facts = RequestFacts { presented_key: presented.as_deref(), client_ip, required_scopes: &route.scopes };
         let plane = &*self.plane;
+        let now = OffsetDateTime::now_utc();
+        if !plane.keys_current(now) {
+            return Verdict::Reject(Rejection::NotReady);
+        }
         let limits = Limits { plans: &state.plans, rates: &plane.rates, quotas: &plane.quotas };
-        let decision = decide(&facts, &plane.keys.load(), &limits, OffsetDateTime::now_utc());
+        let decision = decide(&facts, &plane.keys.load(), &limits, now);
         ctx.key = decision.key;
         ctx.rate = decision.rate;
         match decision.denial {

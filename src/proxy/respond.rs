@@ -18,12 +18,14 @@ pub enum Rejection {
     UpstreamError,
     UpstreamUnavailable,
     UpstreamTimeout,
+    /// No keys loaded yet, or the last sync is older than `keys.max_staleness`.
+    NotReady,
     Internal,
 }
 
 impl Rejection {
     /// How many distinct codes there are (see [`Rejection::index`]).
-    pub const KINDS: usize = DENIAL_KINDS + 6;
+    pub const KINDS: usize = DENIAL_KINDS + 7;
 
     /// A dense index per code, for metrics.
     pub fn index(self) -> usize {
@@ -35,6 +37,7 @@ impl Rejection {
             Rejection::UpstreamUnavailable => DENIAL_KINDS + 3,
             Rejection::UpstreamTimeout => DENIAL_KINDS + 4,
             Rejection::Internal => DENIAL_KINDS + 5,
+            Rejection::NotReady => DENIAL_KINDS + 6,
         }
     }
 
@@ -62,6 +65,7 @@ impl Rejection {
             Rejection::UpstreamUnavailable,
             Rejection::UpstreamTimeout,
             Rejection::Internal,
+            Rejection::NotReady,
         ]
         .get(index - DENIAL_KINDS)
         .copied()
@@ -75,6 +79,7 @@ impl Rejection {
             Rejection::UpstreamError => "upstream_error",
             Rejection::UpstreamUnavailable => "upstream_unavailable",
             Rejection::UpstreamTimeout => "upstream_timeout",
+            Rejection::NotReady => "not_ready",
             Rejection::Internal => "internal_error",
         }
     }
@@ -87,6 +92,7 @@ impl Rejection {
             Rejection::UpstreamError => 502,
             Rejection::UpstreamUnavailable => 503,
             Rejection::UpstreamTimeout => 504,
+            Rejection::NotReady => 503,
             Rejection::Internal => 500,
         }
     }
@@ -99,6 +105,7 @@ impl Rejection {
             Rejection::UpstreamError => "the upstream failed to answer",
             Rejection::UpstreamUnavailable => "no healthy upstream target is available",
             Rejection::UpstreamTimeout => "the upstream did not answer in time",
+            Rejection::NotReady => "the gateway has no current keys yet; retry shortly",
             Rejection::Internal => "internal error",
         }
     }

@@ -1,5 +1,9 @@
 //! Gateway side of key distribution: where the key index comes from and how it stays fresh.
 
+mod feeds;
+mod follow;
 mod keys_file;
 
+pub use feeds::{LocalFeed, RemoteFeed};
+pub use follow::{record_from_stored, ChangeBatch, FeedError, Follower, KeyFeed, LONG_POLL};
 pub use keys_file::KeysFileSource;

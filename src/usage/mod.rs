@@ -15,4 +15,4 @@ mod sink;
 pub use counters::{RequestUsage, UsageCounters};
 pub use flusher::{Flusher, FlusherHandle};
 pub use record::UsageRecord;
-pub use sink::{FileSink, SinkError, UsageBatch, UsageSink};
+pub use sink::{ControlPlaneSink, FileSink, SinkError, UsageBatch, UsageSink};

@@ -1,0 +1,633 @@
+//! The admin API (CONTRACT §6) and the feed gateways follow.
+//!
+//! Handlers validate every field before the store sees it and answer errors in
+//! the one JSON shape keygate uses everywhere. Every change is audited with the
+//! name of the token that made it.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use sha2::{Digest as _, Sha256};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::feed::Feed;
+use super::model::{Granularity, KeyFilter, KeyPatch, KeyStatusText, NewKey, StoredKey};
+use super::store::{Store, StoreError};
+use crate::config::{parse_duration, QuotaConfig, RateLimitConfig, TokenConfig};
+use crate::index::parse_cidr;
+use crate::key::{self, KeyDigest};
+use crate::usage::UsageRecord;
+
+/// Everything the handlers share.
+pub struct ApiState {
+    pub store: Arc<Store>,
+    pub admin_tokens: Vec<TokenConfig>,
+    pub sync_tokens: Vec<TokenConfig>,
+    pub plans: BTreeSet<String>,
+    pub feed: Arc<Feed>,
+}
+
+/// Longest a gateway's long poll is held open.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 1000;
+const DEFAULT_GRACE: &str = "24h";
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/keys", post(create_key).get(list_keys))
+        .route("/v1/keys/{id}", get(get_key).patch(update_key).delete(delete_key))
+        .route("/v1/keys/{id}/revoke", post(revoke_key))
+        .route("/v1/keys/{id}/rotate", post(rotate_key))
+        .route("/v1/keys/{id}/usage", get(key_usage))
+        .route("/v1/audit", get(audit))
+        .route("/v1/sync/snapshot", get(sync_snapshot))
+        .route("/v1/sync/changes", get(sync_changes))
+        .route("/v1/sync/usage", post(sync_usage))
+        .with_state(state)
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
+        ApiError { status: StatusCode::BAD_REQUEST, code: "invalid_request", message: format!("{field}: {message}") }
+    }
+
+    fn not_found(id: &str) -> Self {
+        ApiError { status: StatusCode::NOT_FOUND, code: "not_found", message: format!("no key {id}") }
+    }
+
+    fn unauthorized(message: &str) -> Self {
+        ApiError { status: StatusCode::UNAUTHORIZED, code: "unauthorized", message: message.to_owned() }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => {
+                ApiError { status: StatusCode::NOT_FOUND, code: "not_found", message: "no such key".into() }
+            }
+            StoreError::Conflict(message) => ApiError { status: StatusCode::CONFLICT, code: "conflict", message },
+            StoreError::Invalid(message) => {
+                ApiError { status: StatusCode::BAD_REQUEST, code: "invalid_request", message }
+            }
+            other => {
+                tracing::error!(error = %other, "store error");
+                ApiError {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    code: "internal_error",
+                    message: "the store failed".into(),
+                }
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let request_id = crate::proxy::new_request_id();
+        let body = json!({"error": {"code": self.code, "message": self.message, "request_id": request_id.to_str().unwrap_or("")}});
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(r#"Bearer realm="keygate""#));
+        }
+        response.headers_mut().insert("x-request-id", request_id);
+        response
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+// ---------------------------------------------------------------------------
+// Authentication
+// ---------------------------------------------------------------------------
+
+/// The admin token's name, for the audit log.
+pub struct Admin(pub String);
+/// A gateway holding a sync token.
+pub struct SyncClient(#[allow(dead_code)] pub String);
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+/// Compares digests in constant time, so response timing says nothing about tokens.
+fn token_name<'a>(tokens: &'a [TokenConfig], presented: &str) -> Option<&'a str> {
+    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    let mut found = None;
+    for token in tokens {
+        let difference = token.sha256.iter().zip(digest.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if difference == 0 {
+            found = Some(token.name.as_str());
+        }
+    }
+    found
+}
+
+impl FromRequestParts<Arc<ApiState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<ApiState>) -> Result<Self, Self::Rejection> {
+        let token = bearer(&parts.headers).ok_or_else(|| ApiError::unauthorized("an admin token is required"))?;
+        token_name(&state.admin_tokens, token)
+            .map(|name| Admin(name.to_owned()))
+            .ok_or_else(|| ApiError::unauthorized("the admin token is not valid"))
+    }
+}
+
+impl FromRequestParts<Arc<ApiState>> for SyncClient {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<ApiState>) -> Result<Self, Self::Rejection> {
+        let token = bearer(&parts.headers).ok_or_else(|| ApiError::unauthorized("a sync token is required"))?;
+        token_name(&state.sync_tokens, token)
+            .map(|name| SyncClient(name.to_owned()))
+            .ok_or_else(|| ApiError::unauthorized("the sync token is not valid"))
+    }
+}
+
+/// A JSON object body, with a 400 naming the problem instead of axum's plain-text rejection.
+struct JsonObject(Map<String, Value>);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes =
+            axum::body::Bytes::from_request(req, state).await.map_err(|e| ApiError::invalid("body", e.body_text()))?;
+        if bytes.is_empty() {
+            return Ok(JsonObject(Map::new()));
+        }
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(map)) => Ok(JsonObject(map)),
+            Ok(_) => Err(ApiError::invalid("body", "expected a JSON object")),
+            Err(e) => Err(ApiError::invalid("body", format!("not valid JSON: {e}"))),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Field validation shared by create and update
+// ---------------------------------------------------------------------------
+
+fn string_field(field: &str, value: &Value) -> ApiResult<String> {
+    match value {
+        Value::String(s) if !s.trim().is_empty() && s.len() <= 256 && !s.chars().any(char::is_control) => Ok(s.clone()),
+        Value::String(_) => Err(ApiError::invalid(field, "must be 1 to 256 printable characters")),
+        _ => Err(ApiError::invalid(field, "must be a string")),
+    }
+}
+
+fn string_list(field: &str, value: &Value) -> ApiResult<Vec<String>> {
+    let Value::Array(items) = value else { return Err(ApiError::invalid(field, "must be a list of strings")) };
+    items.iter().enumerate().map(|(i, item)| string_field(&format!("{field}[{i}]"), item)).collect()
+}
+
+fn scopes(value: &Value) -> ApiResult<Vec<String>> {
+    let scopes = string_list("scopes", value)?;
+    if let Some((i, _)) = scopes.iter().enumerate().find(|(_, s)| s.contains(char::is_whitespace)) {
+        return Err(ApiError::invalid(&format!("scopes[{i}]"), "a scope has no spaces"));
+    }
+    Ok(scopes)
+}
+
+fn ip_allowlist(value: &Value) -> ApiResult<Vec<String>> {
+    let entries = string_list("ip_allowlist", value)?;
+    for (i, entry) in entries.iter().enumerate() {
+        if parse_cidr(entry).is_none() {
+            return Err(ApiError::invalid(
+                &format!("ip_allowlist[{i}]"),
+                format!("{entry:?} is not an IP address or CIDR"),
+            ));
+        }
+    }
+    Ok(entries)
+}
+
+fn plan(state: &ApiState, value: &Value) -> ApiResult<String> {
+    let plan = string_field("plan", value)?;
+    if !state.plans.contains(&plan) {
+        return Err(ApiError::invalid("plan", format!("unknown plan {plan:?}")));
+    }
+    Ok(plan)
+}
+
+fn rate_limit(value: &Value) -> ApiResult<RateLimitConfig> {
+    serde_json::from_value(value.clone()).map_err(|e| ApiError::invalid("rate_limit", e))
+}
+
+fn quota(value: &Value) -> ApiResult<QuotaConfig> {
+    serde_json::from_value(value.clone()).map_err(|e| ApiError::invalid("quota", e))
+}
+
+fn timestamp(field: &str, value: &Value) -> ApiResult<OffsetDateTime> {
+    let text = value.as_str().ok_or_else(|| ApiError::invalid(field, "must be an RFC 3339 time"))?;
+    OffsetDateTime::parse(text, &Rfc3339)
+        .map_err(|_| ApiError::invalid(field, format!("{text:?} is not an RFC 3339 time")))
+}
+
+fn duration(field: &str, value: &Value) -> ApiResult<Duration> {
+    let text = value.as_str().ok_or_else(|| ApiError::invalid(field, "must be a duration such as \"30d\""))?;
+    parse_duration(text).map_err(|e| ApiError::invalid(field, e))
+}
+
+fn expiry_from_ttl(value: &Value) -> ApiResult<OffsetDateTime> {
+    let ttl = duration("ttl", value)?;
+    if ttl.is_zero() {
+        return Err(ApiError::invalid("ttl", "must be longer than zero"));
+    }
+    let ttl = time::Duration::try_from(ttl).map_err(|_| ApiError::invalid("ttl", "too long"))?;
+    OffsetDateTime::now_utc().checked_add(ttl).ok_or_else(|| ApiError::invalid("ttl", "too long"))
+}
+
+fn metadata(value: &Value) -> ApiResult<Map<String, Value>> {
+    match value {
+        Value::Object(map) => Ok(map.clone()),
+        _ => Err(ApiError::invalid("metadata", "must be a JSON object")),
+    }
+}
+
+fn status(value: &Value) -> ApiResult<KeyStatusText> {
+    match value.as_str() {
+        Some("active") => Ok(KeyStatusText::Active),
+        Some("disabled") => Ok(KeyStatusText::Disabled),
+        Some("revoked") => Err(ApiError::invalid("status", "revoke a key with POST /v1/keys/{id}/revoke")),
+        _ => Err(ApiError::invalid("status", "must be \"active\" or \"disabled\"")),
+    }
+}
+
+/// The record as the admin API shows it: every field but the hash.
+fn public_record(key: &StoredKey) -> Value {
+    let mut value = serde_json::to_value(key).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut value {
+        map.remove("hash");
+        map.remove("version");
+    }
+    value
+}
+
+// ---------------------------------------------------------------------------
+// Keys
+// ---------------------------------------------------------------------------
+
+const CREATE_FIELDS: &[&str] = &[
+    "name",
+    "owner",
+    "plan",
+    "scopes",
+    "ip_allowlist",
+    "rate_limit",
+    "quota",
+    "expires_at",
+    "ttl",
+    "prefix",
+    "metadata",
+    "tags",
+];
+
+/// A fresh raw key and the record fields derived from it.
+fn mint(prefix: &str) -> ApiResult<(String, String, String)> {
+    let raw = key::generate(prefix).map_err(|e| ApiError::invalid("prefix", e))?;
+    let hash = KeyDigest::of(&raw).to_string();
+    let masked = key::mask(&raw);
+    Ok((raw, hash, masked))
+}
+
+async fn create_key(
+    State(state): State<Arc<ApiState>>,
+    Admin(actor): Admin,
+    JsonObject(body): JsonObject,
+) -> ApiResult<Response> {
+    if let Some(unknown) = body.keys().find(|k| !CREATE_FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::invalid(unknown, "unknown field"));
+    }
+    let field = |name: &str| body.get(name).filter(|v| !v.is_null());
+    let name = string_field("name", field("name").ok_or_else(|| ApiError::invalid("name", "is required"))?)?;
+    if field("expires_at").is_some() && field("ttl").is_some() {
+        return Err(ApiError::invalid("ttl", "give either expires_at or ttl, not both"));
+    }
+    let expires_at = match (field("expires_at"), field("ttl")) {
+        (Some(at), _) => Some(timestamp("expires_at", at)?),
+        (None, Some(ttl)) => Some(expiry_from_ttl(ttl)?),
+        (None, None) => None,
+    };
+    let prefix =
+        field("prefix").map(|v| string_field("prefix", v)).transpose()?.unwrap_or_else(|| key::DEFAULT_PREFIX.into());
+    if !key::valid_prefix(&prefix) {
+        return Err(ApiError::invalid("prefix", key::KeyFormatError::BadPrefix));
+    }
+    let (raw, hash, masked) = mint(&prefix)?;
+    let new = NewKey {
+        id: key::new_key_id(),
+        hash,
+        prefix,
+        masked,
+        name,
+        owner: field("owner").map(|v| string_field("owner", v)).transpose()?,
+        plan: field("plan").map(|v| plan(&state, v)).transpose()?,
+        scopes: field("scopes").map(scopes).transpose()?.unwrap_or_default(),
+        ip_allowlist: field("ip_allowlist").map(ip_allowlist).transpose()?.unwrap_or_default(),
+        rate_limit: field("rate_limit").map(rate_limit).transpose()?,
+        quota: field("quota").map(quota).transpose()?,
+        expires_at,
+        metadata: field("metadata").map(metadata).transpose()?.unwrap_or_default(),
+        tags: field("tags").map(|v| string_list("tags", v)).transpose()?.unwrap_or_default(),
+    };
+    let record = state.store.create_key(new, &actor).await?;
+    state.feed.poke();
+    Ok((StatusCode::CREATED, Json(json!({"key": raw, "record": public_record(&record)}))).into_response())
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    owner: Option<String>,
+    status: Option<String>,
+    plan: Option<String>,
+    tag: Option<String>,
+    q: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+async fn list_keys(
+    State(state): State<Arc<ApiState>>,
+    _admin: Admin,
+    Query(query): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    let status = match query.status.as_deref() {
+        None | Some("") => None,
+        Some("active") => Some(KeyStatusText::Active),
+        Some("disabled") => Some(KeyStatusText::Disabled),
+        Some("revoked") => Some(KeyStatusText::Revoked),
+        Some(other) => {
+            return Err(ApiError::invalid("status", format!("{other:?} is not active, disabled or revoked")))
+        }
+    };
+    let limit = match query.limit.as_deref() {
+        None | Some("") => DEFAULT_PAGE,
+        Some(text) => match text.parse::<u32>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            _ => return Err(ApiError::invalid("limit", format!("must be a number from 1 to {MAX_PAGE}"))),
+        },
+    };
+    let non_empty = |v: Option<String>| v.filter(|s| !s.is_empty());
+    let filter = KeyFilter {
+        owner: non_empty(query.owner),
+        status,
+        plan: non_empty(query.plan),
+        tag: non_empty(query.tag),
+        q: non_empty(query.q),
+    };
+    let cursor = non_empty(query.cursor);
+    let (keys, next_cursor) = state.store.list_keys(&filter, limit, cursor.as_deref()).await.map_err(|e| match e {
+        StoreError::Invalid(message) => ApiError::invalid("cursor", message),
+        other => other.into(),
+    })?;
+    Ok(Json(json!({"keys": keys.iter().map(public_record).collect::<Vec<_>>(), "next_cursor": next_cursor})))
+}
+
+async fn get_key(State(state): State<Arc<ApiState>>, _admin: Admin, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let key = state.store.get_key(&id).await?.ok_or_else(|| ApiError::not_found(&id))?;
+    Ok(Json(public_record(&key)))
+}
+
+async fn update_key(
+    State(state): State<Arc<ApiState>>,
+    Admin(actor): Admin,
+    Path(id): Path<String>,
+    JsonObject(body): JsonObject,
+) -> ApiResult<Json<Value>> {
+    let mut patch = KeyPatch::default();
+    if body.contains_key("expires_at") && body.contains_key("ttl") {
+        return Err(ApiError::invalid("ttl", "give either expires_at or ttl, not both"));
+    }
+    for (field, value) in &body {
+        let clear = value.is_null();
+        match field.as_str() {
+            "name" if !clear => patch.name = Some(string_field("name", value)?),
+            "owner" => patch.owner = Some((!clear).then(|| string_field("owner", value)).transpose()?),
+            "plan" => patch.plan = Some((!clear).then(|| plan(&state, value)).transpose()?),
+            "scopes" => patch.scopes = Some(if clear { Vec::new() } else { scopes(value)? }),
+            "ip_allowlist" => patch.ip_allowlist = Some(if clear { Vec::new() } else { ip_allowlist(value)? }),
+            "rate_limit" => patch.rate_limit = Some((!clear).then(|| rate_limit(value)).transpose()?),
+            "quota" => patch.quota = Some((!clear).then(|| quota(value)).transpose()?),
+            "expires_at" => patch.expires_at = Some((!clear).then(|| timestamp("expires_at", value)).transpose()?),
+            "ttl" => patch.expires_at = Some((!clear).then(|| expiry_from_ttl(value)).transpose()?),
+            "status" if !clear => patch.status = Some(status(value)?),
+            "metadata" => patch.metadata = Some(if clear { Map::new() } else { metadata(value)? }),
+            "tags" => patch.tags = Some(if clear { Vec::new() } else { string_list("tags", value)? }),
+            "name" | "status" => return Err(ApiError::invalid(field, "cannot be cleared")),
+            "prefix" | "id" | "masked" | "created_at" | "updated_at" | "last_used_at" => {
+                return Err(ApiError::invalid(field, "cannot be changed"))
+            }
+            _ => return Err(ApiError::invalid(field, "unknown field")),
+        }
+    }
+    if body.is_empty() {
+        return Err(ApiError::invalid("body", "nothing to change"));
+    }
+    let key = state.store.update_key(&id, patch, &actor).await.map_err(|e| not_found_as(e, &id))?;
+    state.feed.poke();
+    Ok(Json(public_record(&key)))
+}
+
+fn not_found_as(e: StoreError, id: &str) -> ApiError {
+    match e {
+        StoreError::NotFound => ApiError::not_found(id),
+        other => other.into(),
+    }
+}
+
+async fn revoke_key(
+    State(state): State<Arc<ApiState>>,
+    Admin(actor): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let key = state.store.revoke_key(&id, &actor).await.map_err(|e| not_found_as(e, &id))?;
+    state.feed.poke();
+    Ok(Json(public_record(&key)))
+}
+
+async fn rotate_key(
+    State(state): State<Arc<ApiState>>,
+    Admin(actor): Admin,
+    Path(id): Path<String>,
+    JsonObject(body): JsonObject,
+) -> ApiResult<Response> {
+    if let Some(unknown) = body.keys().find(|k| k.as_str() != "grace_period") {
+        return Err(ApiError::invalid(unknown, "unknown field"));
+    }
+    let grace = duration("grace_period", body.get("grace_period").unwrap_or(&Value::from(DEFAULT_GRACE)))?;
+    let old = state.store.get_key(&id).await?.ok_or_else(|| ApiError::not_found(&id))?;
+    let (raw, hash, masked) = mint(&old.prefix)?;
+    let new = NewKey {
+        id: key::new_key_id(),
+        hash,
+        prefix: old.prefix.clone(),
+        masked,
+        name: old.name.clone(),
+        owner: old.owner.clone(),
+        plan: old.plan.clone(),
+        scopes: old.scopes.clone(),
+        ip_allowlist: old.ip_allowlist.clone(),
+        rate_limit: old.rate_limit,
+        quota: old.quota,
+        expires_at: old.expires_at,
+        metadata: old.metadata.clone(),
+        tags: old.tags.clone(),
+    };
+    let (_, created) = state.store.rotate_key(&id, new, grace, &actor).await.map_err(|e| not_found_as(e, &id))?;
+    state.feed.poke();
+    Ok((StatusCode::CREATED, Json(json!({"key": raw, "record": public_record(&created)}))).into_response())
+}
+
+async fn delete_key(
+    State(state): State<Arc<ApiState>>,
+    Admin(actor): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    state.store.delete_key(&id, &actor).await.map_err(|e| not_found_as(e, &id))?;
+    state.feed.poke();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct UsageQuery {
+    from: Option<String>,
+    to: Option<String>,
+    granularity: Option<String>,
+}
+
+async fn key_usage(
+    State(state): State<Arc<ApiState>>,
+    _admin: Admin,
+    Path(id): Path<String>,
+    Query(query): Query<UsageQuery>,
+) -> ApiResult<Json<Value>> {
+    state.store.get_key(&id).await?.ok_or_else(|| ApiError::not_found(&id))?;
+    let to = match query.to.as_deref().filter(|s| !s.is_empty()) {
+        Some(text) => timestamp("to", &Value::from(text))?,
+        None => OffsetDateTime::now_utc(),
+    };
+    let from = match query.from.as_deref().filter(|s| !s.is_empty()) {
+        Some(text) => timestamp("from", &Value::from(text))?,
+        None => to - time::Duration::DAY,
+    };
+    if from >= to {
+        return Err(ApiError::invalid("from", "must be before to"));
+    }
+    let granularity = match query.granularity.as_deref() {
+        None | Some("") | Some("hour") => Granularity::Hour,
+        Some("minute") => Granularity::Minute,
+        Some("day") => Granularity::Day,
+        Some(other) => return Err(ApiError::invalid("granularity", format!("{other:?} is not minute, hour or day"))),
+    };
+    let (buckets, totals) = state.store.usage(&id, from, to, granularity).await?;
+    Ok(Json(json!({"key_id": id, "buckets": buckets, "totals": totals})))
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    key_id: Option<String>,
+    limit: Option<String>,
+}
+
+async fn audit(
+    State(state): State<Arc<ApiState>>,
+    _admin: Admin,
+    Query(query): Query<AuditQuery>,
+) -> ApiResult<Json<Value>> {
+    let limit = match query.limit.as_deref() {
+        None | Some("") => 100,
+        Some(text) => match text.parse::<u32>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            _ => return Err(ApiError::invalid("limit", format!("must be a number from 1 to {MAX_PAGE}"))),
+        },
+    };
+    let events = state.store.audit(query.key_id.as_deref().filter(|s| !s.is_empty()), limit).await?;
+    Ok(Json(json!({"events": events})))
+}
+
+// ---------------------------------------------------------------------------
+// Gateway feed and usage upload (sync tokens)
+// ---------------------------------------------------------------------------
+
+async fn sync_snapshot(State(state): State<Arc<ApiState>>, _client: SyncClient) -> ApiResult<Json<Value>> {
+    let (version, keys) = state.store.snapshot().await?;
+    Ok(Json(json!({"version": version, "keys": keys})))
+}
+
+#[derive(Deserialize)]
+struct ChangesQuery {
+    since: u64,
+    /// How long to hold the request open when nothing has changed, in milliseconds.
+    wait_ms: Option<u64>,
+}
+
+/// Long poll: answers at once when changes after `since` exist, else when one
+/// arrives or `wait_ms` passes. `reset: true` tells a gateway ahead of this
+/// store (a restored database) to start over from a snapshot.
+async fn sync_changes(
+    State(state): State<Arc<ApiState>>,
+    _client: SyncClient,
+    Query(query): Query<ChangesQuery>,
+) -> ApiResult<Json<Value>> {
+    let wait = Duration::from_millis(query.wait_ms.unwrap_or(0)).min(MAX_WAIT);
+    let mut latest = state.feed.subscribe();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let (changes, version) = state.store.changes_since(query.since, 1000).await?;
+        if version < query.since {
+            return Ok(Json(json!({"version": version, "changes": [], "reset": true})));
+        }
+        if !changes.is_empty() || tokio::time::Instant::now() >= deadline {
+            let reached = changes.last().map_or(query.since, |c| c.version);
+            return Ok(Json(json!({"version": reached, "changes": changes, "reset": false})));
+        }
+        // Woken by a newer version, or by the deadline.
+        let _ = tokio::time::timeout_at(deadline, latest.wait_for(|v| *v > query.since)).await;
+    }
+}
+
+#[derive(Deserialize)]
+struct UsageUpload {
+    node: String,
+    boot_id: String,
+    sequence: u64,
+    records: Vec<UsageRecord>,
+}
+
+async fn sync_usage(
+    State(state): State<Arc<ApiState>>,
+    _client: SyncClient,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    let upload: UsageUpload = serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e))?;
+    let fresh = state.store.ingest_usage(&upload.node, &upload.boot_id, upload.sequence, &upload.records).await?;
+    Ok(Json(json!({"accepted": true, "duplicate": !fresh})))
+}

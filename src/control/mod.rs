@@ -1,0 +1,6 @@
+pub mod model;
+pub mod store;
+
+pub mod api;
+pub mod feed;
+pub mod store_sink;

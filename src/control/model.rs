@@ -1,0 +1,365 @@
+//! What the control-plane store keeps: key records, the change feed, the audit
+//! trail and usage buckets. `StoredKey` is also the admin API's JSON record and
+//! the sync feed's payload, so its serde shape is part of the contract.
+
+use std::collections::BTreeMap;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::config::{QuotaConfig, RateLimitConfig};
+use crate::index::KeyStatus;
+
+/// Characters after `key_` in a key id.
+pub const KEY_ID_LEN: usize = 20;
+
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// A fresh key id: `key_` and 20 random base62 characters (~119 bits).
+pub fn new_key_id() -> String {
+    let mut rng = rand::rng();
+    let mut id = String::with_capacity(4 + KEY_ID_LEN);
+    id.push_str("key_");
+    for _ in 0..KEY_ID_LEN {
+        id.push(BASE62[rng.random_range(0..BASE62.len())] as char);
+    }
+    id
+}
+
+/// A key's status as stored and as written in JSON (`"active"`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyStatusText {
+    Active,
+    Disabled,
+    Revoked,
+}
+
+impl KeyStatusText {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStatusText::Active => "active",
+            KeyStatusText::Disabled => "disabled",
+            KeyStatusText::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        KeyStatus::parse(text).map(Self::from)
+    }
+}
+
+impl From<KeyStatus> for KeyStatusText {
+    fn from(status: KeyStatus) -> Self {
+        match status {
+            KeyStatus::Active => KeyStatusText::Active,
+            KeyStatus::Disabled => KeyStatusText::Disabled,
+            KeyStatus::Revoked => KeyStatusText::Revoked,
+        }
+    }
+}
+
+impl From<KeyStatusText> for KeyStatus {
+    fn from(status: KeyStatusText) -> Self {
+        match status {
+            KeyStatusText::Active => KeyStatus::Active,
+            KeyStatusText::Disabled => KeyStatus::Disabled,
+            KeyStatusText::Revoked => KeyStatus::Revoked,
+        }
+    }
+}
+
+/// One key as the store keeps it. Timestamps have millisecond precision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredKey {
+    pub id: String,
+    /// `sha256:<64 hex>`. Serialized because the gateway sync feed needs it; the
+    /// admin API removes it from its responses.
+    pub hash: String,
+    pub prefix: String,
+    pub masked: String,
+    pub name: String,
+    pub owner: Option<String>,
+    pub plan: Option<String>,
+    pub scopes: Vec<String>,
+    pub ip_allowlist: Vec<String>,
+    pub rate_limit: Option<RateLimitConfig>,
+    pub quota: Option<QuotaConfig>,
+    pub status: KeyStatusText,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub tags: Vec<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_used_at: Option<OffsetDateTime>,
+    /// Feed version of this key's last change.
+    pub version: u64,
+}
+
+/// A key to create. It starts `active`; the store sets the timestamps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewKey {
+    pub id: String,
+    pub hash: String,
+    pub prefix: String,
+    pub masked: String,
+    pub name: String,
+    pub owner: Option<String>,
+    pub plan: Option<String>,
+    pub scopes: Vec<String>,
+    pub ip_allowlist: Vec<String>,
+    pub rate_limit: Option<RateLimitConfig>,
+    pub quota: Option<QuotaConfig>,
+    pub expires_at: Option<OffsetDateTime>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub tags: Vec<String>,
+}
+
+/// Fields to change. `None` leaves a field as it is; `Some(None)` clears it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeyPatch {
+    pub name: Option<String>,
+    pub owner: Option<Option<String>>,
+    pub plan: Option<Option<String>>,
+    pub scopes: Option<Vec<String>>,
+    pub ip_allowlist: Option<Vec<String>>,
+    pub rate_limit: Option<Option<RateLimitConfig>>,
+    pub quota: Option<Option<QuotaConfig>>,
+    /// `active` or `disabled`; `revoked` only through `revoke_key`.
+    pub status: Option<KeyStatusText>,
+    pub expires_at: Option<Option<OffsetDateTime>>,
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub tags: Option<Vec<String>>,
+}
+
+/// What `list_keys` returns. Every given field must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyFilter {
+    pub owner: Option<String>,
+    pub status: Option<KeyStatusText>,
+    pub plan: Option<String>,
+    /// The key carries this tag.
+    pub tag: Option<String>,
+    /// Case-insensitive substring of name, owner, id or masked.
+    pub q: Option<String>,
+}
+
+/// One entry of the sync feed: `{"op":"upsert","key":{..}}` or
+/// `{"op":"delete","id":..,"hash":..}`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyChange {
+    /// The key's current record (which may be newer than the change's version).
+    Upsert(StoredKey),
+    Delete {
+        id: String,
+        hash: String,
+    },
+}
+
+/// The wire form of [`KeyChange`]: serde's internal tagging cannot put a newtype
+/// variant's content under `key`, so the enum is mapped through these.
+#[derive(Serialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum KeyChangeRef<'a> {
+    Upsert { key: &'a StoredKey },
+    Delete { id: &'a str, hash: &'a str },
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum KeyChangeOwned {
+    Upsert { key: StoredKey },
+    Delete { id: String, hash: String },
+}
+
+impl Serialize for KeyChange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            KeyChange::Upsert(key) => KeyChangeRef::Upsert { key },
+            KeyChange::Delete { id, hash } => KeyChangeRef::Delete { id, hash },
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyChange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match KeyChangeOwned::deserialize(d)? {
+            KeyChangeOwned::Upsert { key } => KeyChange::Upsert(key),
+            KeyChangeOwned::Delete { id, hash } => KeyChange::Delete { id, hash },
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub version: u64,
+    pub change: KeyChange,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    pub id: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub actor: String,
+    pub action: String,
+    pub key_id: Option<String>,
+    pub details: serde_json::Value,
+}
+
+/// Responses by class, `{"2xx": n, "3xx": n, "4xx": n, "5xx": n}` (the shape of
+/// the usage line's `status`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusCounts {
+    #[serde(rename = "2xx")]
+    pub s2xx: u64,
+    #[serde(rename = "3xx")]
+    pub s3xx: u64,
+    #[serde(rename = "4xx")]
+    pub s4xx: u64,
+    #[serde(rename = "5xx")]
+    pub s5xx: u64,
+}
+
+/// Usage of one key over one minute, hour or day (UTC), or over a whole range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageBucket {
+    #[serde(with = "time::serde::rfc3339")]
+    pub start: OffsetDateTime,
+    pub requests: u64,
+    pub allowed: u64,
+    /// Only codes that occurred.
+    pub denied: BTreeMap<String, u64>,
+    pub status: StatusCounts,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl UsageBucket {
+    pub fn empty(start: OffsetDateTime) -> Self {
+        UsageBucket {
+            start,
+            requests: 0,
+            allowed: 0,
+            denied: BTreeMap::new(),
+            status: StatusCounts::default(),
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+
+    /// Adds another bucket's counts to this one (its start is kept).
+    pub fn add(&mut self, other: &UsageBucket) {
+        self.requests += other.requests;
+        self.allowed += other.allowed;
+        for (code, n) in &other.denied {
+            *self.denied.entry(code.clone()).or_default() += n;
+        }
+        self.status.s2xx += other.status.s2xx;
+        self.status.s3xx += other.status.s3xx;
+        self.status.s4xx += other.status.s4xx;
+        self.status.s5xx += other.status.s5xx;
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.requests == 0 && self.bytes_in == 0 && self.bytes_out == 0 && self.denied.values().all(|&n| n == 0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Granularity {
+    Minute,
+    Hour,
+    Day,
+}
+
+impl Granularity {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "minute" => Some(Granularity::Minute),
+            "hour" => Some(Granularity::Hour),
+            "day" => Some(Granularity::Day),
+            _ => None,
+        }
+    }
+
+    /// Bucket width in milliseconds. UTC days and hours are whole multiples of it
+    /// since the epoch, so `ms / width * width` is the bucket start.
+    pub fn millis(self) -> i64 {
+        match self {
+            Granularity::Minute => 60_000,
+            Granularity::Hour => 3_600_000,
+            Granularity::Day => 86_400_000,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn key() -> StoredKey {
+        StoredKey {
+            id: "key_abc".into(),
+            hash: format!("sha256:{}", "0".repeat(64)),
+            prefix: "kg_live".into(),
+            masked: "kg_live_Ab3d…x9Zq".into(),
+            name: "n".into(),
+            owner: None,
+            plan: Some("free".into()),
+            scopes: vec!["orders:*".into()],
+            ip_allowlist: vec![],
+            rate_limit: None,
+            quota: None,
+            status: KeyStatusText::Active,
+            expires_at: None,
+            metadata: serde_json::Map::new(),
+            tags: vec![],
+            created_at: datetime!(2026-01-01 00:00 UTC),
+            updated_at: datetime!(2026-01-01 00:00 UTC),
+            last_used_at: None,
+            version: 3,
+        }
+    }
+
+    #[test]
+    fn key_ids_have_the_documented_form() {
+        let id = new_key_id();
+        assert_eq!(id.len(), 4 + KEY_ID_LEN);
+        assert!(id.starts_with("key_"));
+        assert!(id[4..].bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert_ne!(id, new_key_id());
+    }
+
+    #[test]
+    fn changes_serialize_tagged_by_op() {
+        let upsert = serde_json::to_value(KeyChange::Upsert(key())).unwrap();
+        assert_eq!(upsert["op"], "upsert");
+        assert_eq!(upsert["key"]["status"], "active");
+        assert_eq!(upsert["key"]["created_at"], "2026-01-01T00:00:00Z");
+        assert_eq!(upsert["key"]["expires_at"], serde_json::Value::Null);
+        let delete = serde_json::to_value(KeyChange::Delete { id: "key_abc".into(), hash: "sha256:x".into() }).unwrap();
+        assert_eq!(delete, serde_json::json!({"op": "delete", "id": "key_abc", "hash": "sha256:x"}));
+        let change = Change { version: 7, change: KeyChange::Upsert(key()) };
+        let back: Change = serde_json::from_str(&serde_json::to_string(&change).unwrap()).unwrap();
+        assert_eq!(back, change);
+    }
+
+    #[test]
+    fn usage_bucket_status_uses_class_names() {
+        let bucket = UsageBucket::empty(datetime!(2026-01-01 00:00 UTC));
+        let json = serde_json::to_value(&bucket).unwrap();
+        assert_eq!(json["status"], serde_json::json!({"2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0}));
+        assert!(bucket.is_empty());
+    }
+}

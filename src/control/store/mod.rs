@@ -1,0 +1,701 @@
+//! The control plane's store: keys, the change feed, the audit trail and usage,
+//! on SQLite (standalone, one file) or PostgreSQL (several control planes).
+//!
+//! Every key mutation is one transaction that writes the key, appends to the
+//! change feed and appends to the audit log, so the three never disagree.
+//! Feed versions come from the database (SQLite AUTOINCREMENT, a PostgreSQL
+//! identity column). On PostgreSQL every key mutation first takes one
+//! transaction-level advisory lock, so versions are handed out and committed in
+//! the same order and a reader of `changes_since` can never pass over a lower
+//! version that commits later. SQLite serialises writers itself (`BEGIN IMMEDIATE`).
+//!
+//! Timestamps are unix milliseconds in both backends; lists and objects are JSON
+//! text. The SQL is written once (`ops.rs`) and compiled per backend with concrete
+//! sqlx types; `$N` placeholders work on both.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use time::OffsetDateTime;
+
+use crate::config::{QuotaConfig, RateLimitConfig};
+use crate::control::model::{
+    AuditEvent, Change, Granularity, KeyFilter, KeyPatch, KeyStatusText, NewKey, StoredKey, UsageBucket,
+};
+use crate::key::KeyDigest;
+use crate::usage::UsageRecord;
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("invalid: {0}")]
+    Invalid(String),
+}
+
+/// Largest page of `list_keys` and `audit`.
+pub const MAX_PAGE: u32 = 1000;
+/// Largest page of `changes_since`; larger requests are cut to this.
+pub const MAX_CHANGES_PAGE: u32 = 10_000;
+
+/// Advisory lock taken by every key mutation on PostgreSQL ("kgfeed" + 1).
+const FEED_LOCK_KEY: i64 = 0x6b67_6665_6564_0001;
+
+/// A connected store. Cloning is cheap (the pools are reference-counted).
+#[derive(Debug, Clone)]
+pub enum Store {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// The columns of `keys`, in `KeyRow` order.
+macro_rules! key_columns {
+    () => {
+        "id, hash, prefix, masked, name, owner, plan, scopes, ip_allowlist, rate_limit, quota, status, \
+         expires_at, metadata, tags, created_at, updated_at, last_used_at, version"
+    };
+}
+
+// `ops.rs` compiled once per backend: sqlx's generic executor bounds are unwieldy,
+// and concrete types keep every query checked by the compiler for both.
+mod sqlite {
+    type Db = sqlx::Sqlite;
+    const DIALECT: super::Dialect = super::Dialect::Sqlite;
+    include!("ops.rs");
+}
+
+mod postgres {
+    type Db = sqlx::Postgres;
+    const DIALECT: super::Dialect = super::Dialect::Postgres;
+    include!("ops.rs");
+}
+
+macro_rules! dispatch {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        match $self {
+            Store::Sqlite(pool) => sqlite::$method(pool, $($arg),*).await,
+            Store::Postgres(pool) => postgres::$method(pool, $($arg),*).await,
+        }
+    };
+}
+
+impl Store {
+    /// Opens `sqlite://path/to/file.db` (created with its directory if missing),
+    /// `sqlite::memory:`, or `postgres://…` / `postgresql://…`, and brings the
+    /// schema up to date.
+    pub async fn connect(url: &str) -> Result<Store> {
+        if url.starts_with("sqlite:") {
+            connect_sqlite(url).await
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let options = PgConnectOptions::from_str(url)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options)
+                .await?;
+            sqlx::migrate!("migrations/postgres").run(&pool).await?;
+            Ok(Store::Postgres(pool))
+        } else {
+            Err(StoreError::Invalid("store url must start with sqlite:, postgres:// or postgresql://".into()))
+        }
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Closes every connection; later calls fail.
+    pub async fn close(&self) {
+        match self {
+            Store::Sqlite(pool) => pool.close().await,
+            Store::Postgres(pool) => pool.close().await,
+        }
+    }
+
+    /// Creates an `active` key. `Conflict` if its id or hash exists.
+    pub async fn create_key(&self, new: NewKey, actor: &str) -> Result<StoredKey> {
+        validate_new(&new)?;
+        dispatch!(self.create_key(new, actor))
+    }
+
+    pub async fn get_key(&self, id: &str) -> Result<Option<StoredKey>> {
+        dispatch!(self.get_key(id))
+    }
+
+    pub async fn get_key_by_hash(&self, hash: &str) -> Result<Option<StoredKey>> {
+        dispatch!(self.get_key_by_hash(hash))
+    }
+
+    /// One page of keys, newest first, and the cursor of the next page (`None` on
+    /// the last one).
+    pub async fn list_keys(
+        &self,
+        filter: &KeyFilter,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<StoredKey>, Option<String>)> {
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(StoreError::Invalid(format!("limit must be between 1 and {MAX_PAGE}")));
+        }
+        let after = cursor.map(decode_cursor).transpose()?;
+        dispatch!(self.list_keys(filter, limit, after))
+    }
+
+    /// Applies `patch`. A patch that changes nothing returns the key untouched
+    /// (no new version, no audit event).
+    pub async fn update_key(&self, id: &str, patch: KeyPatch, actor: &str) -> Result<StoredKey> {
+        if patch.status == Some(KeyStatusText::Revoked) {
+            return Err(StoreError::Invalid("status: a key is revoked through revoke, not update".into()));
+        }
+        dispatch!(self.update_key(id, patch, actor))
+    }
+
+    /// Revokes a key for good. Revoking a revoked key returns it unchanged.
+    pub async fn revoke_key(&self, id: &str, actor: &str) -> Result<StoredKey> {
+        dispatch!(self.revoke_key(id, actor))
+    }
+
+    /// Creates `new` and lets the old key expire at the latest `grace` from now.
+    /// Returns (old, new).
+    pub async fn rotate_key(
+        &self,
+        id: &str,
+        new: NewKey,
+        grace: Duration,
+        actor: &str,
+    ) -> Result<(StoredKey, StoredKey)> {
+        validate_new(&new)?;
+        dispatch!(self.rotate_key(id, new, grace, actor))
+    }
+
+    pub async fn delete_key(&self, id: &str, actor: &str) -> Result<()> {
+        dispatch!(self.delete_key(id, actor))
+    }
+
+    /// Audit events, newest first, of one key or of all.
+    pub async fn audit(&self, key_id: Option<&str>, limit: u32) -> Result<Vec<AuditEvent>> {
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(StoreError::Invalid(format!("limit must be between 1 and {MAX_PAGE}")));
+        }
+        dispatch!(self.audit(key_id, limit))
+    }
+
+    /// Changes with a version above `version`, oldest first (at most `limit`,
+    /// itself at most [`MAX_CHANGES_PAGE`]), and the latest version. An upsert
+    /// carries the key's current record; one whose key has since been deleted
+    /// comes as a delete.
+    pub async fn changes_since(&self, version: u64, limit: u32) -> Result<(Vec<Change>, u64)> {
+        if limit == 0 {
+            return Err(StoreError::Invalid("limit must be at least 1".into()));
+        }
+        let limit = limit.min(MAX_CHANGES_PAGE);
+        // Versions above i64::MAX cannot exist; nothing is newer.
+        let version = i64::try_from(version).unwrap_or(i64::MAX);
+        dispatch!(self.changes_since(version, limit))
+    }
+
+    /// Every key, oldest first, as of one feed version.
+    pub async fn snapshot(&self) -> Result<(u64, Vec<StoredKey>)> {
+        dispatch!(self.snapshot())
+    }
+
+    /// Adds one usage batch. `Ok(false)`: this `(node, boot_id, sequence)` was
+    /// already counted and nothing was added.
+    pub async fn ingest_usage(
+        &self,
+        node: &str,
+        boot_id: &str,
+        sequence: u64,
+        records: &[UsageRecord],
+    ) -> Result<bool> {
+        let sequence =
+            i64::try_from(sequence).map_err(|_| StoreError::Invalid("usage batch sequence is too large".into()))?;
+        let batch = UsageAggregate::of(records)?;
+        dispatch!(self.ingest_usage(node, boot_id, sequence, &batch))
+    }
+
+    /// Non-empty buckets of `[from, to)`, ascending, and their totals (with
+    /// `start = from`).
+    pub async fn usage(
+        &self,
+        key_id: &str,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        granularity: Granularity,
+    ) -> Result<(Vec<UsageBucket>, UsageBucket)> {
+        let (from_ms, to_ms) = (to_ms(from), to_ms(to));
+        let rows = if from_ms < to_ms {
+            dispatch!(self.usage(key_id, from_ms, to_ms, granularity.millis()))?
+        } else {
+            UsageRows::default()
+        };
+        rows.into_buckets(from)
+    }
+
+    /// Allowed requests of a key since `since` (seeds quota counters after a restart).
+    pub async fn quota_used(&self, key_id: &str, since: OffsetDateTime) -> Result<u64> {
+        dispatch!(self.quota_used(key_id, to_ms(since)))
+    }
+}
+
+async fn connect_sqlite(url: &str) -> Result<Store> {
+    let memory = url.contains(":memory:") || url.contains("mode=memory");
+    let mut options = SqliteConnectOptions::from_str(url)?
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(10))
+        .create_if_missing(true);
+    let pool_options = if memory {
+        // Each connection to `:memory:` would be its own database: keep exactly one, forever.
+        SqlitePoolOptions::new().max_connections(1).min_connections(1).idle_timeout(None).max_lifetime(None)
+    } else {
+        if let Some(dir) = options.get_filename().parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_dir(dir)?;
+        }
+        // WAL: readers (the sync feed, listings) never wait for the writer.
+        options = options.journal_mode(SqliteJournalMode::Wal).synchronous(SqliteSynchronous::Normal);
+        SqlitePoolOptions::new().max_connections(4)
+    };
+    let pool = pool_options.acquire_timeout(Duration::from_secs(10)).connect_with(options).await?;
+    sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+    Ok(Store::Sqlite(pool))
+}
+
+fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| StoreError::Database(sqlx::Error::Io(e)))
+}
+
+fn validate_new(new: &NewKey) -> Result<()> {
+    if new.id.is_empty() || new.id.len() > 64 {
+        return Err(StoreError::Invalid("id: must be 1 to 64 characters".into()));
+    }
+    KeyDigest::parse(&new.hash).map_err(|e| StoreError::Invalid(format!("hash: {e}")))?;
+    Ok(())
+}
+
+// ---- conversions between rows and the model ----
+
+/// Unix milliseconds, rounded down.
+fn to_ms(t: OffsetDateTime) -> i64 {
+    // OffsetDateTime spans ±9999 years, well inside i64 milliseconds.
+    t.unix_timestamp_nanos().div_euclid(1_000_000) as i64
+}
+
+fn from_ms(ms: i64) -> Result<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).map_err(corrupt)
+}
+
+fn now_ms() -> i64 {
+    to_ms(OffsetDateTime::now_utc())
+}
+
+/// A stored value the store cannot read back (a bug or a hand-edited database).
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Database(sqlx::Error::Decode(format!("unreadable stored value: {e}").into()))
+}
+
+fn to_u64(n: i64) -> Result<u64> {
+    u64::try_from(n).map_err(corrupt)
+}
+
+fn to_i64(n: u64) -> Result<i64> {
+    i64::try_from(n).map_err(|_| StoreError::Invalid(format!("count {n} is too large")))
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| StoreError::Invalid(e.to_string()))
+}
+
+fn unjson<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(corrupt)
+}
+
+/// Maps a unique-constraint violation (a concurrent writer won a race) to `Conflict`.
+fn conflict_on_unique(e: sqlx::Error, message: &str) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(message.into()),
+        _ => StoreError::Database(e),
+    }
+}
+
+/// One row of `keys`, as stored.
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    id: String,
+    hash: String,
+    prefix: String,
+    masked: String,
+    name: String,
+    owner: Option<String>,
+    plan: Option<String>,
+    scopes: String,
+    ip_allowlist: String,
+    rate_limit: Option<String>,
+    quota: Option<String>,
+    status: String,
+    expires_at: Option<i64>,
+    metadata: String,
+    tags: String,
+    created_at: i64,
+    updated_at: i64,
+    last_used_at: Option<i64>,
+    version: i64,
+}
+
+impl KeyRow {
+    fn into_key(self) -> Result<StoredKey> {
+        Ok(StoredKey {
+            status: KeyStatusText::parse(&self.status).ok_or_else(|| corrupt(format!("status {:?}", self.status)))?,
+            scopes: unjson(&self.scopes)?,
+            ip_allowlist: unjson(&self.ip_allowlist)?,
+            rate_limit: self.rate_limit.as_deref().map(unjson::<RateLimitConfig>).transpose()?,
+            quota: self.quota.as_deref().map(unjson::<QuotaConfig>).transpose()?,
+            expires_at: self.expires_at.map(from_ms).transpose()?,
+            metadata: unjson(&self.metadata)?,
+            tags: unjson(&self.tags)?,
+            created_at: from_ms(self.created_at)?,
+            updated_at: from_ms(self.updated_at)?,
+            last_used_at: self.last_used_at.map(from_ms).transpose()?,
+            version: to_u64(self.version)?,
+            id: self.id,
+            hash: self.hash,
+            prefix: self.prefix,
+            masked: self.masked,
+            name: self.name,
+            owner: self.owner,
+            plan: self.plan,
+        })
+    }
+}
+
+/// The settable columns of a key, encoded for binding.
+struct KeyColumns {
+    scopes: String,
+    ip_allowlist: String,
+    rate_limit: Option<String>,
+    quota: Option<String>,
+    expires_at: Option<i64>,
+    metadata: String,
+    tags: String,
+}
+
+impl KeyColumns {
+    fn of(key: &StoredKey) -> Result<Self> {
+        Ok(KeyColumns {
+            scopes: json(&key.scopes)?,
+            ip_allowlist: json(&key.ip_allowlist)?,
+            rate_limit: key.rate_limit.as_ref().map(json).transpose()?,
+            quota: key.quota.as_ref().map(json).transpose()?,
+            expires_at: key.expires_at.map(to_ms),
+            metadata: json(&key.metadata)?,
+            tags: json(&key.tags)?,
+        })
+    }
+}
+
+/// The record a new key will have (before the store assigns its version).
+fn key_from_new(new: NewKey, now: i64) -> Result<StoredKey> {
+    let now = from_ms(now)?;
+    Ok(StoredKey {
+        id: new.id,
+        hash: new.hash,
+        prefix: new.prefix,
+        masked: new.masked,
+        name: new.name,
+        owner: new.owner,
+        plan: new.plan,
+        scopes: new.scopes,
+        ip_allowlist: new.ip_allowlist,
+        rate_limit: new.rate_limit,
+        quota: new.quota,
+        status: KeyStatusText::Active,
+        expires_at: new.expires_at,
+        metadata: new.metadata,
+        tags: new.tags,
+        created_at: now,
+        updated_at: now,
+        last_used_at: None,
+        version: 0,
+    })
+}
+
+/// `key` with `patch` applied, and the names of the fields whose value changed.
+fn apply_patch(key: &StoredKey, patch: KeyPatch) -> (StoredKey, Vec<&'static str>) {
+    let mut next = key.clone();
+    let mut changed = Vec::new();
+    fn set<T: PartialEq>(field: &mut T, value: Option<T>, name: &'static str, changed: &mut Vec<&'static str>) {
+        if let Some(value) = value {
+            if *field != value {
+                *field = value;
+                changed.push(name);
+            }
+        }
+    }
+    // Compare at stored precision, so re-sending the same expiry is not a change.
+    let expires_at = patch.expires_at.map(|at| at.map(|t| from_ms(to_ms(t)).unwrap_or(t)));
+    set(&mut next.name, patch.name, "name", &mut changed);
+    set(&mut next.owner, patch.owner, "owner", &mut changed);
+    set(&mut next.plan, patch.plan, "plan", &mut changed);
+    set(&mut next.scopes, patch.scopes, "scopes", &mut changed);
+    set(&mut next.ip_allowlist, patch.ip_allowlist, "ip_allowlist", &mut changed);
+    set(&mut next.rate_limit, patch.rate_limit, "rate_limit", &mut changed);
+    set(&mut next.quota, patch.quota, "quota", &mut changed);
+    set(&mut next.status, patch.status, "status", &mut changed);
+    set(&mut next.expires_at, expires_at, "expires_at", &mut changed);
+    set(&mut next.metadata, patch.metadata, "metadata", &mut changed);
+    set(&mut next.tags, patch.tags, "tags", &mut changed);
+    (next, changed)
+}
+
+// ---- list cursor ----
+
+/// Position after the last key of a page: (created_at ms, id).
+type Cursor = (i64, String);
+
+/// Hex of `created_at_ms:id`: opaque to clients, trivial to check.
+fn encode_cursor(key: &StoredKey) -> String {
+    hex::encode(format!("{}:{}", to_ms(key.created_at), key.id))
+}
+
+fn decode_cursor(text: &str) -> Result<Cursor> {
+    let invalid = || StoreError::Invalid("cursor: not a cursor returned by this listing".into());
+    let bytes = hex::decode(text).map_err(|_| invalid())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let (ms, id) = text.split_once(':').ok_or_else(invalid)?;
+    let ms = ms.parse::<i64>().map_err(|_| invalid())?;
+    if id.is_empty() {
+        return Err(invalid());
+    }
+    Ok((ms, id.to_owned()))
+}
+
+/// `%needle%` for `LIKE … ESCAPE '\'`, lowercased, with wildcards in the needle escaped.
+fn like_pattern(needle: &str) -> String {
+    let mut pattern = String::with_capacity(needle.len() + 2);
+    pattern.push('%');
+    for c in needle.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
+// ---- usage ----
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    requests: u64,
+    allowed: u64,
+    s2xx: u64,
+    s3xx: u64,
+    s4xx: u64,
+    s5xx: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+/// A usage batch folded into per-key minute buckets, sorted so that concurrent
+/// writers touch rows in one order (no deadlocks on PostgreSQL).
+#[derive(Debug, Default)]
+struct UsageAggregate {
+    buckets: BTreeMap<(String, i64), Counts>,
+    denied: BTreeMap<(String, i64, String), u64>,
+    last_used: BTreeMap<String, i64>,
+}
+
+impl UsageAggregate {
+    fn of(records: &[UsageRecord]) -> Result<Self> {
+        let mut agg = UsageAggregate::default();
+        for r in records {
+            // The minute (UTC) in which the window ended.
+            let bucket = to_ms(r.window_end).div_euclid(60_000) * 60_000;
+            let c = agg.buckets.entry((r.key_id.clone(), bucket)).or_default();
+            let add = |a: &mut u64, b: u64| -> Result<()> {
+                *a = a.checked_add(b).ok_or_else(|| StoreError::Invalid("usage counts overflow".into()))?;
+                Ok(())
+            };
+            add(&mut c.requests, r.requests)?;
+            add(&mut c.allowed, r.allowed)?;
+            add(&mut c.s2xx, r.status.s2xx)?;
+            add(&mut c.s3xx, r.status.s3xx)?;
+            add(&mut c.s4xx, r.status.s4xx)?;
+            add(&mut c.s5xx, r.status.s5xx)?;
+            add(&mut c.bytes_in, r.bytes_in)?;
+            add(&mut c.bytes_out, r.bytes_out)?;
+            for (code, n) in &r.denied {
+                add(agg.denied.entry((r.key_id.clone(), bucket, code.clone())).or_default(), *n)?;
+            }
+            if let Some(at) = r.last_used_at {
+                let at = to_ms(at);
+                let seen = agg.last_used.entry(r.key_id.clone()).or_insert(at);
+                *seen = (*seen).max(at);
+            }
+        }
+        Ok(agg)
+    }
+}
+
+/// Rolled-up rows as read from the database: `(start ms, counts)` and
+/// `(start ms, code, n)`.
+#[derive(Debug, Default)]
+struct UsageRows {
+    buckets: Vec<(i64, Counts)>,
+    denied: Vec<(i64, String, u64)>,
+}
+
+impl UsageRows {
+    fn into_buckets(self, from: OffsetDateTime) -> Result<(Vec<UsageBucket>, UsageBucket)> {
+        let mut by_start: BTreeMap<i64, UsageBucket> = BTreeMap::new();
+        for (start, c) in self.buckets {
+            let bucket = match by_start.entry(start) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => e.insert(UsageBucket::empty(from_ms(start)?)),
+            };
+            bucket.add(&UsageBucket {
+                start: bucket.start,
+                requests: c.requests,
+                allowed: c.allowed,
+                denied: BTreeMap::new(),
+                status: crate::control::model::StatusCounts { s2xx: c.s2xx, s3xx: c.s3xx, s4xx: c.s4xx, s5xx: c.s5xx },
+                bytes_in: c.bytes_in,
+                bytes_out: c.bytes_out,
+            });
+        }
+        for (start, code, n) in self.denied {
+            if n == 0 {
+                continue;
+            }
+            let bucket = match by_start.entry(start) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => e.insert(UsageBucket::empty(from_ms(start)?)),
+            };
+            *bucket.denied.entry(code).or_default() += n;
+        }
+        let buckets: Vec<UsageBucket> = by_start.into_values().filter(|b| !b.is_empty()).collect();
+        let mut totals = UsageBucket::empty(from);
+        for b in &buckets {
+            totals.add(b);
+        }
+        Ok((buckets, totals))
+    }
+}
+
+/// Distinct ids, in first-seen order.
+fn distinct<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut seen = BTreeSet::new();
+    ids.filter(|id| seen.insert(*id)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn key() -> StoredKey {
+        key_from_new(
+            NewKey {
+                id: "key_a".into(),
+                hash: format!("sha256:{}", "a".repeat(64)),
+                prefix: "kg_live".into(),
+                masked: "kg_live_Ab3d…x9Zq".into(),
+                name: "a".into(),
+                owner: Some("o".into()),
+                plan: None,
+                scopes: vec![],
+                ip_allowlist: vec![],
+                rate_limit: None,
+                quota: None,
+                expires_at: None,
+                metadata: serde_json::Map::new(),
+                tags: vec![],
+            },
+            1_700_000_000_000,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn cursor_round_trips_and_rejects_garbage() {
+        let k = key();
+        let cursor = encode_cursor(&k);
+        assert_eq!(decode_cursor(&cursor).unwrap(), (1_700_000_000_000, "key_a".to_owned()));
+        for bad in ["", "zz", &hex::encode("no-colon"), &hex::encode("x:key_a"), &hex::encode("12:")] {
+            assert!(matches!(decode_cursor(bad), Err(StoreError::Invalid(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn like_pattern_escapes_wildcards() {
+        assert_eq!(like_pattern("A_b%c\\"), "%a\\_b\\%c\\\\%");
+    }
+
+    #[test]
+    fn patch_reports_only_fields_that_change() {
+        let k = key();
+        let (next, changed) = apply_patch(
+            &k,
+            KeyPatch {
+                name: Some("a".into()),
+                owner: Some(None),
+                plan: Some(Some("pro".into())),
+                ..KeyPatch::default()
+            },
+        );
+        assert_eq!(changed, ["owner", "plan"]);
+        assert_eq!(next.owner, None);
+        assert_eq!(next.plan.as_deref(), Some("pro"));
+        assert_eq!(next.name, "a");
+        assert!(apply_patch(&k, KeyPatch::default()).1.is_empty());
+    }
+
+    #[test]
+    fn usage_is_bucketed_by_the_minute_the_window_ended() {
+        let record = |end: OffsetDateTime| UsageRecord {
+            node: "n".into(),
+            key_id: "key_a".into(),
+            window_start: end - time::Duration::seconds(5),
+            window_end: end,
+            requests: 3,
+            allowed: 2,
+            denied: [("rate_limited".to_owned(), 1)].into(),
+            status: Default::default(),
+            bytes_in: 1,
+            bytes_out: 2,
+            last_used_at: Some(end),
+        };
+        let agg = UsageAggregate::of(&[
+            record(datetime!(2026-01-01 10:00:05 UTC)),
+            record(datetime!(2026-01-01 10:00:59.999 UTC)),
+            record(datetime!(2026-01-01 10:01:00 UTC)),
+        ])
+        .unwrap();
+        let minute = to_ms(datetime!(2026-01-01 10:00 UTC));
+        assert_eq!(agg.buckets[&("key_a".to_owned(), minute)].requests, 6);
+        assert_eq!(agg.buckets[&("key_a".to_owned(), minute + 60_000)].requests, 3);
+        assert_eq!(agg.denied[&("key_a".to_owned(), minute, "rate_limited".to_owned())], 2);
+        assert_eq!(agg.last_used["key_a"], minute + 60_000);
+    }
+}

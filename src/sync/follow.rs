@@ -1,0 +1,299 @@
+//! A gateway following a control plane's change feed.
+//!
+//! At start the follower loads a full snapshot; failing that, the last-known-good
+//! cache file. It then long-polls for changes after its version and applies each
+//! batch to the index as a small overlay, never copying the whole index; an
+//! overgrown overlay is folded into a new base beside the request path. Every
+//! applied state is written to the cache file atomically (temp file, rename).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::control::model::{Change, KeyChange, StoredKey};
+use crate::index::{parse_cidr, KeyIndex, KeyRecord, Snapshot};
+use crate::key::KeyDigest;
+use crate::metrics::Metrics;
+
+/// How long one long poll may stay open.
+pub const LONG_POLL: Duration = Duration::from_secs(25);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Writes of the cache file are spaced at least this far apart.
+const CACHE_WRITE_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error("{0}")]
+    Transport(String),
+    #[error("the control plane refused the sync token")]
+    Unauthorized,
+    #[error("{0}")]
+    Store(String),
+}
+
+/// One answer of the change feed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChangeBatch {
+    pub version: u64,
+    pub changes: Vec<Change>,
+    /// The feed is behind this gateway (its database was restored): start over.
+    #[serde(default)]
+    pub reset: bool,
+}
+
+/// Where a gateway's keys come from: a remote control plane, or the store in-process.
+#[async_trait]
+pub trait KeyFeed: Send + Sync {
+    async fn snapshot(&self) -> Result<(u64, Vec<StoredKey>), FeedError>;
+    async fn changes(&self, since: u64, wait: Duration) -> Result<ChangeBatch, FeedError>;
+}
+
+/// The record the request path uses, from the store's record; `None` if its hash is unusable.
+pub fn record_from_stored(key: &StoredKey) -> Option<(KeyDigest, KeyRecord)> {
+    let digest = KeyDigest::parse(&key.hash).ok()?;
+    let record = KeyRecord::builder(key.id.clone())
+        .name(key.name.clone())
+        .owner(key.owner.clone())
+        .plan(key.plan.clone())
+        .scopes(key.scopes.clone())
+        .ip_allowlist(key.ip_allowlist.iter().filter_map(|c| parse_cidr(c)).collect())
+        .rate_limit(key.rate_limit)
+        .quota(key.quota)
+        .status(key.status.into())
+        .expires_at(key.expires_at)
+        .metadata(key.metadata.clone())
+        .tags(key.tags.clone())
+        .build();
+    Some((digest, record))
+}
+
+/// The last-known-good file: the whole key set at one version.
+#[derive(Serialize, Deserialize)]
+struct CacheFile {
+    version: u64,
+    keys: Vec<StoredKey>,
+}
+
+pub struct Follower {
+    feed: Arc<dyn KeyFeed>,
+    index: Arc<KeyIndex>,
+    metrics: Arc<Metrics>,
+    cache_file: Option<PathBuf>,
+    /// The current key set in the store's form, for the cache file.
+    keys: std::sync::Mutex<std::collections::HashMap<String, StoredKey>>,
+    /// Unix seconds of the last successful contact with the feed; 0 before any.
+    last_success: Arc<AtomicI64>,
+}
+
+impl Follower {
+    /// `last_success` (unix seconds of the last successful sync) is shared with the
+    /// request path's staleness check.
+    pub fn new(
+        feed: Arc<dyn KeyFeed>,
+        index: Arc<KeyIndex>,
+        metrics: Arc<Metrics>,
+        cache_file: Option<PathBuf>,
+        last_success: Arc<AtomicI64>,
+    ) -> Self {
+        Follower { feed, index, metrics, cache_file, keys: std::sync::Mutex::new(Default::default()), last_success }
+    }
+
+    /// Loads the first key set: a snapshot from the feed, else the cache file.
+    /// Returns false when neither could be had (the gateway is not ready yet).
+    pub async fn start(&self, within: Duration) -> bool {
+        match tokio::time::timeout(within, self.feed.snapshot()).await {
+            Ok(Ok((version, keys))) => {
+                self.install(version, keys);
+                return true;
+            }
+            Ok(Err(e)) => {
+                self.metrics.sync_errors.inc();
+                tracing::warn!(error = %e, "cannot load keys from the control plane");
+            }
+            Err(_) => {
+                self.metrics.sync_errors.inc();
+                tracing::warn!("the control plane did not answer within {within:?}");
+            }
+        }
+        let Some(path) = &self.cache_file else { return false };
+        match read_cache(path) {
+            Ok(cache) => {
+                tracing::warn!(
+                    file = %path.display(),
+                    version = cache.version,
+                    keys = cache.keys.len(),
+                    "serving the last-known-good keys until the control plane answers"
+                );
+                self.install_without_success(cache.version, cache.keys);
+                // The cached keys are as fresh as the sync that wrote them.
+                let written = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                if let Some(age) = written.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()) {
+                    self.last_success.store(age.as_secs() as i64, Ordering::Relaxed);
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "no usable last-known-good keys file");
+                false
+            }
+        }
+    }
+
+    /// Follows the feed until `shutdown` fires.
+    pub async fn run(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(200);
+        let mut synced = self.last_success.load(Ordering::Relaxed) > 0;
+        let mut last_cache_write = tokio::time::Instant::now();
+        let mut cache_dirty = false;
+        loop {
+            let step = async {
+                if !synced {
+                    let (version, keys) = self.feed.snapshot().await?;
+                    self.install(version, keys);
+                    return Ok::<bool, FeedError>(true);
+                }
+                let since = self.index.current().version();
+                // A pending cache write shortens the poll so the file never lags long.
+                let wait = if cache_dirty { CACHE_WRITE_EVERY } else { LONG_POLL };
+                let batch = self.feed.changes(since, wait).await?;
+                self.mark_success();
+                if batch.reset {
+                    tracing::warn!(
+                        since,
+                        feed = batch.version,
+                        "the control plane's feed is behind this gateway; reloading"
+                    );
+                    let (version, keys) = self.feed.snapshot().await?;
+                    self.install(version, keys);
+                    return Ok(true);
+                }
+                if batch.changes.is_empty() {
+                    return Ok(false);
+                }
+                self.apply(batch);
+                Ok(true)
+            };
+            let result = tokio::select! {
+                result = step => result,
+                _ = shutdown.changed() => return,
+            };
+            match result {
+                Ok(changed) => {
+                    synced = true;
+                    backoff = Duration::from_millis(200);
+                    cache_dirty |= changed;
+                }
+                Err(e) => {
+                    self.metrics.sync_errors.inc();
+                    tracing::warn!(error = %e, retry_in = ?backoff, "key sync failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+            if cache_dirty && last_cache_write.elapsed() >= CACHE_WRITE_EVERY {
+                self.write_cache();
+                cache_dirty = false;
+                last_cache_write = tokio::time::Instant::now();
+            }
+        }
+    }
+
+    fn mark_success(&self) {
+        let now = OffsetDateTime::now_utc();
+        self.last_success.store(now.unix_timestamp(), Ordering::Relaxed);
+        self.metrics.sync_last_success.set(now.unix_timestamp_nanos() as f64 / 1e9);
+    }
+
+    fn install(&self, version: u64, keys: Vec<StoredKey>) {
+        self.install_without_success(version, keys);
+        self.mark_success();
+        self.write_cache();
+    }
+
+    fn install_without_success(&self, version: u64, keys: Vec<StoredKey>) {
+        let records: Vec<(KeyDigest, KeyRecord)> = keys.iter().filter_map(record_from_stored).collect();
+        let snapshot = match Snapshot::build(version, records) {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                tracing::error!(error = %e, "the control plane sent an inconsistent key set; keeping the current keys");
+                return;
+            }
+        };
+        self.publish(snapshot);
+        let mut by_id = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        *by_id = keys.into_iter().map(|k| (k.id.clone(), k)).collect();
+    }
+
+    fn apply(&self, batch: ChangeBatch) {
+        let current = self.index.current();
+        let mut by_id = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let mut changes = Vec::with_capacity(batch.changes.len());
+        for change in batch.changes {
+            match change.change {
+                KeyChange::Upsert(key) => {
+                    if let Some((digest, record)) = record_from_stored(&key) {
+                        changes.push((digest, Some(record)));
+                    }
+                    by_id.insert(key.id.clone(), key);
+                }
+                KeyChange::Delete { id, hash } => {
+                    if let Ok(digest) = KeyDigest::parse(&hash) {
+                        changes.push((digest, None));
+                    }
+                    by_id.remove(&id);
+                }
+            }
+        }
+        drop(by_id);
+        let mut next = current.apply(batch.version, changes);
+        if next.needs_compaction() {
+            next = next.compact();
+        }
+        self.publish(next);
+    }
+
+    fn publish(&self, snapshot: Snapshot) {
+        self.metrics.keys_loaded.set(snapshot.len() as i64);
+        self.metrics.key_index_version.set(snapshot.version() as i64);
+        self.index.publish(snapshot);
+    }
+
+    fn write_cache(&self) {
+        let Some(path) = &self.cache_file else { return };
+        let cache = {
+            let by_id = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            CacheFile { version: self.index.current().version(), keys: by_id.values().cloned().collect() }
+        };
+        if let Err(e) = write_cache(path, &cache) {
+            tracing::warn!(file = %path.display(), error = %e, "cannot write the last-known-good keys file");
+        }
+    }
+}
+
+fn read_cache(path: &Path) -> std::io::Result<CacheFile> {
+    let bytes = std::fs::read(path)?;
+    serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+}
+
+/// Temp file, fsync, rename: a reader sees the old file or the new one, never half.
+fn write_cache(path: &Path, cache: &CacheFile) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let stamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let temp = path.with_extension(format!("tmp-{}-{stamp}", std::process::id()));
+    let mut file = std::fs::File::create(&temp)?;
+    serde_json::to_writer(&mut file, cache).map_err(std::io::Error::other)?;
+    file.flush()?;
+    file.sync_all()?;
+    std::fs::rename(&temp, path)
+}

@@ -1,0 +1,947 @@
+//! The control-plane store against real databases: every scenario runs on SQLite
+//! (a file in a temp dir) and on PostgreSQL (a fresh database per test, dropped
+//! afterwards). PostgreSQL is `postgres://postgres@127.0.0.1:5432/postgres` unless
+//! `KEYGATE_TEST_POSTGRES_URL` says otherwise; if it is unreachable the PostgreSQL
+//! tests fail, they never skip.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keygate::config::{QuotaConfig, QuotaPeriod, RateLimitConfig};
+use keygate::control::model::{
+    new_key_id, Change, Granularity, KeyChange, KeyFilter, KeyPatch, KeyStatusText, NewKey, StoredKey,
+};
+use keygate::control::store::{Store, StoreError};
+use keygate::key::{self, KeyDigest};
+use keygate::usage::UsageRecord;
+use serde_json::json;
+use sqlx::Connection as _;
+use time::macros::datetime;
+use time::OffsetDateTime;
+
+const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+// ---- harness ----
+
+/// One scenario's database. Dropping it removes the PostgreSQL database.
+struct TestDb {
+    store: Store,
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    _pg: Option<PgDatabase>,
+}
+
+impl TestDb {
+    async fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // A directory that does not exist yet: connect must create it.
+        let url = format!("sqlite://{}/nested/keygate.db", dir.path().display());
+        let store = Store::connect(&url).await.expect("connect to SQLite");
+        TestDb { store, url, _dir: Some(dir), _pg: None }
+    }
+
+    async fn postgres() -> TestDb {
+        let pg = PgDatabase::create().await;
+        let url = pg.url.clone();
+        let store = Store::connect(&url).await.expect("connect to the test PostgreSQL database");
+        TestDb { store, url, _dir: None, _pg: Some(pg) }
+    }
+
+    /// A second, independent connection pool to the same database.
+    async fn reconnect(&self) -> Store {
+        Store::connect(&self.url).await.expect("second connection")
+    }
+}
+
+/// A `keygate_test_<random>` database on the test server.
+struct PgDatabase {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl PgDatabase {
+    async fn create() -> PgDatabase {
+        let server = std::env::var("KEYGATE_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_owned());
+        let mut admin = sqlx::PgConnection::connect(&server).await.unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL at {server} is unreachable ({e}). The store tests need a PostgreSQL server: \
+                 start one or point KEYGATE_TEST_POSTGRES_URL at it."
+            )
+        });
+        let name = format!("keygate_test_{}", new_key_id()[4..].to_lowercase());
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("CREATE DATABASE");
+        let _ = admin.close().await;
+        let url = with_database(&server, &name);
+        PgDatabase { server, name, url }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        // Drop runs inside the test's runtime (or while unwinding from a failed
+        // assertion): do the async cleanup on a thread with a runtime of its own.
+        let (server, name) = (self.server.clone(), self.name.clone());
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let mut admin = sqlx::PgConnection::connect(&server).await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await?;
+                admin.close().await
+            })?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        });
+        if let Ok(Err(e)) = cleanup.join() {
+            eprintln!("could not drop test database {}: {e}", self.name);
+        }
+    }
+}
+
+/// `server` with its database path replaced by `name`, keeping any `?query`.
+fn with_database(server: &str, name: &str) -> String {
+    let (base, query) = match server.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (server, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let authority_end = base[scheme_end..].find('/').map_or(base.len(), |i| scheme_end + i);
+    format!("{}/{name}{query}", &base[..authority_end])
+}
+
+/// Runs one scenario on both backends, as `<name>::sqlite` and `<name>::postgres`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(super::TestDb::sqlite().await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name(super::TestDb::postgres().await).await;
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    create_get_and_list_with_every_filter,
+    cursor_pagination_visits_every_key_exactly_once,
+    duplicate_id_or_hash_is_a_conflict,
+    update_sets_clears_and_leaves_fields,
+    revoked_is_final,
+    rotate_expires_old_key_after_grace_and_creates_a_new_one,
+    delete_removes_the_key_and_feeds_a_delete,
+    feed_versions_increase_and_changes_since_returns_exactly_the_missed_changes,
+    snapshot_is_consistent_with_the_feed_version,
+    change_through_one_connection_is_visible_to_another,
+    concurrent_creates_get_distinct_increasing_versions,
+    feed_reader_following_concurrent_writers_misses_nothing,
+    duplicate_usage_batch_is_counted_once,
+    usage_rolls_up_minutes_into_hours_and_days_with_totals,
+    quota_used_counts_allowed_requests_since,
+    audit_is_newest_first_with_actor_names,
+    migrations_run_again_on_reconnect_and_data_survives,
+);
+
+// ---- helpers ----
+
+fn new_key(name: &str) -> NewKey {
+    let raw = key::generate(key::DEFAULT_PREFIX).expect("generate key");
+    NewKey {
+        id: new_key_id(),
+        hash: KeyDigest::of(&raw).to_string(),
+        prefix: key::DEFAULT_PREFIX.into(),
+        masked: key::mask(&raw),
+        name: name.into(),
+        owner: None,
+        plan: None,
+        scopes: vec![],
+        ip_allowlist: vec![],
+        rate_limit: None,
+        quota: None,
+        expires_at: None,
+        metadata: serde_json::Map::new(),
+        tags: vec![],
+    }
+}
+
+fn rate(requests: u32, secs: u64, burst: Option<u32>) -> RateLimitConfig {
+    RateLimitConfig { requests, per: Duration::from_secs(secs), burst }
+}
+
+async fn all_changes(store: &Store) -> (Vec<Change>, u64) {
+    store.changes_since(0, 10_000).await.expect("changes_since")
+}
+
+fn versions(changes: &[Change]) -> Vec<u64> {
+    changes.iter().map(|c| c.version).collect()
+}
+
+fn assert_strictly_increasing(versions: &[u64]) {
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "versions not strictly increasing: {versions:?}");
+}
+
+fn ids(keys: &[StoredKey]) -> Vec<String> {
+    keys.iter().map(|k| k.id.clone()).collect()
+}
+
+/// Every page of a listing, following cursors.
+async fn all_pages(store: &Store, filter: &KeyFilter, limit: u32) -> Vec<Vec<StoredKey>> {
+    let mut pages = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let (page, next) = store.list_keys(filter, limit, cursor.as_deref()).await.expect("list_keys");
+        pages.push(page);
+        match next {
+            Some(next) => cursor = Some(next),
+            None => return pages,
+        }
+        assert!(pages.len() < 1000, "pagination does not end");
+    }
+}
+
+/// A usage line (CONTRACT §8) ending at `end`.
+fn usage_record(key_id: &str, end: OffsetDateTime, allowed: u64, denied: &[(&str, u64)]) -> UsageRecord {
+    let denied: BTreeMap<String, u64> = denied.iter().map(|(c, n)| (c.to_string(), *n)).collect();
+    let requests = allowed + denied.values().sum::<u64>();
+    serde_json::from_value(json!({
+        "node": "gw-1",
+        "key_id": key_id,
+        "window_start": (end - time::Duration::seconds(5)).format(&time::format_description::well_known::Rfc3339).unwrap(),
+        "window_end": end.format(&time::format_description::well_known::Rfc3339).unwrap(),
+        "requests": requests,
+        "allowed": allowed,
+        "denied": denied,
+        "status": {"2xx": allowed, "3xx": 0, "4xx": requests - allowed, "5xx": 0},
+        "bytes_in": 100 * requests,
+        "bytes_out": 1000 * allowed,
+        "last_used_at": end.format(&time::format_description::well_known::Rfc3339).unwrap(),
+    }))
+    .expect("usage record")
+}
+
+// ---- scenarios ----
+
+async fn create_get_and_list_with_every_filter(db: TestDb) {
+    let store = &db.store;
+    let mut a = new_key("Billing Service");
+    a.owner = Some("acme".into());
+    a.plan = Some("pro".into());
+    a.tags = vec!["prod".into(), "eu".into()];
+    a.scopes = vec!["orders:*".into()];
+    a.ip_allowlist = vec!["10.0.0.0/8".into(), "2001:db8::/32".into()];
+    a.rate_limit = Some(rate(10, 1, Some(20)));
+    a.quota = Some(QuotaConfig { requests: 100, per: QuotaPeriod::Month });
+    a.expires_at = Some(datetime!(2030-01-02 03:04:05.678 UTC));
+    a.metadata = json!({"team": "payments", "n": 3}).as_object().unwrap().clone();
+    let mut b = new_key("reporting");
+    b.owner = Some("acme".into());
+    b.plan = Some("free".into());
+    b.tags = vec!["staging".into()];
+    let mut c = new_key("50%_off job");
+    c.owner = Some("globex".into());
+    c.tags = vec!["prod".into()];
+
+    let created_a = store.create_key(a.clone(), "ops").await.expect("create a");
+    assert_eq!(created_a.id, a.id);
+    assert_eq!(created_a.hash, a.hash);
+    assert_eq!(created_a.masked, a.masked);
+    assert_eq!(created_a.status, KeyStatusText::Active);
+    assert_eq!(created_a.scopes, a.scopes);
+    assert_eq!(created_a.ip_allowlist, a.ip_allowlist);
+    assert_eq!(created_a.rate_limit, a.rate_limit);
+    assert_eq!(created_a.quota, a.quota);
+    assert_eq!(created_a.expires_at, a.expires_at);
+    assert_eq!(created_a.metadata, a.metadata);
+    assert_eq!(created_a.tags, a.tags);
+    assert_eq!(created_a.created_at, created_a.updated_at);
+    assert_eq!(created_a.last_used_at, None);
+    assert!(created_a.version > 0);
+    let created_b = store.create_key(b.clone(), "ops").await.expect("create b");
+    let created_c = store.create_key(c.clone(), "ops").await.expect("create c");
+    store
+        .update_key(&c.id, KeyPatch { status: Some(KeyStatusText::Disabled), ..Default::default() }, "ops")
+        .await
+        .expect("disable c");
+
+    assert_eq!(store.get_key(&a.id).await.unwrap(), Some(created_a.clone()));
+    assert_eq!(store.get_key_by_hash(&a.hash).await.unwrap(), Some(created_a.clone()));
+    assert_eq!(store.get_key("key_missing").await.unwrap(), None);
+    assert_eq!(store.get_key_by_hash(&format!("sha256:{}", "0".repeat(64))).await.unwrap(), None);
+
+    let list = |filter: KeyFilter| async move {
+        let (keys, next) = store.list_keys(&filter, 100, None).await.expect("list");
+        assert_eq!(next, None);
+        ids(&keys).into_iter().collect::<BTreeSet<_>>()
+    };
+    let set = |keys: &[&NewKey]| keys.iter().map(|k| k.id.clone()).collect::<BTreeSet<_>>();
+    assert_eq!(list(KeyFilter::default()).await, set(&[&a, &b, &c]));
+    assert_eq!(list(KeyFilter { owner: Some("acme".into()), ..Default::default() }).await, set(&[&a, &b]));
+    assert_eq!(list(KeyFilter { owner: Some("ACME".into()), ..Default::default() }).await, set(&[]));
+    assert_eq!(list(KeyFilter { plan: Some("free".into()), ..Default::default() }).await, set(&[&b]));
+    assert_eq!(list(KeyFilter { status: Some(KeyStatusText::Disabled), ..Default::default() }).await, set(&[&c]));
+    assert_eq!(list(KeyFilter { status: Some(KeyStatusText::Active), ..Default::default() }).await, set(&[&a, &b]));
+    assert_eq!(list(KeyFilter { status: Some(KeyStatusText::Revoked), ..Default::default() }).await, set(&[]));
+    assert_eq!(list(KeyFilter { tag: Some("prod".into()), ..Default::default() }).await, set(&[&a, &c]));
+    assert_eq!(list(KeyFilter { tag: Some("pro".into()), ..Default::default() }).await, set(&[]));
+    // q: case-insensitive substring of name, owner, id or masked.
+    assert_eq!(list(KeyFilter { q: Some("BILLING".into()), ..Default::default() }).await, set(&[&a]));
+    assert_eq!(list(KeyFilter { q: Some("GLOBE".into()), ..Default::default() }).await, set(&[&c]));
+    assert_eq!(list(KeyFilter { q: Some(a.id[6..14].to_uppercase()), ..Default::default() }).await, set(&[&a]));
+    let masked_part = &b.masked[key::DEFAULT_PREFIX.len() + 1..key::DEFAULT_PREFIX.len() + 5];
+    assert!(list(KeyFilter { q: Some(masked_part.into()), ..Default::default() }).await.contains(&b.id));
+    // LIKE wildcards in q are literal characters.
+    assert_eq!(list(KeyFilter { q: Some("50%_".into()), ..Default::default() }).await, set(&[&c]));
+    assert_eq!(list(KeyFilter { q: Some("%".into()), ..Default::default() }).await, set(&[&c]));
+    assert_eq!(list(KeyFilter { q: Some("t_ng".into()), ..Default::default() }).await, set(&[]));
+    assert_eq!(list(KeyFilter { q: Some("re%ing".into()), ..Default::default() }).await, set(&[]));
+    // Filters combine.
+    let both = KeyFilter { owner: Some("acme".into()), tag: Some("prod".into()), ..Default::default() };
+    assert_eq!(list(both).await, set(&[&a]));
+
+    // Newest first.
+    let (keys, _) = store.list_keys(&KeyFilter::default(), 10, None).await.unwrap();
+    let order: Vec<_> = keys.iter().map(|k| (k.created_at, k.id.clone())).collect();
+    let mut sorted = order.clone();
+    sorted.sort_by(|x, y| y.cmp(x));
+    assert_eq!(order, sorted);
+    let _ = (created_b, created_c);
+}
+
+async fn cursor_pagination_visits_every_key_exactly_once(db: TestDb) {
+    let store = &db.store;
+    let mut created = Vec::new();
+    for i in 0..23 {
+        let mut k = new_key(&format!("key {i}"));
+        k.owner = Some(if i % 2 == 0 { "even" } else { "odd" }.into());
+        created.push(store.create_key(k, "ops").await.unwrap().id);
+        if i % 5 == 0 {
+            // Spread created_at over several milliseconds; the rest share them (ties break on id).
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let (everything, next) = store.list_keys(&KeyFilter::default(), 1000, None).await.unwrap();
+    assert_eq!(next, None);
+    assert_eq!(everything.len(), 23);
+    for limit in [1, 5, 7, 23, 24] {
+        let pages = all_pages(store, &KeyFilter::default(), limit).await;
+        let sizes: Vec<_> = pages.iter().map(Vec::len).collect();
+        assert!(sizes[..sizes.len() - 1].iter().all(|&n| n == limit as usize), "limit {limit}: {sizes:?}");
+        let flat: Vec<_> = pages.iter().flat_map(|p| ids(p)).collect();
+        assert_eq!(flat, ids(&everything), "limit {limit}: pages must concatenate to the full listing");
+    }
+    // A page that ends exactly on the last key has no next cursor.
+    let pages = all_pages(store, &KeyFilter::default(), 23).await;
+    assert_eq!(pages.len(), 1);
+
+    let odd = KeyFilter { owner: Some("odd".into()), ..Default::default() };
+    let pages = all_pages(store, &odd, 4).await;
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 3]);
+    let flat: BTreeSet<_> = pages.iter().flat_map(|p| ids(p)).collect();
+    let expected: BTreeSet<_> = created.iter().skip(1).step_by(2).cloned().collect();
+    assert_eq!(flat, expected);
+
+    for bad in ["garbage", "", "00", "6162"] {
+        let result = store.list_keys(&KeyFilter::default(), 10, Some(bad)).await;
+        assert!(matches!(result, Err(StoreError::Invalid(_))), "cursor {bad:?}: {result:?}");
+    }
+    for bad in [0, 1001] {
+        assert!(matches!(store.list_keys(&KeyFilter::default(), bad, None).await, Err(StoreError::Invalid(_))));
+    }
+}
+
+async fn duplicate_id_or_hash_is_a_conflict(db: TestDb) {
+    let store = &db.store;
+    let first = new_key("first");
+    store.create_key(first.clone(), "ops").await.unwrap();
+    let (_, before) = all_changes(store).await;
+
+    let mut same_hash = new_key("same hash");
+    same_hash.hash = first.hash.clone();
+    let result = store.create_key(same_hash.clone(), "ops").await;
+    assert!(matches!(result, Err(StoreError::Conflict(_))), "{result:?}");
+    let mut same_id = new_key("same id");
+    same_id.id = first.id.clone();
+    let result = store.create_key(same_id, "ops").await;
+    assert!(matches!(result, Err(StoreError::Conflict(_))), "{result:?}");
+
+    // A refused create leaves no trace in the keys, the feed or the audit log.
+    assert_eq!(store.get_key(&same_hash.id).await.unwrap(), None);
+    assert_eq!(all_changes(store).await.1, before);
+    assert_eq!(store.audit(None, 100).await.unwrap().len(), 1);
+
+    let mut bad_hash = new_key("bad hash");
+    bad_hash.hash = "sha256:nothex".into();
+    assert!(matches!(store.create_key(bad_hash, "ops").await, Err(StoreError::Invalid(_))));
+}
+
+async fn update_sets_clears_and_leaves_fields(db: TestDb) {
+    let store = &db.store;
+    let mut k = new_key("before");
+    k.owner = Some("acme".into());
+    k.plan = Some("free".into());
+    k.scopes = vec!["a".into()];
+    k.rate_limit = Some(rate(5, 1, None));
+    k.quota = Some(QuotaConfig { requests: 10, per: QuotaPeriod::Day });
+    k.expires_at = Some(datetime!(2031-01-01 00:00 UTC));
+    k.metadata = json!({"x": 1}).as_object().unwrap().clone();
+    k.tags = vec!["t".into()];
+    let created = store.create_key(k.clone(), "ops").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+
+    let patch = KeyPatch {
+        name: Some("after".into()),
+        owner: Some(None),
+        plan: Some(Some("pro".into())),
+        rate_limit: Some(Some(rate(50, 60, Some(100)))),
+        quota: Some(None),
+        expires_at: Some(None),
+        tags: Some(vec!["t".into(), "u".into()]),
+        ..Default::default()
+    };
+    let updated = store.update_key(&k.id, patch, "alice").await.unwrap();
+    assert_eq!(updated.name, "after");
+    assert_eq!(updated.owner, None, "Some(None) clears");
+    assert_eq!(updated.plan.as_deref(), Some("pro"));
+    assert_eq!(updated.rate_limit, Some(rate(50, 60, Some(100))));
+    assert_eq!(updated.quota, None);
+    assert_eq!(updated.expires_at, None);
+    assert_eq!(updated.tags, ["t", "u"]);
+    // None leaves a field as it was.
+    assert_eq!(updated.scopes, created.scopes);
+    assert_eq!(updated.metadata, created.metadata);
+    assert_eq!(updated.status, KeyStatusText::Active);
+    assert_eq!((updated.id.as_str(), updated.hash.as_str()), (created.id.as_str(), created.hash.as_str()));
+    assert_eq!(updated.created_at, created.created_at);
+    assert!(updated.updated_at > created.updated_at);
+    assert!(updated.version > created.version);
+    assert_eq!(store.get_key(&k.id).await.unwrap(), Some(updated.clone()));
+
+    let events = store.audit(Some(&k.id), 10).await.unwrap();
+    assert_eq!(events[0].action, "key.update");
+    assert_eq!(events[0].actor, "alice");
+    assert_eq!(
+        events[0].details,
+        json!({"fields": ["name", "owner", "plan", "rate_limit", "quota", "expires_at", "tags"]})
+    );
+    let (changes, latest) = all_changes(store).await;
+    assert_eq!(latest, updated.version);
+    assert!(matches!(&changes.last().unwrap().change, KeyChange::Upsert(key) if *key == updated));
+
+    // A patch that changes nothing is not a change.
+    let same = store.update_key(&k.id, KeyPatch { name: Some("after".into()), ..Default::default() }, "alice").await;
+    assert_eq!(same.unwrap(), updated);
+    assert_eq!(all_changes(store).await.1, latest);
+
+    let disabled =
+        store.update_key(&k.id, KeyPatch { status: Some(KeyStatusText::Disabled), ..Default::default() }, "ops");
+    assert_eq!(disabled.await.unwrap().status, KeyStatusText::Disabled);
+    let revoke_by_patch =
+        store.update_key(&k.id, KeyPatch { status: Some(KeyStatusText::Revoked), ..Default::default() }, "ops");
+    assert!(matches!(revoke_by_patch.await, Err(StoreError::Invalid(_))));
+    let missing = store.update_key("key_missing", KeyPatch { name: Some("x".into()), ..Default::default() }, "ops");
+    assert!(matches!(missing.await, Err(StoreError::NotFound)));
+}
+
+async fn revoked_is_final(db: TestDb) {
+    let store = &db.store;
+    let k = new_key("doomed");
+    store.create_key(k.clone(), "ops").await.unwrap();
+    let revoked = store.revoke_key(&k.id, "ops").await.unwrap();
+    assert_eq!(revoked.status, KeyStatusText::Revoked);
+    let (_, latest) = all_changes(store).await;
+    assert_eq!(latest, revoked.version);
+
+    // Revoking again changes nothing and appends nothing.
+    assert_eq!(store.revoke_key(&k.id, "ops").await.unwrap(), revoked);
+    assert_eq!(all_changes(store).await.1, latest);
+    assert_eq!(store.audit(Some(&k.id), 10).await.unwrap().iter().filter(|e| e.action == "key.revoke").count(), 1);
+
+    for patch in [
+        KeyPatch { status: Some(KeyStatusText::Active), ..Default::default() },
+        KeyPatch { name: Some("revived".into()), ..Default::default() },
+        KeyPatch::default(),
+    ] {
+        let result = store.update_key(&k.id, patch, "ops").await;
+        assert!(matches!(&result, Err(StoreError::Conflict(m)) if m == "revoked keys cannot be changed"), "{result:?}");
+    }
+    let rotated = store.rotate_key(&k.id, new_key("successor"), Duration::from_secs(60), "ops").await;
+    assert!(matches!(rotated, Err(StoreError::Conflict(_))), "{rotated:?}");
+    assert_eq!(store.get_key(&k.id).await.unwrap(), Some(revoked));
+    assert_eq!(all_changes(store).await.1, latest);
+    assert!(matches!(store.revoke_key("key_missing", "ops").await, Err(StoreError::NotFound)));
+}
+
+async fn rotate_expires_old_key_after_grace_and_creates_a_new_one(db: TestDb) {
+    let store = &db.store;
+    let mut old = new_key("rotating");
+    old.owner = Some("acme".into());
+    old.scopes = vec!["orders:read".into()];
+    let old_created = store.create_key(old.clone(), "ops").await.unwrap();
+
+    // The API copies the old key's settings into the new one.
+    let mut successor = new_key("rotating");
+    successor.owner = old.owner.clone();
+    successor.scopes = old.scopes.clone();
+    let grace = Duration::from_secs(3600);
+    let before = OffsetDateTime::now_utc();
+    let (old_after, new_created) = store.rotate_key(&old.id, successor.clone(), grace, "bob").await.unwrap();
+    let after = OffsetDateTime::now_utc();
+
+    let expires = old_after.expires_at.expect("old key gets an expiry");
+    let ms = time::Duration::milliseconds(1);
+    assert!(expires >= before + grace - ms && expires <= after + grace, "{expires} not now + 1h");
+    assert_eq!(old_after.status, KeyStatusText::Active, "the old key works during the grace period");
+    assert_eq!(old_after.hash, old_created.hash);
+    assert_eq!(new_created.id, successor.id);
+    assert_ne!(new_created.id, old.id);
+    assert_eq!(new_created.hash, successor.hash);
+    assert_ne!(new_created.hash, old.hash);
+    assert_eq!(new_created.status, KeyStatusText::Active);
+    assert_eq!(new_created.expires_at, None);
+    assert_eq!(new_created.scopes, old.scopes);
+    assert_eq!(store.get_key_by_hash(&successor.hash).await.unwrap(), Some(new_created.clone()));
+
+    // Both changes are in the feed, from one transaction.
+    let (changes, latest) = store.changes_since(old_created.version, 100).await.unwrap();
+    assert_eq!(changes.len(), 2);
+    assert_eq!(latest, changes[1].version);
+    let changed: BTreeSet<_> = changes
+        .iter()
+        .map(|c| match &c.change {
+            KeyChange::Upsert(k) => k.id.clone(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(changed, BTreeSet::from([old.id.clone(), successor.id.clone()]));
+
+    let events = store.audit(Some(&old.id), 10).await.unwrap();
+    assert_eq!(events[0].action, "key.rotate");
+    assert_eq!(events[0].actor, "bob");
+    assert_eq!(events[0].details, json!({"new_key_id": successor.id}));
+
+    // An expiry sooner than the grace period stays.
+    let mut soon = new_key("expiring soon");
+    let soon_at = OffsetDateTime::now_utc() + time::Duration::minutes(10);
+    soon.expires_at = Some(soon_at);
+    let soon_created = store.create_key(soon.clone(), "ops").await.unwrap();
+    let (soon_after, _) =
+        store.rotate_key(&soon.id, new_key("next"), Duration::from_secs(86_400), "ops").await.unwrap();
+    assert_eq!(soon_after.expires_at, soon_created.expires_at);
+
+    // A new key that clashes is refused and the old key stays untouched.
+    let mut clash = new_key("clash");
+    clash.hash = old.hash.clone();
+    let result = store.rotate_key(&new_created.id, clash, grace, "ops").await;
+    assert!(matches!(result, Err(StoreError::Conflict(_))), "{result:?}");
+    assert_eq!(store.get_key(&new_created.id).await.unwrap().unwrap().expires_at, None);
+    let missing = store.rotate_key("key_missing", new_key("x"), grace, "ops").await;
+    assert!(matches!(missing, Err(StoreError::NotFound)));
+}
+
+async fn delete_removes_the_key_and_feeds_a_delete(db: TestDb) {
+    let store = &db.store;
+    let k = new_key("short-lived");
+    let keeper = new_key("keeper");
+    store.create_key(k.clone(), "ops").await.unwrap();
+    store.create_key(keeper.clone(), "ops").await.unwrap();
+    let (_, before) = all_changes(store).await;
+
+    store.delete_key(&k.id, "carol").await.unwrap();
+    assert_eq!(store.get_key(&k.id).await.unwrap(), None);
+    assert_eq!(store.get_key_by_hash(&k.hash).await.unwrap(), None);
+    assert!(matches!(store.delete_key(&k.id, "carol").await, Err(StoreError::NotFound)));
+
+    let (changes, latest) = store.changes_since(before, 100).await.unwrap();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].version, latest);
+    assert_eq!(changes[0].change, KeyChange::Delete { id: k.id.clone(), hash: k.hash.clone() });
+
+    // A follower starting from zero learns that the key is gone, not its old record.
+    let (from_zero, _) = all_changes(store).await;
+    assert!(from_zero.iter().all(|c| !matches!(&c.change, KeyChange::Upsert(key) if key.id == k.id)));
+
+    // The deleted key's audit trail stays.
+    let actions: Vec<_> = store.audit(Some(&k.id), 10).await.unwrap().into_iter().map(|e| e.action).collect();
+    assert_eq!(actions, ["key.delete", "key.create"]);
+    assert!(store.get_key(&keeper.id).await.unwrap().is_some());
+}
+
+async fn feed_versions_increase_and_changes_since_returns_exactly_the_missed_changes(db: TestDb) {
+    let store = &db.store;
+    let (empty, zero) = all_changes(store).await;
+    assert!(empty.is_empty());
+    assert_eq!(zero, 0);
+
+    let a = store.create_key(new_key("a"), "ops").await.unwrap();
+    let b = store.create_key(new_key("b"), "ops").await.unwrap();
+    let (seen, checkpoint) = all_changes(store).await;
+    assert_eq!(versions(&seen), [a.version, b.version]);
+    assert_eq!(checkpoint, b.version);
+
+    // What a follower at `checkpoint` misses:
+    let c = store.create_key(new_key("c"), "ops").await.unwrap();
+    let a2 = store.update_key(&a.id, KeyPatch { name: Some("a2".into()), ..Default::default() }, "ops").await.unwrap();
+    store.delete_key(&b.id, "ops").await.unwrap();
+    let (missed, latest) = store.changes_since(checkpoint, 100).await.unwrap();
+    assert_strictly_increasing(&versions(&missed));
+    assert!(missed.iter().all(|ch| ch.version > checkpoint));
+    assert_eq!(missed.len(), 3);
+    assert_eq!(latest, missed[2].version);
+    assert_eq!(missed[0].change, KeyChange::Upsert(c.clone()));
+    assert_eq!(missed[1].change, KeyChange::Upsert(a2.clone()));
+    assert_eq!(missed[1].version, a2.version);
+    assert_eq!(missed[2].change, KeyChange::Delete { id: b.id.clone(), hash: b.hash.clone() });
+    assert_eq!(store.changes_since(latest, 100).await.unwrap(), (vec![], latest));
+
+    // Paging through the feed gives the same changes as one read.
+    let (all, _) = all_changes(store).await;
+    assert_strictly_increasing(&versions(&all));
+    let mut paged = Vec::new();
+    let mut at = 0;
+    loop {
+        let (page, latest) = store.changes_since(at, 2).await.unwrap();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        at = last.version;
+        paged.extend(page);
+        if at == latest {
+            break;
+        }
+    }
+    assert_eq!(paged, all);
+    // An upsert carries the key's current record, even for an older version.
+    assert!(matches!(&all[0].change, KeyChange::Upsert(k) if *k == a2));
+    assert!(matches!(store.changes_since(0, 0).await, Err(StoreError::Invalid(_))));
+}
+
+async fn snapshot_is_consistent_with_the_feed_version(db: TestDb) {
+    let store = &db.store;
+    let (version, keys) = store.snapshot().await.unwrap();
+    assert_eq!((version, keys.len()), (0, 0));
+    let mut created = Vec::new();
+    for i in 0..5 {
+        created.push(store.create_key(new_key(&format!("k{i}")), "ops").await.unwrap());
+    }
+    store.delete_key(&created[1].id, "ops").await.unwrap();
+    store.revoke_key(&created[2].id, "ops").await.unwrap();
+
+    let (version, snapshot) = store.snapshot().await.unwrap();
+    let (_, latest) = all_changes(store).await;
+    assert_eq!(version, latest);
+    assert!(snapshot.iter().all(|k| k.version <= version));
+    // Replaying the feed up to the snapshot's version gives the snapshot.
+    let mut replayed: HashMap<String, StoredKey> = HashMap::new();
+    for change in store.changes_since(0, 10_000).await.unwrap().0.into_iter().filter(|c| c.version <= version) {
+        match change.change {
+            KeyChange::Upsert(k) => {
+                replayed.insert(k.id.clone(), k);
+            }
+            KeyChange::Delete { id, .. } => {
+                replayed.remove(&id);
+            }
+        }
+    }
+    let snapshot_map: HashMap<_, _> = snapshot.into_iter().map(|k| (k.id.clone(), k)).collect();
+    assert_eq!(replayed, snapshot_map);
+    assert_eq!(snapshot_map.len(), 4);
+    assert_eq!(snapshot_map[&created[2].id].status, KeyStatusText::Revoked);
+}
+
+async fn change_through_one_connection_is_visible_to_another(db: TestDb) {
+    let first = &db.store;
+    let second = db.reconnect().await;
+    let (_, start) = second.changes_since(0, 100).await.unwrap();
+    let k = first.create_key(new_key("shared"), "ops").await.unwrap();
+    let (changes, latest) = second.changes_since(start, 100).await.unwrap();
+    assert_eq!(latest, k.version);
+    assert_eq!(changes, [Change { version: k.version, change: KeyChange::Upsert(k.clone()) }]);
+    assert_eq!(second.get_key(&k.id).await.unwrap(), Some(k.clone()));
+
+    let revoked = second.revoke_key(&k.id, "ops").await.unwrap();
+    let (changes, _) = first.changes_since(latest, 100).await.unwrap();
+    assert_eq!(changes, [Change { version: revoked.version, change: KeyChange::Upsert(revoked) }]);
+    second.close().await;
+}
+
+async fn concurrent_creates_get_distinct_increasing_versions(db: TestDb) {
+    let stores = [db.store.clone(), db.reconnect().await];
+    let mut tasks = Vec::new();
+    for (n, store) in stores.iter().enumerate() {
+        for i in 0..12 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move { store.create_key(new_key(&format!("s{n}-{i}")), "ops").await }));
+        }
+    }
+    let mut created = Vec::new();
+    for task in tasks {
+        created.push(task.await.expect("task").expect("concurrent create"));
+    }
+    let distinct: BTreeSet<_> = created.iter().map(|k| k.version).collect();
+    assert_eq!(distinct.len(), created.len(), "versions must be distinct");
+
+    for store in &stores {
+        let (changes, latest) = all_changes(store).await;
+        assert_strictly_increasing(&versions(&changes));
+        assert_eq!(versions(&changes), distinct.iter().copied().collect::<Vec<_>>());
+        assert_eq!(latest, *distinct.last().unwrap());
+        let fed: BTreeSet<_> = changes
+            .iter()
+            .map(|c| match &c.change {
+                KeyChange::Upsert(k) => {
+                    assert_eq!(k.version, c.version);
+                    k.id.clone()
+                }
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(fed, created.iter().map(|k| k.id.clone()).collect());
+    }
+}
+
+async fn feed_reader_following_concurrent_writers_misses_nothing(db: TestDb) {
+    // A follower that polls while several writers commit must end up with every
+    // version: a version that commits after a higher one would be skipped.
+    let writers = [db.store.clone(), db.reconnect().await, db.reconnect().await];
+    let reader = db.reconnect().await;
+    let done = Arc::new(AtomicBool::new(false));
+    let follow = tokio::spawn({
+        let done = done.clone();
+        async move {
+            let mut seen = Vec::new();
+            let mut at = 0;
+            loop {
+                // Read the flag first: an empty page after every write committed means caught up.
+                let finished = done.load(Ordering::SeqCst);
+                let (page, _) = reader.changes_since(at, 1000).await.expect("follow");
+                if page.is_empty() && finished {
+                    return seen;
+                }
+                if let Some(last) = page.last() {
+                    at = last.version;
+                }
+                seen.extend(page.into_iter().map(|c| c.version));
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    let mut tasks = Vec::new();
+    for (n, store) in writers.iter().enumerate() {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..15 {
+                store.create_key(new_key(&format!("w{n}-{i}")), "ops").await.expect("create");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("writer");
+    }
+    done.store(true, Ordering::SeqCst);
+    let seen = follow.await.expect("reader");
+    let (all, _) = all_changes(&writers[0]).await;
+    assert_eq!(seen, versions(&all), "the follower must see every version, in order");
+}
+
+async fn duplicate_usage_batch_is_counted_once(db: TestDb) {
+    let store = &db.store;
+    let k = store.create_key(new_key("metered"), "ops").await.unwrap();
+    let t = datetime!(2026-03-01 12:00:30 UTC);
+    let batch = [usage_record(&k.id, t, 5, &[("rate_limited", 2)]), usage_record("key_unknown", t, 1, &[])];
+    assert!(store.ingest_usage("gw-1", "boot-a", 1, &batch).await.unwrap());
+    assert!(!store.ingest_usage("gw-1", "boot-a", 1, &batch).await.unwrap(), "a retried batch is a duplicate");
+    let range = (datetime!(2026-03-01 00:00 UTC), datetime!(2026-03-02 00:00 UTC));
+    let (_, totals) = store.usage(&k.id, range.0, range.1, Granularity::Day).await.unwrap();
+    assert_eq!((totals.requests, totals.allowed), (7, 5));
+    assert_eq!(totals.denied, BTreeMap::from([("rate_limited".to_owned(), 2)]));
+
+    // Another sequence, boot or node is another batch.
+    assert!(store.ingest_usage("gw-1", "boot-a", 2, &batch[..1]).await.unwrap());
+    assert!(store.ingest_usage("gw-1", "boot-b", 1, &batch[..1]).await.unwrap());
+    assert!(store.ingest_usage("gw-2", "boot-a", 1, &batch[..1]).await.unwrap());
+    let (_, totals) = store.usage(&k.id, range.0, range.1, Granularity::Day).await.unwrap();
+    assert_eq!((totals.requests, totals.allowed), (28, 20));
+
+    // last_used_at follows the latest usage and never goes back; it is not a key change.
+    let (_, latest) = all_changes(store).await;
+    assert_eq!(store.get_key(&k.id).await.unwrap().unwrap().last_used_at, Some(t));
+    let earlier = [usage_record(&k.id, t - time::Duration::hours(1), 1, &[])];
+    assert!(store.ingest_usage("gw-1", "boot-a", 3, &earlier).await.unwrap());
+    assert_eq!(store.get_key(&k.id).await.unwrap().unwrap().last_used_at, Some(t));
+    assert_eq!(all_changes(store).await.1, latest);
+
+    // Usage of an unknown key is kept.
+    let (_, unknown) = store.usage("key_unknown", range.0, range.1, Granularity::Day).await.unwrap();
+    assert_eq!(unknown.requests, 1);
+    // An empty batch is still a batch.
+    assert!(store.ingest_usage("gw-1", "boot-a", 4, &[]).await.unwrap());
+    assert!(!store.ingest_usage("gw-1", "boot-a", 4, &[]).await.unwrap());
+}
+
+async fn usage_rolls_up_minutes_into_hours_and_days_with_totals(db: TestDb) {
+    let store = &db.store;
+    let id = "key_usage";
+    let records = [
+        usage_record(id, datetime!(2026-03-01 10:00:05 UTC), 1, &[]),
+        usage_record(id, datetime!(2026-03-01 10:00:59 UTC), 2, &[("quota_exceeded", 1)]),
+        usage_record(id, datetime!(2026-03-01 10:01:00 UTC), 3, &[]),
+        usage_record(id, datetime!(2026-03-01 11:30:00 UTC), 4, &[("rate_limited", 2)]),
+        usage_record(id, datetime!(2026-03-02 00:00:10 UTC), 5, &[]),
+        usage_record("key_other", datetime!(2026-03-01 10:00:05 UTC), 100, &[]),
+    ];
+    assert!(store.ingest_usage("gw-1", "boot", 1, &records).await.unwrap());
+    let from = datetime!(2026-03-01 00:00 UTC);
+    let to = datetime!(2026-03-03 00:00 UTC);
+
+    let (minutes, totals) = store.usage(id, from, to, Granularity::Minute).await.unwrap();
+    let starts: Vec<_> = minutes.iter().map(|b| b.start).collect();
+    assert_eq!(
+        starts,
+        [
+            datetime!(2026-03-01 10:00 UTC),
+            datetime!(2026-03-01 10:01 UTC),
+            datetime!(2026-03-01 11:30 UTC),
+            datetime!(2026-03-02 00:00 UTC)
+        ]
+    );
+    let first = &minutes[0];
+    assert_eq!((first.requests, first.allowed), (4, 3));
+    assert_eq!(first.denied, BTreeMap::from([("quota_exceeded".to_owned(), 1)]));
+    assert_eq!((first.status.s2xx, first.status.s4xx), (3, 1));
+    assert_eq!((first.bytes_in, first.bytes_out), (400, 3000));
+
+    let (hours, hour_totals) = store.usage(id, from, to, Granularity::Hour).await.unwrap();
+    let summary: Vec<_> = hours.iter().map(|b| (b.start, b.requests, b.allowed)).collect();
+    assert_eq!(
+        summary,
+        [
+            (datetime!(2026-03-01 10:00 UTC), 7, 6),
+            (datetime!(2026-03-01 11:00 UTC), 6, 4),
+            (datetime!(2026-03-02 00:00 UTC), 5, 5)
+        ]
+    );
+    let (days, day_totals) = store.usage(id, from, to, Granularity::Day).await.unwrap();
+    let summary: Vec<_> = days.iter().map(|b| (b.start, b.requests, b.allowed)).collect();
+    assert_eq!(summary, [(datetime!(2026-03-01 00:00 UTC), 13, 10), (datetime!(2026-03-02 00:00 UTC), 5, 5)]);
+    assert_eq!(days[0].denied, BTreeMap::from([("quota_exceeded".to_owned(), 1), ("rate_limited".to_owned(), 2)]));
+
+    for t in [&totals, &hour_totals, &day_totals] {
+        assert_eq!(t.start, from);
+        assert_eq!((t.requests, t.allowed), (18, 15));
+        assert_eq!(t.denied, BTreeMap::from([("quota_exceeded".to_owned(), 1), ("rate_limited".to_owned(), 2)]));
+        assert_eq!((t.status.s2xx, t.status.s4xx, t.bytes_in, t.bytes_out), (15, 3, 1800, 15000));
+    }
+
+    // [from, to): the bucket at `to` is out, the one at `from` is in.
+    let (window, totals) = store
+        .usage(id, datetime!(2026-03-01 10:01 UTC), datetime!(2026-03-02 00:00 UTC), Granularity::Minute)
+        .await
+        .unwrap();
+    assert_eq!(window.iter().map(|b| b.requests).collect::<Vec<_>>(), [3, 6]);
+    assert_eq!(totals.requests, 9);
+    let (none, totals) = store.usage(id, to, from, Granularity::Hour).await.unwrap();
+    assert!(none.is_empty());
+    assert_eq!(totals.requests, 0);
+}
+
+async fn quota_used_counts_allowed_requests_since(db: TestDb) {
+    let store = &db.store;
+    let id = "key_quota";
+    assert_eq!(store.quota_used(id, datetime!(2026-03-01 00:00 UTC)).await.unwrap(), 0);
+    let records = [
+        usage_record(id, datetime!(2026-02-28 23:59:30 UTC), 7, &[]),
+        usage_record(id, datetime!(2026-03-01 00:00:05 UTC), 3, &[("rate_limited", 4), ("quota_exceeded", 1)]),
+        usage_record(id, datetime!(2026-03-15 08:00:00 UTC), 2, &[("ip_not_allowed", 1)]),
+    ];
+    assert!(store.ingest_usage("gw-1", "boot", 1, &records).await.unwrap());
+    assert_eq!(store.quota_used(id, datetime!(2026-03-01 00:00 UTC)).await.unwrap(), 5);
+    assert_eq!(store.quota_used(id, datetime!(2026-02-01 00:00 UTC)).await.unwrap(), 12);
+    assert_eq!(store.quota_used(id, datetime!(2026-03-16 00:00 UTC)).await.unwrap(), 0);
+    assert_eq!(store.quota_used("key_other", datetime!(2026-01-01 00:00 UTC)).await.unwrap(), 0);
+}
+
+async fn audit_is_newest_first_with_actor_names(db: TestDb) {
+    let store = &db.store;
+    let a = new_key("a");
+    let b = new_key("b");
+    store.create_key(a.clone(), "alice").await.unwrap();
+    store.create_key(b.clone(), "bob").await.unwrap();
+    store.update_key(&a.id, KeyPatch { plan: Some(Some("pro".into())), ..Default::default() }, "bob").await.unwrap();
+    store.revoke_key(&b.id, "carol").await.unwrap();
+    store.delete_key(&a.id, "alice").await.unwrap();
+
+    let events = store.audit(None, 100).await.unwrap();
+    let trail: Vec<_> = events.iter().map(|e| (e.action.as_str(), e.actor.as_str(), e.key_id.clone())).collect();
+    assert_eq!(
+        trail,
+        [
+            ("key.delete", "alice", Some(a.id.clone())),
+            ("key.revoke", "carol", Some(b.id.clone())),
+            ("key.update", "bob", Some(a.id.clone())),
+            ("key.create", "bob", Some(b.id.clone())),
+            ("key.create", "alice", Some(a.id.clone())),
+        ]
+    );
+    assert!(events.windows(2).all(|w| w[0].id > w[1].id && w[0].at >= w[1].at));
+    assert_eq!(events[2].details, json!({"fields": ["plan"]}));
+    // The raw key never reaches the audit log; the hash does not either.
+    assert!(events.iter().all(|e| !e.details.to_string().contains(&a.hash[7..])));
+
+    let only_b: Vec<_> = store.audit(Some(&b.id), 100).await.unwrap().into_iter().map(|e| e.action).collect();
+    assert_eq!(only_b, ["key.revoke", "key.create"]);
+    assert_eq!(store.audit(None, 2).await.unwrap().len(), 2);
+    assert!(matches!(store.audit(None, 0).await, Err(StoreError::Invalid(_))));
+}
+
+async fn migrations_run_again_on_reconnect_and_data_survives(db: TestDb) {
+    let k = db.store.create_key(new_key("durable"), "ops").await.unwrap();
+    db.store.close().await;
+    let again = db.reconnect().await;
+    let third = db.reconnect().await;
+    assert_eq!(again.get_key(&k.id).await.unwrap(), Some(k.clone()));
+    assert_eq!(third.changes_since(0, 10).await.unwrap().1, k.version);
+    again.close().await;
+    third.close().await;
+}
+
+// ---- single-backend cases ----
+
+#[tokio::test]
+async fn in_memory_sqlite_keeps_its_data_across_calls() {
+    let store = Store::connect("sqlite::memory:").await.expect("memory store");
+    let k = store.create_key(new_key("mem"), "ops").await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(store.get_key(&k.id).await.unwrap(), Some(k.clone()));
+    }
+    assert_eq!(store.snapshot().await.unwrap(), (k.version, vec![k]));
+}
+
+#[tokio::test]
+async fn unknown_store_url_is_refused() {
+    assert!(matches!(Store::connect("mysql://localhost/db").await, Err(StoreError::Invalid(_))));
+}
+
+#[test]
+fn postgres_test_url_gets_the_test_database() {
+    assert_eq!(with_database(DEFAULT_PG_URL, "x"), "postgres://postgres@127.0.0.1:5432/x");
+    assert_eq!(with_database("postgresql://u:p@h/db?sslmode=disable", "x"), "postgresql://u:p@h/x?sslmode=disable");
+    assert_eq!(with_database("postgres://h:5432", "x"), "postgres://h:5432/x");
+}
+
+/// The admin API runs store calls inside axum handlers, which need `Send` futures.
+#[allow(dead_code)]
+fn store_futures_are_send(store: &Store) {
+    fn send<T: Send>(_: T) {}
+    send(store.create_key(new_key("x"), "ops"));
+    send(store.list_keys(&KeyFilter::default(), 10, None));
+    send(store.update_key("id", KeyPatch::default(), "ops"));
+    send(store.rotate_key("id", new_key("x"), Duration::ZERO, "ops"));
+    send(store.changes_since(0, 10));
+    send(store.snapshot());
+    send(store.ingest_usage("n", "b", 1, &[]));
+    send(store.usage("id", OffsetDateTime::UNIX_EPOCH, OffsetDateTime::UNIX_EPOCH, Granularity::Hour));
+}
