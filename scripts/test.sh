@@ -2,7 +2,7 @@
 # The whole test suite: formatting, lints, unit and integration tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --with-postgres
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

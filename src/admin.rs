@@ -6,6 +6,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde_json::json;
 
@@ -47,7 +48,8 @@ async fn readyz(State(state): State<OpsState>) -> Response {
     if ready {
         Json(json!({"status": "ready"})).into_response()
     } else {
-        let body = json!({"error": {"code": "not_ready", "message": "keys are not loaded yet", "request_id": ""}});
+        let request_id = crate::proxy::new_request_id();
+        let body = json!({"error": {"code": "not_ready", "message": "keys are not loaded yet", "request_id": request_id.to_str().unwrap_or("")}});
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }
@@ -63,6 +65,12 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
+    // Without TCP_NODELAY a long-poll answer can sit out a delayed ACK (~40 ms),
+    // which would be most of a revocation's journey to the gateways.
+    let listener = tokio::net::TcpListener::from_std(listener)?.tap_io(|stream| {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an admin connection");
+        }
+    });
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }

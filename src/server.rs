@@ -292,21 +292,22 @@ impl BackgroundService for Maintenance {
                 None => fatal("keys.source is store", "this mode has no store"),
             },
         };
-        if let Some(feed) = follower {
-            let follower = Arc::new(Follower::new(
+        let follower = follower.map(|feed| {
+            Arc::new(Follower::new(
                 feed,
                 Arc::clone(&self.plane.keys),
                 Arc::clone(&self.plane.metrics),
                 self.cache_file.clone(),
                 Arc::clone(&self.last_sync),
-            ));
+            ))
+        });
+        if let Some(follower) = &follower {
             if follower.start(SYNC_START_TIMEOUT).await {
                 tracing::info!(keys = self.plane.keys.load().len(), "keys loaded");
             } else {
                 tracing::warn!("no keys yet: keyed requests get 503 not_ready until the control plane answers");
             }
-            let follow_shutdown = shutdown.clone();
-            tokio::spawn(async move { follower.run(follow_shutdown).await });
+            tokio::spawn(Arc::clone(follower).run(shutdown.clone()));
         }
 
         let sinks = self.build_sinks(control.as_ref().map(|(store, _)| store));
@@ -341,7 +342,7 @@ impl BackgroundService for Maintenance {
                 _ = shutdown.changed() => break,
             }
         }
-        self.finish(&flusher).await;
+        self.finish(&flusher, follower.as_ref()).await;
     }
 }
 
@@ -417,7 +418,7 @@ impl Maintenance {
 
     /// Pingora has stopped accepting; wait for requests in flight, flush usage and
     /// the access log, and end the process rather than sit out the grace period.
-    async fn finish(&self, flusher: &FlusherHandle) {
+    async fn finish(&self, flusher: &FlusherHandle, follower: Option<&Arc<Follower>>) {
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         while self.plane.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -427,6 +428,9 @@ impl Maintenance {
             tracing::warn!(requests = unfinished, "requests still in flight after {DRAIN_TIMEOUT:?}; stopping anyway");
         }
         flusher.flush_and_stop(FINAL_FLUSH_TIMEOUT).await;
+        if let Some(follower) = follower {
+            follower.write_cache_now().await;
+        }
         self.plane.access_log.flush(Duration::from_secs(2));
         tracing::info!("keygate stopped");
         std::process::exit(0);

@@ -369,3 +369,29 @@ fn serve_refuses_an_invalid_config_with_exit_1() {
     assert_exit(&out, 1);
     assert!(combined(&out).contains("bogus_top"), "error does not name the field");
 }
+
+/// The example configs in `config/` are what newcomers copy: they must stay valid.
+#[test]
+fn shipped_example_configs_pass_check_config() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let env = [
+        ("KEYGATE_ADMIN_TOKEN", "example-admin-token"),
+        ("KEYGATE_SYNC_TOKEN", "example-sync-token"),
+        ("KEYGATE_DATABASE_URL", "postgres://keygate@db.internal:5432/keygate"),
+        ("KEYGATE_CONTROL_PLANE_URL", "http://cp.internal:9090"),
+    ];
+    for name in ["keygate.yaml", "gateway-file.yaml", "gateway.yaml", "control-plane.yaml"] {
+        let out = Command::new(BIN)
+            .current_dir(root)
+            .args(["check-config", "-c", &format!("config/{name}")])
+            .envs(env)
+            .output()
+            .expect("run keygate check-config");
+        assert!(
+            out.status.success(),
+            "config/{name} is refused:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{ArgGroup, Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use reqwest::header::{HeaderValue, AUTHORIZATION};
 use reqwest::{Method, StatusCode, Url};
 use serde::ser::SerializeMap;
@@ -145,16 +145,6 @@ struct CreateArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(group(
-    ArgGroup::new("change")
-        .required(true)
-        .multiple(true)
-        .args([
-            "name", "owner", "plan", "scopes", "ips", "rate_limit", "quota", "status", "expires_at", "ttl",
-            "metadata", "tags", "clear_owner", "clear_plan", "clear_scopes", "clear_ip_allowlist",
-            "clear_rate_limit", "clear_quota", "clear_expires_at", "clear_metadata", "clear_tags",
-        ])
-))]
 struct UpdateArgs {
     #[arg(value_parser = parse_id)]
     id: String,
@@ -598,7 +588,11 @@ fn describe_api_error(status: u16, body: &str, key_id: Option<&str>, token_given
             format!("the admin API refused the token (401){detail}\nhint: {hint}")
         }
         (404, Some(id)) => {
-            let mut text = format!("no key {id}{detail}");
+            // keygate's own message already reads "no key <id>"; others are added to it.
+            let mut text = match &error.message {
+                Some(message) if message.contains(id) => message.clone(),
+                _ => format!("no key {id}{detail}"),
+            };
             // Another code (a gateway's `no_route`) means we are not talking to the admin API.
             if error.code.as_deref().is_some_and(|code| code != "not_found") {
                 text.push_str("\nhint: is --admin-url (KEYGATE_ADMIN_URL) the admin address?");
@@ -834,6 +828,10 @@ fn pretty(json: &Json) -> String {
 
 /// Runs `keygate keys …`: prints the output, or `error: …` on stderr and exits 1.
 pub fn run(args: KeysArgs) -> ExitCode {
+    if let Err(e) = check_command_line(&args) {
+        let _ = e.print();
+        return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+    }
     match execute(args) {
         Ok(output) => {
             // A key that could not be written out is lost to the user: say so.
@@ -848,6 +846,21 @@ pub fn run(args: KeysArgs) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// What clap cannot express briefly: `update` needs a change. (An ArgGroup of
+/// all 21 flags works too, but its error message lists every one of them.)
+fn check_command_line(args: &KeysArgs) -> Result<(), clap::Error> {
+    if let KeysCommand::Update(update) = args.command.as_ref() {
+        if update_body(update).as_object().is_some_and(Map::is_empty) {
+            return Err(clap::Error::raw(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "nothing to change: give at least one field, e.g. --name, --status disabled or --clear-owner\n\n\
+                 For more information, try 'keygate keys update --help'.\n",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Runs the command and returns what it would print: testable without stdout.
@@ -1015,7 +1028,7 @@ fn render_key_list(records: &[Value], next: Option<&str>) -> String {
 }
 
 /// The fields of a record in the order people read them; others follow.
-const RECORD_FIELDS: [&str; 18] = [
+const RECORD_FIELDS: [&str; 17] = [
     "id",
     "name",
     "owner",
@@ -1033,7 +1046,6 @@ const RECORD_FIELDS: [&str; 18] = [
     "created_at",
     "updated_at",
     "last_used_at",
-    "grace_period_ends_at",
 ];
 
 /// `field: value` lines, values aligned.
@@ -1307,9 +1319,15 @@ mod tests {
     fn required_fields_and_conflicts() {
         // create needs --name; update needs something to change.
         assert_eq!(refused(&["create"]).kind(), clap::error::ErrorKind::MissingRequiredArgument);
-        let error = refused(&["update", "key_1"]);
+        let error = match check_command_line(&parsed(&["update", "key_1"])) {
+            Ok(()) => panic!("an update without changes should be refused"),
+            Err(e) => e,
+        };
         assert_eq!(error.kind(), clap::error::ErrorKind::MissingRequiredArgument);
         assert_eq!(error.exit_code(), 2);
+        assert!(error.to_string().contains("nothing to change"), "{error}");
+        assert!(check_command_line(&parsed(&["update", "key_1", "--tag", "x"])).is_ok());
+        assert!(check_command_line(&parsed(&["show", "key_1"])).is_ok());
         assert_eq!(refused(&["show"]).kind(), clap::error::ErrorKind::MissingRequiredArgument);
         // --burst only means something with --rate-limit.
         assert_eq!(refused(&["create", "--name", "a", "--burst", "5"]).exit_code(), 2);
@@ -1482,6 +1500,8 @@ mod tests {
 
         let not_found = r#"{"error":{"code":"not_found","message":"key not found","request_id":"r"}}"#;
         assert_eq!(describe_api_error(404, not_found, Some("key_9"), true), "no key key_9: key not found");
+        let own = r#"{"error":{"code":"not_found","message":"no key key_9","request_id":"r"}}"#;
+        assert_eq!(describe_api_error(404, own, Some("key_9"), true), "no key key_9");
         assert_eq!(describe_api_error(404, "", Some("key_9"), true), "no key key_9");
         let no_route = r#"{"error":{"code":"no_route","message":"no route","request_id":"r"}}"#;
         assert!(describe_api_error(404, no_route, Some("key_9"), true).contains("--admin-url"));

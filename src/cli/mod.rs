@@ -98,18 +98,19 @@ fn check_config(path: &Path) -> ExitCode {
             }
         }
     }
-    print!(
-        "{}: ok (mode {}, {} listener(s), {} route(s), {} upstream(s)",
-        path.display(),
-        config.mode.as_str(),
-        config.listeners.len(),
-        config.routes.len(),
-        config.upstreams.len()
-    );
-    match key_count {
-        Some(n) => println!(", {n} key(s))"),
-        None => println!(")"),
+    let mut summary = format!("{}: ok (mode {}", path.display(), config.mode.as_str());
+    if config.mode != config::Mode::ControlPlane {
+        summary += &format!(
+            ", {} listener(s), {} route(s), {} upstream(s)",
+            config.listeners.len(),
+            config.routes.len(),
+            config.upstreams.len()
+        );
     }
+    if let Some(n) = key_count {
+        summary += &format!(", {n} key(s)");
+    }
+    println!("{summary})");
     ExitCode::SUCCESS
 }
 

@@ -21,7 +21,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::feed::Feed;
-use super::model::{Granularity, KeyFilter, KeyPatch, KeyStatusText, NewKey, StoredKey};
+use super::model::{new_key_id, Granularity, KeyFilter, KeyPatch, KeyStatusText, NewKey, StoredKey};
 use super::store::{Store, StoreError};
 use crate::config::{parse_duration, QuotaConfig, RateLimitConfig, TokenConfig};
 use crate::index::parse_cidr;
@@ -343,7 +343,7 @@ async fn create_key(
     }
     let (raw, hash, masked) = mint(&prefix)?;
     let new = NewKey {
-        id: key::new_key_id(),
+        id: new_key_id(),
         hash,
         prefix,
         masked,
@@ -486,7 +486,7 @@ async fn rotate_key(
     let old = state.store.get_key(&id).await?.ok_or_else(|| ApiError::not_found(&id))?;
     let (raw, hash, masked) = mint(&old.prefix)?;
     let new = NewKey {
-        id: key::new_key_id(),
+        id: new_key_id(),
         hash,
         prefix: old.prefix.clone(),
         masked,

@@ -151,6 +151,9 @@ pub struct KeyFilter {
 
 /// One entry of the sync feed: `{"op":"upsert","key":{..}}` or
 /// `{"op":"delete","id":..,"hash":..}`.
+// Unboxed on purpose: nearly every change is an upsert, so boxing would cost an
+// allocation per change and save nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum KeyChange {
     /// The key's current record (which may be newer than the change's version).
@@ -170,6 +173,7 @@ enum KeyChangeRef<'a> {
     Delete { id: &'a str, hash: &'a str },
 }
 
+#[allow(clippy::large_enum_variant)]
 #[derive(Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 enum KeyChangeOwned {

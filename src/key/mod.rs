@@ -92,17 +92,6 @@ pub fn generate(prefix: &str) -> Result<String, KeyFormatError> {
     Ok(key)
 }
 
-/// A new key id, `key_` and 20 random base62 characters. Ids are not secret.
-pub fn new_key_id() -> String {
-    let mut rng = rand::rng();
-    let mut id = String::with_capacity(24);
-    id.push_str("key_");
-    for _ in 0..20 {
-        id.push(BASE62[rng.random_range(0..BASE62.len())] as char);
-    }
-    id
-}
-
 /// Fixed-width, zero-padded base62 so every key has the same length for its prefix.
 fn encode_checksum(mut crc: u32) -> [u8; CHECKSUM_LEN] {
     let mut out = [b'0'; CHECKSUM_LEN];

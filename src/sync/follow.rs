@@ -22,9 +22,8 @@ use crate::metrics::Metrics;
 
 /// How long one long poll may stay open.
 pub const LONG_POLL: Duration = Duration::from_secs(25);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Writes of the cache file are spaced at least this far apart.
-const CACHE_WRITE_EVERY: Duration = Duration::from_secs(1);
+/// Retries stay frequent so a gateway catches up soon after its control plane returns.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FeedError {
@@ -88,6 +87,9 @@ pub struct Follower {
     keys: std::sync::Mutex<std::collections::HashMap<String, StoredKey>>,
     /// Unix seconds of the last successful contact with the feed; 0 before any.
     last_success: Arc<AtomicI64>,
+    /// Wakes the cache writer; requests made while it writes coalesce into one more write.
+    cache_requested: tokio::sync::Notify,
+    cache_dirty: std::sync::atomic::AtomicBool,
 }
 
 impl Follower {
@@ -100,7 +102,16 @@ impl Follower {
         cache_file: Option<PathBuf>,
         last_success: Arc<AtomicI64>,
     ) -> Self {
-        Follower { feed, index, metrics, cache_file, keys: std::sync::Mutex::new(Default::default()), last_success }
+        Follower {
+            feed,
+            index,
+            metrics,
+            cache_file,
+            keys: std::sync::Mutex::new(Default::default()),
+            last_success,
+            cache_requested: tokio::sync::Notify::new(),
+            cache_dirty: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     /// Loads the first key set: a snapshot from the feed, else the cache file.
@@ -145,22 +156,19 @@ impl Follower {
     }
 
     /// Follows the feed until `shutdown` fires.
-    pub async fn run(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        tokio::spawn(Arc::clone(&self).write_cache_when_asked(shutdown.clone()));
         let mut backoff = Duration::from_millis(200);
         let mut synced = self.last_success.load(Ordering::Relaxed) > 0;
-        let mut last_cache_write = tokio::time::Instant::now();
-        let mut cache_dirty = false;
         loop {
             let step = async {
                 if !synced {
                     let (version, keys) = self.feed.snapshot().await?;
                     self.install(version, keys);
-                    return Ok::<bool, FeedError>(true);
+                    return Ok::<(), FeedError>(());
                 }
                 let since = self.index.current().version();
-                // A pending cache write shortens the poll so the file never lags long.
-                let wait = if cache_dirty { CACHE_WRITE_EVERY } else { LONG_POLL };
-                let batch = self.feed.changes(since, wait).await?;
+                let batch = self.feed.changes(since, LONG_POLL).await?;
                 self.mark_success();
                 if batch.reset {
                     tracing::warn!(
@@ -170,23 +178,19 @@ impl Follower {
                     );
                     let (version, keys) = self.feed.snapshot().await?;
                     self.install(version, keys);
-                    return Ok(true);
+                } else if !batch.changes.is_empty() {
+                    self.apply(batch);
                 }
-                if batch.changes.is_empty() {
-                    return Ok(false);
-                }
-                self.apply(batch);
-                Ok(true)
+                Ok(())
             };
             let result = tokio::select! {
                 result = step => result,
                 _ = shutdown.changed() => return,
             };
             match result {
-                Ok(changed) => {
+                Ok(()) => {
                     synced = true;
                     backoff = Duration::from_millis(200);
-                    cache_dirty |= changed;
                 }
                 Err(e) => {
                     self.metrics.sync_errors.inc();
@@ -198,11 +202,29 @@ impl Follower {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
-            if cache_dirty && last_cache_write.elapsed() >= CACHE_WRITE_EVERY {
-                self.write_cache();
-                cache_dirty = false;
-                last_cache_write = tokio::time::Instant::now();
+        }
+    }
+
+    /// Writes the cache file after every change, off the async workers; a write
+    /// asked for while one is running becomes one more write, not many.
+    async fn write_cache_when_asked(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = self.cache_requested.notified() => {}
+                _ = shutdown.changed() => return,
             }
+            self.write_cache_now().await;
+        }
+    }
+
+    /// Writes the current key set to the cache file if it changed since the last write.
+    pub async fn write_cache_now(self: &Arc<Self>) {
+        if self.cache_file.is_none() || !self.cache_dirty.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let this = Arc::clone(self);
+        if let Err(e) = tokio::task::spawn_blocking(move || this.write_cache()).await {
+            tracing::warn!(error = %e, "the cache file writer stopped");
         }
     }
 
@@ -215,7 +237,12 @@ impl Follower {
     fn install(&self, version: u64, keys: Vec<StoredKey>) {
         self.install_without_success(version, keys);
         self.mark_success();
-        self.write_cache();
+        self.request_cache_write();
+    }
+
+    fn request_cache_write(&self) {
+        self.cache_dirty.store(true, Ordering::Release);
+        self.cache_requested.notify_one();
     }
 
     fn install_without_success(&self, version: u64, keys: Vec<StoredKey>) {
@@ -258,6 +285,7 @@ impl Follower {
             next = next.compact();
         }
         self.publish(next);
+        self.request_cache_write();
     }
 
     fn publish(&self, snapshot: Snapshot) {

@@ -863,3 +863,262 @@ impl Gateway {
         (exit, self.output())
     }
 }
+
+// ---------------------------------------------------------------------------
+// Nodes in any mode, and a client for the admin API (appended for
+// tests/control_plane.rs).
+// ---------------------------------------------------------------------------
+
+/// One request on a fresh connection, or the I/O error (nothing listening,
+/// connection reset) instead of a panic.
+pub fn try_send_to(addr: SocketAddr, raw: &[u8]) -> io::Result<Response> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+    let writer = stream.try_clone()?;
+    let mut conn = Conn { reader: BufReader::new(stream), writer };
+    conn.try_send(raw)
+}
+
+/// A `keygate serve` process started from a config template. The template may
+/// use `@ADMIN@` and `@LISTEN@` (fresh ports, unless `admin_addr` fixes the
+/// admin one), `@DIR@` (the node's own temp dir, kept across restarts),
+/// `@NODE@` (a node id unique to this node) and any `@NAME@` given with `var`,
+/// which is replaced first (so a value may itself contain `@DIR@`).
+pub struct NodeBuilder {
+    template: String,
+    vars: Vec<(String, String)>,
+    env: Vec<(String, String)>,
+    admin: Option<SocketAddr>,
+}
+
+impl NodeBuilder {
+    pub fn new(template: &str) -> NodeBuilder {
+        NodeBuilder { template: template.to_string(), vars: Vec::new(), env: Vec::new(), admin: None }
+    }
+    /// Replaces `@NAME@` in the template.
+    pub fn var(mut self, name: &str, value: &str) -> Self {
+        self.vars.push((format!("@{name}@"), value.to_string()));
+        self
+    }
+    /// Sets an environment variable for the process (on every restart too).
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_string(), value.to_string()));
+        self
+    }
+    /// Uses this admin address instead of a fresh port (e.g. one that gateways
+    /// were already pointed at before this node started).
+    pub fn admin_addr(mut self, addr: SocketAddr) -> Self {
+        self.admin = Some(addr);
+        self
+    }
+
+    /// Writes the config and starts the node; see `Node::restart` for when it returns.
+    pub fn start(self) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let admin = self.admin.unwrap_or_else(|| sock(&format!("127.0.0.1:{}", free_port())));
+        let listen = sock(&format!("127.0.0.1:{}", free_port()));
+        let mut config = self.template.clone();
+        for (k, v) in &self.vars {
+            config = config.replace(k, v);
+        }
+        let uses_listen = config.contains("@LISTEN@");
+        config = config
+            .replace("@ADMIN@", &admin.to_string())
+            .replace("@LISTEN@", &listen.to_string())
+            .replace("@DIR@", &dir.path().display().to_string())
+            .replace("@NODE@", &format!("node-{}", admin.port()));
+        assert_no_placeholders(&config);
+        let config_path = dir.path().join("keygate.yaml");
+        fs::write(&config_path, &config).unwrap();
+        let mut node = Node {
+            admin,
+            listen,
+            uses_listen,
+            config,
+            config_path,
+            stdout_path: dir.path().join("stdout.log"),
+            stderr_path: dir.path().join("stderr.log"),
+            env: self.env,
+            child: None,
+            dir,
+        };
+        node.restart();
+        node
+    }
+}
+
+/// A running `keygate serve` in any mode, killed on drop. Its temp dir (config,
+/// logs, SQLite files, cache files under `@DIR@`) lives as long as the `Node`.
+pub struct Node {
+    pub admin: SocketAddr,
+    /// The proxy listener (`@LISTEN@`); meaningful only if the template used it.
+    pub listen: SocketAddr,
+    uses_listen: bool,
+    pub config: String,
+    config_path: PathBuf,
+    stdout_path: PathBuf,
+    stderr_path: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything the node wrote to stdout and stderr, over all its runs.
+    pub fn output(&self) -> String {
+        format!(
+            "{}{}",
+            fs::read_to_string(&self.stdout_path).unwrap_or_default(),
+            fs::read_to_string(&self.stderr_path).unwrap_or_default()
+        )
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Starts the same config again in the same dir, on the same ports (killing
+    /// a still-running process first). Returns once `/healthz` on the admin
+    /// address answers 200 and, for a node with a proxy listener, that listener
+    /// accepts connections; panics with the node's output if the process exits
+    /// or 20 s pass.
+    pub fn restart(&mut self) {
+        self.kill();
+        let append = |p: &Path| fs::OpenOptions::new().create(true).append(true).open(p).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("-c")
+            .arg(&self.config_path)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(append(&self.stdout_path))
+            .stderr(append(&self.stderr_path));
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn keygate serve"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "keygate serve exited early with {status}\n--- config ---\n{}\n--- output ---\n{}",
+                    self.config,
+                    self.output()
+                );
+            }
+            let healthy = try_send_to(self.admin, &request("GET", "/healthz", &[])).is_ok_and(|r| r.status == 200);
+            let listening =
+                !self.uses_listen || TcpStream::connect_timeout(&self.listen, Duration::from_millis(200)).is_ok();
+            if healthy && listening {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "keygate did not come up within 20 s (admin {}, listener {})\n--- config ---\n{}\n--- output ---\n{}",
+                    self.admin,
+                    self.listen,
+                    self.config,
+                    self.output()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no draining, no final flush.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after 10 s. `Some(status)` if it exited by itself.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().ok().flatten() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
+    /// One request to the proxy listener on a fresh connection.
+    pub fn get(&self, target: &str, headers: &[(&str, &str)]) -> Response {
+        get(self.listen, target, headers)
+    }
+
+    /// One GET to the admin address on a fresh connection, without a token.
+    pub fn admin_get(&self, target: &str) -> Response {
+        get(self.admin, target, &[])
+    }
+
+    /// The value of one series in `/metrics`, e.g. `keygate_sync_errors_total`
+    /// or `keygate_usage_flush_total{sink="store",result="ok"}` (labels as the
+    /// exposition writes them); `None` if absent.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.admin_get("/metrics").text();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One admin API call on a fresh connection: `Authorization: Bearer <token>`
+/// when a token is given, and a JSON body when one is given.
+pub fn admin_request(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> Response {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers: Vec<(&str, &str)> = vec![("Connection", "close")];
+    if let Some(auth) = &auth {
+        headers.push(("Authorization", auth));
+    }
+    let raw = match body {
+        Some(body) => {
+            headers.push(("Content-Type", "application/json"));
+            request_with_body(method, path, &headers, body.to_string().as_bytes())
+        }
+        None => request(method, path, &headers),
+    };
+    try_send_to(addr, &raw).unwrap_or_else(|e| panic!("{method} {path} to {addr} failed: {e}"))
+}
+
+/// `admin_request`, answered as (status, headers, JSON body). An empty body is
+/// `Null`; a body that is not JSON comes back as a JSON string.
+pub fn admin_json(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> (u16, Vec<(String, String)>, Value) {
+    let resp = admin_request(method, addr, path, token, body);
+    let value = if resp.body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&resp.body).unwrap_or_else(|_| Value::String(resp.text()))
+    };
+    (resp.status, resp.headers, value)
+}

@@ -558,6 +558,38 @@ impl UsageAggregate {
     }
 }
 
+/// One rolled-up bucket as summed by the database.
+#[derive(sqlx::FromRow)]
+struct BucketSums {
+    bucket: i64,
+    requests: i64,
+    allowed: i64,
+    s2xx: i64,
+    s3xx: i64,
+    s4xx: i64,
+    s5xx: i64,
+    bytes_in: i64,
+    bytes_out: i64,
+}
+
+impl BucketSums {
+    fn into_counts(self) -> Result<(i64, Counts)> {
+        Ok((
+            self.bucket,
+            Counts {
+                requests: to_u64(self.requests)?,
+                allowed: to_u64(self.allowed)?,
+                s2xx: to_u64(self.s2xx)?,
+                s3xx: to_u64(self.s3xx)?,
+                s4xx: to_u64(self.s4xx)?,
+                s5xx: to_u64(self.s5xx)?,
+                bytes_in: to_u64(self.bytes_in)?,
+                bytes_out: to_u64(self.bytes_out)?,
+            },
+        ))
+    }
+}
+
 /// Rolled-up rows as read from the database: `(start ms, counts)` and
 /// `(start ms, code, n)`.
 #[derive(Debug, Default)]

@@ -8,7 +8,7 @@ use sqlx::{Pool, QueryBuilder, Transaction};
 
 use super::{
     conflict_on_unique, distinct, from_ms, key_from_new, like_pattern, now_ms, to_i64, to_u64, unjson, AuditEvent,
-    Change, Counts, Cursor, Dialect, KeyColumns, KeyFilter, KeyPatch, KeyRow, KeyStatusText, NewKey, Result,
+    BucketSums, Change, Cursor, Dialect, KeyColumns, KeyFilter, KeyPatch, KeyRow, KeyStatusText, NewKey, Result,
     StoreError, StoredKey, UsageAggregate, UsageRows, FEED_LOCK_KEY,
 };
 use crate::control::model::KeyChange;
@@ -306,7 +306,8 @@ pub(super) async fn rotate_key(
     }
     let now = now_ms();
     let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
-    let grace_end = from_ms(now.saturating_add(grace_ms)).map_err(|_| StoreError::Invalid("grace period is too long".into()))?;
+    let grace_end =
+        from_ms(now.saturating_add(grace_ms)).map_err(|_| StoreError::Invalid("grace period is too long".into()))?;
     old.expires_at = Some(old.expires_at.map_or(grace_end, |at| at.min(grace_end)));
     // The new key first: a reader that sees the old key's expiry also sees its successor.
     let created_details = serde_json::json!({ "name": new.name, "masked": new.masked, "rotated_from": id });
@@ -479,10 +480,11 @@ pub(super) async fn ingest_usage(
 pub(super) async fn usage(pool: &Pool<Db>, key_id: &str, from: i64, to: i64, width: i64) -> Result<UsageRows> {
     let mut tx = begin_read(pool).await?;
     // Minute buckets rolled up in SQL: integer division by the width is the UTC hour or day.
-    let buckets: Vec<(i64, i64, i64, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT (bucket_start / $4) * $4, CAST(SUM(requests) AS BIGINT), CAST(SUM(allowed) AS BIGINT), \
-         CAST(SUM(s2xx) AS BIGINT), CAST(SUM(s3xx) AS BIGINT), CAST(SUM(s4xx) AS BIGINT), \
-         CAST(SUM(s5xx) AS BIGINT), CAST(SUM(bytes_in) AS BIGINT), CAST(SUM(bytes_out) AS BIGINT) \
+    let buckets: Vec<BucketSums> = sqlx::query_as(
+        "SELECT (bucket_start / $4) * $4 AS bucket, CAST(SUM(requests) AS BIGINT) AS requests, \
+         CAST(SUM(allowed) AS BIGINT) AS allowed, CAST(SUM(s2xx) AS BIGINT) AS s2xx, \
+         CAST(SUM(s3xx) AS BIGINT) AS s3xx, CAST(SUM(s4xx) AS BIGINT) AS s4xx, CAST(SUM(s5xx) AS BIGINT) AS s5xx, \
+         CAST(SUM(bytes_in) AS BIGINT) AS bytes_in, CAST(SUM(bytes_out) AS BIGINT) AS bytes_out \
          FROM usage_buckets WHERE key_id = $1 AND bucket_start >= $2 AND bucket_start < $3 \
          GROUP BY 1 ORDER BY 1",
     )
@@ -504,24 +506,7 @@ pub(super) async fn usage(pool: &Pool<Db>, key_id: &str, from: i64, to: i64, wid
     .await?;
     tx.commit().await?;
     Ok(UsageRows {
-        buckets: buckets
-            .into_iter()
-            .map(|(start, requests, allowed, s2xx, s3xx, s4xx, s5xx, bytes_in, bytes_out)| {
-                Ok((
-                    start,
-                    Counts {
-                        requests: to_u64(requests)?,
-                        allowed: to_u64(allowed)?,
-                        s2xx: to_u64(s2xx)?,
-                        s3xx: to_u64(s3xx)?,
-                        s4xx: to_u64(s4xx)?,
-                        s5xx: to_u64(s5xx)?,
-                        bytes_in: to_u64(bytes_in)?,
-                        bytes_out: to_u64(bytes_out)?,
-                    },
-                ))
-            })
-            .collect::<Result<_>>()?,
+        buckets: buckets.into_iter().map(BucketSums::into_counts).collect::<Result<_>>()?,
         denied: denied.into_iter().map(|(start, code, n)| Ok((start, code, to_u64(n)?))).collect::<Result<_>>()?,
     })
 }
