@@ -26,7 +26,7 @@ use crate::index::KeyIndex;
 use crate::limit::{QuotaCounters, RateLimiters};
 use crate::metrics::Metrics;
 use crate::proxy::{DataPlane, Freshness, Gateway, GatewayState};
-use crate::sync::{Follower, KeyFeed, KeysFileSource, LocalFeed, RemoteFeed};
+use crate::sync::{Follower, KeyFeed, KeysFileSource, LocalFeed, QuotaSeedSource, RemoteFeed};
 use crate::usage::{ControlPlaneSink, FileSink, Flusher, FlusherHandle, UsageCounters, UsageSink};
 
 /// How long a starting gateway waits for its first key snapshot before trying the cache file.
@@ -301,6 +301,11 @@ impl BackgroundService for Maintenance {
                 Arc::clone(&self.last_sync),
             ))
         });
+        // Quotas start from the usage already stored, before the first key can be served.
+        if let Some(source) = self.quota_seed_source(control.as_ref().map(|(store, _)| store)) {
+            tokio::time::timeout(SYNC_START_TIMEOUT, source.seed_once(&self.plane)).await.ok();
+            tokio::spawn(source.run(Arc::clone(&self.plane), self.quota_seed_every(), shutdown.clone()));
+        }
         if let Some(follower) = &follower {
             if follower.start(SYNC_START_TIMEOUT).await {
                 tracing::info!(keys = self.plane.keys.load().len(), "keys loaded");
@@ -376,6 +381,28 @@ impl Maintenance {
                 tracing::error!(error = %e, "the admin server stopped");
             }
         });
+    }
+
+    /// Where quota usage counted elsewhere comes from: this node's store, or the
+    /// control plane a gateway follows. A keys-file gateway counts on its own.
+    fn quota_seed_source(&self, store: Option<&Arc<Store>>) -> Option<QuotaSeedSource> {
+        match (&self.key_source, store) {
+            _ if self.mode == Mode::ControlPlane => None,
+            (KeySourcePlan::Remote { url, token }, _) => QuotaSeedSource::remote(url, token)
+                .map_err(|e| tracing::warn!(error = %e, "cannot set up quota seeding"))
+                .ok(),
+            (KeySourcePlan::Store, Some(store)) => Some(QuotaSeedSource::Store(Arc::clone(store))),
+            _ => None,
+        }
+    }
+
+    /// A standalone node counts all of its own traffic, so its store only matters
+    /// after a restart; gateways also learn what other gateways used.
+    fn quota_seed_every(&self) -> Duration {
+        match self.key_source {
+            KeySourcePlan::Remote { .. } => self.flush_interval.max(Duration::from_secs(1)),
+            _ => Duration::from_secs(3600),
+        }
     }
 
     fn build_sinks(&self, store: Option<&Arc<Store>>) -> Vec<Arc<dyn UsageSink>> {

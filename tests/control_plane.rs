@@ -1107,3 +1107,47 @@ fn gateway_usage_reaches_the_control_plane_exactly() {
     let after = api.expect("GET", &format!("/v1/keys/{id}/usage"), None, 200);
     assert_eq!(comparable(&after["totals"]), expected, "usage was counted twice: {after}");
 }
+
+// ---------------------------------------------------------------------------
+// Quotas count from stored usage
+// ---------------------------------------------------------------------------
+
+/// A restart must not hand a key a fresh quota: counters start from the usage
+/// already in the store.
+#[test]
+fn quota_used_before_a_restart_still_counts_after_it() {
+    let up = Upstream::start("api");
+    let mut node = standalone(&up, SQLITE_IN_NODE_DIR);
+    wait_ready(&node, EVENTUALLY);
+    let api = Api::of(&node);
+    let (raw, record) =
+        api.create(json!({"name": "metered", "scopes": ["orders:read"], "quota": {"requests": 3, "per": "day"}}));
+    let id = record["id"].as_str().unwrap().to_owned();
+    // Avoid a UTC day boundary between the two halves of the test.
+    let now = OffsetDateTime::now_utc();
+    let midnight = (now + time::Duration::DAY).replace_time(time::Time::MIDNIGHT);
+    if midnight - now < time::Duration::seconds(30) {
+        thread::sleep((midnight - now).unsigned_abs() + Duration::from_secs(1));
+    }
+
+    // The first 200 comes once the key has reached the gateway; 401s spend no quota.
+    poll_outcome(&node, &raw, "/v1/orders/1", "200", EVENTUALLY, None);
+    assert_eq!(node.get("/v1/orders/1", &[("x-api-key", &raw)]).status, 200);
+    // Both requests are in the store before the process goes away.
+    wait_usage_totals(
+        &api,
+        &id,
+        &json!({"requests": 2, "allowed": 2, "denied": {}, "status": {"2xx": 2, "3xx": 0, "4xx": 0, "5xx": 0}}),
+    );
+    node.restart();
+    wait_ready(&node, EVENTUALLY);
+
+    // One request is left of the quota of three, however soon after the start it comes.
+    let first = wait_until(EVENTUALLY, "the restarted node to accept the key", || {
+        let r = node.get("/v1/orders/1", &[("x-api-key", &raw)]);
+        (r.status != 503).then_some(r)
+    });
+    assert_eq!(first.status, 200, "{}", first.text());
+    let refused = node.get("/v1/orders/1", &[("x-api-key", &raw)]);
+    assert_error(&refused, 429, "quota_exceeded");
+}

@@ -54,6 +54,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/sync/snapshot", get(sync_snapshot))
         .route("/v1/sync/changes", get(sync_changes))
         .route("/v1/sync/usage", post(sync_usage))
+        .route("/v1/sync/quota-usage", get(sync_quota_usage))
         .with_state(state)
 }
 
@@ -630,4 +631,14 @@ async fn sync_usage(
     let upload: UsageUpload = serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e))?;
     let fresh = state.store.ingest_usage(&upload.node, &upload.boot_id, upload.sequence, &upload.records).await?;
     Ok(Json(json!({"accepted": true, "duplicate": !fresh})))
+}
+
+/// Allowed requests per key in the current UTC day and month, counted from every
+/// gateway's uploads, so gateways enforce quotas on the whole fleet's usage and a
+/// restarted gateway does not start its quotas afresh.
+async fn sync_quota_usage(State(state): State<Arc<ApiState>>, _client: SyncClient) -> ApiResult<Json<Value>> {
+    let now = OffsetDateTime::now_utc();
+    let used = super::quota::used_in_current_periods(&state.store, now).await?;
+    let at = now.format(&Rfc3339).unwrap_or_default();
+    Ok(Json(json!({"at": at, "by_day": used.by_day, "by_month": used.by_month})))
 }

@@ -3,4 +3,5 @@ pub mod store;
 
 pub mod api;
 pub mod feed;
+pub mod quota;
 pub mod store_sink;

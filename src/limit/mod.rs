@@ -7,7 +7,7 @@
 mod quota;
 mod rate;
 
-pub use quota::{QuotaCounters, QuotaExceeded};
+pub use quota::{period_start, QuotaCounters, QuotaExceeded, UsedElsewhere};
 pub use rate::{RateInfo, RateLimited, RateLimiters};
 
 /// Whole seconds a client should wait, never less than one (CONTRACT §5 step 8).

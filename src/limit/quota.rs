@@ -4,11 +4,13 @@
 //! count in the low 40), so rolling into a new period and counting are one
 //! compare-and-swap with no lock.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::index::KeyIdMap;
+use arc_swap::ArcSwap;
 use time::{Date, Month, OffsetDateTime, Time};
 
 use crate::config::{QuotaConfig, QuotaPeriod};
@@ -22,9 +24,21 @@ pub struct QuotaExceeded {
     pub retry_after: Duration,
 }
 
+/// Requests already used in a period, as counted elsewhere: before a restart, or
+/// by other gateways (from the store's usage).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct UsedElsewhere {
+    /// Period indices (see `period_index`) the maps below belong to.
+    pub day: u64,
+    pub month: u64,
+    pub by_day: HashMap<String, u64>,
+    pub by_month: HashMap<String, u64>,
+}
+
 #[derive(Default)]
 pub struct QuotaCounters {
     by_key: KeyIdMap<AtomicU64>,
+    floors: ArcSwap<UsedElsewhere>,
 }
 
 /// The period `now` falls in, numbered so that consecutive periods differ by one.
@@ -35,6 +49,15 @@ fn period_index(period: QuotaPeriod, now: OffsetDateTime) -> u64 {
     };
     // Both indices are far below 2^24 for any date `time` can represent here.
     (index.max(0) as u64) & ((1 << (64 - COUNT_BITS)) - 1)
+}
+
+/// When the period containing `now` began.
+pub fn period_start(period: QuotaPeriod, now: OffsetDateTime) -> OffsetDateTime {
+    let midnight = now.replace_time(Time::MIDNIGHT);
+    match period {
+        QuotaPeriod::Day => midnight,
+        QuotaPeriod::Month => midnight.replace_day(1).unwrap_or(midnight),
+    }
 }
 
 /// When the period containing `now` ends.
@@ -81,8 +104,46 @@ impl QuotaCounters {
         if let Some(word) = self.by_key.get(key_id) {
             return consume(&word);
         }
-        let word = self.by_key.entry(Arc::from(key_id)).or_insert_with(|| AtomicU64::new(period << COUNT_BITS));
+        let word = self
+            .by_key
+            .entry(Arc::from(key_id))
+            .or_insert_with(|| AtomicU64::new((period << COUNT_BITS) | self.floor(key_id, quota.per, period)));
         consume(&word)
+    }
+
+    /// What is known to be used already of `period`, for a counter starting now.
+    fn floor(&self, key_id: &str, per: QuotaPeriod, period: u64) -> u64 {
+        let floors = self.floors.load();
+        let (index, map) = match per {
+            QuotaPeriod::Day => (floors.day, &floors.by_day),
+            QuotaPeriod::Month => (floors.month, &floors.by_month),
+        };
+        if index == period {
+            map.get(key_id).copied().unwrap_or(0).min(COUNT_MASK)
+        } else {
+            0
+        }
+    }
+
+    /// Takes in usage counted elsewhere: counters of the same period never fall
+    /// below it, and counters created later start from it.
+    pub fn seed(&self, used: UsedElsewhere) {
+        for (index, map) in [(used.day, &used.by_day), (used.month, &used.by_month)] {
+            for (key_id, &n) in map {
+                if let Some(word) = self.by_key.get(key_id.as_str()) {
+                    let _ = word.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |current| {
+                        (current >> COUNT_BITS == index && current & COUNT_MASK < n)
+                            .then_some((index << COUNT_BITS) | n.min(COUNT_MASK))
+                    });
+                }
+            }
+        }
+        self.floors.store(Arc::new(used));
+    }
+
+    /// The day and month indices of `now`, to label seeds.
+    pub fn periods(now: OffsetDateTime) -> (u64, u64) {
+        (period_index(QuotaPeriod::Day, now), period_index(QuotaPeriod::Month, now))
     }
 
     /// Requests counted for the key in the period containing `now`.
@@ -180,6 +241,29 @@ mod tests {
         assert_eq!(period_end(QuotaPeriod::Month, datetime!(2028-02-29 10:00 UTC)), datetime!(2028-03-01 00:00 UTC));
         assert_eq!(period_end(QuotaPeriod::Month, datetime!(2026-12-01 00:00 UTC)), datetime!(2027-01-01 00:00 UTC));
         assert_eq!(period_end(QuotaPeriod::Day, datetime!(2026-12-31 00:00 UTC)), datetime!(2027-01-01 00:00 UTC));
+    }
+
+    #[test]
+    fn usage_counted_elsewhere_is_a_floor_for_new_and_running_counters() {
+        let counters = QuotaCounters::new();
+        let now = datetime!(2026-03-10 12:00 UTC);
+        let (day, month) = QuotaCounters::periods(now);
+        assert!(counters.try_consume("running", &daily(10), now).is_ok());
+        counters.seed(UsedElsewhere {
+            day,
+            month,
+            by_day: [("running".to_owned(), 8), ("fresh".to_owned(), 9)].into(),
+            by_month: [("monthly".to_owned(), 4)].into(),
+        });
+        assert_eq!(counters.used("running", QuotaPeriod::Day, now), 8);
+        assert_eq!(counters.try_consume("fresh", &daily(10), now), Ok(0));
+        assert!(counters.try_consume("fresh", &daily(10), now).is_err());
+        assert_eq!(counters.try_consume("monthly", &monthly(5), now), Ok(0));
+        // A seed never lowers a counter, and a stale seed does not apply to a new day.
+        counters.seed(UsedElsewhere { day, month, by_day: [("running".to_owned(), 2)].into(), ..Default::default() });
+        assert_eq!(counters.used("running", QuotaPeriod::Day, now), 8);
+        let tomorrow = datetime!(2026-03-11 00:30 UTC);
+        assert_eq!(counters.try_consume("other", &daily(10), tomorrow), Ok(9));
     }
 
     #[test]

@@ -253,6 +253,12 @@ impl Store {
         rows.into_buckets(from)
     }
 
+    /// Allowed requests of every key with usage since `since`, for seeding quota
+    /// counters after a restart and across gateways.
+    pub async fn allowed_since(&self, since: OffsetDateTime) -> Result<Vec<(String, u64)>> {
+        dispatch!(self.allowed_since(to_ms(since)))
+    }
+
     /// Allowed requests of a key since `since` (seeds quota counters after a restart).
     pub async fn quota_used(&self, key_id: &str, since: OffsetDateTime) -> Result<u64> {
         dispatch!(self.quota_used(key_id, to_ms(since)))

@@ -511,6 +511,16 @@ pub(super) async fn usage(pool: &Pool<Db>, key_id: &str, from: i64, to: i64, wid
     })
 }
 
+pub(super) async fn allowed_since(pool: &Pool<Db>, since: i64) -> Result<Vec<(String, u64)>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT key_id, CAST(COALESCE(SUM(allowed), 0) AS BIGINT) FROM usage_buckets WHERE bucket_start >= $1 GROUP BY key_id",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(|(key_id, allowed)| Ok((key_id, to_u64(allowed)?))).collect()
+}
+
 pub(super) async fn quota_used(pool: &Pool<Db>, key_id: &str, since: i64) -> Result<u64> {
     let used: i64 = sqlx::query_scalar(
         "SELECT CAST(COALESCE(SUM(allowed), 0) AS BIGINT) FROM usage_buckets WHERE key_id = $1 AND bucket_start >= $2",
