@@ -25,6 +25,7 @@ use crate::control::store_sink::StoreSink;
 use crate::index::KeyIndex;
 use crate::limit::{QuotaCounters, RateLimiters};
 use crate::metrics::Metrics;
+use crate::proxy::tls::ListenerCertificate;
 use crate::proxy::{DataPlane, Freshness, Gateway, GatewayState};
 use crate::sync::{Follower, KeyFeed, KeysFileSource, LocalFeed, QuotaSeedSource, RemoteFeed};
 use crate::usage::{ControlPlaneSink, FileSink, Flusher, FlusherHandle, UsageCounters, UsageSink};
@@ -45,7 +46,7 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     let config = crate::config::load(config_path).map_err(|errors| {
         anyhow::anyhow!("{errors}").context(format!("{} is not a valid config", config_path.display()))
     })?;
-    refuse_unavailable(&config)?;
+    let certificates = listener_certificates(&config)?;
     let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
 
     let keys = Arc::new(KeyIndex::default());
@@ -99,8 +100,15 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
             Gateway::new(Arc::clone(&plane)),
             "keygate proxy",
         );
-        for listener in &config.listeners {
-            proxy.add_tcp(&listener.address.to_string());
+        for (listener, certificate) in config.listeners.iter().zip(&certificates) {
+            match certificate {
+                Some(certificate) => {
+                    let settings =
+                        certificate.settings().map_err(|e| anyhow::anyhow!("listener {}: {e}", listener.address))?;
+                    proxy.add_tls_with_settings(&listener.address.to_string(), None, settings);
+                }
+                None => proxy.add_tcp(&listener.address.to_string()),
+            }
         }
         server.add_service(proxy);
     }
@@ -138,16 +146,24 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Parts of the contract this build does not serve yet are refused up front
-/// rather than ignored.
-fn refuse_unavailable(config: &Config) -> anyhow::Result<()> {
-    if let Some(listener) = config.listeners.iter().find(|l| l.tls.is_some()) {
-        bail!("listener {}: TLS termination is not available in this build; use a plain listener", listener.address);
-    }
-    if config.upstreams.values().any(|u| u.tls.as_ref().is_some_and(|t| t.ca.is_some())) {
-        bail!("upstreams[].tls.ca (a custom CA) is not available in this build");
-    }
-    Ok(())
+/// The certificate of each TLS listener, loaded and checked before Pingora starts
+/// (Pingora's own loader panics on a bad file).
+fn listener_certificates(config: &Config) -> anyhow::Result<Vec<Option<Arc<ListenerCertificate>>>> {
+    config
+        .listeners
+        .iter()
+        .map(|listener| {
+            listener
+                .tls
+                .as_ref()
+                .map(|tls| {
+                    ListenerCertificate::load(&tls.cert, &tls.key)
+                        .map(Arc::new)
+                        .with_context(|| format!("listener {}", listener.address))
+                })
+                .transpose()
+        })
+        .collect()
 }
 
 /// Connects once before Pingora starts, so an unreachable database or a failed

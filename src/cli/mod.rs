@@ -87,6 +87,28 @@ fn check_config(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let mut tls_errors = Vec::new();
+    for listener in config.listeners.iter() {
+        if let Some(tls) = &listener.tls {
+            if let Err(e) = crate::proxy::tls::load_certified_key(&tls.cert, &tls.key) {
+                tls_errors.push(format!("listener {}: {e}", listener.address));
+            }
+        }
+    }
+    for (name, upstream) in &config.upstreams {
+        if let Some(ca) = upstream.tls.as_ref().and_then(|t| t.ca.as_deref()) {
+            if let Err(e) = crate::proxy::tls::load_upstream_ca(ca) {
+                tls_errors.push(format!("upstreams.{name}.tls.ca: {e}"));
+            }
+        }
+    }
+    if !tls_errors.is_empty() {
+        for error in &tls_errors {
+            eprintln!("{}: {error}", path.display());
+        }
+        eprintln!("{} error(s) in {}", tls_errors.len(), path.display());
+        return ExitCode::from(1);
+    }
     let mut key_count = None;
     if let (KeySource::File, Some(file)) = (config.keys.source, &config.keys.file) {
         match crate::index::load_keys_file(file, &config.plans) {

@@ -7,6 +7,7 @@ mod headers;
 mod respond;
 mod routing;
 mod state;
+pub mod tls;
 mod upstream;
 
 use std::net::{IpAddr, SocketAddr};

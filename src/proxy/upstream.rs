@@ -1,7 +1,7 @@
 //! Upstream pools: round-robin over targets, active health checks, peers with timeouts.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -9,6 +9,7 @@ use pingora::lb::health_check::{HealthObserve, HttpHealthCheck};
 use pingora::lb::selection::RoundRobin;
 use pingora::lb::{Backend, LoadBalancer};
 use pingora::upstreams::peer::HttpPeer;
+use pingora::utils::tls::WrappedX509;
 use pingora::{Error, ErrorType};
 
 use crate::config::{HealthCheckConfig, UpstreamConfig};
@@ -21,13 +22,22 @@ const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum UpstreamBuildError {
     #[error("upstream {upstream}: target {target} does not resolve: {reason}")]
     Unresolvable { upstream: String, target: String, reason: String },
+    #[error("upstream {upstream}: tls.ca: {source}")]
+    Ca { upstream: String, source: super::tls::TlsError },
+}
+
+/// How an upstream is reached over TLS.
+struct UpstreamTls {
+    sni: String,
+    verify: bool,
+    ca: Option<Arc<[WrappedX509]>>,
 }
 
 pub struct Upstream {
     pub name: String,
     balancer: LoadBalancer<RoundRobin>,
     target_count: usize,
-    tls_sni: Option<String>,
+    tls: Option<UpstreamTls>,
     connect_timeout: Duration,
     read_timeout: Duration,
     health_check: Option<HealthSchedule>,
@@ -67,18 +77,29 @@ impl Upstream {
                 reason: e.to_string(),
             }
         })?;
-        let tls_sni =
-            config.tls.as_ref().map(|tls| tls.sni.clone().unwrap_or_else(|| host_part(&config.targets[0]).to_owned()));
+        let tls = match &config.tls {
+            None => None,
+            Some(tls) => Some(UpstreamTls {
+                sni: tls.sni.clone().unwrap_or_else(|| host_part(&config.targets[0]).to_owned()),
+                verify: tls.verify,
+                ca: tls
+                    .ca
+                    .as_deref()
+                    .map(super::tls::load_upstream_ca)
+                    .transpose()
+                    .map_err(|source| UpstreamBuildError::Ca { upstream: name.to_owned(), source })?,
+            }),
+        };
         let health_check = config.health_check.as_ref().map(|hc| {
-            let host = tls_sni.clone().unwrap_or_else(|| host_part(&config.targets[0]).to_owned());
-            balancer.set_health_check(http_health_check(name, &host, tls_sni.is_some(), hc));
+            let host = tls.as_ref().map_or_else(|| host_part(&config.targets[0]).to_owned(), |t| t.sni.clone());
+            balancer.set_health_check(http_health_check(name, &host, tls.as_ref(), hc));
             HealthSchedule { interval: hc.interval, next_due: Mutex::new(Instant::now()) }
         });
         Ok(Upstream {
             name: name.to_owned(),
             balancer,
             target_count: addrs.len(),
-            tls_sni,
+            tls,
             connect_timeout: config.connect_timeout,
             read_timeout: config.read_timeout,
             health_check,
@@ -101,7 +122,11 @@ impl Upstream {
             .as_inet()
             .copied()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "upstream target is not an inet address"))?;
-        let mut peer = HttpPeer::new(addr, self.tls_sni.is_some(), self.tls_sni.clone().unwrap_or_default());
+        let mut peer =
+            HttpPeer::new(addr, self.tls.is_some(), self.tls.as_ref().map(|t| t.sni.clone()).unwrap_or_default());
+        if let Some(tls) = &self.tls {
+            apply_tls(&mut peer, tls);
+        }
         peer.options.connection_timeout = Some(self.connect_timeout);
         peer.options.read_timeout = Some(self.read_timeout);
         peer.options.write_timeout = Some(self.read_timeout);
@@ -127,8 +152,22 @@ impl Upstream {
     }
 }
 
-fn http_health_check(upstream: &str, host: &str, tls: bool, config: &HealthCheckConfig) -> Box<HttpHealthCheck> {
-    let mut check = HttpHealthCheck::new(host, tls);
+fn apply_tls(peer: &mut HttpPeer, tls: &UpstreamTls) {
+    peer.options.verify_cert = tls.verify;
+    peer.options.verify_hostname = tls.verify;
+    peer.options.ca = tls.ca.clone();
+}
+
+fn http_health_check(
+    upstream: &str,
+    host: &str,
+    tls: Option<&UpstreamTls>,
+    config: &HealthCheckConfig,
+) -> Box<HttpHealthCheck> {
+    let mut check = HttpHealthCheck::new(host, tls.is_some());
+    if let Some(tls) = tls {
+        apply_tls(&mut check.peer_template, tls);
+    }
     // `new` only fails on an invalid method or path; the path was validated with the config.
     if let Ok(mut req) = pingora::http::RequestHeader::build("GET", config.path.as_bytes(), None) {
         let _ = req.append_header("Host", host);
