@@ -25,10 +25,10 @@ use crate::control::store_sink::StoreSink;
 use crate::index::KeyIndex;
 use crate::limit::{QuotaCounters, RateLimiters};
 use crate::metrics::Metrics;
-use crate::proxy::tls::ListenerCertificate;
+use crate::proxy::tls::{load_certified_key, ListenerCertificate};
 use crate::proxy::{DataPlane, Freshness, Gateway, GatewayState};
 use crate::sync::{Follower, KeyFeed, KeysFileSource, LocalFeed, QuotaSeedSource, RemoteFeed};
-use crate::usage::{ControlPlaneSink, FileSink, Flusher, FlusherHandle, UsageCounters, UsageSink};
+use crate::usage::{ControlPlaneSink, FileSink, Flusher, FlusherHandle, NamedSink, UsageCounters, UsageSink};
 
 /// How long a starting gateway waits for its first key snapshot before trying the cache file.
 const SYNC_START_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,8 +36,6 @@ const SYNC_START_TIMEOUT: Duration = Duration::from_secs(5);
 const HEALTH_TICK: Duration = Duration::from_millis(250);
 /// How often idle limiter and quota state is dropped.
 const EVICT_EVERY: Duration = Duration::from_secs(30);
-/// On SIGTERM, requests in flight get this long to finish.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Then usage gets this long to reach its sinks.
 const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -128,6 +126,15 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         sinks: config.usage.sinks.clone(),
         node_id: config.node_id.clone(),
         flush_interval: config.usage.flush_interval,
+        drain_timeout: config.shutdown_timeout,
+        config_path: config_path.to_owned(),
+        certificates: config
+            .listeners
+            .iter()
+            .zip(&certificates)
+            .filter_map(|(listener, certificate)| certificate.clone().map(|c| (listener.address, c)))
+            .collect(),
+        applied: std::sync::Mutex::new(config.clone()),
     };
     server.add_service(background_service("keygate maintenance", maintenance));
 
@@ -204,7 +211,7 @@ fn server_conf(config: &Config) -> ServerConf {
         // The maintenance service ends the process as soon as requests have drained and
         // usage is flushed; this is only the upper bound Pingora waits before stopping
         // its runtimes.
-        grace_period_seconds: Some((DRAIN_TIMEOUT + FINAL_FLUSH_TIMEOUT).as_secs() + 1),
+        grace_period_seconds: Some((config.shutdown_timeout + FINAL_FLUSH_TIMEOUT).as_secs() + 2),
         graceful_shutdown_timeout_seconds: Some(1),
         upgrade_sock: runtime_file("upgrade.sock"),
         pid_file: runtime_file("pid"),
@@ -262,6 +269,35 @@ struct Maintenance {
     sinks: Vec<SinkConfig>,
     node_id: String,
     flush_interval: Duration,
+    /// How long SIGTERM waits for requests in flight.
+    drain_timeout: Duration,
+    /// For SIGHUP: the file to read again, and what is running now.
+    config_path: PathBuf,
+    applied: std::sync::Mutex<Config>,
+    certificates: Vec<(std::net::SocketAddr, Arc<ListenerCertificate>)>,
+}
+
+/// Settings a running process keeps until it restarts: sockets, the store, where
+/// keys come from, the process layout.
+fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
+    let listeners = |c: &Config| c.listeners.iter().map(|l| (l.address, l.tls.is_some())).collect::<Vec<_>>();
+    let mut changed = Vec::new();
+    for (name, differs) in [
+        ("mode", running.mode != new.mode),
+        ("node_id", running.node_id != new.node_id),
+        ("threads", running.threads != new.threads),
+        ("listeners", listeners(running) != listeners(new)),
+        ("admin", running.admin != new.admin),
+        ("store", running.store != new.store),
+        ("keys", running.keys != new.keys),
+        ("access_log", running.access_log != new.access_log),
+        ("shutdown_timeout", running.shutdown_timeout != new.shutdown_timeout),
+    ] {
+        if differs {
+            changed.push(name);
+        }
+    }
+    changed
 }
 
 /// A failure after Pingora started: nothing sensible can run without it.
@@ -331,7 +367,8 @@ impl BackgroundService for Maintenance {
             tokio::spawn(Arc::clone(follower).run(shutdown.clone()));
         }
 
-        let sinks = self.build_sinks(control.as_ref().map(|(store, _)| store));
+        let store = control.as_ref().map(|(store, _)| store);
+        let sinks = self.build_sinks(&self.sinks, store).unwrap_or_else(|e| fatal("usage sinks", e));
         let flusher = Flusher::new(
             Arc::clone(&self.plane.usage),
             sinks,
@@ -355,10 +392,7 @@ impl BackgroundService for Maintenance {
                     self.plane.quotas.evict_finished(OffsetDateTime::now_utc());
                 }
                 Some(()) = async { match hangup.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
-                    if let KeySourcePlan::File(source) = &self.key_source {
-                        tracing::info!("SIGHUP: reloading the keys file");
-                        source.request_reload();
-                    }
+                    self.reload(&flusher, store).await;
                 }
                 _ = shutdown.changed() => break,
             }
@@ -421,33 +455,88 @@ impl Maintenance {
         }
     }
 
-    fn build_sinks(&self, store: Option<&Arc<Store>>) -> Vec<Arc<dyn UsageSink>> {
-        let mut sinks: Vec<Arc<dyn UsageSink>> = Vec::new();
-        for sink in &self.sinks {
-            match sink {
+    /// SIGHUP: the config file is read again. Routes, upstreams, plans, key
+    /// locations, trusted proxies, usage sinks and TLS certificates change in
+    /// place, without dropping a connection; a config with any problem is refused
+    /// whole and the running one stays.
+    async fn reload(&self, flusher: &FlusherHandle, store: Option<&Arc<Store>>) {
+        let result = self.try_reload(flusher, store).await;
+        self.plane.metrics.config_reloaded(result.is_ok());
+        match result {
+            Ok(restart_only) => {
+                tracing::info!(file = %self.config_path.display(), "config reloaded");
+                for change in restart_only {
+                    tracing::warn!("{change} changed: that takes effect at the next restart");
+                }
+            }
+            Err(e) => tracing::error!(
+                file = %self.config_path.display(),
+                "config reload refused; the running config stays in use:\n{e}"
+            ),
+        }
+    }
+
+    async fn try_reload(
+        &self,
+        flusher: &FlusherHandle,
+        store: Option<&Arc<Store>>,
+    ) -> Result<Vec<&'static str>, String> {
+        let config = crate::config::load(&self.config_path).map_err(|e| e.to_string())?;
+        let state = GatewayState::build(&config, &self.plane.metrics).map_err(|e| e.to_string())?;
+        let mut certificates = Vec::new();
+        for listener in &config.listeners {
+            let (Some(tls), Some((_, running))) =
+                (&listener.tls, self.certificates.iter().find(|(address, _)| *address == listener.address))
+            else {
+                continue;
+            };
+            let certified =
+                load_certified_key(&tls.cert, &tls.key).map_err(|e| format!("listener {}: {e}", listener.address))?;
+            certificates.push((Arc::clone(running), certified));
+        }
+        let sinks = self.build_sinks(&config.usage.sinks, store)?;
+
+        let restart_only = restart_only_changes(&self.applied.lock().unwrap_or_else(|p| p.into_inner()), &config);
+        self.plane.state.store(Arc::new(state));
+        for (running, certified) in certificates {
+            running.replace(certified);
+        }
+        if let KeySourcePlan::File(source) = &self.key_source {
+            source.set_plans(config.plans.clone());
+            source.request_reload();
+        }
+        flusher.replace_sinks(sinks).await;
+        *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = config;
+        Ok(restart_only)
+    }
+
+    fn build_sinks(&self, configs: &[SinkConfig], store: Option<&Arc<Store>>) -> Result<Vec<NamedSink>, String> {
+        let mut sinks: Vec<NamedSink> = Vec::new();
+        for sink in configs {
+            let built: Arc<dyn UsageSink> = match sink {
                 SinkConfig::File { path } => {
-                    // Created once at start; a directory that vanishes later is an outage, retried.
+                    // Created once here; a directory that vanishes later is an outage, retried.
                     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                         if let Err(e) = std::fs::create_dir_all(dir) {
                             tracing::warn!(dir = %dir.display(), error = %e, "cannot create the usage directory");
                         }
                     }
-                    sinks.push(Arc::new(FileSink::new(path.clone())));
+                    Arc::new(FileSink::new(path.clone()))
                 }
                 SinkConfig::Store => match store {
-                    Some(store) => sinks.push(Arc::new(StoreSink::new(Arc::clone(store)))),
-                    None => fatal("usage sink store", "this mode has no store"),
+                    Some(store) => Arc::new(StoreSink::new(Arc::clone(store))),
+                    None => return Err("usage sink store: this mode has no store".into()),
                 },
                 SinkConfig::ControlPlane => match &self.key_source {
-                    KeySourcePlan::Remote { url, token } => match ControlPlaneSink::new(url, token) {
-                        Ok(sink) => sinks.push(Arc::new(sink)),
-                        Err(e) => fatal("cannot set up the usage upload", e),
-                    },
-                    _ => fatal("usage sink control_plane", "keys.control_plane is not configured"),
+                    KeySourcePlan::Remote { url, token } => {
+                        Arc::new(ControlPlaneSink::new(url, token).map_err(|e| format!("usage upload: {e}"))?)
+                    }
+                    _ => return Err("usage sink control_plane: keys.control_plane is not configured".into()),
                 },
-            }
+            };
+            sinks.push((format!("{sink:?}"), built));
         }
-        sinks
+        Ok(sinks)
     }
 
     fn run_due_health_checks(&self) {
@@ -462,13 +551,17 @@ impl Maintenance {
     /// Pingora has stopped accepting; wait for requests in flight, flush usage and
     /// the access log, and end the process rather than sit out the grace period.
     async fn finish(&self, flusher: &FlusherHandle, follower: Option<&Arc<Follower>>) {
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        let deadline = Instant::now() + self.drain_timeout;
         while self.plane.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let unfinished = self.plane.in_flight.load(Ordering::Acquire);
         if unfinished > 0 {
-            tracing::warn!(requests = unfinished, "requests still in flight after {DRAIN_TIMEOUT:?}; stopping anyway");
+            tracing::warn!(
+                requests = unfinished,
+                "requests still in flight after {:?}; stopping anyway",
+                self.drain_timeout
+            );
         }
         flusher.flush_and_stop(FINAL_FLUSH_TIMEOUT).await;
         if let Some(follower) = follower {

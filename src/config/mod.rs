@@ -42,6 +42,9 @@ use serde::{Deserialize, Serialize};
 pub use duration::{format_duration, parse_duration, DurationError};
 pub use env::EnvLookup;
 
+/// How long SIGTERM waits for requests in flight unless `shutdown_timeout` says otherwise.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Reads, parses, interpolates and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     match std::fs::read_to_string(path) {
@@ -136,6 +139,9 @@ pub struct Config {
     pub mode: Mode,
     pub node_id: String,
     pub threads: usize,
+    /// On SIGTERM, how long requests in flight may take to finish (keygate's
+    /// own field, default 30s; Pingora's default would be five minutes).
+    pub shutdown_timeout: Duration,
     pub listeners: Vec<ListenerConfig>,
     pub admin: AdminConfig,
     pub store: StoreConfig,

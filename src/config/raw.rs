@@ -227,6 +227,7 @@ pub const TOP_LEVEL_FIELDS: &[&str] = &[
     "default_plan",
     "usage",
     "access_log",
+    "shutdown_timeout",
 ];
 
 /// The whole file. Built only from the known top-level keys (unknown ones are
@@ -250,6 +251,8 @@ pub struct RawConfig {
     pub default_plan: Option<Parsed<Text>>,
     pub usage: Option<Parsed<RawUsage>>,
     pub access_log: Option<Parsed<RawAccessLog>>,
+    /// keygate's own: how long SIGTERM waits for requests in flight.
+    pub shutdown_timeout: Option<Parsed<Text>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -219,6 +219,9 @@ impl Builder<'_> {
         let default_plan = self.default_plan(raw.default_plan, plan_names.as_ref());
         let usage = self.usage(raw.usage, known_mode, keys_parsed.then_some(&keys));
         let access_log = self.access_log(raw.access_log);
+        let shutdown_timeout_text = self.parsed(raw.shutdown_timeout, "shutdown_timeout");
+        let shutdown_timeout =
+            self.duration(shutdown_timeout_text, "shutdown_timeout", super::DEFAULT_SHUTDOWN_TIMEOUT, true);
 
         Config {
             mode,
@@ -236,6 +239,7 @@ impl Builder<'_> {
             default_plan,
             usage,
             access_log,
+            shutdown_timeout,
         }
     }
 

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::Notify;
 
@@ -29,7 +30,8 @@ const SETTLE_DELAY: Duration = Duration::from_millis(100);
 
 pub struct KeysFileSource {
     path: PathBuf,
-    plans: BTreeMap<String, PlanConfig>,
+    /// The plans a key may name; replaced when the config is reloaded.
+    plans: ArcSwap<BTreeMap<String, PlanConfig>>,
     index: Arc<KeyIndex>,
     metrics: Arc<Metrics>,
     version: AtomicU64,
@@ -67,12 +69,16 @@ impl KeysFileSource {
     ) -> Self {
         KeysFileSource {
             path,
-            plans,
+            plans: ArcSwap::from_pointee(plans),
             index,
             metrics,
             version: AtomicU64::new(0),
             reload_requested: Arc::new(Notify::new()),
         }
+    }
+
+    pub fn set_plans(&self, plans: BTreeMap<String, PlanConfig>) {
+        self.plans.store(Arc::new(plans));
     }
 
     /// Asks the watcher to reload now (SIGHUP).
@@ -95,7 +101,7 @@ impl KeysFileSource {
     }
 
     fn load_and_publish(&self) -> Result<usize, KeysFileLoadError> {
-        let records = load_keys_file(&self.path, &self.plans).map_err(KeysFileLoadError::Invalid)?;
+        let records = load_keys_file(&self.path, &self.plans.load()).map_err(KeysFileLoadError::Invalid)?;
         let version = self.version.load(Ordering::Relaxed) + 1;
         let snapshot = Snapshot::build(version, records)?;
         let count = snapshot.len();

@@ -24,6 +24,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const FINAL_RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 struct SinkQueue {
+    /// Names the sink's configuration, to keep its queue across config reloads.
+    identity: String,
     sink: Arc<dyn UsageSink>,
     in_flight: Option<(u64, Vec<UsageRecord>)>,
     pending: HashMap<String, UsageRecord>,
@@ -104,47 +106,63 @@ pub struct Flusher {
     window_start: OffsetDateTime,
 }
 
-/// Asks a running flusher for its final flush.
+/// A sink and the identity of the configuration it was built from.
+pub type NamedSink = (String, Arc<dyn UsageSink>);
+
+enum Command {
+    /// Final flush within the duration, then stop.
+    Stop(Duration, oneshot::Sender<()>),
+    /// A reloaded config's sinks: unchanged ones keep their queues, dropped ones
+    /// get one last delivery attempt.
+    ReplaceSinks(Vec<NamedSink>),
+}
+
+/// Talks to a running flusher.
 #[derive(Clone)]
 pub struct FlusherHandle {
-    stop: mpsc::Sender<(Duration, oneshot::Sender<()>)>,
+    commands: mpsc::Sender<Command>,
 }
 
 impl FlusherHandle {
     /// Drains the counters one last time and tries every sink until `within` runs out.
     pub async fn flush_and_stop(&self, within: Duration) {
         let (done, finished) = oneshot::channel();
-        if self.stop.send((within, done)).await.is_ok() {
+        if self.commands.send(Command::Stop(within, done)).await.is_ok() {
             let _ = tokio::time::timeout(within + Duration::from_secs(1), finished).await;
         }
+    }
+
+    pub async fn replace_sinks(&self, sinks: Vec<NamedSink>) {
+        let _ = self.commands.send(Command::ReplaceSinks(sinks)).await;
+    }
+}
+
+fn queue(identity: String, sink: Arc<dyn UsageSink>) -> SinkQueue {
+    SinkQueue {
+        identity,
+        sink,
+        in_flight: None,
+        pending: HashMap::new(),
+        next_sequence: 0,
+        failures: 0,
+        retry_at: Instant::now(),
     }
 }
 
 impl Flusher {
     pub fn new(
         counters: Arc<UsageCounters>,
-        sinks: Vec<Arc<dyn UsageSink>>,
+        sinks: Vec<NamedSink>,
         node: String,
         interval: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let now = Instant::now();
         Flusher {
             counters,
             node,
             boot_id: new_boot_id(),
             interval,
-            sinks: sinks
-                .into_iter()
-                .map(|sink| SinkQueue {
-                    sink,
-                    in_flight: None,
-                    pending: HashMap::new(),
-                    next_sequence: 0,
-                    failures: 0,
-                    retry_at: now,
-                })
-                .collect(),
+            sinks: sinks.into_iter().map(|(identity, sink)| queue(identity, sink)).collect(),
             metrics,
             window_start: OffsetDateTime::now_utc(),
         }
@@ -152,26 +170,54 @@ impl Flusher {
 
     /// Runs on the current runtime until `flush_and_stop` is called.
     pub fn spawn(self) -> FlusherHandle {
-        let (stop, requests) = mpsc::channel(1);
-        tokio::spawn(self.run(requests));
-        FlusherHandle { stop }
+        let (commands, received) = mpsc::channel(4);
+        tokio::spawn(self.run(received));
+        FlusherHandle { commands }
     }
 
-    async fn run(mut self, mut stop: mpsc::Receiver<(Duration, oneshot::Sender<()>)>) {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
             tokio::select! {
                 _ = tick.tick() => self.flush_window(false).await,
-                request = stop.recv() => {
-                    let Some((within, done)) = request else { return };
-                    self.final_flush(within).await;
-                    let _ = done.send(());
-                    return;
-                }
+                command = commands.recv() => match command {
+                    None => return,
+                    Some(Command::Stop(within, done)) => {
+                        self.final_flush(within).await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(Command::ReplaceSinks(sinks)) => self.replace_sinks(sinks).await,
+                },
             }
         }
+    }
+
+    async fn replace_sinks(&mut self, sinks: Vec<NamedSink>) {
+        // What was counted so far goes to the sinks it was counted for.
+        self.flush_window(true).await;
+        let mut old: Vec<SinkQueue> = std::mem::take(&mut self.sinks);
+        for (identity, sink) in sinks {
+            match old.iter().position(|q| q.identity == identity) {
+                Some(i) => self.sinks.push(old.swap_remove(i)),
+                None => self.sinks.push(queue(identity, sink)),
+            }
+        }
+        for mut removed in old {
+            removed.deliver(&self.node, &self.boot_id, &self.metrics).await;
+            let lost = removed.queued();
+            if lost > 0 {
+                self.metrics.usage_dropped.inc_by(lost as u64);
+                tracing::error!(
+                    sink = removed.sink.kind(),
+                    records = lost,
+                    "a removed usage sink kept undelivered usage"
+                );
+            }
+        }
+        self.metrics.usage_pending.set(self.queued() as i64);
     }
 
     async fn flush_window(&mut self, ignore_backoff: bool) {
@@ -257,7 +303,7 @@ mod tests {
         let sink = Arc::new(RecordingSink::default());
         let flusher = Flusher::new(
             Arc::clone(&counters),
-            vec![Arc::clone(&sink) as Arc<dyn UsageSink>],
+            vec![("test".to_owned(), Arc::clone(&sink) as Arc<dyn UsageSink>)],
             "node-1".into(),
             Duration::from_secs(5),
             Arc::new(Metrics::new().unwrap()),

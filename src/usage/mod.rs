@@ -13,6 +13,6 @@ mod record;
 mod sink;
 
 pub use counters::{RequestUsage, UsageCounters};
-pub use flusher::{Flusher, FlusherHandle};
+pub use flusher::{Flusher, FlusherHandle, NamedSink};
 pub use record::UsageRecord;
 pub use sink::{ControlPlaneSink, FileSink, SinkError, UsageBatch, UsageSink};

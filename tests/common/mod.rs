@@ -1122,3 +1122,19 @@ pub fn admin_json(
     };
     (resp.status, resp.headers, value)
 }
+
+impl Gateway {
+    /// Sends a signal (`HUP`, `QUIT`, ...) to the running gateway.
+    pub fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("the gateway is running");
+        let status =
+            Command::new("kill").args([&format!("-{name}"), &child.id().to_string()]).status().expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// The value of one series on the admin address's `/metrics`, if present.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.admin_get("/metrics").text();
+        text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+}

@@ -1,0 +1,113 @@
+//! Running keygate in production: SIGHUP reloads the config without dropping
+//! connections (and refuses a bad one), SIGTERM drains requests in flight
+//! within `shutdown_timeout` and exits 0.
+
+mod common;
+
+use std::fs;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn config(extra_route: &str, shutdown_timeout: &str) -> String {
+    gateway_config(&format!(
+        r#"upstreams:
+  api: {{ targets: ["@UP@"], read_timeout: 30s }}
+routes:
+  - {{ name: orders, match: {{ path_prefix: /v1/orders }}, upstream: api, scopes: [orders:read] }}
+{extra_route}access_log: off
+shutdown_timeout: {shutdown_timeout}
+"#
+    ))
+}
+
+fn start(up: &Upstream, key: &TestKey, shutdown_timeout: &str) -> Gateway {
+    GatewayBuilder::new(&config("", shutdown_timeout))
+        .var("UP", &up.addr())
+        .keys(&keys_file(&[key.entry("scopes: [orders:read, reports:read]")]))
+        .start()
+}
+
+#[test]
+fn sighup_reloads_routes_without_dropping_open_connections() {
+    let up = Upstream::start("api");
+    let alice = TestKey::new("key_alice");
+    let gw = start(&up, &alice, "30s");
+    let mut conn = gw.conn();
+    let key_header = format!("x-api-key: {}\r\n", alice.raw);
+    let request = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n{key_header}\r\n").into_bytes();
+    assert_eq!(conn.send(&request("/v1/orders/1")).status, 200);
+    assert_error(&gw.get("/v1/reports/1", &[("x-api-key", &alice.raw)]), 404, "no_route");
+
+    // Add a route in the running config file and ask for a reload.
+    let running = fs::read_to_string(&gw.config_path).expect("read config");
+    let with_reports = running.replace(
+        "access_log: off",
+        "  - { name: reports, match: { path_prefix: /v1/reports }, upstream: api, scopes: [reports:read] }\naccess_log: off",
+    );
+    assert_ne!(running, with_reports);
+    fs::write(&gw.config_path, with_reports).expect("write config");
+    gw.signal("HUP");
+    wait_until(EVENTUALLY, "the reloaded route", || {
+        (gw.get("/v1/reports/1", &[("x-api-key", &alice.raw)]).status == 200).then_some(())
+    });
+    assert_eq!(gw.metric(r#"keygate_config_reloads_total{result="ok"}"#), Some(1.0));
+    // The connection opened before the reload still works, and sees the new route.
+    assert_eq!(conn.send(&request("/v1/orders/2")).status, 200);
+    assert_eq!(conn.send(&request("/v1/reports/2")).status, 200);
+}
+
+#[test]
+fn sighup_with_a_broken_config_keeps_the_running_one() {
+    let up = Upstream::start("api");
+    let alice = TestKey::new("key_alice");
+    let gw = start(&up, &alice, "30s");
+    let running = fs::read_to_string(&gw.config_path).expect("read config");
+    fs::write(&gw.config_path, running.replace("routes:", "routes:\n  - { name: broken, upstream: nowhere }"))
+        .expect("write config");
+    gw.signal("HUP");
+    wait_until(EVENTUALLY, "the refused reload to be counted", || {
+        (gw.metric(r#"keygate_config_reloads_total{result="error"}"#) == Some(1.0)).then_some(())
+    });
+    assert_eq!(gw.get("/v1/orders/1", &[("x-api-key", &alice.raw)]).status, 200);
+    assert!(gw.output().contains("config reload refused"), "{}", gw.output());
+}
+
+#[test]
+fn sigterm_lets_requests_in_flight_finish_then_exits_zero() {
+    let up = Upstream::start("api");
+    up.set_slow(Duration::from_millis(1500));
+    let alice = TestKey::new("key_alice");
+    let gw = start(&up, &alice, "30s");
+    let addr = gw.addr;
+    let raw = alice.raw.clone();
+    let in_flight = thread::spawn(move || get(addr, "/v1/orders/slow", &[("x-api-key", &raw)]));
+    wait_until(EVENTUALLY, "the slow request to reach the upstream", || (up.request_count() == 1).then_some(()));
+
+    let (status, output) = gw.stop_with_status();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "keygate did not exit 0 by itself:\n{output}");
+    let answer = in_flight.join().expect("client thread");
+    assert_eq!(answer.status, 200, "the request in flight was cut off: {}", answer.text());
+}
+
+#[test]
+fn shutdown_timeout_bounds_the_wait_for_slow_requests() {
+    let up = Upstream::start("api");
+    up.set_slow(Duration::from_secs(25));
+    let alice = TestKey::new("key_alice");
+    let gw = start(&up, &alice, "1s");
+    let addr = gw.addr;
+    let raw = alice.raw.clone();
+    thread::spawn(move || {
+        let _ = try_send_to(addr, &request("GET", "/v1/orders/slow", &[("x-api-key", &raw)]));
+    });
+    wait_until(EVENTUALLY, "the slow request to reach the upstream", || (up.request_count() == 1).then_some(()));
+
+    let asked = Instant::now();
+    // stop_with_status kills the process if it has not exited after 10 s.
+    let (status, output) = gw.stop_with_status();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "keygate did not stop by itself:\n{output}");
+    assert!(asked.elapsed() < Duration::from_secs(10));
+    assert!(output.contains("still in flight"), "{output}");
+}
