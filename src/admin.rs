@@ -58,6 +58,18 @@ async fn metrics(State(state): State<OpsState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
 }
 
+/// Binds the admin address with `SO_REUSEPORT`, so a process started with
+/// `serve --upgrade` can bind it while the old one still drains.
+pub fn bind(address: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
 /// Serves `router` on an already-bound listener until `shutdown` resolves.
 pub async fn serve(
     listener: std::net::TcpListener,

@@ -73,7 +73,7 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         preflight_store(url)?;
     }
 
-    let admin_listener = std::net::TcpListener::bind(config.admin.address)
+    let admin_listener = crate::admin::bind(config.admin.address)
         .with_context(|| format!("cannot listen on the admin address {}", config.admin.address))?;
     let plane = Arc::new(DataPlane {
         state: ArcSwap::from_pointee(GatewayState::build(&config, &metrics)?),

@@ -111,3 +111,63 @@ fn shutdown_timeout_bounds_the_wait_for_slow_requests() {
     assert!(asked.elapsed() < Duration::from_secs(10));
     assert!(output.contains("still in flight"), "{output}");
 }
+
+/// A second `keygate serve --upgrade` takes the listening sockets over from a
+/// running one (sent SIGQUIT) while a client keeps sending: no request fails.
+#[test]
+fn upgrade_hands_the_sockets_over_without_a_failed_request() {
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let up = Upstream::start("api");
+    let alice = TestKey::new("key_alice");
+    let mut old = start(&up, &alice, "5s");
+    let addr = old.addr;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (stop, ok, failed, raw) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed), alice.raw.clone());
+        thread::spawn(move || {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match try_send_to(addr, &request("GET", "/v1/orders/1", &[("x-api-key", &raw)])) {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        failures.push(format!("{:?}", other.map(|r| r.status)));
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+            failures
+        })
+    };
+    wait_until(EVENTUALLY, "steady traffic", || (ok.load(Ordering::Relaxed) > 20).then_some(()));
+
+    let log = fs::File::create(old.dir().join("new.log")).expect("log file");
+    let mut new = Command::new(BIN)
+        .args(["serve", "--upgrade", "-c"])
+        .arg(&old.config_path)
+        .stdout(Stdio::from(log.try_clone().expect("log")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start the new keygate");
+    // The new process waits on the upgrade socket; give it a moment to be there.
+    let socket = std::env::temp_dir().join(format!("keygate-test-gw-{}.upgrade.sock", addr.port()));
+    wait_until(EVENTUALLY, "the new process's upgrade socket", || socket.exists().then_some(()));
+    old.signal("QUIT");
+    let exit = old.wait_exit(Duration::from_secs(30));
+    assert_eq!(exit.and_then(|s| s.code()), Some(0), "the old process did not hand over and exit:\n{}", old.output());
+
+    // The new process alone serves now.
+    let served_after = ok.load(Ordering::Relaxed);
+    wait_until(EVENTUALLY, "traffic served by the new process", || {
+        (ok.load(Ordering::Relaxed) > served_after + 20).then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    let failures = load.join().expect("load thread");
+    let _ = new.kill();
+    let _ = new.wait();
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "failed requests during the upgrade: {failures:?}");
+}
