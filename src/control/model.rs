@@ -217,19 +217,8 @@ pub struct AuditEvent {
     pub details: serde_json::Value,
 }
 
-/// Responses by class, `{"2xx": n, "3xx": n, "4xx": n, "5xx": n}` (the shape of
-/// the usage line's `status`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatusCounts {
-    #[serde(rename = "2xx")]
-    pub s2xx: u64,
-    #[serde(rename = "3xx")]
-    pub s3xx: u64,
-    #[serde(rename = "4xx")]
-    pub s4xx: u64,
-    #[serde(rename = "5xx")]
-    pub s5xx: u64,
-}
+/// Responses by class, `{"2xx": n, "3xx": n, "4xx": n, "5xx": n}`: the usage line's `status`.
+pub use crate::usage::StatusClasses as StatusCounts;
 
 /// Usage of one key over one minute, hour or day (UTC), or over a whole range.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
