@@ -21,4 +21,5 @@ pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod sync;
+pub mod systemd_notify;
 pub mod usage;

@@ -369,6 +369,7 @@ impl BackgroundService for Maintenance {
 
         let store = control.as_ref().map(|(store, _)| store);
         let sinks = self.build_sinks(&self.sinks, store).unwrap_or_else(|e| fatal("usage sinks", e));
+        crate::systemd_notify::ready();
         let flusher = Flusher::new(
             Arc::clone(&self.plane.usage),
             sinks,
@@ -551,6 +552,7 @@ impl Maintenance {
     /// Pingora has stopped accepting; wait for requests in flight, flush usage and
     /// the access log, and end the process rather than sit out the grace period.
     async fn finish(&self, flusher: &FlusherHandle, follower: Option<&Arc<Follower>>) {
+        crate::systemd_notify::stopping();
         let deadline = Instant::now() + self.drain_timeout;
         while self.plane.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -570,5 +572,35 @@ impl Maintenance {
         self.plane.access_log.flush(Duration::from_secs(2));
         tracing::info!("keygate stopped");
         std::process::exit(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> Config {
+        let keys = "keys:\n  source: file\n  file: keys.yaml\n";
+        crate::config::from_str(&format!("mode: gateway\n{keys}{yaml}"), Path::new("test.yaml"))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn reload_applies_routes_in_place_but_names_what_needs_a_restart() {
+        let upstream = "upstreams:\n  api: { targets: [\"127.0.0.1:9\"] }\n";
+        let running = config(&format!("{upstream}listeners: [ {{ address: 127.0.0.1:8080 }} ]\n"));
+        let new_routes = config(&format!(
+            "{upstream}listeners: [ {{ address: 127.0.0.1:8080 }} ]\nroutes: [ {{ name: r, match: {{ path_prefix: / }}, upstream: api }} ]\n"
+        ));
+        assert!(restart_only_changes(&running, &new_routes).is_empty());
+        let new_listener = config(&format!("{upstream}listeners: [ {{ address: 127.0.0.1:8081 }} ]\nthreads: 3\n"));
+        assert_eq!(restart_only_changes(&running, &new_listener), ["threads", "listeners"]);
+    }
+
+    #[test]
+    fn store_urls_lose_their_password_in_messages() {
+        assert_eq!(redact_url("postgres://kg:s3cret@db:5432/kg"), "postgres://kg:***@db:5432/kg");
+        assert_eq!(redact_url("postgres://kg@db/kg"), "postgres://kg@db/kg");
+        assert_eq!(redact_url("sqlite://data/keygate.db"), "sqlite://data/keygate.db");
     }
 }

@@ -237,6 +237,8 @@ fn units_run_their_config_with_the_required_directives() {
             BTreeSet::from(["AF_INET", "AF_INET6", "AF_UNIX"]),
             "{file}: RestrictAddressFamilies="
         );
+        // keygate sends READY=1 once it serves (src/systemd_notify.rs).
+        unit.expect("Service", "Type", "notify");
         for key in ["Type", "KillMode"] {
             if let Some(v) = unit.all("Service", key).last() {
                 assert!(

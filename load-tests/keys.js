@@ -1,0 +1,14 @@
+// Scenario (e): njs computes the SHA-256 of the presented key for nginx's `map`.
+// `js_set $key_hash keys.sha256;` in nginx-njs.conf.tmpl; njs 0.7 (Debian 12's
+// libnginx-mod-http-js) has the node-style `crypto` module.
+var crypto = require('crypto');
+
+function sha256(r) {
+    var key = r.headersIn['x-api-key'];
+    if (!key) {
+        return '';
+    }
+    return crypto.createHash('sha256').update(key).digest('hex');
+}
+
+export default { sha256 };
