@@ -178,6 +178,24 @@ class Processes:
             f.write(f"{popen.pid}\n")
         return proc
 
+    def run_bounded(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+        """Runs a short-lived command (wrk) to its end, listed in <work>/pids while it runs."""
+        with open(self.work / "pids", "a") as f:
+            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True)
+            f.write(f"{popen.pid}\n")
+        try:
+            out, err = popen.communicate(timeout=timeout)
+        finally:
+            if popen.poll() is None:
+                os.killpg(popen.pid, signal.SIGKILL)
+                popen.wait()
+            self._write_pids()
+        return subprocess.CompletedProcess(argv, popen.returncode, out, err)
+
+    def _write_pids(self) -> None:
+        (self.work / "pids").write_text("".join(f"{p.pid}\n" for p in self.procs))
+
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             if proc.popen.poll() is None:
@@ -199,7 +217,9 @@ class Processes:
                 proc.popen.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 print(f"warning: {proc.name} (pid {proc.pid}) did not stop", file=sys.stderr)
+                return  # leave <work>/pids for run.sh to try again
         self.procs.clear()
+        (self.work / "pids").unlink(missing_ok=True)
 
 
 def proc_tree_ticks(root: int) -> int:
@@ -397,7 +417,7 @@ def run_wrk(s: Setup, sc: Scenario, duration: float) -> dict:
     proxy_pid = s.running[sc.proxy].pid
     upstream_pid = s.running["upstream"].pid
     before = (proc_tree_ticks(proxy_pid), proc_tree_ticks(upstream_pid), time.monotonic())
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    r = s.procs.run_bounded(cmd, timeout=duration + 60)
     after = (proc_tree_ticks(proxy_pid), proc_tree_ticks(upstream_pid), time.monotonic())
     line = next((l for l in r.stdout.splitlines() if l.startswith("WRKJSON ")), None)
     if r.returncode != 0 or line is None:
@@ -510,6 +530,9 @@ def chart(summary: list[dict], meta: dict, dest: Path) -> bool:
                   [max(0, s["rps_max"] - s["rps"]) / 1000 for s in rows]])
     ax.set_yticks(list(y), labels)
     ax.set_xlabel("thousand requests/s (median, min–max)")
+    for i, row in enumerate(rows):
+        ax.annotate(f"{row['rps'] / 1000:.1f}k", (row["rps"] / 1000, i), xytext=(4, 3), textcoords="offset points",
+                    fontsize=8, va="bottom")
     ax = axes[1]
     ax.barh(y, [s["proxy_cpu_us_per_req"] if s["proxy"] != "upstream" else 0 for s in rows], color=colors,
             xerr=[[0 if s["proxy"] == "upstream" else max(0, s["proxy_cpu_us_per_req"] - s["proxy_cpu_us_min"])
@@ -517,6 +540,10 @@ def chart(summary: list[dict], meta: dict, dest: Path) -> bool:
                   [0 if s["proxy"] == "upstream" else max(0, s["proxy_cpu_us_max"] - s["proxy_cpu_us_per_req"])
                    for s in rows]])
     ax.set_xlabel("proxy CPU µs per request (utime+stime)")
+    for i, row in enumerate(rows):
+        text = "no proxy" if row["proxy"] == "upstream" else f"{row['proxy_cpu_us_per_req']:.1f}"
+        ax.annotate(text, (0 if row["proxy"] == "upstream" else row["proxy_cpu_us_per_req"], i), xytext=(4, 3),
+                    textcoords="offset points", fontsize=8, va="bottom")
     ax = axes[2]
     h = 0.38
     ax.barh([i + h / 2 for i in y], [s["p50_ms"] for s in rows], height=h, color=colors, alpha=0.55, label="p50")
@@ -530,6 +557,18 @@ def chart(summary: list[dict], meta: dict, dest: Path) -> bool:
     fig.savefig(dest, dpi=110)
     plt.close(fig)
     return True
+
+
+def busy_cores(seconds: float = 1.0) -> float:
+    """How many cores' worth of CPU the whole machine used over `seconds` (from /proc/stat)."""
+    def sample():
+        f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = f[3] + f[4]
+        return sum(f[:8]) - idle, sum(f[:8])
+    b0, t0 = sample()
+    time.sleep(seconds)
+    b1, t1 = sample()
+    return (b1 - b0) / max(1, t1 - t0) * (os.cpu_count() or 1)
 
 
 def versions(keygate: Path) -> dict:
@@ -598,6 +637,11 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
 
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    background = busy_cores()
+    if background > 0.15:
+        print(f"warning: this machine is not idle ({background:.2f} cores busy before starting): "
+              f"other work will disturb the numbers", file=sys.stderr)
     try:
         keys = Keys.generate(a.keys, a.seed)
         verify_keys_with_keygate(a.keygate, keys)
@@ -632,14 +676,14 @@ def main() -> None:
         procs.stop_all()
         if own_workdir and not a.keep_workdir:
             subprocess.run(["rm", "-rf", "--", str(work)], check=False)
-        elif a.keep_workdir or not own_workdir:
+        elif own_workdir:
             print(f"work directory (configs, keys, logs): {work}")
 
     meta = {
         "rounds": a.rounds, "duration_s": a.duration, "warmup_s": a.warmup, "connections": a.connections,
         "wrk_threads": a.wrk_threads, "proxy_cpus": a.proxy_cpus, "load_cpus": a.load_cpus, "keys": a.keys,
-        "denials": a.denials, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(sys.argv), **versions(a.keygate),
+        "denials": a.denials, "started": started,
+        "command": " ".join(sys.argv), "busy_cores_before": round(background, 3), **versions(a.keygate),
     }
     summary = summarize(runs, order)
     rat = ratios(summary)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side load test of keygate, HAProxy and nginx + njs on this machine.
 #
-#   load-tests/run.sh                               # 5 interleaved rounds x 10 s (about 8 minutes)
+#   load-tests/run.sh                               # 5 interleaved rounds x 10 s (about 7 minutes)
 #   load-tests/run.sh --duration 3 --rounds 1       # a quick check that everything works
 #   load-tests/run.sh --proxy-cpus 2 --load-cpus 3  # other cores
 #   load-tests/run.sh --help                        # every option (they are compare.py's)
