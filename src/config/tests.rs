@@ -128,10 +128,14 @@ struct TlsDir {
 impl TlsDir {
     fn new() -> TlsDir {
         let dir = tempfile::tempdir().unwrap();
+        // The config checks for PEM blocks only; the key material is checked when serving.
         std::fs::write(dir.path().join("cert.pem"), "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
             .unwrap();
-        std::fs::write(dir.path().join("key.pem"), "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n")
-            .unwrap();
+        std::fs::write(
+            dir.path().join("key.pem"),
+            "-----BEGIN EC PRIVATE KEY-----\nMHcC\n-----END EC PRIVATE KEY-----\n",
+        )
+        .unwrap();
         TlsDir { dir }
     }
 
