@@ -251,13 +251,8 @@ impl UsageBucket {
     pub fn add(&mut self, other: &UsageBucket) {
         self.requests += other.requests;
         self.allowed += other.allowed;
-        for (code, n) in &other.denied {
-            *self.denied.entry(code.clone()).or_default() += n;
-        }
-        self.status.s2xx += other.status.s2xx;
-        self.status.s3xx += other.status.s3xx;
-        self.status.s4xx += other.status.s4xx;
-        self.status.s5xx += other.status.s5xx;
+        crate::usage::add_denied(&mut self.denied, &other.denied);
+        self.status.add(&other.status);
         self.bytes_in += other.bytes_in;
         self.bytes_out += other.bytes_out;
     }

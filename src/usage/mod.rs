@@ -14,5 +14,5 @@ mod sink;
 
 pub use counters::{RequestUsage, UsageCounters};
 pub use flusher::{Flusher, FlusherHandle, NamedSink};
-pub use record::{StatusClasses, UsageRecord};
+pub use record::{add_denied, StatusClasses, UsageRecord};
 pub use sink::{ControlPlaneSink, FileSink, SinkError, UsageBatch, UsageSink};

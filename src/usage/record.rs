@@ -17,6 +17,22 @@ pub struct StatusClasses {
     pub s5xx: u64,
 }
 
+impl StatusClasses {
+    pub fn add(&mut self, other: &StatusClasses) {
+        self.s2xx += other.s2xx;
+        self.s3xx += other.s3xx;
+        self.s4xx += other.s4xx;
+        self.s5xx += other.s5xx;
+    }
+}
+
+/// Adds per-code denial counts into `into`.
+pub fn add_denied(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
+    for (code, n) in from {
+        *into.entry(code.clone()).or_default() += n;
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     pub node: String,
@@ -43,13 +59,8 @@ impl UsageRecord {
         self.window_end = self.window_end.max(other.window_end);
         self.requests += other.requests;
         self.allowed += other.allowed;
-        for (code, n) in &other.denied {
-            *self.denied.entry(code.clone()).or_default() += n;
-        }
-        self.status.s2xx += other.status.s2xx;
-        self.status.s3xx += other.status.s3xx;
-        self.status.s4xx += other.status.s4xx;
-        self.status.s5xx += other.status.s5xx;
+        add_denied(&mut self.denied, &other.denied);
+        self.status.add(&other.status);
         self.bytes_in += other.bytes_in;
         self.bytes_out += other.bytes_out;
         self.last_used_at = self.last_used_at.max(other.last_used_at);
