@@ -42,10 +42,18 @@ pub use upstream::{Upstream, UpstreamBuildError};
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_KEYGATE_PREFIX: &str = "x-keygate-";
-const X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
-const X_KEYGATE_OWNER: HeaderName = HeaderName::from_static("x-keygate-owner");
-const X_KEYGATE_PLAN: HeaderName = HeaderName::from_static("x-keygate-plan");
-const X_KEYGATE_SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes");
+
+/// Names of the headers keygate writes, spelled as they go on the wire. Pingora keeps a
+/// wire spelling beside every header; a `&'static str` is stored as it is, where a
+/// `HeaderName` would be re-titled into a new allocation on every request.
+mod wire {
+    pub const X_REQUEST_ID: &str = "X-Request-Id";
+    pub const X_FORWARDED_FOR: &str = "X-Forwarded-For";
+    pub const X_KEYGATE_KEY_ID: &str = "X-Keygate-Key-Id";
+    pub const X_KEYGATE_OWNER: &str = "X-Keygate-Owner";
+    pub const X_KEYGATE_PLAN: &str = "X-Keygate-Plan";
+    pub const X_KEYGATE_SCOPES: &str = "X-Keygate-Scopes";
+}
 
 /// Everything the request path shares with the rest of the node.
 pub struct DataPlane {
@@ -221,15 +229,15 @@ impl ProxyHttp for Gateway {
             None => return Error::e_explain(ErrorType::InternalError, "upstream_peer without a route"),
         };
         ctx.connect_attempts += 1;
-        let Some(backend) = upstream.select() else {
+        let Some(target) = upstream.select() else {
             ctx.rejection = Some(Rejection::UpstreamUnavailable);
             return Error::e_explain(
                 ErrorType::ConnectNoRoute,
                 format!("upstream {} has no healthy target", upstream.name),
             );
         };
-        ctx.upstream_addr = backend.addr.as_inet().copied();
-        upstream.peer(&backend)
+        ctx.upstream_addr = Some(target.addr);
+        Ok(target.peer())
     }
 
     fn fail_to_connect(
@@ -272,21 +280,21 @@ impl ProxyHttp for Gateway {
         if let Some(key) = &ctx.key {
             strip_key(upstream_request, state)?;
             let identity = &key.headers;
-            upstream_request.insert_header(X_KEYGATE_KEY_ID, identity.key_id.clone())?;
+            upstream_request.insert_header(wire::X_KEYGATE_KEY_ID, identity.key_id.clone())?;
             if let Some(owner) = &identity.owner {
-                upstream_request.insert_header(X_KEYGATE_OWNER, owner.clone())?;
+                upstream_request.insert_header(wire::X_KEYGATE_OWNER, owner.clone())?;
             }
             if let Some(plan) = identity.plan.as_ref().or(state.default_plan.as_ref()) {
-                upstream_request.insert_header(X_KEYGATE_PLAN, plan.clone())?;
+                upstream_request.insert_header(wire::X_KEYGATE_PLAN, plan.clone())?;
             }
-            upstream_request.insert_header(X_KEYGATE_SCOPES, identity.scopes.clone())?;
+            upstream_request.insert_header(wire::X_KEYGATE_SCOPES, identity.scopes.clone())?;
         }
 
         if let Some(peer) = ctx.peer_ip {
             let forwarded = forwarded_for(upstream_request, peer, ctx.peer_trusted);
-            upstream_request.insert_header(X_FORWARDED_FOR, forwarded)?;
+            upstream_request.insert_header(wire::X_FORWARDED_FOR, forwarded)?;
         }
-        upstream_request.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+        upstream_request.insert_header(wire::X_REQUEST_ID, ctx.request_id.clone())?;
         if let Some(route) = ctx.route.and_then(|index| state.routes.get(index)) {
             for (name, value) in &route.set_headers {
                 upstream_request.insert_header(name.clone(), value.clone())?;
@@ -311,7 +319,7 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+        upstream_response.insert_header(wire::X_REQUEST_ID, ctx.request_id.clone())?;
         if let Some(rate) = &ctx.rate {
             respond::insert_rate_headers(upstream_response, rate)?;
         }
@@ -457,20 +465,75 @@ fn strip_key(upstream_request: &mut RequestHeader, state: &GatewayState) -> Resu
 
 /// A trusted peer's chain is extended; an untrusted client's own chain is replaced,
 /// so it cannot plant addresses the upstream might believe.
-fn forwarded_for(req: &RequestHeader, peer: IpAddr, peer_trusted: bool) -> String {
-    let mut chain = String::new();
+fn forwarded_for(req: &RequestHeader, peer: IpAddr, peer_trusted: bool) -> HeaderValue {
+    let mut peer_text = IpText::default();
+    let peer_text = peer_text.format(peer);
+    let mut chain: Vec<u8> = Vec::new();
     if peer_trusted {
         for value in req.headers.get_all(X_FORWARDED_FOR) {
-            if let Ok(text) = value.to_str() {
-                if !text.trim().is_empty() {
-                    chain.push_str(text.trim());
-                    chain.push_str(", ");
-                }
+            // Values that are not visible ASCII are dropped rather than passed on.
+            let Ok(text) = value.to_str() else { continue };
+            let text = text.trim();
+            if !text.is_empty() {
+                chain.extend_from_slice(text.as_bytes());
+                chain.extend_from_slice(b", ");
             }
         }
     }
-    chain.push_str(&peer.to_string());
-    chain
+    if chain.is_empty() {
+        // Only digits, dots and colons: always a valid header value.
+        return HeaderValue::from_bytes(peer_text).unwrap_or(HeaderValue::from_static(""));
+    }
+    chain.extend_from_slice(peer_text);
+    // The chain was a valid header value already; ", " and an address keep it one.
+    HeaderValue::from_bytes(&chain)
+        .unwrap_or_else(|_| HeaderValue::from_bytes(peer_text).unwrap_or(HeaderValue::from_static("")))
+}
+
+/// An address as text without `fmt`, which costs more than the rest of the header.
+struct IpText {
+    buf: [u8; 45],
+}
+
+impl Default for IpText {
+    fn default() -> Self {
+        IpText { buf: [0; 45] }
+    }
+}
+
+impl IpText {
+    fn format(&mut self, ip: IpAddr) -> &[u8] {
+        match ip {
+            IpAddr::V4(v4) => {
+                let mut len = 0;
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.buf[len] = b'.';
+                        len += 1;
+                    }
+                    if octet >= 100 {
+                        self.buf[len] = b'0' + octet / 100;
+                        len += 1;
+                    }
+                    if octet >= 10 {
+                        self.buf[len] = b'0' + octet / 10 % 10;
+                        len += 1;
+                    }
+                    self.buf[len] = b'0' + octet % 10;
+                    len += 1;
+                }
+                &self.buf[..len]
+            }
+            IpAddr::V6(v6) => {
+                use std::io::Write;
+                let mut cursor = std::io::Cursor::new(&mut self.buf[..]);
+                // The longest IPv6 text is 45 bytes (an IPv4-mapped address): it always fits.
+                let _ = write!(cursor, "{v6}");
+                let len = usize::try_from(cursor.position()).unwrap_or(0);
+                &self.buf[..len]
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -499,5 +562,29 @@ mod tests {
         assert_eq!(forwarded_for(&req, peer, false), "10.0.0.2");
         let bare = RequestHeader::build("GET", b"/", None).unwrap();
         assert_eq!(forwarded_for(&bare, peer, true), "10.0.0.2");
+    }
+
+    #[test]
+    fn addresses_are_written_as_std_writes_them() {
+        let samples = [
+            "0.0.0.0",
+            "9.10.99.100",
+            "255.255.255.255",
+            "127.0.0.1",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:255.255.255.255",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        ];
+        for sample in samples {
+            let ip: IpAddr = sample.parse().unwrap();
+            let mut text = IpText::default();
+            assert_eq!(std::str::from_utf8(text.format(ip)).unwrap(), ip.to_string());
+        }
+        for octet in 0..=255u8 {
+            let ip = IpAddr::from([octet, octet, 0, 255]);
+            let mut text = IpText::default();
+            assert_eq!(std::str::from_utf8(text.format(ip)).unwrap(), ip.to_string());
+        }
     }
 }

@@ -147,7 +147,7 @@ pub async fn write_error(session: &mut Session, answer: ErrorAnswer<'_>) -> Resu
     let mut header = ResponseHeader::build(rejection.status(), Some(8))?;
     header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    header.insert_header(super::X_REQUEST_ID, answer.request_id.clone())?;
+    header.insert_header(super::wire::X_REQUEST_ID, answer.request_id.clone())?;
     if rejection.status() == 401 {
         header.insert_header(http::header::WWW_AUTHENTICATE, r#"Bearer realm="keygate""#)?;
     }
@@ -171,9 +171,10 @@ pub async fn write_error(session: &mut Session, answer: ErrorAnswer<'_>) -> Resu
     Ok(())
 }
 
-const RATELIMIT_LIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit-limit");
-const RATELIMIT_REMAINING: http::HeaderName = http::HeaderName::from_static("ratelimit-remaining");
-const RATELIMIT_RESET: http::HeaderName = http::HeaderName::from_static("ratelimit-reset");
+// Wire spellings: see `super::wire`.
+const RATELIMIT_LIMIT: &str = "RateLimit-Limit";
+const RATELIMIT_REMAINING: &str = "RateLimit-Remaining";
+const RATELIMIT_RESET: &str = "RateLimit-Reset";
 
 /// `RateLimit-Limit` is the burst a key may send at once, `RateLimit-Remaining`
 /// what is left of it, `RateLimit-Reset` the whole seconds until it is full again.

@@ -1,6 +1,7 @@
 //! Upstream pools: round-robin over targets, active health checks, peers with timeouts.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,13 +36,21 @@ struct UpstreamTls {
 
 pub struct Upstream {
     pub name: String,
+    /// Runs the health checks; requests pick from `targets` without it, which saves
+    /// a hashed health lookup and building a peer on every request.
     balancer: LoadBalancer<RoundRobin>,
-    target_count: usize,
-    tls: Option<UpstreamTls>,
-    connect_timeout: Duration,
-    read_timeout: Duration,
+    targets: Arc<[Target]>,
+    next: AtomicUsize,
     health_check: Option<HealthSchedule>,
     pub metrics: UpstreamMetrics,
+}
+
+/// One address of an upstream, with the peer every request to it starts from.
+pub struct Target {
+    pub addr: SocketAddr,
+    peer: HttpPeer,
+    /// Kept current by the health checks' change callback; targets start healthy.
+    healthy: AtomicBool,
 }
 
 struct HealthSchedule {
@@ -90,48 +99,32 @@ impl Upstream {
                     .map_err(|source| UpstreamBuildError::Ca { upstream: name.to_owned(), source })?,
             }),
         };
+        let targets: Arc<[Target]> = addrs
+            .iter()
+            .map(|&addr| Target {
+                addr,
+                peer: peer_template(addr, tls.as_ref(), config),
+                healthy: AtomicBool::new(true),
+            })
+            .collect();
         let health_check = config.health_check.as_ref().map(|hc| {
             let host = tls.as_ref().map_or_else(|| host_part(&config.targets[0]).to_owned(), |t| t.sni.clone());
-            balancer.set_health_check(http_health_check(name, &host, tls.as_ref(), hc));
+            let observer = HealthObserver { upstream: name.to_owned(), targets: Arc::clone(&targets) };
+            balancer.set_health_check(http_health_check(observer, &host, tls.as_ref(), hc));
             HealthSchedule { interval: hc.interval, next_due: Mutex::new(Instant::now()) }
         });
-        Ok(Upstream {
-            name: name.to_owned(),
-            balancer,
-            target_count: addrs.len(),
-            tls,
-            connect_timeout: config.connect_timeout,
-            read_timeout: config.read_timeout,
-            health_check,
-            metrics,
-        })
+        Ok(Upstream { name: name.to_owned(), balancer, targets, next: AtomicUsize::new(0), health_check, metrics })
     }
 
     pub fn target_count(&self) -> usize {
-        self.target_count
+        self.targets.len()
     }
 
     /// The next healthy target in round-robin order.
-    pub fn select(&self) -> Option<Backend> {
-        self.balancer.select(b"", self.target_count.max(1) * 2)
-    }
-
-    pub fn peer(&self, backend: &Backend) -> pingora::Result<Box<HttpPeer>> {
-        let addr = backend
-            .addr
-            .as_inet()
-            .copied()
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "upstream target is not an inet address"))?;
-        let mut peer =
-            HttpPeer::new(addr, self.tls.is_some(), self.tls.as_ref().map(|t| t.sni.clone()).unwrap_or_default());
-        if let Some(tls) = &self.tls {
-            apply_tls(&mut peer, tls);
-        }
-        peer.options.connection_timeout = Some(self.connect_timeout);
-        peer.options.read_timeout = Some(self.read_timeout);
-        peer.options.write_timeout = Some(self.read_timeout);
-        peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
-        Ok(Box::new(peer))
+    pub fn select(&self) -> Option<&Target> {
+        let count = self.targets.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..count).map(|i| &self.targets[(start + i) % count]).find(|t| t.healthy.load(Ordering::Relaxed))
     }
 
     /// Claims the next round of health checks if its interval has passed.
@@ -152,6 +145,25 @@ impl Upstream {
     }
 }
 
+impl Target {
+    /// A peer for one request; cloning the template costs no allocation for plain HTTP.
+    pub fn peer(&self) -> Box<HttpPeer> {
+        Box::new(self.peer.clone())
+    }
+}
+
+fn peer_template(addr: SocketAddr, tls: Option<&UpstreamTls>, config: &UpstreamConfig) -> HttpPeer {
+    let mut peer = HttpPeer::new(addr, tls.is_some(), tls.map(|t| t.sni.clone()).unwrap_or_default());
+    if let Some(tls) = tls {
+        apply_tls(&mut peer, tls);
+    }
+    peer.options.connection_timeout = Some(config.connect_timeout);
+    peer.options.read_timeout = Some(config.read_timeout);
+    peer.options.write_timeout = Some(config.read_timeout);
+    peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
+    peer
+}
+
 fn apply_tls(peer: &mut HttpPeer, tls: &UpstreamTls) {
     peer.options.verify_cert = tls.verify;
     peer.options.verify_hostname = tls.verify;
@@ -159,7 +171,7 @@ fn apply_tls(peer: &mut HttpPeer, tls: &UpstreamTls) {
 }
 
 fn http_health_check(
-    upstream: &str,
+    observer: HealthObserver,
     host: &str,
     tls: Option<&UpstreamTls>,
     config: &HealthCheckConfig,
@@ -185,17 +197,23 @@ fn http_health_check(
             Error::e_explain(ErrorType::CustomCode("unhealthy status", resp.status.as_u16()), "health check")
         }
     }));
-    check.health_changed_callback = Some(Box::new(HealthLogger { upstream: upstream.to_owned() }));
+    check.health_changed_callback = Some(Box::new(observer));
     Box::new(check)
 }
 
-struct HealthLogger {
+/// Marks targets up and down as their health checks change, and says so in the log.
+struct HealthObserver {
     upstream: String,
+    targets: Arc<[Target]>,
 }
 
 #[async_trait]
-impl HealthObserve for HealthLogger {
+impl HealthObserve for HealthObserver {
     async fn observe(&self, target: &Backend, healthy: bool) {
+        let addr = target.addr.as_inet().copied();
+        for t in self.targets.iter().filter(|t| Some(t.addr) == addr) {
+            t.healthy.store(healthy, Ordering::Relaxed);
+        }
         if healthy {
             tracing::info!(upstream = %self.upstream, target = %target.addr, "upstream target is healthy again");
         } else {
@@ -240,7 +258,7 @@ mod tests {
     #[test]
     fn peers_carry_the_configured_timeouts() {
         let upstream = Upstream::build("api", &config(&["127.0.0.1:9001"]), test_metrics()).unwrap();
-        let peer = upstream.peer(&upstream.select().unwrap()).unwrap();
+        let peer = upstream.select().unwrap().peer();
         assert_eq!(peer.options.connection_timeout, Some(Duration::from_secs(1)));
         assert_eq!(peer.options.read_timeout, Some(Duration::from_secs(2)));
     }
