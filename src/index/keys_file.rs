@@ -283,12 +283,12 @@ keys:
         let (digest, record) = &records[0];
         assert_eq!(*digest, KeyDigest::of(&raw));
         assert_eq!(record.id, "key_alice");
-        assert_eq!(record.owner.as_deref(), Some("acme"));
+        assert_eq!(record.owner(), Some("acme"));
         assert_eq!(record.status, KeyStatus::Disabled);
-        assert_eq!(record.ip_allowlist.len(), 3);
-        assert!(record.scopes.holds("billing:refund"));
-        assert_eq!(record.rate_limit.map(|r| r.requests), Some(5));
-        assert_eq!(record.metadata["team"], "payments");
+        assert_eq!(record.ip_allowlist().len(), 3);
+        assert!(record.scopes().holds("billing:refund"));
+        assert_eq!(record.rate_limit().map(|r| r.requests), Some(5));
+        assert_eq!(record.metadata()["team"], "payments");
         assert!(record.expires_at.is_some());
     }
 

@@ -1,22 +1,26 @@
 //! The key index: an immutable snapshot of every key, swapped whole.
 //!
 //! Requests do one `ArcSwap::load` and never lock; writers build the next
-//! snapshot off the request path and publish it with one store.
+//! snapshot off the request path and publish it with one store. Replaced
+//! snapshots are freed on a thread of the index's own, never by a request.
 
 mod keys_file;
 mod record;
+mod table;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
 use crate::key::KeyDigest;
 
 pub use keys_file::{load_keys_file, parse_cidr, parse_keys_file, KeysFileError};
-pub use record::{KeyRecord, KeyStatus, ScopeSet};
+pub use record::{IdentityHeaders, KeyPolicy, KeyRecord, KeyRecordBuilder, KeyStatus, PolicyHeaders, ScopeSet};
 
 /// SHA-256 output is already uniform: its first eight bytes are a perfect hash.
 #[derive(Default)]
@@ -41,7 +45,12 @@ impl Hasher for DigestHasher {
 
 /// Per-key mutable state (limits, usage) lives beside the index in maps keyed by
 /// key id. Ids come from the index, not from clients, so a fast seeded hasher is safe.
-pub type KeyIdMap<V> = dashmap::DashMap<Arc<str>, V, foldhash::fast::RandomState>;
+/// Ids up to 24 bytes (generated ones are exactly that) are stored inline, so a lookup
+/// compares them without following a pointer to another cache line.
+pub type KeyIdMap<V> = dashmap::DashMap<KeyId, V, foldhash::fast::RandomState>;
+
+/// A key id as stored in the per-key maps; hashes and compares as the `str` it holds.
+pub type KeyId = compact_str::CompactString;
 
 type DigestMap<V> = HashMap<KeyDigest, V, BuildHasherDefault<DigestHasher>>;
 
@@ -54,7 +63,7 @@ type DigestMap<V> = HashMap<KeyDigest, V, BuildHasherDefault<DigestHasher>>;
 #[derive(Default, Clone)]
 pub struct Snapshot {
     version: u64,
-    base: Arc<DigestMap<Arc<KeyRecord>>>,
+    base: Arc<table::BaseTable>,
     overlay: DigestMap<Option<Arc<KeyRecord>>>,
     len: usize,
 }
@@ -65,32 +74,48 @@ pub enum SnapshotError {
     DuplicateHash { first: String, second: String },
 }
 
-/// An overlay this large (or larger than this share of the base) is worth folding.
-const COMPACT_AT_LEAST: usize = 1024;
+/// The overlay is folded into the base once it holds this share of the base...
 const COMPACT_BASE_DIVISOR: usize = 16;
+/// ...but at least this many changes, so small indexes are not rebuilt on every change...
+const COMPACT_AT_LEAST: usize = 1024;
+/// ...and at most this many, since every change copies the overlay: at 7 to 25 ns an
+/// entry (benches/index_scale.rs), 16k entries keep one change under half a
+/// millisecond however large the base.
+const COMPACT_AT_MOST: usize = 16 * 1024;
+
+/// The overlay size at which a base of `base_len` keys is worth rebuilding.
+fn compaction_threshold(base_len: usize) -> usize {
+    (base_len / COMPACT_BASE_DIVISOR).clamp(COMPACT_AT_LEAST, COMPACT_AT_MOST)
+}
 
 impl Snapshot {
+    /// A snapshot of `records`. Records with equal policies (plan, scopes,
+    /// allowlist, limits) come to share one.
     pub fn build(
         version: u64,
         records: impl IntoIterator<Item = (KeyDigest, KeyRecord)>,
     ) -> Result<Self, SnapshotError> {
         let records = records.into_iter();
-        let mut by_digest = DigestMap::with_capacity_and_hasher(records.size_hint().0, Default::default());
-        for (digest, record) in records {
-            if let Some(previous) = by_digest.insert(digest, Arc::new(record)) {
-                let second = by_digest[&digest].id.clone();
-                return Err(SnapshotError::DuplicateHash { first: previous.id.clone(), second });
+        let mut base = table::BaseTable::with_capacity(records.size_hint().0);
+        let mut policies = record::PolicyInterner::default();
+        for (digest, mut record) in records {
+            record.digest = digest;
+            policies.intern(&mut record);
+            if let Err((first, second)) = base.insert(Arc::new(record)) {
+                return Err(SnapshotError::DuplicateHash { first: first.id.clone(), second: second.id.clone() });
             }
         }
-        let len = by_digest.len();
-        Ok(Snapshot { version, base: Arc::new(by_digest), overlay: DigestMap::default(), len })
+        let len = base.len();
+        Ok(Snapshot { version, base: Arc::new(base), overlay: DigestMap::default(), len })
     }
 
     pub fn get(&self, digest: &KeyDigest) -> Option<&Arc<KeyRecord>> {
-        match self.overlay.get(digest) {
-            Some(entry) => entry.as_ref(),
-            None => self.base.get(digest),
+        if !self.overlay.is_empty() {
+            if let Some(entry) = self.overlay.get(digest) {
+                return entry.as_ref();
+            }
         }
+        self.base.get(digest)
     }
 
     /// The next snapshot: this one with `changes` applied in order (`None` removes
@@ -100,7 +125,11 @@ impl Snapshot {
         for (digest, record) in changes {
             let was_present = next.get(&digest).is_some();
             let is_present = record.is_some();
-            next.overlay.insert(digest, record.map(Arc::new));
+            let record = record.map(|mut record| {
+                record.digest = digest;
+                Arc::new(record)
+            });
+            next.overlay.insert(digest, record);
             match (was_present, is_present) {
                 (false, true) => next.len += 1,
                 (true, false) => next.len -= 1,
@@ -111,26 +140,60 @@ impl Snapshot {
     }
 
     pub fn needs_compaction(&self) -> bool {
-        self.overlay.len() >= COMPACT_AT_LEAST.max(self.base.len() / COMPACT_BASE_DIVISOR)
+        self.overlay.len() >= self.overlay_limit()
+    }
+
+    /// The overlay size at which `needs_compaction` becomes true.
+    pub fn overlay_limit(&self) -> usize {
+        compaction_threshold(self.base.len())
     }
 
     /// The same keys with the overlay folded into a new base: O(keys), so callers
     /// run it beside the request path and publish the result.
     pub fn compact(&self) -> Snapshot {
-        let mut base = DigestMap::clone(&self.base);
-        for (digest, record) in &self.overlay {
-            match record {
-                Some(record) => base.insert(*digest, Arc::clone(record)),
-                None => base.remove(digest),
-            };
+        let mut base = table::BaseTable::with_capacity(self.len);
+        let kept = self.base.iter().filter(|record| !self.overlay.contains_key(&record.digest));
+        let changed = self.overlay.values().flatten();
+        for record in kept.chain(changed) {
+            // Digests are distinct: the overlay's replace the base's.
+            let _ = base.insert(Arc::clone(record));
         }
         Snapshot { version: self.version, len: base.len(), base: Arc::new(base), overlay: DigestMap::default() }
+    }
+
+    /// This snapshot on the base of `compacted`, which is `from.compact()` for an earlier
+    /// snapshot `from` on this snapshot's base: the changes made since `from` stay in the
+    /// overlay, the ones `compacted` folded leave it. Lets a compaction run beside the
+    /// sync instead of holding up the change that triggered it. `None` when the bases
+    /// differ (a full reload came in between): the compaction is then of no use.
+    pub fn rebase(&self, from: &Snapshot, compacted: &Snapshot) -> Option<Snapshot> {
+        if !Arc::ptr_eq(&self.base, &from.base) || !compacted.overlay.is_empty() {
+            return None;
+        }
+        // Every change makes a new record, so an entry still identical to `from`'s is one
+        // `compacted` holds already.
+        let folded = |digest: &KeyDigest, entry: &Option<Arc<KeyRecord>>| match (from.overlay.get(digest), entry) {
+            (Some(None), None) => true,
+            (Some(Some(before)), Some(now)) => Arc::ptr_eq(before, now),
+            _ => false,
+        };
+        let overlay = self
+            .overlay
+            .iter()
+            .filter(|(digest, entry)| !folded(digest, entry))
+            .map(|(d, e)| (*d, e.clone()))
+            .collect();
+        Some(Snapshot { version: self.version, base: Arc::clone(&compacted.base), overlay, len: self.len })
     }
 
     /// Every live record, base and overlay merged.
     pub fn records(&self) -> impl Iterator<Item = (&KeyDigest, &Arc<KeyRecord>)> {
         let overlay = self.overlay.iter().filter_map(|(d, r)| r.as_ref().map(|r| (d, r)));
-        let base = self.base.iter().filter(|(d, _)| !self.overlay.contains_key(*d));
+        let base = self
+            .base
+            .iter()
+            .filter(|record| !self.overlay.contains_key(&record.digest))
+            .map(|record| (&record.digest, record));
         overlay.chain(base)
     }
 
@@ -140,6 +203,11 @@ impl Snapshot {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Changes applied since the base was built: what `apply` copies.
+    pub fn overlay_len(&self) -> usize {
+        self.overlay.len()
     }
 
     pub fn version(&self) -> u64 {
@@ -152,11 +220,13 @@ pub struct KeyIndex {
     current: ArcSwap<Snapshot>,
     /// Whether a snapshot has been published yet: what `/readyz` reports.
     loaded: AtomicBool,
+    /// Where replaced snapshots go to be freed; started at the first publish.
+    reaper: OnceLock<Option<mpsc::Sender<Arc<Snapshot>>>>,
 }
 
 impl KeyIndex {
     pub fn new(snapshot: Snapshot) -> Self {
-        KeyIndex { current: ArcSwap::from_pointee(snapshot), loaded: AtomicBool::new(false) }
+        KeyIndex { current: ArcSwap::from_pointee(snapshot), loaded: AtomicBool::new(false), reaper: OnceLock::new() }
     }
 
     /// Lock-free; the guard keeps the snapshot alive while it is held.
@@ -169,13 +239,84 @@ impl KeyIndex {
         self.current.load_full()
     }
 
+    /// Makes `snapshot` the one requests see. The replaced snapshot is freed on the
+    /// index's reaper thread once no reader holds it: a request that still holds
+    /// it when the swap happens (an arc-swap guard then owns a reference) would
+    /// otherwise free it when it lets go, and freeing millions of records takes
+    /// most of a second.
     pub fn publish(&self, snapshot: Snapshot) {
-        self.current.store(Arc::new(snapshot));
+        self.publish_shared(Arc::new(snapshot));
+    }
+
+    /// `publish` for a snapshot the caller keeps a reference to.
+    pub fn publish_shared(&self, snapshot: Arc<Snapshot>) {
+        let old = self.current.swap(snapshot);
         self.loaded.store(true, Ordering::Release);
+        self.retire(old);
     }
 
     pub fn is_loaded(&self) -> bool {
         self.loaded.load(Ordering::Acquire)
+    }
+
+    fn retire(&self, old: Arc<Snapshot>) {
+        let reaper = self.reaper.get_or_init(|| {
+            let (sender, receiver) = mpsc::channel();
+            let started = std::thread::Builder::new().name("keygate-index-reaper".into()).spawn(move || reap(receiver));
+            match started {
+                Ok(_) => Some(sender),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the index reaper thread; replaced snapshots are freed where they are released");
+                    None
+                }
+            }
+        });
+        let Some(sender) = reaper else { return };
+        // Sending fails only if the reaper has gone; the snapshot is then dropped here.
+        let _ = sender.send(old);
+    }
+}
+
+/// Frees retired snapshots once the reaper holds the last reference. After the
+/// swap no reader can take a new reference to a retired snapshot, so a count of
+/// one stays one; readers holding it let go within microseconds.
+fn reap(retired: mpsc::Receiver<Arc<Snapshot>>) {
+    let mut pending: Vec<Arc<Snapshot>> = Vec::new();
+    let mut wait = Duration::from_millis(1);
+    loop {
+        let next = if pending.is_empty() {
+            match retired.recv() {
+                Ok(snapshot) => Some(snapshot),
+                Err(_) => return,
+            }
+        } else {
+            match retired.recv_timeout(wait) {
+                Ok(snapshot) => Some(snapshot),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    // The index is gone: whoever still holds these frees them.
+                    return;
+                }
+            }
+        };
+        pending.extend(next);
+        let before = pending.len();
+        let (free, held): (Vec<_>, Vec<_>) = pending.into_iter().partition(|snapshot| Arc::strong_count(snapshot) == 1);
+        pending = held;
+        free.into_iter().for_each(free_snapshot);
+        wait =
+            if pending.len() < before { Duration::from_millis(1) } else { (wait * 2).min(Duration::from_millis(100)) };
+    }
+}
+
+/// Frees a snapshot the caller holds the last reference to.
+fn free_snapshot(snapshot: Arc<Snapshot>) {
+    let Ok(snapshot) = Arc::try_unwrap(snapshot) else { return };
+    let Snapshot { base, overlay, .. } = snapshot;
+    drop(overlay);
+    // A base shared with a later snapshot stays; one held by nothing else goes.
+    if let Ok(base) = Arc::try_unwrap(base) {
+        base.free_in_address_order();
     }
 }
 
@@ -187,6 +328,39 @@ impl Default for KeyIndex {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rebase_keeps_the_changes_made_while_compacting() {
+        let digest = |n: u8| KeyDigest([n; 32]);
+        let record = |id: &str| KeyRecord::builder(id).build();
+        let start = Snapshot::build(1, (1..=4).map(|n| (digest(n), record(&format!("k{n}"))))).unwrap();
+        // Folded by the compaction: k1 revoked, k5 added.
+        let from = start.apply(2, [(digest(1), None), (digest(5), Some(record("k5")))]);
+        let compacted = from.compact();
+        // Made while it ran: k2 revoked, k5 replaced, k1 back, k6 added.
+        let later = from.apply(
+            3,
+            [
+                (digest(2), None),
+                (digest(5), Some(record("k5-new"))),
+                (digest(1), Some(record("k1-back"))),
+                (digest(6), Some(record("k6"))),
+            ],
+        );
+        let rebased = later.rebase(&from, &compacted).expect("same base");
+        assert_eq!(rebased.version(), 3);
+        assert_eq!(rebased.len(), later.len());
+        assert_eq!(rebased.overlay_len(), 4, "only the later changes stay in the overlay");
+        for n in 1..=6 {
+            assert_eq!(
+                rebased.get(&digest(n)).map(|r| r.id.clone()),
+                later.get(&digest(n)).map(|r| r.id.clone()),
+                "key {n}"
+            );
+        }
+        let reloaded = Snapshot::build(4, [(digest(9), record("k9"))]).unwrap();
+        assert!(reloaded.rebase(&from, &compacted).is_none(), "a reload in between makes the compaction useless");
+    }
+
     use super::*;
 
     fn record(id: &str) -> KeyRecord {
@@ -201,6 +375,14 @@ mod tests {
         assert_eq!(snapshot.get(&KeyDigest::of("b")).unwrap().id, "key_b");
         assert!(snapshot.get(&KeyDigest::of("c")).is_none());
         assert_eq!(snapshot.len(), 2);
+    }
+
+    #[test]
+    fn an_empty_index_finds_nothing() {
+        let index = KeyIndex::default();
+        assert!(index.load().get(&KeyDigest::of("a")).is_none());
+        assert!(Snapshot::default().get(&KeyDigest::of("a")).is_none());
+        assert!(Snapshot::build(1, []).unwrap().get(&KeyDigest::of("a")).is_none());
     }
 
     #[test]
@@ -272,6 +454,85 @@ mod tests {
         let mut before: Vec<String> = changed.records().map(|(_, r)| r.id.clone()).collect();
         before.sort();
         assert_eq!(before, ids);
+    }
+
+    #[test]
+    fn records_carry_the_digest_they_are_found_by() {
+        let base =
+            Snapshot::build(1, (0..100).map(|i| (KeyDigest::of(&i.to_string()), record(&format!("k{i}"))))).unwrap();
+        let next = base.apply(2, [(KeyDigest::of("new"), Some(record("new")))]);
+        for (digest, record) in next.records() {
+            assert_eq!(&record.digest, digest);
+            assert!(Arc::ptr_eq(next.get(digest).unwrap(), record));
+        }
+        let compacted = next.compact();
+        assert_eq!(compacted.len(), 101);
+        assert_eq!(compacted.get(&KeyDigest::of("new")).unwrap().id, "new");
+        assert_eq!(compacted.get(&KeyDigest::of("42")).unwrap().id, "k42");
+        assert!(compacted.get(&KeyDigest::of("100")).is_none());
+    }
+
+    #[test]
+    fn compaction_replaces_changed_records_in_the_base() {
+        let base = Snapshot::build(1, [(KeyDigest::of("a"), record("key_a"))]).unwrap();
+        let revoked =
+            base.apply(2, [(KeyDigest::of("a"), Some(KeyRecord::builder("key_a").status(KeyStatus::Revoked).build()))]);
+        let compacted = revoked.compact();
+        assert_eq!(compacted.get(&KeyDigest::of("a")).unwrap().status, KeyStatus::Revoked);
+        assert_eq!(compacted.len(), 1);
+        assert_eq!(base.get(&KeyDigest::of("a")).unwrap().status, KeyStatus::Active);
+    }
+
+    #[test]
+    fn keys_with_equal_settings_share_one_policy() {
+        let key = |id: &str, plan: &str| {
+            KeyRecord::builder(id).plan(Some(plan.into())).scopes(vec!["orders:read".into()]).build()
+        };
+        let snapshot = Snapshot::build(
+            1,
+            [
+                (KeyDigest::of("a"), key("key_a", "pro")),
+                (KeyDigest::of("b"), key("key_b", "pro")),
+                (KeyDigest::of("c"), key("key_c", "free")),
+            ],
+        )
+        .unwrap();
+        let get = |raw: &str| snapshot.get(&KeyDigest::of(raw)).unwrap();
+        assert!(Arc::ptr_eq(get("a").policy(), get("b").policy()));
+        assert!(!Arc::ptr_eq(get("a").policy(), get("c").policy()));
+        assert_eq!(get("b").headers.key_id, "key_b");
+        assert_eq!(get("c").headers.plan.as_ref().unwrap(), "free");
+    }
+
+    #[test]
+    fn the_overlay_is_compacted_before_a_change_copies_too_much() {
+        let small = Snapshot::build(1, (0..10).map(|i| (KeyDigest::of(&i.to_string()), record("k")))).unwrap();
+        let changes = |n: usize| (0..n).map(|i| (KeyDigest::of(&format!("c{i}")), Some(record("c"))));
+        assert!(!small.apply(2, changes(COMPACT_AT_LEAST - 1)).needs_compaction());
+        assert!(small.apply(2, changes(COMPACT_AT_LEAST)).needs_compaction());
+        assert_eq!(compaction_threshold(0), COMPACT_AT_LEAST);
+        assert_eq!(compaction_threshold(100_000), 100_000 / COMPACT_BASE_DIVISOR);
+        // However large the base, one change never copies more than COMPACT_AT_MOST entries.
+        assert_eq!(compaction_threshold(10_000_000), COMPACT_AT_MOST);
+    }
+
+    #[test]
+    fn a_reader_holding_the_old_snapshot_does_not_free_it() {
+        let index = KeyIndex::default();
+        index.publish(Snapshot::build(1, [(KeyDigest::of("a"), record("key_a"))]).unwrap());
+        let weak_record = Arc::downgrade(index.load().get(&KeyDigest::of("a")).unwrap());
+        let guard = index.load();
+        index.publish(Snapshot::build(2, [(KeyDigest::of("b"), record("key_b"))]).unwrap());
+        assert_eq!(guard.version(), 1, "the reader keeps a consistent old view");
+        assert_eq!(Arc::strong_count(&guard), 2, "the guard and the reaper hold the old snapshot");
+        drop(guard);
+        // The reaper frees it soon after the reader lets go.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while weak_record.upgrade().is_some() {
+            assert!(std::time::Instant::now() < deadline, "the old snapshot was never freed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(index.load().version(), 2);
     }
 
     impl KeyIndex {

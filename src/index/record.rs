@@ -1,10 +1,25 @@
 //! One key's settings as the gateway needs them on the request path.
+//!
+//! An index holds millions of records, so a record is laid out for size:
+//! inline, only what is the key's own and what the request path reads (id,
+//! status, expiry, the key's identity header values); what keys of the same
+//! plan, scopes, allowlist and limits have in common is one shared
+//! [`KeyPolicy`] (`Snapshot::build` makes records with equal policies share
+//! one); and what the request path never reads and few keys have (tags,
+//! metadata) sits in an optional box.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::ops::Deref;
+use std::sync::{Arc, Weak};
 
 use http::HeaderValue;
 use ipnet::IpNet;
 use time::OffsetDateTime;
 
 use crate::config::{QuotaConfig, RateLimitConfig};
+use crate::key::KeyDigest;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyStatus {
@@ -54,6 +69,8 @@ impl ScopeSet {
                 set.exact.push(scope.into());
             }
         }
+        set.exact.shrink_to_fit();
+        set.prefixes.shrink_to_fit();
         set
     }
 
@@ -69,30 +86,156 @@ impl ScopeSet {
 }
 
 /// Header values sent upstream for an allowed request, built once per record.
+///
+/// `key_id` and `owner` are the key's own. `plan` and `scopes` belong to the
+/// key's shared [`KeyPolicy`] and are read through `Deref` (`headers.plan`,
+/// `headers.scopes`), so that a key does not carry 80 bytes of header values it
+/// has in common with every other key of its plan and scopes.
 #[derive(Debug, Clone)]
 pub struct IdentityHeaders {
     pub key_id: HeaderValue,
     pub owner: Option<HeaderValue>,
+    policy: Arc<KeyPolicy>,
+}
+
+/// The header values of a [`KeyPolicy`]: `plan` and `scopes` of [`IdentityHeaders`].
+#[derive(Debug)]
+pub struct PolicyHeaders {
     pub plan: Option<HeaderValue>,
     pub scopes: HeaderValue,
+}
+
+impl Deref for IdentityHeaders {
+    type Target = PolicyHeaders;
+
+    fn deref(&self) -> &PolicyHeaders {
+        &self.policy.headers
+    }
+}
+
+/// What a key shares with every key of the same plan, scopes, allowlist and
+/// limits. Immutable once built.
+#[derive(Debug)]
+pub struct KeyPolicy {
+    plan: Option<Box<str>>,
+    scope_names: Box<[Box<str>]>,
+    scopes: ScopeSet,
+    ip_allowlist: Box<[IpNet]>,
+    rate_limit: Option<RateLimitConfig>,
+    quota: Option<QuotaConfig>,
+    headers: PolicyHeaders,
+    /// `settings_hash` of the settings above.
+    hash: u64,
+}
+
+/// A hash of the settings a policy is built from (everything else in it is derived).
+fn settings_hash<S: AsRef<str>>(
+    plan: Option<&str>,
+    scopes: &[S],
+    ip_allowlist: &[IpNet],
+    rate_limit: Option<&RateLimitConfig>,
+    quota: Option<&QuotaConfig>,
+) -> u64 {
+    let mut state = foldhash::fast::FixedState::default().build_hasher();
+    plan.hash(&mut state);
+    scopes.len().hash(&mut state);
+    for scope in scopes {
+        scope.as_ref().hash(&mut state);
+    }
+    ip_allowlist.hash(&mut state);
+    rate_limit.map(|r| (r.requests, r.per, r.burst)).hash(&mut state);
+    quota.map(|q| (q.requests, q.per)).hash(&mut state);
+    state.finish()
+}
+
+impl KeyPolicy {
+    /// Whether this policy was built from exactly these settings.
+    fn has_settings<S: AsRef<str>>(
+        &self,
+        plan: Option<&str>,
+        scopes: &[S],
+        ip_allowlist: &[IpNet],
+        rate_limit: Option<&RateLimitConfig>,
+        quota: Option<&QuotaConfig>,
+    ) -> bool {
+        self.plan.as_deref() == plan
+            && self.scope_names.len() == scopes.len()
+            && self.scope_names.iter().zip(scopes).all(|(a, b)| **a == *b.as_ref())
+            && *self.ip_allowlist == *ip_allowlist
+            && self.rate_limit.as_ref() == rate_limit
+            && self.quota.as_ref() == quota
+    }
+
+    fn same_settings(&self, other: &KeyPolicy) -> bool {
+        self.hash == other.hash
+            && self.has_settings(
+                other.plan.as_deref(),
+                &other.scope_names,
+                &other.ip_allowlist,
+                other.rate_limit.as_ref(),
+                other.quota.as_ref(),
+            )
+    }
+}
+
+/// Policies built lately on this thread, by settings hash. The records of a key
+/// set are built in a row (a keys file, a feed's snapshot) and most share a few
+/// policies: a build that finds its policy here allocates nothing for it, and
+/// `Snapshot::build` has no duplicate to drop.
+const RECENT_POLICIES_AT_MOST: usize = 1024;
+
+thread_local! {
+    static RECENT_POLICIES: RefCell<HashMap<u64, Weak<KeyPolicy>>> = RefCell::new(HashMap::new());
+}
+
+fn recent_policy(hash: u64) -> Option<Arc<KeyPolicy>> {
+    RECENT_POLICIES
+        .try_with(|recent| recent.try_borrow().ok().and_then(|recent| recent.get(&hash).and_then(Weak::upgrade)))
+        .ok()
+        .flatten()
+}
+
+fn remember_policy(policy: &Arc<KeyPolicy>) {
+    let _ = RECENT_POLICIES.try_with(|recent| {
+        let Ok(mut recent) = recent.try_borrow_mut() else { return };
+        if recent.len() >= RECENT_POLICIES_AT_MOST {
+            recent.retain(|_, policy| policy.strong_count() > 0);
+            if recent.len() >= RECENT_POLICIES_AT_MOST {
+                recent.clear();
+            }
+        }
+        recent.insert(policy.hash, Arc::downgrade(policy));
+    });
+}
+
+/// Rarely set, never read on the request path.
+#[derive(Debug, Clone, Default)]
+struct KeyDetails {
+    /// The owner as given, kept only where its header value had to be cleaned.
+    owner: Option<Box<str>>,
+    /// Compact JSON text of the metadata object: a parsed map costs a B-tree node (~600 bytes).
+    metadata: Option<Box<str>>,
+    tags: Box<[Box<str>]>,
+}
+
+impl KeyDetails {
+    fn is_empty(&self) -> bool {
+        self.owner.is_none() && self.metadata.is_none() && self.tags.is_empty()
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct KeyRecord {
     pub id: String,
-    pub name: String,
-    pub owner: Option<String>,
-    pub plan: Option<String>,
-    pub scope_names: Vec<String>,
-    pub scopes: ScopeSet,
-    pub ip_allowlist: Vec<IpNet>,
-    pub rate_limit: Option<RateLimitConfig>,
-    pub quota: Option<QuotaConfig>,
     pub status: KeyStatus,
     pub expires_at: Option<OffsetDateTime>,
-    pub metadata: serde_json::Map<String, serde_json::Value>,
-    pub tags: Vec<String>,
+    /// Header values for the upstream; also holds the key's shared policy.
     pub headers: IdentityHeaders,
+    /// `None` when the name is the id (a keys file's default).
+    name: Option<Box<str>>,
+    details: Option<Box<KeyDetails>>,
+    /// The digest the record is indexed by, set when it enters a snapshot.
+    pub(super) digest: KeyDigest,
 }
 
 impl KeyRecord {
@@ -118,7 +261,63 @@ impl KeyRecord {
     }
 
     pub fn allows_ip(&self, ip: std::net::IpAddr) -> bool {
-        self.ip_allowlist.is_empty() || self.ip_allowlist.iter().any(|net| net.contains(&ip))
+        let allowlist = &self.headers.policy.ip_allowlist;
+        allowlist.is_empty() || allowlist.iter().any(|net| net.contains(&ip))
+    }
+
+    pub fn scopes(&self) -> &ScopeSet {
+        &self.headers.policy.scopes
+    }
+
+    /// The scopes as given, in order.
+    pub fn scope_names(&self) -> &[Box<str>] {
+        &self.headers.policy.scope_names
+    }
+
+    pub fn ip_allowlist(&self) -> &[IpNet] {
+        &self.headers.policy.ip_allowlist
+    }
+
+    pub fn plan(&self) -> Option<&str> {
+        self.headers.policy.plan.as_deref()
+    }
+
+    pub fn rate_limit(&self) -> Option<&RateLimitConfig> {
+        self.headers.policy.rate_limit.as_ref()
+    }
+
+    pub fn quota(&self) -> Option<&QuotaConfig> {
+        self.headers.policy.quota.as_ref()
+    }
+
+    /// The policy this record shares with keys of the same settings.
+    pub fn policy(&self) -> &Arc<KeyPolicy> {
+        &self.headers.policy
+    }
+
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.id)
+    }
+
+    pub fn owner(&self) -> Option<&str> {
+        if let Some(owner) = self.details.as_ref().and_then(|d| d.owner.as_deref()) {
+            return Some(owner);
+        }
+        // Otherwise the header value holds exactly the text given (see `build`).
+        self.headers.owner.as_ref().and_then(|value| std::str::from_utf8(value.as_bytes()).ok())
+    }
+
+    /// The metadata object (parsed on each call: nothing on the request path reads it).
+    pub fn metadata(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.details
+            .as_ref()
+            .and_then(|d| d.metadata.as_deref())
+            .and_then(|json| serde_json::from_str(json).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn tags(&self) -> &[Box<str>] {
+        self.details.as_ref().map_or(&[], |d| &d.tags)
     }
 }
 
@@ -184,27 +383,100 @@ impl KeyRecordBuilder {
     }
 
     pub fn build(self) -> KeyRecord {
-        let headers = IdentityHeaders {
-            key_id: header_value(&self.id),
-            owner: self.owner.as_deref().map(header_value),
-            plan: self.plan.as_deref().map(header_value),
-            scopes: header_value(&self.scopes.join(" ")),
+        let hash = settings_hash(
+            self.plan.as_deref(),
+            &self.scopes,
+            &self.ip_allowlist,
+            self.rate_limit.as_ref(),
+            self.quota.as_ref(),
+        );
+        let policy = match recent_policy(hash).filter(|policy| {
+            policy.has_settings(
+                self.plan.as_deref(),
+                &self.scopes,
+                &self.ip_allowlist,
+                self.rate_limit.as_ref(),
+                self.quota.as_ref(),
+            )
+        }) {
+            Some(policy) => policy,
+            None => {
+                let policy = Arc::new(KeyPolicy {
+                    headers: PolicyHeaders {
+                        plan: self.plan.as_deref().map(header_value),
+                        scopes: header_value(&self.scopes.join(" ")),
+                    },
+                    scopes: ScopeSet::new(&self.scopes),
+                    scope_names: self.scopes.into_iter().map(String::into_boxed_str).collect(),
+                    plan: self.plan.map(String::into_boxed_str),
+                    ip_allowlist: self.ip_allowlist.into_boxed_slice(),
+                    rate_limit: self.rate_limit,
+                    quota: self.quota,
+                    hash,
+                });
+                remember_policy(&policy);
+                policy
+            }
         };
+        let owner_header = self.owner.as_deref().map(header_value);
+        // The owner's text is read back from its header value unless cleaning changed it.
+        let owner = match (self.owner, &owner_header) {
+            (Some(owner), Some(value)) if value.as_bytes() != owner.as_bytes() => Some(owner.into_boxed_str()),
+            _ => None,
+        };
+        let details = KeyDetails {
+            owner,
+            // Serialising a map with string keys cannot fail; were it to, the metadata would read as empty.
+            metadata: (!self.metadata.is_empty())
+                .then(|| serde_json::to_string(&self.metadata).ok().map(String::into_boxed_str))
+                .flatten(),
+            tags: self.tags.into_iter().map(String::into_boxed_str).collect(),
+        };
+        let mut id = self.id;
+        id.shrink_to_fit();
+        let name = (self.name != id).then(|| self.name.into_boxed_str());
         KeyRecord {
-            scopes: ScopeSet::new(&self.scopes),
-            scope_names: self.scopes,
-            id: self.id,
-            name: self.name,
-            owner: self.owner,
-            plan: self.plan,
-            ip_allowlist: self.ip_allowlist,
-            rate_limit: self.rate_limit,
-            quota: self.quota,
+            headers: IdentityHeaders { key_id: header_value(&id), owner: owner_header, policy },
+            id,
             status: self.status,
             expires_at: self.expires_at,
-            metadata: self.metadata,
-            tags: self.tags,
-            headers,
+            name,
+            details: (!details.is_empty()).then(|| Box::new(details)),
+            digest: KeyDigest([0; 32]),
+        }
+    }
+}
+
+/// Makes records with equal policies share one `KeyPolicy` (used while a snapshot is built).
+#[derive(Default)]
+pub(super) struct PolicyInterner {
+    seen: HashSet<SharedPolicy, std::hash::BuildHasherDefault<super::DigestHasher>>,
+}
+
+struct SharedPolicy(Arc<KeyPolicy>);
+
+impl Hash for SharedPolicy {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0.hash);
+    }
+}
+
+impl PartialEq for SharedPolicy {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.same_settings(&other.0)
+    }
+}
+
+impl Eq for SharedPolicy {}
+
+impl PolicyInterner {
+    pub(super) fn intern(&mut self, record: &mut KeyRecord) {
+        let policy = SharedPolicy(Arc::clone(&record.headers.policy));
+        match self.seen.get(&policy) {
+            Some(shared) => record.headers.policy = Arc::clone(&shared.0),
+            None => {
+                self.seen.insert(policy);
+            }
         }
     }
 }
@@ -221,6 +493,8 @@ fn header_value(text: &str) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::QuotaPeriod;
+    use std::time::Duration;
 
     #[test]
     fn exact_scopes_match_only_themselves() {
@@ -278,11 +552,173 @@ mod tests {
         assert_eq!(record.headers.owner.as_ref().unwrap(), "acme");
         assert_eq!(record.headers.scopes, "a:b c");
         assert!(record.headers.plan.is_none());
+        let with_plan = KeyRecord::builder("key_2").plan(Some("pro".into())).build();
+        assert_eq!(with_plan.headers.plan.as_ref().unwrap(), "pro");
+        assert_eq!(with_plan.headers.scopes, "");
     }
 
     #[test]
     fn control_characters_never_reach_a_header() {
         let record = KeyRecord::builder("key\n1").build();
         assert_eq!(record.headers.key_id, "key?1");
+        assert_eq!(record.id, "key\n1");
+    }
+
+    fn full_builder() -> KeyRecordBuilder {
+        let mut metadata = serde_json::Map::new();
+        metadata.insert("team".into(), "payments".into());
+        metadata.insert("tier".into(), 2.into());
+        metadata.insert("ratio".into(), serde_json::json!(0.1));
+        metadata.insert("nested".into(), serde_json::json!({"a": [1, null, true, "x"]}));
+        KeyRecord::builder("key_full")
+            .name("full key")
+            .owner(Some("acme".into()))
+            .plan(Some("pro".into()))
+            .scopes(vec!["orders:*".into(), "billing:read".into(), "*".into()])
+            .ip_allowlist(vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()])
+            .rate_limit(Some(RateLimitConfig { requests: 5, per: Duration::from_secs(1), burst: Some(10) }))
+            .quota(Some(QuotaConfig { requests: 1000, per: QuotaPeriod::Day }))
+            .status(KeyStatus::Disabled)
+            .expires_at(Some(OffsetDateTime::from_unix_timestamp(1_900_000_000).unwrap()))
+            .metadata(metadata)
+            .tags(vec!["prod".into(), "eu".into()])
+    }
+
+    #[test]
+    fn every_setting_reads_back_as_given() {
+        let record = full_builder().build();
+        assert_eq!(record.id, "key_full");
+        assert_eq!(record.name(), "full key");
+        assert_eq!(record.owner(), Some("acme"));
+        assert_eq!(record.plan(), Some("pro"));
+        let names: Vec<&str> = record.scope_names().iter().map(|s| &**s).collect();
+        assert_eq!(names, ["orders:*", "billing:read", "*"]);
+        assert_eq!(record.ip_allowlist(), ["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            record.rate_limit(),
+            Some(&RateLimitConfig { requests: 5, per: Duration::from_secs(1), burst: Some(10) })
+        );
+        assert_eq!(record.quota(), Some(&QuotaConfig { requests: 1000, per: QuotaPeriod::Day }));
+        assert_eq!(record.status, KeyStatus::Disabled);
+        assert_eq!(record.expires_at, Some(OffsetDateTime::from_unix_timestamp(1_900_000_000).unwrap()));
+        let metadata = record.metadata();
+        assert_eq!(metadata["team"], "payments");
+        assert_eq!(metadata["tier"], 2);
+        assert_eq!(metadata["ratio"], 0.1);
+        assert_eq!(metadata["nested"], serde_json::json!({"a": [1, null, true, "x"]}));
+        assert_eq!(metadata.len(), 4);
+        let tags: Vec<&str> = record.tags().iter().map(|s| &**s).collect();
+        assert_eq!(tags, ["prod", "eu"]);
+        // A clone shares the policy and reads the same.
+        let clone = record.clone();
+        assert!(Arc::ptr_eq(clone.policy(), record.policy()));
+        assert_eq!(clone.metadata(), metadata);
+    }
+
+    #[test]
+    fn unset_settings_read_as_empty() {
+        let record = KeyRecord::builder("key_bare").build();
+        assert_eq!(record.name(), "");
+        assert_eq!(record.owner(), None);
+        assert_eq!(record.plan(), None);
+        assert!(record.scope_names().is_empty());
+        assert!(record.ip_allowlist().is_empty());
+        assert!(record.rate_limit().is_none() && record.quota().is_none());
+        assert!(record.metadata().is_empty());
+        assert!(record.tags().is_empty());
+        assert!(record.details.is_none(), "no details box for a key without details");
+    }
+
+    #[test]
+    fn a_name_equal_to_the_id_is_not_stored_twice() {
+        let record = KeyRecord::builder("key_same").name("key_same").build();
+        assert_eq!(record.name(), "key_same");
+        assert!(record.name.is_none());
+    }
+
+    #[test]
+    fn an_owner_whose_header_was_cleaned_keeps_its_exact_text() {
+        let tab = KeyRecord::builder("k").owner(Some("a\tb".into())).build();
+        assert_eq!(tab.owner(), Some("a\tb"));
+        let control = KeyRecord::builder("k").owner(Some("ac\u{7}me".into())).build();
+        assert_eq!(control.headers.owner.as_ref().unwrap(), "ac?me");
+        assert_eq!(control.owner(), Some("ac\u{7}me"));
+        let accented = KeyRecord::builder("k").owner(Some("café".into())).build();
+        assert_eq!(accented.headers.owner.as_ref().unwrap().as_bytes(), "café".as_bytes());
+        assert_eq!(accented.owner(), Some("café"));
+        assert!(accented.details.is_none(), "the header holds the exact text");
+        let empty = KeyRecord::builder("k").owner(Some(String::new())).build();
+        assert_eq!(empty.owner(), Some(""));
+    }
+
+    #[test]
+    fn equal_policies_are_shared_and_different_ones_are_not() {
+        let mut interner = PolicyInterner::default();
+        let mut a = full_builder().build();
+        // Built on another thread, so that thread's recent policies do not share it already.
+        let mut b = std::thread::spawn(|| full_builder().build()).join().unwrap();
+        let mut other_scope = full_builder().scopes(vec!["orders:*".into()]).build();
+        let mut other_limit = full_builder().rate_limit(None).build();
+        let mut other_allowlist = full_builder().ip_allowlist(vec![]).build();
+        let mut other_plan = full_builder().plan(None).build();
+        let mut other_quota =
+            full_builder().quota(Some(QuotaConfig { requests: 1000, per: QuotaPeriod::Month })).build();
+        assert!(!Arc::ptr_eq(a.policy(), b.policy()));
+        for record in [
+            &mut a,
+            &mut b,
+            &mut other_scope,
+            &mut other_limit,
+            &mut other_allowlist,
+            &mut other_plan,
+            &mut other_quota,
+        ] {
+            interner.intern(record);
+        }
+        assert!(Arc::ptr_eq(a.policy(), b.policy()));
+        for other in [&other_scope, &other_limit, &other_allowlist, &other_plan, &other_quota] {
+            assert!(!Arc::ptr_eq(a.policy(), other.policy()));
+        }
+        // Sharing changes nothing a reader sees.
+        assert_eq!(b.headers.scopes, "orders:* billing:read *");
+        assert_eq!(b.owner(), Some("acme"));
+        assert_eq!(other_scope.headers.scopes, "orders:*");
+        assert!(other_limit.rate_limit().is_none());
+        assert_eq!(other_quota.quota().map(|q| q.per), Some(QuotaPeriod::Month));
+    }
+
+    #[test]
+    fn records_built_in_a_row_reuse_their_policy() {
+        let a = full_builder().build();
+        let b = full_builder().build();
+        assert!(Arc::ptr_eq(a.policy(), b.policy()));
+        let other = full_builder().scopes(vec!["orders:*".into(), "billing:read".into()]).build();
+        assert!(!Arc::ptr_eq(a.policy(), other.policy()));
+        assert_eq!(other.headers.scopes, "orders:* billing:read");
+        // Only weakly remembered: once no record holds a policy, it is freed.
+        let weak = Arc::downgrade(a.policy());
+        drop((a, b));
+        assert!(weak.upgrade().is_none());
+        let again = full_builder().build();
+        assert_eq!(again.headers.scopes, "orders:* billing:read *");
+        assert_eq!(again.plan(), Some("pro"));
+    }
+
+    #[test]
+    fn many_distinct_policies_keep_the_recent_list_bounded() {
+        let records: Vec<KeyRecord> = (0..RECENT_POLICIES_AT_MOST * 2 + 1)
+            .map(|i| KeyRecord::builder("k").scopes(vec![format!("s{i}")]).build())
+            .collect();
+        let remembered = RECENT_POLICIES.with(|recent| recent.borrow().len());
+        assert!(remembered <= RECENT_POLICIES_AT_MOST, "{remembered}");
+        for (i, record) in records.iter().enumerate() {
+            assert_eq!(record.headers.scopes, format!("s{i}").as_str());
+        }
+    }
+
+    #[test]
+    fn a_record_stays_small() {
+        // The index holds millions of these: see benches/index_scale.rs before growing it.
+        assert!(std::mem::size_of::<KeyRecord>() <= 192, "KeyRecord is {} bytes", std::mem::size_of::<KeyRecord>());
     }
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::index::KeyIdMap;
+use crate::index::{KeyId, KeyIdMap};
 use arc_swap::ArcSwap;
 use time::{Date, Month, OffsetDateTime, Time};
 
@@ -106,7 +106,7 @@ impl QuotaCounters {
         }
         let word = self
             .by_key
-            .entry(Arc::from(key_id))
+            .entry(KeyId::from(key_id))
             .or_insert_with(|| AtomicU64::new((period << COUNT_BITS) | self.floor(key_id, quota.per, period)));
         consume(&word)
     }

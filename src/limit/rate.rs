@@ -2,10 +2,9 @@
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use crate::index::KeyIdMap;
+use crate::index::{KeyId, KeyIdMap};
 use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
@@ -84,7 +83,7 @@ impl<C: Clock + Clone> RateLimiters<C> {
             // Validation refuses zero rates; an impossible limit lets everything through.
             return Ok(RateInfo { limit: u32::MAX, remaining: u32::MAX, reset: Duration::ZERO });
         };
-        let mut entry = self.by_key.entry(Arc::from(key_id)).or_insert_with(|| self.new_limiter(*config, quota, now));
+        let mut entry = self.by_key.entry(KeyId::from(key_id)).or_insert_with(|| self.new_limiter(*config, quota, now));
         if entry.config != *config {
             *entry = self.new_limiter(*config, quota, now);
         }

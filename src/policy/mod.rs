@@ -173,7 +173,7 @@ pub fn decide<C: Clock + Clone>(
         _ if record.is_expired(now) => Some(Denial::KeyExpired),
         KeyStatus::Disabled => Some(Denial::KeyDisabled),
         KeyStatus::Active if !record.allows_ip(facts.client_ip) => Some(Denial::IpNotAllowed),
-        KeyStatus::Active if !record.scopes.holds_all(facts.required_scopes) => Some(Denial::InsufficientScope),
+        KeyStatus::Active if !record.scopes().holds_all(facts.required_scopes) => Some(Denial::InsufficientScope),
         KeyStatus::Active => None,
     };
     if let Some(denial) = denial {

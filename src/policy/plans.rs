@@ -18,15 +18,15 @@ impl PlanTable {
 
     /// The plan a key is on: its own, else the default plan.
     pub fn plan_name<'a>(&'a self, record: &'a KeyRecord) -> Option<&'a str> {
-        record.plan.as_deref().or(self.default_plan.as_deref())
+        record.plan().or(self.default_plan.as_deref())
     }
 
     /// A key's own `rate_limit` and `quota` override its plan's, each on its own.
     pub fn limits_for<'a>(&'a self, record: &'a KeyRecord) -> (Option<&'a RateLimitConfig>, Option<&'a QuotaConfig>) {
         let plan = self.plan_name(record).and_then(|name| self.plans.get(name));
         (
-            record.rate_limit.as_ref().or(plan.and_then(|p| p.rate_limit.as_ref())),
-            record.quota.as_ref().or(plan.and_then(|p| p.quota.as_ref())),
+            record.rate_limit().or(plan.and_then(|p| p.rate_limit.as_ref())),
+            record.quota().or(plan.and_then(|p| p.quota.as_ref())),
         )
     }
 }

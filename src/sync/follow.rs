@@ -90,6 +90,10 @@ pub struct Follower {
     /// Wakes the cache writer; requests made while it writes coalesce into one more write.
     cache_requested: tokio::sync::Notify,
     cache_dirty: std::sync::atomic::AtomicBool,
+    /// Held from reading the current snapshot to publishing the next, so a compaction
+    /// finishing beside the sync cannot publish over a change.
+    publishing: std::sync::Mutex<()>,
+    compacting: std::sync::atomic::AtomicBool,
 }
 
 impl Follower {
@@ -111,6 +115,8 @@ impl Follower {
             last_success,
             cache_requested: tokio::sync::Notify::new(),
             cache_dirty: std::sync::atomic::AtomicBool::new(false),
+            publishing: std::sync::Mutex::new(()),
+            compacting: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -179,7 +185,7 @@ impl Follower {
                     let (version, keys) = self.feed.snapshot().await?;
                     self.install(version, keys);
                 } else if !batch.changes.is_empty() {
-                    self.apply(batch);
+                    Arc::clone(&self).apply(batch);
                 }
                 Ok(())
             };
@@ -254,12 +260,15 @@ impl Follower {
                 return;
             }
         };
-        self.publish(snapshot);
+        let publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        self.publish(Arc::new(snapshot));
+        drop(publishing);
         let mut by_id = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         *by_id = keys.into_iter().map(|k| (k.id.clone(), k)).collect();
     }
 
-    fn apply(&self, batch: ChangeBatch) {
+    fn apply(self: Arc<Self>, batch: ChangeBatch) {
+        let publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.index.current();
         let mut by_id = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         let mut changes = Vec::with_capacity(batch.changes.len());
@@ -280,18 +289,32 @@ impl Follower {
             }
         }
         drop(by_id);
-        let mut next = current.apply(batch.version, changes);
-        if next.needs_compaction() {
-            next = next.compact();
+        let next = Arc::new(current.apply(batch.version, changes));
+        self.publish(Arc::clone(&next));
+        drop(publishing);
+        if next.needs_compaction() && !self.compacting.swap(true, Ordering::AcqRel) {
+            // Folding a large index takes most of a second: the change is live already,
+            // and the folded base is published when it is ready.
+            let this = Arc::clone(&self);
+            tokio::task::spawn_blocking(move || this.compact_from(&next));
         }
-        self.publish(next);
         self.request_cache_write();
     }
 
-    fn publish(&self, snapshot: Snapshot) {
+    fn compact_from(&self, from: &Snapshot) {
+        let compacted = from.compact();
+        let publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rebased) = self.index.current().rebase(from, &compacted) {
+            self.publish(Arc::new(rebased));
+        }
+        drop(publishing);
+        self.compacting.store(false, Ordering::Release);
+    }
+
+    fn publish(&self, snapshot: Arc<Snapshot>) {
         self.metrics.keys_loaded.set(snapshot.len() as i64);
         self.metrics.key_index_version.set(snapshot.version() as i64);
-        self.index.publish(snapshot);
+        self.index.publish_shared(snapshot);
     }
 
     fn write_cache(&self) {
@@ -324,4 +347,77 @@ fn write_cache(path: &Path, cache: &CacheFile) -> std::io::Result<()> {
     file.flush()?;
     file.sync_all()?;
     std::fs::rename(&temp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::model::{Change, KeyChange, KeyStatusText, StoredKey};
+    use time::macros::datetime;
+
+    /// A feed the test drives by calling `apply` itself.
+    struct Unused;
+
+    #[async_trait::async_trait]
+    impl KeyFeed for Unused {
+        async fn snapshot(&self) -> Result<(u64, Vec<StoredKey>), FeedError> {
+            unreachable!("the test applies batches itself")
+        }
+        async fn changes(&self, _since: u64, _wait: Duration) -> Result<ChangeBatch, FeedError> {
+            unreachable!("the test applies batches itself")
+        }
+    }
+
+    fn stored(n: usize) -> StoredKey {
+        StoredKey {
+            id: format!("key_{n}"),
+            hash: format!("sha256:{}", hex::encode(KeyDigest::of(&format!("raw-{n}")).0)),
+            prefix: "kg_live".into(),
+            masked: "kg_live_…".into(),
+            name: "n".into(),
+            owner: None,
+            plan: None,
+            scopes: vec![],
+            ip_allowlist: vec![],
+            rate_limit: None,
+            quota: None,
+            status: KeyStatusText::Active,
+            expires_at: None,
+            metadata: serde_json::Map::new(),
+            tags: vec![],
+            created_at: datetime!(2026-01-01 00:00 UTC),
+            updated_at: datetime!(2026-01-01 00:00 UTC),
+            last_used_at: None,
+            version: n as u64,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_runs_beside_the_sync_and_loses_no_change() {
+        let index = Arc::new(KeyIndex::default());
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let follower =
+            Arc::new(Follower::new(Arc::new(Unused), Arc::clone(&index), metrics, None, Arc::new(AtomicI64::new(0))));
+        follower.install(0, vec![]);
+        // One key per batch, well past the size at which the overlay is folded; the
+        // compaction started by one batch runs while later batches are applied.
+        let total = 5000;
+        for n in 1..=total {
+            let change = Change { version: n as u64, change: KeyChange::Upsert(stored(n)) };
+            Arc::clone(&follower).apply(ChangeBatch { version: n as u64, changes: vec![change], reset: false });
+            let live = index.current();
+            assert_eq!(live.len(), n, "every change is live as soon as it is applied");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while follower.compacting.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let live = index.current();
+        assert_eq!(live.version(), total as u64);
+        assert_eq!(live.len(), total);
+        assert!(live.overlay_len() < total, "the overlay was folded at least once: {}", live.overlay_len());
+        for n in 1..=total {
+            assert!(live.get(&KeyDigest::of(&format!("raw-{n}"))).is_some(), "key {n} is present");
+        }
+    }
 }

@@ -2,9 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
 
-use crate::index::KeyIdMap;
+use crate::index::{KeyId, KeyIdMap};
 use time::OffsetDateTime;
 
 use super::record::{StatusClasses, UsageRecord};
@@ -53,7 +52,7 @@ impl UsageCounters {
             entry.add(usage);
             return;
         }
-        self.by_key.entry(Arc::from(key_id)).or_default().add(usage);
+        self.by_key.entry(KeyId::from(key_id)).or_default().add(usage);
     }
 
     /// Takes every count since the last drain, as records for the window
