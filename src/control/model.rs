@@ -291,6 +291,33 @@ impl Granularity {
     }
 }
 
+/// An active key with no plan, scopes or limits, for tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn sample_key(id: &str, hash: String) -> StoredKey {
+    let at = time::macros::datetime!(2026-01-01 00:00 UTC);
+    StoredKey {
+        id: id.into(),
+        hash,
+        prefix: "kg_live".into(),
+        masked: "kg_live_Ab3d…x9Zq".into(),
+        name: "n".into(),
+        owner: None,
+        plan: None,
+        scopes: vec![],
+        ip_allowlist: vec![],
+        rate_limit: None,
+        quota: None,
+        status: KeyStatusText::Active,
+        expires_at: None,
+        metadata: serde_json::Map::new(),
+        tags: vec![],
+        created_at: at,
+        updated_at: at,
+        last_used_at: None,
+        version: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,25 +325,10 @@ mod tests {
 
     fn key() -> StoredKey {
         StoredKey {
-            id: "key_abc".into(),
-            hash: format!("sha256:{}", "0".repeat(64)),
-            prefix: "kg_live".into(),
-            masked: "kg_live_Ab3d…x9Zq".into(),
-            name: "n".into(),
-            owner: None,
             plan: Some("free".into()),
             scopes: vec!["orders:*".into()],
-            ip_allowlist: vec![],
-            rate_limit: None,
-            quota: None,
-            status: KeyStatusText::Active,
-            expires_at: None,
-            metadata: serde_json::Map::new(),
-            tags: vec![],
-            created_at: datetime!(2026-01-01 00:00 UTC),
-            updated_at: datetime!(2026-01-01 00:00 UTC),
-            last_used_at: None,
             version: 3,
+            ..sample_key("key_abc", format!("sha256:{}", "0".repeat(64)))
         }
     }
 

@@ -352,8 +352,7 @@ fn write_cache(path: &Path, cache: &CacheFile) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::model::{Change, KeyChange, KeyStatusText, StoredKey};
-    use time::macros::datetime;
+    use crate::control::model::sample_key;
 
     /// A feed the test drives by calling `apply` itself.
     struct Unused;
@@ -369,27 +368,8 @@ mod tests {
     }
 
     fn stored(n: usize) -> StoredKey {
-        StoredKey {
-            id: format!("key_{n}"),
-            hash: format!("sha256:{}", hex::encode(KeyDigest::of(&format!("raw-{n}")).0)),
-            prefix: "kg_live".into(),
-            masked: "kg_live_…".into(),
-            name: "n".into(),
-            owner: None,
-            plan: None,
-            scopes: vec![],
-            ip_allowlist: vec![],
-            rate_limit: None,
-            quota: None,
-            status: KeyStatusText::Active,
-            expires_at: None,
-            metadata: serde_json::Map::new(),
-            tags: vec![],
-            created_at: datetime!(2026-01-01 00:00 UTC),
-            updated_at: datetime!(2026-01-01 00:00 UTC),
-            last_used_at: None,
-            version: n as u64,
-        }
+        let hash = format!("sha256:{}", hex::encode(KeyDigest::of(&format!("raw-{n}")).0));
+        StoredKey { version: n as u64, ..sample_key(&format!("key_{n}"), hash) }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
