@@ -26,7 +26,7 @@ use crate::index::KeyIndex;
 use crate::limit::{QuotaCounters, RateLimiters};
 use crate::metrics::Metrics;
 use crate::proxy::tls::{load_certified_key, ListenerCertificate};
-use crate::proxy::{DataPlane, Freshness, Gateway, GatewayState};
+use crate::proxy::{DataPlane, Freshness, Gateway, GatewayState, ProxyService, STOP_LINGER};
 use crate::sync::{Follower, KeyFeed, KeysFileSource, LocalFeed, QuotaSeedSource, RemoteFeed};
 use crate::usage::{ControlPlaneSink, FileSink, Flusher, FlusherHandle, NamedSink, UsageCounters, UsageSink};
 
@@ -38,6 +38,9 @@ const HEALTH_TICK: Duration = Duration::from_millis(250);
 const EVICT_EVERY: Duration = Duration::from_secs(30);
 /// Then usage gets this long to reach its sinks.
 const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A stop waits this long before it looks for open connections: a connection
+/// accepted in the last instant is counted only once its task has started.
+const SETTLE_BEFORE_DRAIN: Duration = Duration::from_millis(50);
 
 /// `keygate serve`: blocks until the node is shut down by a signal.
 pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
@@ -85,6 +88,7 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
             .context("cannot open the access log")?,
         metrics: Arc::clone(&metrics),
         in_flight: AtomicUsize::new(0),
+        connections: AtomicUsize::new(0),
         freshness,
     });
 
@@ -93,9 +97,10 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     server.bootstrap();
 
     if config.mode != Mode::ControlPlane {
-        let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        let mut proxy = ProxyService::build(
             &server.configuration,
             Gateway::new(Arc::clone(&plane)),
+            STOP_LINGER.min(config.shutdown_timeout),
             "keygate proxy",
         );
         for (listener, certificate) in config.listeners.iter().zip(&certificates) {
@@ -550,12 +555,17 @@ impl Maintenance {
         }
     }
 
-    /// Pingora has stopped accepting; wait for requests in flight, flush usage and
+    /// Pingora has stopped accepting; wait for open connections (requests in flight,
+    /// and connections lingering for a request: see `ProxyService`), flush usage and
     /// the access log, and end the process rather than sit out the grace period.
     async fn finish(&self, flusher: &FlusherHandle, follower: Option<&Arc<Follower>>) {
         crate::systemd_notify::stopping();
         let deadline = Instant::now() + self.drain_timeout;
-        while self.plane.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        // A connection accepted in the last instant is counted once its task starts.
+        tokio::time::sleep(SETTLE_BEFORE_DRAIN.min(self.drain_timeout)).await;
+        let open =
+            || self.plane.in_flight.load(Ordering::Acquire) > 0 || self.plane.connections.load(Ordering::Acquire) > 0;
+        while open() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let unfinished = self.plane.in_flight.load(Ordering::Acquire);

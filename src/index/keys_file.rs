@@ -282,7 +282,7 @@ keys:
         assert_eq!(records.len(), 1);
         let (digest, record) = &records[0];
         assert_eq!(*digest, KeyDigest::of(&raw));
-        assert_eq!(record.id, "key_alice");
+        assert_eq!(record.id(), "key_alice");
         assert_eq!(record.owner(), Some("acme"));
         assert_eq!(record.status, KeyStatus::Disabled);
         assert_eq!(record.ip_allowlist().len(), 3);
@@ -296,8 +296,8 @@ keys:
     fn missing_id_is_derived_from_the_hash() {
         let text = format!("keys:\n  - hash: \"{}\"\n", KeyDigest::of("x"));
         let records = parse(&text).unwrap();
-        assert!(records[0].1.id.starts_with("key_"));
-        assert_eq!(records[0].1.id.len(), 4 + 16);
+        assert!(records[0].1.id().starts_with("key_"));
+        assert_eq!(records[0].1.id().len(), 4 + 16);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use arc_swap::ArcSwap;
 use crate::key::KeyDigest;
 
 pub use keys_file::{load_keys_file, parse_cidr, parse_keys_file, KeysFileError};
-pub use record::{IdentityHeaders, KeyPolicy, KeyRecord, KeyRecordBuilder, KeyStatus, PolicyHeaders, ScopeSet};
+pub use record::{KeyPolicy, KeyRecord, KeyRecordBuilder, KeyStatus, ScopeSet};
 
 /// SHA-256 output is already uniform: its first eight bytes are a perfect hash.
 #[derive(Default)]
@@ -102,7 +102,10 @@ impl Snapshot {
             record.digest = digest;
             policies.intern(&mut record);
             if let Err((first, second)) = base.insert(Arc::new(record)) {
-                return Err(SnapshotError::DuplicateHash { first: first.id.clone(), second: second.id.clone() });
+                return Err(SnapshotError::DuplicateHash {
+                    first: first.id().to_owned(),
+                    second: second.id().to_owned(),
+                });
             }
         }
         let len = base.len();
@@ -352,8 +355,8 @@ mod tests {
         assert_eq!(rebased.overlay_len(), 4, "only the later changes stay in the overlay");
         for n in 1..=6 {
             assert_eq!(
-                rebased.get(&digest(n)).map(|r| r.id.clone()),
-                later.get(&digest(n)).map(|r| r.id.clone()),
+                rebased.get(&digest(n)).map(|r| r.id().to_owned()),
+                later.get(&digest(n)).map(|r| r.id().to_owned()),
                 "key {n}"
             );
         }
@@ -371,8 +374,8 @@ mod tests {
     fn lookup_finds_records_by_digest() {
         let snapshot =
             Snapshot::build(1, [(KeyDigest::of("a"), record("key_a")), (KeyDigest::of("b"), record("key_b"))]).unwrap();
-        assert_eq!(snapshot.get(&KeyDigest::of("a")).unwrap().id, "key_a");
-        assert_eq!(snapshot.get(&KeyDigest::of("b")).unwrap().id, "key_b");
+        assert_eq!(snapshot.get(&KeyDigest::of("a")).unwrap().id(), "key_a");
+        assert_eq!(snapshot.get(&KeyDigest::of("b")).unwrap().id(), "key_b");
         assert!(snapshot.get(&KeyDigest::of("c")).is_none());
         assert_eq!(snapshot.len(), 2);
     }
@@ -418,7 +421,7 @@ mod tests {
         assert_eq!(next.len(), 2);
         assert_eq!(next.get(&KeyDigest::of("a")).unwrap().status, KeyStatus::Revoked);
         assert!(next.get(&KeyDigest::of("b")).is_none());
-        assert_eq!(next.get(&KeyDigest::of("c")).unwrap().id, "key_c");
+        assert_eq!(next.get(&KeyDigest::of("c")).unwrap().id(), "key_c");
         assert!(Arc::ptr_eq(&base.base, &next.base), "the base is shared, not copied");
         // The earlier snapshot is untouched.
         assert_eq!(base.len(), 2);
@@ -448,10 +451,10 @@ mod tests {
         assert_eq!(compacted.len(), 6);
         assert!(compacted.overlay.is_empty());
         assert_eq!(compacted.version(), 2);
-        let mut ids: Vec<String> = compacted.records().map(|(_, r)| r.id.clone()).collect();
+        let mut ids: Vec<String> = compacted.records().map(|(_, r)| r.id().to_owned()).collect();
         ids.sort();
         assert_eq!(ids, ["k5", "k6", "k7", "k8", "k9", "new"]);
-        let mut before: Vec<String> = changed.records().map(|(_, r)| r.id.clone()).collect();
+        let mut before: Vec<String> = changed.records().map(|(_, r)| r.id().to_owned()).collect();
         before.sort();
         assert_eq!(before, ids);
     }
@@ -467,8 +470,8 @@ mod tests {
         }
         let compacted = next.compact();
         assert_eq!(compacted.len(), 101);
-        assert_eq!(compacted.get(&KeyDigest::of("new")).unwrap().id, "new");
-        assert_eq!(compacted.get(&KeyDigest::of("42")).unwrap().id, "k42");
+        assert_eq!(compacted.get(&KeyDigest::of("new")).unwrap().id(), "new");
+        assert_eq!(compacted.get(&KeyDigest::of("42")).unwrap().id(), "k42");
         assert!(compacted.get(&KeyDigest::of("100")).is_none());
     }
 
@@ -500,8 +503,8 @@ mod tests {
         let get = |raw: &str| snapshot.get(&KeyDigest::of(raw)).unwrap();
         assert!(Arc::ptr_eq(get("a").policy(), get("b").policy()));
         assert!(!Arc::ptr_eq(get("a").policy(), get("c").policy()));
-        assert_eq!(get("b").headers.key_id, "key_b");
-        assert_eq!(get("c").headers.plan.as_ref().unwrap(), "free");
+        assert_eq!(get("b").id_header(), "key_b");
+        assert_eq!(get("c").plan_header().unwrap(), "free");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! One key's settings as the gateway needs them on the request path.
 //!
 //! An index holds millions of records, so a record is laid out for size:
-//! inline, only what is the key's own and what the request path reads (id,
-//! status, expiry, the key's identity header values); what keys of the same
+//! inline, only what is the key's own and what the request path reads (id and
+//! owner in one buffer that also backs their header values, status, expiry); what keys of the same
 //! plan, scopes, allowlist and limits have in common is one shared
 //! [`KeyPolicy`] (`Snapshot::build` makes records with equal policies share
 //! one); and what the request path never reads and few keys have (tags,
@@ -11,9 +11,9 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::ops::Deref;
 use std::sync::{Arc, Weak};
 
+use bytes::Bytes;
 use http::HeaderValue;
 use ipnet::IpNet;
 use time::OffsetDateTime;
@@ -85,32 +85,12 @@ impl ScopeSet {
     }
 }
 
-/// Header values sent upstream for an allowed request, built once per record.
-///
-/// `key_id` and `owner` are the key's own. `plan` and `scopes` belong to the
-/// key's shared [`KeyPolicy`] and are read through `Deref` (`headers.plan`,
-/// `headers.scopes`), so that a key does not carry 80 bytes of header values it
-/// has in common with every other key of its plan and scopes.
-#[derive(Debug, Clone)]
-pub struct IdentityHeaders {
-    pub key_id: HeaderValue,
-    pub owner: Option<HeaderValue>,
-    policy: Arc<KeyPolicy>,
-}
-
-/// The header values of a [`KeyPolicy`]: `plan` and `scopes` of [`IdentityHeaders`].
+/// The `X-Keygate-Plan` and `X-Keygate-Scopes` values of a [`KeyPolicy`], built
+/// once for every key that shares it.
 #[derive(Debug)]
-pub struct PolicyHeaders {
-    pub plan: Option<HeaderValue>,
-    pub scopes: HeaderValue,
-}
-
-impl Deref for IdentityHeaders {
-    type Target = PolicyHeaders;
-
-    fn deref(&self) -> &PolicyHeaders {
-        &self.policy.headers
-    }
+struct PolicyHeaders {
+    plan: Option<HeaderValue>,
+    scopes: HeaderValue,
 }
 
 /// What a key shares with every key of the same plan, scopes, allowlist and
@@ -211,8 +191,6 @@ fn remember_policy(policy: &Arc<KeyPolicy>) {
 /// Rarely set, never read on the request path.
 #[derive(Debug, Clone, Default)]
 struct KeyDetails {
-    /// The owner as given, kept only where its header value had to be cleaned.
-    owner: Option<Box<str>>,
     /// Compact JSON text of the metadata object: a parsed map costs a B-tree node (~600 bytes).
     metadata: Option<Box<str>>,
     tags: Box<[Box<str>]>,
@@ -220,22 +198,28 @@ struct KeyDetails {
 
 impl KeyDetails {
     fn is_empty(&self) -> bool {
-        self.owner.is_none() && self.metadata.is_none() && self.tags.is_empty()
+        self.metadata.is_none() && self.tags.is_empty()
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct KeyRecord {
-    pub id: String,
-    pub status: KeyStatus,
+    /// The digest the record is indexed by, set when it enters a snapshot.
+    pub(super) digest: KeyDigest,
+    /// The id's text followed by the owner's: `id()` and `owner()` read it, and the
+    /// `X-Keygate-Key-Id` and `X-Keygate-Owner` values are slices of it that share
+    /// the buffer, so a record carries neither a second copy of the text nor two
+    /// 40-byte header values.
+    identity: Bytes,
+    policy: Arc<KeyPolicy>,
     pub expires_at: Option<OffsetDateTime>,
-    /// Header values for the upstream; also holds the key's shared policy.
-    pub headers: IdentityHeaders,
     /// `None` when the name is the id (a keys file's default).
     name: Option<Box<str>>,
     details: Option<Box<KeyDetails>>,
-    /// The digest the record is indexed by, set when it enters a snapshot.
-    pub(super) digest: KeyDigest,
+    /// Where the id ends in `identity`.
+    id_len: u32,
+    has_owner: bool,
+    pub status: KeyStatus,
 }
 
 impl KeyRecord {
@@ -260,51 +244,72 @@ impl KeyRecord {
         self.expires_at.is_some_and(|at| now >= at)
     }
 
+    pub fn id(&self) -> &str {
+        // `identity` is built from the id's and the owner's `String`s and split at
+        // the id's length, so both halves are UTF-8; the fallback is never taken.
+        std::str::from_utf8(&self.identity[..self.id_len as usize]).unwrap_or_default()
+    }
+
+    /// The `X-Keygate-Key-Id` value: a slice of the record's buffer, no copy.
+    pub fn id_header(&self) -> HeaderValue {
+        header_slice(self.identity.slice(..self.id_len as usize))
+    }
+
+    /// The `X-Keygate-Owner` value: a slice of the record's buffer, no copy.
+    pub fn owner_header(&self) -> Option<HeaderValue> {
+        self.has_owner.then(|| header_slice(self.identity.slice(self.id_len as usize..)))
+    }
+
+    pub fn plan_header(&self) -> Option<&HeaderValue> {
+        self.policy.headers.plan.as_ref()
+    }
+
+    pub fn scopes_header(&self) -> &HeaderValue {
+        &self.policy.headers.scopes
+    }
+
     pub fn allows_ip(&self, ip: std::net::IpAddr) -> bool {
-        let allowlist = &self.headers.policy.ip_allowlist;
+        let allowlist = &self.policy.ip_allowlist;
         allowlist.is_empty() || allowlist.iter().any(|net| net.contains(&ip))
     }
 
     pub fn scopes(&self) -> &ScopeSet {
-        &self.headers.policy.scopes
+        &self.policy.scopes
     }
 
     /// The scopes as given, in order.
     pub fn scope_names(&self) -> &[Box<str>] {
-        &self.headers.policy.scope_names
+        &self.policy.scope_names
     }
 
     pub fn ip_allowlist(&self) -> &[IpNet] {
-        &self.headers.policy.ip_allowlist
+        &self.policy.ip_allowlist
     }
 
     pub fn plan(&self) -> Option<&str> {
-        self.headers.policy.plan.as_deref()
+        self.policy.plan.as_deref()
     }
 
     pub fn rate_limit(&self) -> Option<&RateLimitConfig> {
-        self.headers.policy.rate_limit.as_ref()
+        self.policy.rate_limit.as_ref()
     }
 
     pub fn quota(&self) -> Option<&QuotaConfig> {
-        self.headers.policy.quota.as_ref()
+        self.policy.quota.as_ref()
     }
 
     /// The policy this record shares with keys of the same settings.
     pub fn policy(&self) -> &Arc<KeyPolicy> {
-        &self.headers.policy
+        &self.policy
     }
 
     pub fn name(&self) -> &str {
-        self.name.as_deref().unwrap_or(&self.id)
+        self.name.as_deref().unwrap_or(self.id())
     }
 
     pub fn owner(&self) -> Option<&str> {
-        if let Some(owner) = self.details.as_ref().and_then(|d| d.owner.as_deref()) {
-            return Some(owner);
-        }
-        // Otherwise the header value holds exactly the text given (see `build`).
-        self.headers.owner.as_ref().and_then(|value| std::str::from_utf8(value.as_bytes()).ok())
+        // UTF-8 for the same reason as in `id`.
+        self.has_owner.then(|| std::str::from_utf8(&self.identity[self.id_len as usize..]).unwrap_or_default())
     }
 
     /// The metadata object (parsed on each call: nothing on the request path reads it).
@@ -418,31 +423,35 @@ impl KeyRecordBuilder {
                 policy
             }
         };
-        let owner_header = self.owner.as_deref().map(header_value);
-        // The owner's text is read back from its header value unless cleaning changed it.
-        let owner = match (self.owner, &owner_header) {
-            (Some(owner), Some(value)) if value.as_bytes() != owner.as_bytes() => Some(owner.into_boxed_str()),
-            _ => None,
-        };
         let details = KeyDetails {
-            owner,
             // Serialising a map with string keys cannot fail; were it to, the metadata would read as empty.
             metadata: (!self.metadata.is_empty())
                 .then(|| serde_json::to_string(&self.metadata).ok().map(String::into_boxed_str))
                 .flatten(),
             tags: self.tags.into_iter().map(String::into_boxed_str).collect(),
         };
-        let mut id = self.id;
-        id.shrink_to_fit();
-        let name = (self.name != id).then(|| self.name.into_boxed_str());
+        let name = (self.name != self.id).then(|| self.name.into_boxed_str());
+        let has_owner = self.owner.is_some();
+        let mut identity = self.id;
+        // Ids are at most 128 characters where they enter (keys file, admin API);
+        // the cap only keeps `id_len` exact.
+        let mut id_end = identity.len().min(u32::MAX as usize);
+        while !identity.is_char_boundary(id_end) {
+            id_end -= 1;
+        }
+        identity.truncate(id_end);
+        let id_len = identity.len() as u32;
+        identity.push_str(self.owner.as_deref().unwrap_or_default());
         KeyRecord {
-            headers: IdentityHeaders { key_id: header_value(&id), owner: owner_header, policy },
-            id,
-            status: self.status,
+            digest: KeyDigest([0; 32]),
+            identity: Bytes::from(identity.into_bytes().into_boxed_slice()),
+            policy,
             expires_at: self.expires_at,
             name,
             details: (!details.is_empty()).then(|| Box::new(details)),
-            digest: KeyDigest([0; 32]),
+            id_len,
+            has_owner,
+            status: self.status,
         }
     }
 }
@@ -471,14 +480,21 @@ impl Eq for SharedPolicy {}
 
 impl PolicyInterner {
     pub(super) fn intern(&mut self, record: &mut KeyRecord) {
-        let policy = SharedPolicy(Arc::clone(&record.headers.policy));
+        let policy = SharedPolicy(Arc::clone(&record.policy));
         match self.seen.get(&policy) {
-            Some(shared) => record.headers.policy = Arc::clone(&shared.0),
+            Some(shared) => record.policy = Arc::clone(&shared.0),
             None => {
                 self.seen.insert(policy);
             }
         }
     }
+}
+
+/// A header value sharing `bytes`; cleaned (a copy) only if a control character
+/// slipped through the validation where records enter.
+fn header_slice(bytes: Bytes) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes.clone())
+        .unwrap_or_else(|_| header_value(std::str::from_utf8(&bytes).unwrap_or_default()))
 }
 
 /// Record fields are validated where they enter (keys file, admin API); this only
@@ -548,20 +564,38 @@ mod tests {
     fn identity_headers_are_prepared_once() {
         let record =
             KeyRecord::builder("key_1").owner(Some("acme".into())).scopes(vec!["a:b".into(), "c".into()]).build();
-        assert_eq!(record.headers.key_id, "key_1");
-        assert_eq!(record.headers.owner.as_ref().unwrap(), "acme");
-        assert_eq!(record.headers.scopes, "a:b c");
-        assert!(record.headers.plan.is_none());
+        assert_eq!(record.id_header(), "key_1");
+        assert_eq!(record.owner_header().unwrap(), "acme");
+        assert_eq!(record.scopes_header(), "a:b c");
+        assert!(record.plan_header().is_none());
         let with_plan = KeyRecord::builder("key_2").plan(Some("pro".into())).build();
-        assert_eq!(with_plan.headers.plan.as_ref().unwrap(), "pro");
-        assert_eq!(with_plan.headers.scopes, "");
+        assert_eq!(with_plan.plan_header().unwrap(), "pro");
+        assert_eq!(with_plan.scopes_header(), "");
+    }
+
+    #[test]
+    fn id_and_owner_headers_share_the_records_buffer() {
+        let record = KeyRecord::builder("key_1").owner(Some("acme".into())).build();
+        let id = record.id_header();
+        let owner = record.owner_header().unwrap();
+        assert_eq!(id.as_bytes().as_ptr(), record.id().as_ptr(), "the id header is not a copy");
+        assert_eq!(owner.as_bytes().as_ptr(), record.owner().unwrap().as_ptr(), "the owner header is not a copy");
+        let without_owner = KeyRecord::builder("key_2").build();
+        assert!(without_owner.owner_header().is_none());
+        assert_eq!(without_owner.id(), "key_2");
+    }
+
+    #[test]
+    fn a_record_stays_within_two_cache_lines() {
+        // Ten million of them make up most of an index: growth here is memory per key.
+        assert!(std::mem::size_of::<KeyRecord>() <= 128, "{} bytes", std::mem::size_of::<KeyRecord>());
     }
 
     #[test]
     fn control_characters_never_reach_a_header() {
         let record = KeyRecord::builder("key\n1").build();
-        assert_eq!(record.headers.key_id, "key?1");
-        assert_eq!(record.id, "key\n1");
+        assert_eq!(record.id_header(), "key?1");
+        assert_eq!(record.id(), "key\n1");
     }
 
     fn full_builder() -> KeyRecordBuilder {
@@ -587,7 +621,7 @@ mod tests {
     #[test]
     fn every_setting_reads_back_as_given() {
         let record = full_builder().build();
-        assert_eq!(record.id, "key_full");
+        assert_eq!(record.id(), "key_full");
         assert_eq!(record.name(), "full key");
         assert_eq!(record.owner(), Some("acme"));
         assert_eq!(record.plan(), Some("pro"));
@@ -641,14 +675,14 @@ mod tests {
         let tab = KeyRecord::builder("k").owner(Some("a\tb".into())).build();
         assert_eq!(tab.owner(), Some("a\tb"));
         let control = KeyRecord::builder("k").owner(Some("ac\u{7}me".into())).build();
-        assert_eq!(control.headers.owner.as_ref().unwrap(), "ac?me");
+        assert_eq!(control.owner_header().unwrap(), "ac?me");
         assert_eq!(control.owner(), Some("ac\u{7}me"));
         let accented = KeyRecord::builder("k").owner(Some("café".into())).build();
-        assert_eq!(accented.headers.owner.as_ref().unwrap().as_bytes(), "café".as_bytes());
+        assert_eq!(accented.owner_header().unwrap().as_bytes(), "café".as_bytes());
         assert_eq!(accented.owner(), Some("café"));
-        assert!(accented.details.is_none(), "the header holds the exact text");
         let empty = KeyRecord::builder("k").owner(Some(String::new())).build();
         assert_eq!(empty.owner(), Some(""));
+        assert_eq!(empty.owner_header().unwrap(), "");
     }
 
     #[test]
@@ -680,9 +714,9 @@ mod tests {
             assert!(!Arc::ptr_eq(a.policy(), other.policy()));
         }
         // Sharing changes nothing a reader sees.
-        assert_eq!(b.headers.scopes, "orders:* billing:read *");
+        assert_eq!(b.scopes_header(), "orders:* billing:read *");
         assert_eq!(b.owner(), Some("acme"));
-        assert_eq!(other_scope.headers.scopes, "orders:*");
+        assert_eq!(other_scope.scopes_header(), "orders:*");
         assert!(other_limit.rate_limit().is_none());
         assert_eq!(other_quota.quota().map(|q| q.per), Some(QuotaPeriod::Month));
     }
@@ -694,13 +728,13 @@ mod tests {
         assert!(Arc::ptr_eq(a.policy(), b.policy()));
         let other = full_builder().scopes(vec!["orders:*".into(), "billing:read".into()]).build();
         assert!(!Arc::ptr_eq(a.policy(), other.policy()));
-        assert_eq!(other.headers.scopes, "orders:* billing:read");
+        assert_eq!(other.scopes_header(), "orders:* billing:read");
         // Only weakly remembered: once no record holds a policy, it is freed.
         let weak = Arc::downgrade(a.policy());
         drop((a, b));
         assert!(weak.upgrade().is_none());
         let again = full_builder().build();
-        assert_eq!(again.headers.scopes, "orders:* billing:read *");
+        assert_eq!(again.scopes_header(), "orders:* billing:read *");
         assert_eq!(again.plan(), Some("pro"));
     }
 
@@ -712,7 +746,7 @@ mod tests {
         let remembered = RECENT_POLICIES.with(|recent| recent.borrow().len());
         assert!(remembered <= RECENT_POLICIES_AT_MOST, "{remembered}");
         for (i, record) in records.iter().enumerate() {
-            assert_eq!(record.headers.scopes, format!("s{i}").as_str());
+            assert_eq!(record.scopes_header(), format!("s{i}").as_str());
         }
     }
 

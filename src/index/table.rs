@@ -181,7 +181,7 @@ mod tests {
         }
         assert_eq!(table.len(), 20);
         for (i, d) in digests.iter().enumerate() {
-            assert_eq!(table.get(d).unwrap().id, format!("k{i}"));
+            assert_eq!(table.get(d).unwrap().id(), format!("k{i}"));
         }
         assert!(table.get(&digest(u64::MAX, 0, 200)).is_none(), "same home and tag, another digest");
         assert!(table.get(&digest(u64::MAX, 99, 0)).is_none());
@@ -195,7 +195,7 @@ mod tests {
         let d = KeyDigest::of("a");
         table.insert(record(d, "first")).unwrap();
         let (existing, refused) = table.insert(record(d, "second")).unwrap_err();
-        assert_eq!((existing.id.as_str(), refused.id.as_str()), ("first", "second"));
+        assert_eq!((existing.id(), refused.id()), ("first", "second"));
         assert_eq!(table.len(), 1);
     }
 
@@ -208,7 +208,7 @@ mod tests {
         }
         assert_eq!(table.len(), 1000);
         for i in 0..1000 {
-            assert_eq!(table.get(&KeyDigest::of(&i.to_string())).unwrap().id, i.to_string());
+            assert_eq!(table.get(&KeyDigest::of(&i.to_string())).unwrap().id(), i.to_string());
         }
         assert!(table.get(&KeyDigest::of("1000")).is_none());
     }

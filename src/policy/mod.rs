@@ -183,7 +183,7 @@ pub fn decide<C: Clock + Clone>(
     let (rate_limit, quota) = limits.plans.limits_for(&record);
     let mut rate = None;
     if let Some(rate_limit) = rate_limit {
-        match limits.rates.check(&record.id, rate_limit) {
+        match limits.rates.check(record.id(), rate_limit) {
             Ok(info) => rate = Some(info),
             Err(limited) => {
                 let retry_after = retry_after_secs(limited.retry_after);
@@ -196,7 +196,7 @@ pub fn decide<C: Clock + Clone>(
         }
     }
     if let Some(quota) = quota {
-        if let Err(exceeded) = limits.quotas.try_consume(&record.id, quota, now) {
+        if let Err(exceeded) = limits.quotas.try_consume(record.id(), quota, now) {
             let retry_after = retry_after_secs(exceeded.retry_after);
             return Decision { key: Some(record), rate, denial: Some(Denial::QuotaExceeded { retry_after }) };
         }
@@ -258,7 +258,7 @@ mod tests {
         let decision = f.decide(Some(&f.keys[key]), ip, required);
         match decision.denial {
             Some(denial) => Err(denial),
-            None => Ok(decision.key.expect("an allowed request has a key").id.clone()),
+            None => Ok(decision.key.expect("an allowed request has a key").id().to_owned()),
         }
     }
 
@@ -372,7 +372,7 @@ mod tests {
         let f = fixture(vec![KeyRecord::builder("k").status(KeyStatus::Revoked).build()]);
         let decision = f.decide(Some(&f.keys[0]), "10.0.0.1", &[]);
         assert_eq!(decision.denial, Some(Denial::KeyRevoked));
-        assert_eq!(decision.key.map(|k| k.id.clone()), Some("k".to_owned()));
+        assert_eq!(decision.key.map(|k| k.id().to_owned()), Some("k".to_owned()));
     }
 
     #[test]

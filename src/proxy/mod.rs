@@ -6,6 +6,7 @@
 mod headers;
 mod respond;
 mod routing;
+mod service;
 mod state;
 pub mod tls;
 mod upstream;
@@ -36,6 +37,7 @@ use crate::usage::{RequestUsage, UsageCounters};
 pub use headers::{find_key, new_request_id};
 pub use respond::Rejection;
 pub use routing::Route;
+pub use service::{ProxyService, STOP_LINGER};
 pub use state::GatewayState;
 pub use upstream::{Upstream, UpstreamBuildError};
 
@@ -66,6 +68,8 @@ pub struct DataPlane {
     pub metrics: Arc<Metrics>,
     /// Requests between their first byte and their log line.
     pub in_flight: AtomicUsize,
+    /// Downstream connections being served, idle keep-alive ones included.
+    pub connections: AtomicUsize,
     /// Set when keys come from a feed with a `max_staleness` limit.
     pub freshness: Option<Freshness>,
 }
@@ -279,15 +283,14 @@ impl ProxyHttp for Gateway {
 
         if let Some(key) = &ctx.key {
             strip_key(upstream_request, state)?;
-            let identity = &key.headers;
-            upstream_request.insert_header(wire::X_KEYGATE_KEY_ID, identity.key_id.clone())?;
-            if let Some(owner) = &identity.owner {
-                upstream_request.insert_header(wire::X_KEYGATE_OWNER, owner.clone())?;
+            upstream_request.insert_header(wire::X_KEYGATE_KEY_ID, key.id_header())?;
+            if let Some(owner) = key.owner_header() {
+                upstream_request.insert_header(wire::X_KEYGATE_OWNER, owner)?;
             }
-            if let Some(plan) = identity.plan.as_ref().or(state.default_plan.as_ref()) {
+            if let Some(plan) = key.plan_header().or(state.default_plan.as_ref()) {
                 upstream_request.insert_header(wire::X_KEYGATE_PLAN, plan.clone())?;
             }
-            upstream_request.insert_header(wire::X_KEYGATE_SCOPES, identity.scopes.clone())?;
+            upstream_request.insert_header(wire::X_KEYGATE_SCOPES, key.scopes_header().clone())?;
         }
 
         if let Some(peer) = ctx.peer_ip {
@@ -380,7 +383,7 @@ impl ProxyHttp for Gateway {
                 bytes_out: session.body_bytes_sent() as u64,
                 at_ms: unix_millis(),
             };
-            plane.usage.record(&key.id, &usage);
+            plane.usage.record(key.id(), &usage);
         }
         if !plane.access_log.enabled() {
             return;
@@ -393,7 +396,7 @@ impl ProxyHttp for Gateway {
             time: OffsetDateTime::now_utc(),
             request_id: ctx.request_id.to_str().unwrap_or(""),
             route: route.map(|r| r.name.as_str()),
-            key_id: ctx.key.as_ref().map(|k| k.id.as_str()),
+            key_id: ctx.key.as_ref().map(|k| k.id()),
             client_ip: ctx.client_ip.or(ctx.peer_ip),
             method: req.method.as_str(),
             path: stripped.as_deref().unwrap_or(path_and_query),
