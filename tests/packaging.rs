@@ -600,6 +600,14 @@ fn dockerfile_is_multi_stage_and_runs_slim_as_non_root() {
     }
     assert_eq!(build, quick, "the Dockerfile's build differs from scripts/quickstart.sh's");
 
+    // The test suite builds the image's binary the same way and runs it as the container does.
+    let suite = read("scripts/test.sh");
+    assert!(
+        suite.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == build),
+        "scripts/test.sh does not run the Dockerfile's build ({})",
+        build.join(" ")
+    );
+
     // A target/ cache mount is not in the image: the binary must be copied out of it.
     let cache_targets: Vec<&str> = build_run
         .split_whitespace()
@@ -801,6 +809,23 @@ fn signal(child: &Child, sig: &str) {
 /// ExecReload) keeps it serving; SIGTERM (STOPSIGNAL, KillSignal) ends it with exit 0.
 #[test]
 fn container_node_is_healthy_reloads_on_hup_and_exits_0_on_term() {
+    run_container_node(Path::new(BIN));
+}
+
+/// The same with the binary the image ships: `scripts/test.sh` builds it with the
+/// Dockerfile's own command (`dockerfile_is_multi_stage_and_runs_slim_as_non_root` holds
+/// them equal) and runs this with `KEYGATE_RELEASE_BIN` pointing at it.
+#[test]
+#[ignore = "needs the release build; scripts/test.sh builds it and runs this"]
+fn the_image_build_runs_the_container_node() {
+    let bin = std::env::var_os("KEYGATE_RELEASE_BIN")
+        .map(PathBuf::from)
+        .expect("KEYGATE_RELEASE_BIN: the binary `cargo build --release --locked --bin keygate` made");
+    assert!(bin.is_file(), "{} is not a file", bin.display());
+    run_container_node(&bin);
+}
+
+fn run_container_node(bin: &Path) {
     let dir = TempDir::new("container-run");
     let (gateway, admin) = (free_port(), free_port());
     let config = container_config()
@@ -812,7 +837,7 @@ fn container_node_is_healthy_reloads_on_hup_and_exits_0_on_term() {
     fs::create_dir(&data).unwrap();
     let log = dir.0.join("keygate.log");
     let log_file = fs::File::create(&log).unwrap();
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin)
         .args(["serve", "-c"])
         .arg(&config_path)
         .current_dir(&data)
