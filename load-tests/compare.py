@@ -35,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NJS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"
+# Every proxy started, each pinned to the proxy CPU; "pingora" is the floor of (f).
+PROXIES = ("keygate", "haproxy", "nginx-njs", "pingora")
 
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 KEY_PREFIX = "kg_bench"
@@ -285,7 +287,7 @@ def wait_ready(proc: Proc, port: int, path: str, key: str | None, timeout: float
 class Scenario:
     id: str
     label: str
-    proxy: str  # which process's CPU time counts: upstream / keygate / haproxy / nginx-njs
+    proxy: str  # which process's CPU time counts: upstream / keygate / haproxy / nginx-njs / pingora
     path: str
     keyset: str  # valid / unknown / limited
     expect: int  # the status nearly every response should have
@@ -301,6 +303,7 @@ def scenarios(denials: str) -> list[Scenario]:
         Scenario("c", "(c) keygate enforced", "keygate", "/v1/orders", "valid", 200),
         Scenario("d", "(d) HAProxy equivalent", "haproxy", "/v1/orders", "valid", 200),
         Scenario("e", "(e) nginx + njs equivalent", "nginx-njs", "/v1/orders", "valid", 200),
+        Scenario("f", "(f) bare Pingora, no auth (floor)", "pingora", "/v1/orders", "valid", 200),
     ]
     peers = {"none": [], "keygate": ["c"], "all": ["c", "d", "e"]}[denials]
     names = {"c": "keygate", "d": "HAProxy", "e": "nginx + njs"}
@@ -370,10 +373,12 @@ def start_everything(s: Setup) -> None:
     s.running["keygate"] = s.procs.start("keygate", [str(a.keygate), "serve", "-c", str(kg_conf)], a.proxy_cpus)
     s.running["haproxy"] = s.procs.start("haproxy", ["haproxy", "-db", "-f", str(ha_conf)], a.proxy_cpus)
     s.running["nginx-njs"] = s.procs.start("nginx-njs", ["nginx", "-p", str(w), "-c", str(ng_conf)], a.proxy_cpus)
-    for name in ("keygate", "haproxy", "nginx-njs"):
+    s.running["pingora"] = s.procs.start(
+        "pingora", [str(a.pingora), f"127.0.0.1:{p['pingora']}", f"127.0.0.1:{p['upstream']}"], a.proxy_cpus)
+    for name in PROXIES:
         wait_ready(s.running[name], p[name], "/v1/orders", valid)
     print(f"started: upstream pid {s.running['upstream'].pid} (CPU {a.load_cpus}); "
-          + ", ".join(f"{n} pid {s.running[n].pid}" for n in ("keygate", "haproxy", "nginx-njs"))
+          + ", ".join(f"{n} pid {s.running[n].pid}" for n in PROXIES)
           + f" (CPU {a.proxy_cpus})")
 
 
@@ -400,6 +405,9 @@ def check_answers(s: Setup) -> None:
     got = http_get(p["keygate"], "/open/orders", None)
     rows.append(("keygate", "auth: none route, no key", 200, got))
     failed |= got != 200
+    got = http_get(p["pingora"], "/v1/orders", None)
+    rows.append(("pingora", "passthrough, no key", 200, got))
+    failed |= got != 200
     if failed or s.args.verbose:
         for row in rows:
             print("  check: %-9s %-38s want %s got %s" % row)
@@ -422,7 +430,7 @@ def run_wrk(s: Setup, sc: Scenario, duration: float) -> dict:
     line = next((l for l in r.stdout.splitlines() if l.startswith("WRKJSON ")), None)
     if r.returncode != 0 or line is None:
         sys.exit(f"wrk failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout}\n{r.stderr}")
-    for name in ("keygate", "haproxy", "nginx-njs", "upstream"):
+    for name in (*PROXIES, "upstream"):
         if s.running[name].popen.poll() is not None:
             sys.exit(f"{name} died during {sc.id}; log: {s.running[name].log}")
     w = json.loads(line[len("WRKJSON "):])
@@ -478,7 +486,7 @@ def summarize(runs: list[dict], order: list[Scenario]) -> list[dict]:
 def ratios(summary: list[dict]) -> list[dict]:
     by = {s["scenario"]: s for s in summary}
     out = []
-    for other in ("b", "d", "e"):
+    for other in ("b", "d", "e", "f"):
         if "c" in by and other in by:
             c, o = by["c"], by[other]
             out.append({
@@ -607,8 +615,10 @@ def main() -> None:
     ap.add_argument("--denials", choices=["keygate", "all", "none"], default="keygate",
                     help="401/429 floods through keygate only (default), also HAProxy and nginx (all), or none")
     ap.add_argument("--only", default="", help="comma-separated scenario ids to run (a,b,c,d,e,c401,c429,...)")
-    ap.add_argument("--port-base", type=int, default=18100, help="first of 5 loopback ports (default 18100)")
+    ap.add_argument("--port-base", type=int, default=18100, help="first of 6 loopback ports (default 18100)")
     ap.add_argument("--keygate", type=Path, default=REPO / "target/release/keygate")
+    ap.add_argument("--pingora", type=Path, default=REPO / "target/release/examples/pingora_passthrough",
+                    help="the bare Pingora proxy of scenario (f) (examples/pingora_passthrough.rs)")
     ap.add_argument("--out", type=Path, default=HERE / "results", help="where results go (default load-tests/results)")
     ap.add_argument("--workdir", type=Path, help="configs, keys and logs (default: a new temp dir, removed after)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (configs, logs) afterwards")
@@ -616,8 +626,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.rounds < 1 or a.duration <= 0:
         sys.exit("--rounds must be >= 1 and --duration > 0")
-    if not a.keygate.exists():
-        sys.exit(f"{a.keygate} does not exist: build it with `cargo build --release --locked --bin keygate`")
+    for binary in (a.keygate, a.pingora):
+        if not binary.exists():
+            sys.exit(f"{binary} does not exist: build it with "
+                     "`cargo build --release --locked --bin keygate --example pingora_passthrough`")
 
     order = scenarios(a.denials)
     if a.only:
@@ -648,7 +660,7 @@ def main() -> None:
         write_key_files(work, keys)
         base = a.port_base
         ports = {"upstream": base, "keygate": base + 1, "keygate-admin": base + 2, "haproxy": base + 3,
-                 "nginx-njs": base + 4}
+                 "nginx-njs": base + 4, "pingora": base + 5}
         s = Setup(a, work, keys, ports, procs)
         start_everything(s)
         check_answers(s)

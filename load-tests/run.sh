@@ -8,7 +8,8 @@
 #
 # 1. installs wrk, HAProxy, nginx and njs from Debian's packages (apt-get) and matplotlib (pip)
 #    when they are missing (--no-install skips this step)
-# 2. builds target/release/keygate when it is missing or older than the sources
+# 2. builds target/release/keygate and the bare Pingora proxy of scenario (f)
+#    (examples/pingora_passthrough.rs) when missing or older than the sources
 # 3. runs load-tests/compare.py, which generates the keys, writes the configs into a
 #    temporary directory, starts everything pinned with taskset, measures and reports.
 #
@@ -61,11 +62,14 @@ done
 
 # --- 2. keygate --------------------------------------------------------------------------------
 binary="$repo/target/release/keygate"
-newest_source=$(find "$repo/src" "$repo/Cargo.toml" "$repo/Cargo.lock" "$repo/build.rs" -type f -newer "$binary" \
-    -print -quit 2>/dev/null || true)
-if [ ! -x "$binary" ] || [ -n "$newest_source" ]; then
-    echo "== building $binary (cargo build --release --locked --bin keygate; several minutes)"
-    (cd "$repo" && cargo build --release --locked --bin keygate)
+floor="$repo/target/release/examples/pingora_passthrough"
+stale() {
+    [ ! -x "$1" ] || [ -n "$(find "$repo/src" "$repo/examples" "$repo/Cargo.toml" "$repo/Cargo.lock" \
+        "$repo/build.rs" -type f -newer "$1" -print -quit 2>/dev/null || true)" ]
+}
+if stale "$binary" || stale "$floor"; then
+    echo "== building $binary and $floor (cargo build --release --locked --bin keygate --example pingora_passthrough; several minutes)"
+    (cd "$repo" && cargo build --release --locked --bin keygate --example pingora_passthrough)
 fi
 
 # --- 3. measure ---------------------------------------------------------------------------------

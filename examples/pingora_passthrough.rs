@@ -1,0 +1,50 @@
+//! Pingora with nothing of keygate in it: every request goes to one upstream
+//! unchanged. `load-tests/` runs it beside keygate as the floor of what a proxy
+//! built on Pingora costs per request on the same machine (same Pingora version,
+//! allocator, release profile and one worker thread as keygate).
+//!
+//! `cargo run --release --example pingora_passthrough -- 127.0.0.1:18105 127.0.0.1:18100`
+
+use async_trait::async_trait;
+use pingora::prelude::*;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+struct Passthrough {
+    /// Built once and cloned per request, as keygate does with its targets' peers.
+    peer: HttpPeer,
+}
+
+#[async_trait]
+impl ProxyHttp for Passthrough {
+    type CTX = ();
+
+    fn new_ctx(&self) -> Self::CTX {}
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
+        Ok(Box::new(self.peer.clone()))
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (Some(listen), Some(upstream)) = (args.next(), args.next()) else {
+        eprintln!("usage: pingora_passthrough LISTEN_ADDR UPSTREAM_ADDR");
+        std::process::exit(2);
+    };
+    let Ok(upstream) = upstream.parse::<std::net::SocketAddr>() else {
+        eprintln!("{upstream} is not an IP address and port");
+        std::process::exit(2);
+    };
+    let mut server = Server::new(None).unwrap_or_else(|e| {
+        eprintln!("cannot set up the server: {e}");
+        std::process::exit(1);
+    });
+    server.bootstrap();
+    let mut proxy =
+        http_proxy_service(&server.configuration, Passthrough { peer: HttpPeer::new(upstream, false, String::new()) });
+    proxy.add_tcp(&listen);
+    server.add_service(proxy);
+    server.run_forever();
+}
