@@ -252,12 +252,19 @@ impl KeyRecord {
 
     /// The `X-Keygate-Key-Id` value: a slice of the record's buffer, no copy.
     pub fn id_header(&self) -> HeaderValue {
-        header_slice(self.identity.slice(..self.id_len as usize))
+        self.identity_header(0..self.id_len as usize)
     }
 
     /// The `X-Keygate-Owner` value: a slice of the record's buffer, no copy.
     pub fn owner_header(&self) -> Option<HeaderValue> {
-        self.has_owner.then(|| header_slice(self.identity.slice(self.id_len as usize..)))
+        self.has_owner.then(|| self.identity_header(self.id_len as usize..self.identity.len()))
+    }
+
+    /// A header value sharing `identity[range]`; cleaned (a copy) only if a control
+    /// character slipped through the validation where records enter.
+    fn identity_header(&self, range: std::ops::Range<usize>) -> HeaderValue {
+        HeaderValue::from_maybe_shared(self.identity.slice(range.clone()))
+            .unwrap_or_else(|_| header_value(std::str::from_utf8(&self.identity[range]).unwrap_or_default()))
     }
 
     pub fn plan_header(&self) -> Option<&HeaderValue> {
@@ -488,13 +495,6 @@ impl PolicyInterner {
             }
         }
     }
-}
-
-/// A header value sharing `bytes`; cleaned (a copy) only if a control character
-/// slipped through the validation where records enter.
-fn header_slice(bytes: Bytes) -> HeaderValue {
-    HeaderValue::from_maybe_shared(bytes.clone())
-        .unwrap_or_else(|_| header_value(std::str::from_utf8(&bytes).unwrap_or_default()))
 }
 
 /// Record fields are validated where they enter (keys file, admin API); this only
