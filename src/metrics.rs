@@ -27,6 +27,9 @@ pub struct Metrics {
     pub usage_dropped: IntCounter,
     config_reloads: IntCounterVec,
     pub access_log_dropped: IntCounter,
+    pub connections_open: IntGauge,
+    pub connections_refused_max: IntCounter,
+    pub connections_refused_header_timeout: IntCounter,
 }
 
 /// Every value of the `outcome` label: `allowed` and each code keygate answers with.
@@ -122,6 +125,17 @@ impl Metrics {
         registry.register(Box::new(usage_dropped.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(access_log_dropped.clone()))?;
+        let connections_open =
+            IntGauge::new("keygate_connections_open", "Client connections open on the proxy listeners")?;
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "keygate_connections_refused_total",
+                "Client connections closed unserved: over max_connections, or no request head within request_header_timeout",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(connections_open.clone()))?;
+        registry.register(Box::new(connections_refused.clone()))?;
 
         Ok(Metrics {
             registry,
@@ -137,6 +151,9 @@ impl Metrics {
             usage_dropped,
             config_reloads,
             access_log_dropped,
+            connections_open,
+            connections_refused_max: connections_refused.with_label_values(&["max_connections"]),
+            connections_refused_header_timeout: connections_refused.with_label_values(&["header_timeout"]),
         })
     }
 
@@ -224,6 +241,8 @@ mod tests {
             "keygate_usage_pending",
             "keygate_usage_dropped_total",
             "keygate_config_reloads_total",
+            "keygate_connections_open",
+            "keygate_connections_refused_total",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing from:\n{text}");
         }

@@ -44,6 +44,12 @@ pub use env::EnvLookup;
 
 /// How long SIGTERM waits for requests in flight unless `shutdown_timeout` says otherwise.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_REQUEST_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Longest `request_header_timeout` / `idle_timeout`: a day. Longer ones could
+/// not be told apart from "never" and would hold sockets and memory as long.
+pub const MAX_HTTP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Reads, parses, interpolates and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -155,6 +161,7 @@ pub struct Config {
     pub default_plan: Option<String>,
     pub usage: UsageConfig,
     pub access_log: AccessLogConfig,
+    pub http: HttpConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -180,6 +187,52 @@ impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// What every client connection meets (the `http:` block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// From a connection's first byte (for its first request, from the accept)
+    /// until the whole request head has arrived.
+    pub request_header_timeout: Duration,
+    /// How long a keep-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// Open client connections per process; past it new ones are closed at once.
+    pub max_connections: usize,
+    pub escaped_slashes: EscapedSlashes,
+    pub underscore_headers: UnderscoreHeaders,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            request_header_timeout: DEFAULT_REQUEST_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            escaped_slashes: EscapedSlashes::Reject,
+            underscore_headers: UnderscoreHeaders::Drop,
+        }
+    }
+}
+
+/// `%2F`, `%5C` and `\` in a path: upstreams disagree on whether they separate segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EscapedSlashes {
+    /// `400 bad_request`.
+    Reject,
+    /// Matched and forwarded as sent.
+    Pass,
+}
+
+/// Header names with `_`, which CGI-style upstreams read as if spelled with `-`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnderscoreHeaders {
+    /// Removed before the request goes upstream.
+    Drop,
+    /// `400 bad_request`.
+    Reject,
+    /// Forwarded, except spellings of the headers keygate itself sets.
+    Pass,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -228,6 +228,7 @@ pub const TOP_LEVEL_FIELDS: &[&str] = &[
     "usage",
     "access_log",
     "shutdown_timeout",
+    "http",
 ];
 
 /// The whole file. Built only from the known top-level keys (unknown ones are
@@ -253,6 +254,17 @@ pub struct RawConfig {
     pub access_log: Option<Parsed<RawAccessLog>>,
     /// keygate's own: how long SIGTERM waits for requests in flight.
     pub shutdown_timeout: Option<Parsed<Text>>,
+    pub http: Option<Parsed<RawHttp>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    pub request_header_timeout: Option<Text>,
+    pub idle_timeout: Option<Text>,
+    pub max_connections: Option<Num<usize>>,
+    pub escaped_slashes: Option<Text>,
+    pub underscore_headers: Option<Text>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -1031,3 +1031,50 @@ fn raw_limits_validate_with_paths() {
         vec![("keys[3].rate_limit.requests".to_owned(), "required field is missing".to_owned())]
     );
 }
+
+// ---- http: what every client meets ----
+
+#[test]
+fn http_block_defaults_and_values() {
+    let defaults = ok("").http;
+    assert_eq!(defaults, HttpConfig::default());
+    assert_eq!(defaults.request_header_timeout, Duration::from_secs(10));
+    assert_eq!(defaults.idle_timeout, Duration::from_secs(60));
+    assert_eq!(defaults.max_connections, 10_000);
+    assert_eq!(defaults.escaped_slashes, EscapedSlashes::Reject);
+    assert_eq!(defaults.underscore_headers, UnderscoreHeaders::Drop);
+    let set = ok("http: { request_header_timeout: 2s, idle_timeout: 500ms, max_connections: 3, escaped_slashes: pass, underscore_headers: reject }\n").http;
+    assert_eq!(
+        set,
+        HttpConfig {
+            request_header_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_millis(500),
+            max_connections: 3,
+            escaped_slashes: EscapedSlashes::Pass,
+            underscore_headers: UnderscoreHeaders::Reject,
+        }
+    );
+}
+
+#[test]
+fn http_block_refuses_what_it_cannot_honour_naming_each_field() {
+    let yaml = "http: { request_header_timeout: 0s, idle_timeout: 30d, max_connections: 0, escaped_slashes: decode, underscore_headers: keep }\n";
+    let found = errors(yaml);
+    for (path, needle) in [
+        ("http.request_header_timeout", "greater than 0"),
+        ("http.idle_timeout", "at most 24h"),
+        ("http.max_connections", "at least 1"),
+        ("http.escaped_slashes", "`reject`, `pass`"),
+        ("http.underscore_headers", "`drop`, `reject`, `pass`"),
+    ] {
+        assert!(found.iter().any(|e| e.path == path && e.message.contains(needle)), "{path}: {found:?}");
+    }
+    error_at("http: { bogus: 1 }\n", "http.bogus", "unknown field");
+}
+
+#[test]
+fn underscore_key_header_cannot_be_combined_with_rejecting_underscores() {
+    let yaml = "key_locations: [ { header: x_api_key } ]\nhttp: { underscore_headers: reject }\n";
+    error_at(yaml, "key_locations[0].header", "underscore_headers: reject");
+    ok("key_locations: [ { header: x_api_key } ]\nhttp: { underscore_headers: drop }\n");
+}

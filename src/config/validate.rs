@@ -16,15 +16,15 @@ use sha2::{Digest, Sha256};
 use super::env::{interpolate_tree, key_text, EnvLookup};
 use super::position::{join_index, join_key, Positions};
 use super::raw::{
-    self, Entries, NodeError, Parsed, RawAccessLog, RawAdmin, RawConfig, RawKeyLocation, RawKeySource, RawKeys,
-    RawListener, RawMode, RawPlan, RawQuota, RawRateLimit, RawRoute, RawRouteAuth, RawSink, RawToken, RawUpstream,
-    RawUsage, Text, TOP_LEVEL_FIELDS,
+    self, Entries, NodeError, Parsed, RawAccessLog, RawAdmin, RawConfig, RawHttp, RawKeyLocation, RawKeySource,
+    RawKeys, RawListener, RawMode, RawPlan, RawQuota, RawRateLimit, RawRoute, RawRouteAuth, RawSink, RawToken,
+    RawUpstream, RawUsage, Text, TOP_LEVEL_FIELDS,
 };
 use super::{
     parse_duration, AccessLogConfig, AdminConfig, ClientIpConfig, Config, ConfigError, ConfigErrors,
-    ControlPlaneClientConfig, HealthCheckConfig, KeyLocation, KeySource, KeysConfig, ListenerConfig, Mode, PlanConfig,
-    QuotaConfig, QuotaPeriod, RateLimitConfig, RouteAuth, RouteConfig, RouteMatch, SinkConfig, StoreConfig, TlsFiles,
-    TokenConfig, UpstreamConfig, UpstreamTlsConfig, UsageConfig,
+    ControlPlaneClientConfig, EscapedSlashes, HealthCheckConfig, HttpConfig, KeyLocation, KeySource, KeysConfig,
+    ListenerConfig, Mode, PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig, RouteAuth, RouteConfig, RouteMatch,
+    SinkConfig, StoreConfig, TlsFiles, TokenConfig, UnderscoreHeaders, UpstreamConfig, UpstreamTlsConfig, UsageConfig,
 };
 
 const MISSING: &str = "required field is missing";
@@ -222,6 +222,7 @@ impl Builder<'_> {
         let shutdown_timeout_text = self.parsed(raw.shutdown_timeout, "shutdown_timeout");
         let shutdown_timeout =
             self.duration(shutdown_timeout_text, "shutdown_timeout", super::DEFAULT_SHUTDOWN_TIMEOUT, true);
+        let http = self.http(raw.http, &key_locations);
 
         Config {
             mode,
@@ -240,6 +241,7 @@ impl Builder<'_> {
             usage,
             access_log,
             shutdown_timeout,
+            http,
         }
     }
 
@@ -990,6 +992,65 @@ impl Builder<'_> {
                 None
             }
         }
+    }
+
+    fn http(&mut self, raw: Option<Parsed<RawHttp>>, key_locations: &[KeyLocation]) -> HttpConfig {
+        let defaults = HttpConfig::default();
+        let Some(raw) = self.parsed(raw, "http") else {
+            return defaults;
+        };
+        let mut timeout = |text: Option<Text>, field: &str, default: Duration| {
+            let path = join_key("http", field);
+            let value = self.duration(text, &path, default, false);
+            if value > super::MAX_HTTP_TIMEOUT {
+                self.issues.add(&path, "must be at most 24h");
+                return default;
+            }
+            value
+        };
+        let request_header_timeout =
+            timeout(raw.request_header_timeout, "request_header_timeout", defaults.request_header_timeout);
+        let idle_timeout = timeout(raw.idle_timeout, "idle_timeout", defaults.idle_timeout);
+        let max_connections = match raw.max_connections {
+            None => defaults.max_connections,
+            Some(raw::Num(0)) => {
+                self.issues.add("http.max_connections", "must be at least 1");
+                defaults.max_connections
+            }
+            Some(raw::Num(n)) => n,
+        };
+        let mut choice = |text: Option<Text>, field: &str, options: &[&str]| -> Option<usize> {
+            let Text(value) = text?;
+            let found = options.iter().position(|o| *o == value.trim());
+            if found.is_none() {
+                let expected = options.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ");
+                self.issues.add(&join_key("http", field), format!("{value:?} is not one of {expected}"));
+            }
+            found
+        };
+        let escaped_slashes = match choice(raw.escaped_slashes, "escaped_slashes", &["reject", "pass"]) {
+            Some(1) => EscapedSlashes::Pass,
+            _ => EscapedSlashes::Reject,
+        };
+        let underscore_headers = match choice(raw.underscore_headers, "underscore_headers", &["drop", "reject", "pass"])
+        {
+            Some(1) => UnderscoreHeaders::Reject,
+            Some(2) => UnderscoreHeaders::Pass,
+            _ => UnderscoreHeaders::Drop,
+        };
+        if underscore_headers == UnderscoreHeaders::Reject {
+            for (i, location) in key_locations.iter().enumerate() {
+                if let KeyLocation::Header { name, .. } = location {
+                    if name.as_str().contains('_') {
+                        self.issues.add(
+                            &join_key(&join_index("key_locations", i), "header"),
+                            format!("{name:?} has '_', and http.underscore_headers: reject refuses every such request"),
+                        );
+                    }
+                }
+            }
+        }
+        HttpConfig { request_header_timeout, idle_timeout, max_connections, escaped_slashes, underscore_headers }
     }
 
     fn access_log(&mut self, raw: Option<Parsed<RawAccessLog>>) -> AccessLogConfig {

@@ -3,7 +3,9 @@
 //! `request_filter` gathers the facts, asks the policy, and answers denials
 //! itself; the later hooks pick the upstream and clean the request on its way.
 
+mod connection;
 mod headers;
+mod path;
 mod respond;
 mod routing;
 mod service;
@@ -27,7 +29,7 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use time::OffsetDateTime;
 
 use crate::access_log::{AccessEntry, AccessLog};
-use crate::config::{KeyLocation, RouteAuth};
+use crate::config::{HttpConfig, KeyLocation, RouteAuth, UnderscoreHeaders};
 use crate::index::{KeyIndex, KeyRecord};
 use crate::limit::{QuotaCounters, RateInfo, RateLimiters};
 use crate::metrics::Metrics;
@@ -139,9 +141,6 @@ enum Verdict {
 impl Gateway {
     fn judge(&self, req: &RequestHeader, state: &GatewayState, ctx: &mut RequestCtx) -> Verdict {
         let path = req.uri.path();
-        if routing::has_dot_segments(path) {
-            return Verdict::Reject(Rejection::BadRequest);
-        }
         let host = req.headers.get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri.host());
         let Some(index) = routing::find_route(&state.routes, &req.method, host, path) else {
             return Verdict::Reject(Rejection::NoRoute);
@@ -199,12 +198,25 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut RequestCtx) -> Result<()> {
+        // The head is in: the connection's header deadline no longer applies.
+        if let Some(stream) = session.as_downstream().stream() {
+            if let Some(guarded) = (**stream).as_any().downcast_ref::<connection::GuardedStream>() {
+                guarded.clock().head_received();
+            }
+        }
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let state = self.plane.state.load_full();
         ctx.request_id = headers::request_id(session.req_header().headers.get(X_REQUEST_ID));
         ctx.peer_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_canonical());
         ctx.peer_trusted = ctx.peer_ip.is_some_and(|ip| state.trusted_proxies.iter().any(|n| n.contains(&ip)));
-        let verdict = self.judge(session.req_header(), &state, ctx);
+        let verdict = match normalize_request(session.req_header_mut(), &state.http) {
+            Ok(()) => self.judge(session.req_header(), &state, ctx),
+            Err(rejection) => Verdict::Reject(rejection),
+        };
         ctx.state = Some(state);
         match verdict {
             Verdict::Proxy => Ok(false),
@@ -268,19 +280,7 @@ impl ProxyHttp for Gateway {
         let Some(state) = ctx.state.as_ref() else {
             return Error::e_explain(ErrorType::InternalError, "upstream request without gateway state");
         };
-        // Only keygate speaks X-Keygate-*: the upstream may trust these headers.
-        if upstream_request.headers.keys().any(|name| name.as_str().starts_with(X_KEYGATE_PREFIX)) {
-            let spoofed: Vec<HeaderName> = upstream_request
-                .headers
-                .keys()
-                .filter(|name| name.as_str().starts_with(X_KEYGATE_PREFIX))
-                .cloned()
-                .collect();
-            for name in spoofed {
-                upstream_request.remove_header(&name);
-            }
-        }
-
+        drop_forged_headers(upstream_request, state);
         if let Some(key) = &ctx.key {
             strip_key(upstream_request, state)?;
             upstream_request.insert_header(wire::X_KEYGATE_KEY_ID, key.id_header())?;
@@ -438,6 +438,72 @@ fn classify(e: &Error) -> Option<Rejection> {
         (ErrorSource::Upstream, _) => Some(Rejection::UpstreamError),
         (_, HTTPStatus(400..=499)) => Some(Rejection::BadRequest),
         _ => Some(Rejection::Internal),
+    }
+}
+
+/// Brings the path to the one form that routing and the upstream share (see
+/// `path`), and refuses header names with `_` where the config says so.
+fn normalize_request(req: &mut RequestHeader, http: &HttpConfig) -> std::result::Result<(), Rejection> {
+    if http.underscore_headers == UnderscoreHeaders::Reject
+        && req.headers.keys().any(|name| name.as_str().contains('_'))
+    {
+        return Err(Rejection::BadRequest);
+    }
+    let normalized = match path::normalize(req.uri.path(), http.escaped_slashes) {
+        Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
+        Ok(std::borrow::Cow::Owned(normalized)) => normalized,
+        Err(refusal) => {
+            tracing::debug!(reason = %refusal, "request path refused");
+            return Err(Rejection::BadRequest);
+        }
+    };
+    let mut target = normalized;
+    if let Some(query) = req.uri.query() {
+        target.push('?');
+        target.push_str(query);
+    }
+    let mut parts = req.uri.clone().into_parts();
+    parts.path_and_query = Some(target.parse().map_err(|_| Rejection::BadRequest)?);
+    let uri = http::Uri::from_parts(parts).map_err(|_| Rejection::BadRequest)?;
+    req.set_uri(uri);
+    Ok(())
+}
+
+/// Whether an upstream could read `name` as a header only keygate may set:
+/// `X-Keygate-*`, or with `_` for `-` (CGI, WSGI and Rack read both as
+/// `HTTP_X_KEYGATE_...`) one of those or another header keygate writes.
+fn is_forged_name(name: &str, state: &GatewayState) -> bool {
+    const PREFIX: &[u8] = X_KEYGATE_PREFIX.as_bytes();
+    let bytes = name.as_bytes();
+    let dashed = |b: u8| if b == b'_' { b'-' } else { b };
+    if bytes.len() >= PREFIX.len() && bytes[..PREFIX.len()].iter().zip(PREFIX).all(|(&b, &p)| dashed(b) == p) {
+        return true;
+    }
+    if !name.contains('_') {
+        return false;
+    }
+    let reads_as = |wanted: &str| {
+        wanted.len() == bytes.len() && bytes.iter().zip(wanted.as_bytes()).all(|(&b, &w)| dashed(b) == w)
+    };
+    reads_as(X_FORWARDED_FOR.as_str())
+        || reads_as(X_REQUEST_ID.as_str())
+        || state.routes.iter().any(|route| route.set_headers.iter().any(|(set, _)| reads_as(set.as_str())))
+}
+
+/// Removes what the client may not send upstream: any spelling of the headers
+/// keygate sets, and, unless `underscore_headers: pass`, every name with `_`.
+fn drop_forged_headers(req: &mut RequestHeader, state: &GatewayState) {
+    let drop_underscores = state.http.underscore_headers != UnderscoreHeaders::Pass;
+    let doomed = |name: &HeaderName| {
+        let name = name.as_str();
+        (drop_underscores && name.contains('_')) || is_forged_name(name, state)
+    };
+    if !req.headers.keys().any(doomed) {
+        return;
+    }
+    let names: Vec<HeaderName> = req.headers.keys().filter(|name| doomed(name)).cloned().collect();
+    for name in names {
+        req.remove_header(&name);
     }
 }
 

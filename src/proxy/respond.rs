@@ -111,14 +111,20 @@ impl Rejection {
     }
 }
 
-/// The JSON body of an error. The request id is ours (or the client's, checked
-/// to be visible ASCII), so it needs no JSON escaping beyond quotes and backslashes.
+/// The JSON body of an error.
 pub fn error_body(rejection: Rejection, request_id: &str) -> Bytes {
+    error_json(rejection.code(), rejection.message(), request_id)
+}
+
+/// `{"error":{"code","message","request_id"}}`. Codes and messages are keygate's
+/// own; the request id is ours (or the client's, checked to be visible ASCII),
+/// so it needs no JSON escaping beyond quotes and backslashes.
+pub fn error_json(code: &str, message: &str, request_id: &str) -> Bytes {
     let mut body = String::with_capacity(96 + request_id.len());
     body.push_str(r#"{"error":{"code":""#);
-    body.push_str(rejection.code());
+    body.push_str(code);
     body.push_str(r#"","message":""#);
-    body.push_str(rejection.message());
+    body.push_str(message);
     body.push_str(r#"","request_id":""#);
     for c in request_id.chars() {
         if c == '"' || c == '\\' {

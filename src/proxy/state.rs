@@ -8,7 +8,7 @@ use ipnet::IpNet;
 
 use super::routing::Route;
 use super::upstream::{Upstream, UpstreamBuildError};
-use crate::config::{Config, KeyLocation};
+use crate::config::{Config, HttpConfig, KeyLocation};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::policy::PlanTable;
 
@@ -24,6 +24,8 @@ pub struct GatewayState {
     pub plans: PlanTable,
     /// Series for requests that matched no route.
     pub unrouted_metrics: RouteMetrics,
+    /// Timeouts, connection limit and path and header policies.
+    pub http: HttpConfig,
 }
 
 impl GatewayState {
@@ -59,6 +61,7 @@ impl GatewayState {
             default_plan: config.default_plan.as_deref().and_then(|p| HeaderValue::from_str(p).ok()),
             plans: PlanTable::new(config.plans.clone(), config.default_plan.clone()),
             unrouted_metrics: metrics.route("none"),
+            http: config.http,
         })
     }
 }

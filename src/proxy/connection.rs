@@ -1,0 +1,434 @@
+//! One HTTP/1 client connection as keygate sees it, below Pingora's parser.
+//!
+//! Pingora times each read on its own (and, once a connection was reused, not
+//! at all), so a client that sends its request head a byte at a time keeps a
+//! connection forever. [`GuardedStream`] wraps the client stream and holds two
+//! deadlines Pingora does not: the whole request head must arrive within
+//! `request_header_timeout` (for a connection's first request counted from the
+//! accept, later from the request's first byte), and a keep-alive connection
+//! may wait `idle_timeout` for its next request.
+//!
+//! Pingora also answers a few requests itself before any hook of keygate's runs
+//! (a head it cannot parse, `CONNECT`), in plain text. Whatever it writes before
+//! keygate has seen the request head is replaced here by the contract's JSON
+//! error with a request id, so every error a client can see has one shape.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::{SslDigest, TlsRef};
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream, TimingDigest,
+    UniqueID, UniqueIDType, ALPN,
+};
+use prometheus::IntCounter;
+use std::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+use super::headers::new_request_id;
+use super::respond;
+
+/// Where a connection is between requests, shared by the stream (which
+/// enforces the deadlines), the service loop and the request hooks.
+#[derive(Debug)]
+pub struct ConnectionClock {
+    /// A phase in the low two bits, a generation above them that changes with
+    /// every transition, so the stream notices a phase entered again.
+    state: AtomicU32,
+}
+
+const BUSY: u32 = 0;
+const IDLE: u32 = 1;
+const HEAD: u32 = 2;
+const PHASE_MASK: u32 = 0b11;
+
+fn phase(state: u32) -> u32 {
+    state & PHASE_MASK
+}
+
+impl ConnectionClock {
+    /// A new connection waits for its first request head.
+    pub fn new() -> Self {
+        ConnectionClock { state: AtomicU32::new(HEAD) }
+    }
+
+    /// The request head was read and accepted: no deadline of ours until the
+    /// response is done (Pingora's own read timeout covers the body).
+    pub fn head_received(&self) {
+        self.enter(BUSY);
+    }
+
+    /// A response is complete; the connection waits for the next request.
+    pub fn await_request(&self) {
+        self.enter(IDLE);
+    }
+
+    fn enter(&self, next: u32) {
+        let _ = self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+            Some((state & !PHASE_MASK).wrapping_add(PHASE_MASK + 1) | next)
+        });
+    }
+
+    /// The first byte of a request arrived while idle.
+    fn head_started(&self, idle_state: u32) -> u32 {
+        let head = (idle_state & !PHASE_MASK).wrapping_add(PHASE_MASK + 1) | HEAD;
+        match self.state.compare_exchange(idle_state, head, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => head,
+            Err(current) => current,
+        }
+    }
+
+    fn load(&self) -> u32 {
+        self.state.load(Ordering::Acquire)
+    }
+}
+
+impl Default for ConnectionClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The deadlines a connection meets, read from the config when it is accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub request_header_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// The client stream with keygate's deadlines and answers; see the module docs.
+pub struct GuardedStream {
+    inner: Stream,
+    clock: Arc<ConnectionClock>,
+    limits: ConnectionLimits,
+    header_timeouts: IntCounter,
+    /// When the connection was accepted: its first request head is due from then.
+    accepted: Instant,
+    /// The clock state the timer was set for.
+    armed_for: Option<u32>,
+    deadline: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Bytes of the current request head have arrived.
+    head_bytes: bool,
+    /// After a deadline passed, every read ends the stream.
+    expired: bool,
+    /// Set once Pingora writes before keygate saw a request: its answer is
+    /// swallowed and this one goes out instead.
+    replacement: Option<Replacement>,
+}
+
+impl fmt::Debug for GuardedStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuardedStream").field("inner", &self.inner).field("clock", &self.clock).finish_non_exhaustive()
+    }
+}
+
+impl GuardedStream {
+    pub fn new(
+        inner: Stream,
+        clock: Arc<ConnectionClock>,
+        limits: ConnectionLimits,
+        header_timeouts: IntCounter,
+        accepted: Instant,
+    ) -> Self {
+        GuardedStream {
+            inner,
+            clock,
+            limits,
+            header_timeouts,
+            accepted,
+            armed_for: None,
+            deadline: None,
+            timer: None,
+            head_bytes: false,
+            expired: false,
+            replacement: None,
+        }
+    }
+
+    pub fn clock(&self) -> &ConnectionClock {
+        &self.clock
+    }
+
+    /// Sets the deadline for the clock's current state, once per state.
+    fn arm(&mut self, state: u32) {
+        if self.armed_for == Some(state) {
+            return;
+        }
+        self.armed_for = Some(state);
+        self.head_bytes = false;
+        let limit = match phase(state) {
+            IDLE => self.limits.idle_timeout,
+            HEAD => self.limits.request_header_timeout,
+            _ => {
+                self.deadline = None;
+                return;
+            }
+        };
+        // The clock's very first state is the first request's head, due since the accept.
+        let from = if state == HEAD { self.accepted } else { Instant::now() };
+        // A deadline beyond what `Instant` holds is no deadline at all.
+        self.deadline = from.checked_add(limit);
+        if let Some(deadline) = self.deadline {
+            match &mut self.timer {
+                Some(timer) => timer.as_mut().reset(deadline.into()),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline.into()))),
+            }
+        }
+    }
+
+    /// The deadline of `state` has passed: an idle connection just ends; a
+    /// request head cut short gets `408` (if any of it arrived) and is counted.
+    fn expire(&mut self, state: u32) -> Poll<io::Result<()>> {
+        self.expired = true;
+        if phase(state) != HEAD {
+            return Poll::Ready(Ok(()));
+        }
+        self.header_timeouts.inc();
+        if !self.head_bytes {
+            return Poll::Ready(Ok(()));
+        }
+        self.replacement = Some(Replacement::answer(408));
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "request head not complete in time")))
+    }
+
+    /// Writes out a pending replacement answer, if any.
+    fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(replacement) = &mut self.replacement else {
+            return Poll::Ready(Ok(()));
+        };
+        let answer = replacement.answer.get_or_insert_with(|| answer_bytes(status_of(&replacement.seen)));
+        while replacement.written < answer.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &answer[replacement.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            replacement.written += n;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.expired {
+            return Poll::Ready(Ok(()));
+        }
+        let state = this.clock.load();
+        if phase(state) == BUSY {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        this.arm(state);
+        if this.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            return this.expire(state);
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    if phase(state) == IDLE {
+                        let head = this.clock.head_started(state);
+                        this.arm(head);
+                    }
+                    this.head_bytes = true;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let fired = match (&mut this.timer, this.deadline) {
+                    (Some(timer), Some(_)) => timer.as_mut().poll(cx).is_ready(),
+                    _ => false,
+                };
+                if fired {
+                    this.expire(state)
+                } else {
+                    Poll::Pending
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for GuardedStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.replacement.is_none() && phase(this.clock.load()) == BUSY {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        let replacement = this.replacement.get_or_insert_with(Replacement::default);
+        let wanted = STATUS_LINE_PREFIX.saturating_sub(replacement.seen.len()).min(buf.len());
+        replacement.seen.extend_from_slice(&buf[..wanted]);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_replacement(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_replacement(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// `HTTP/1.1 400`: enough of Pingora's answer to know its status.
+const STATUS_LINE_PREFIX: usize = 12;
+
+#[derive(Default)]
+struct Replacement {
+    seen: Vec<u8>,
+    answer: Option<Vec<u8>>,
+    written: usize,
+}
+
+impl Replacement {
+    fn answer(status: u16) -> Self {
+        Replacement { seen: Vec::new(), answer: Some(answer_bytes(status)), written: 0 }
+    }
+}
+
+/// The status of an HTTP/1 status line; 400 when it cannot be read.
+fn status_of(status_line: &[u8]) -> u16 {
+    status_line
+        .get(9..12)
+        .and_then(|digits| std::str::from_utf8(digits).ok())
+        .and_then(|digits| digits.parse().ok())
+        .filter(|status| (400..600).contains(status))
+        .unwrap_or(400)
+}
+
+/// A complete JSON error response that closes the connection.
+fn answer_bytes(status: u16) -> Vec<u8> {
+    let (reason, code, message) = match status {
+        405 => ("Method Not Allowed", "method_not_allowed", "this method is not accepted"),
+        408 => ("Request Timeout", "request_timeout", "the request head did not arrive in time"),
+        _ => ("Bad Request", "bad_request", "the request is malformed"),
+    };
+    let request_id = new_request_id();
+    let body = respond::error_json(code, message, request_id.to_str().unwrap_or(""));
+    let status = if status == 405 || status == 408 { status } else { 400 };
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         X-Request-Id: {}\r\nConnection: close\r\n\r\n",
+        body.len(),
+        request_id.to_str().unwrap_or(""),
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+#[async_trait]
+impl Shutdown for GuardedStream {
+    async fn shutdown(&mut self) {
+        if poll_fn(|cx| self.poll_replacement(cx)).await.is_ok() {
+            let _ = poll_fn(|cx| Pin::new(&mut self.inner).poll_flush(cx)).await;
+        }
+        self.inner.shutdown().await;
+    }
+}
+
+impl UniqueID for GuardedStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for GuardedStream {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for GuardedStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+}
+
+impl GetProxyDigest for GuardedStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+}
+
+impl GetSocketDigest for GuardedStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+}
+
+#[async_trait]
+impl Peek for GuardedStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pingora_statuses_are_read_and_anything_else_is_a_bad_request() {
+        assert_eq!(status_of(b"HTTP/1.1 405 Method Not Allowed\r\n"), 405);
+        assert_eq!(status_of(b"HTTP/1.1 400 Bad Request"), 400);
+        assert_eq!(status_of(b"HTTP/1.1 200 OK"), 400);
+        assert_eq!(status_of(b"HTTP/1.1"), 400);
+        assert_eq!(status_of(b"\xff\xfe garbage here"), 400);
+    }
+
+    #[test]
+    fn replacement_answers_are_the_contract_json() {
+        for (status, code) in [(400, "bad_request"), (405, "method_not_allowed"), (408, "request_timeout")] {
+            let answer = answer_bytes(status);
+            let text = String::from_utf8(answer).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
+            assert!(head.contains("\r\nContent-Type: application/json\r\n"));
+            assert!(head.contains(&format!("\r\nContent-Length: {}\r\n", body.len())));
+            assert!(head.contains("\r\nConnection: close"));
+            let json: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(json["error"]["code"], code);
+            assert_eq!(json["error"]["request_id"].as_str().map(str::len), Some(32));
+        }
+    }
+
+    #[test]
+    fn every_transition_is_a_new_state_even_into_the_same_phase() {
+        let clock = ConnectionClock::new();
+        let first = clock.load();
+        assert_eq!(phase(first), HEAD);
+        clock.head_received();
+        assert_eq!(phase(clock.load()), BUSY);
+        clock.await_request();
+        let idle = clock.load();
+        assert_eq!(phase(idle), IDLE);
+        let head = clock.head_started(idle);
+        assert_eq!(phase(head), HEAD);
+        assert_ne!(head, first);
+        // A stale idle state does not move the clock.
+        assert_eq!(clock.head_started(idle), head);
+    }
+}
