@@ -22,6 +22,8 @@ pub struct Metrics {
     pub key_index_version: IntGauge,
     pub sync_last_success: Gauge,
     pub sync_errors: IntCounter,
+    /// Keys loaded whose `ip_allowlist` has an entry that cannot be parsed (each admits no address).
+    pub key_allowlist_errors: IntCounter,
     usage_flush: IntCounterVec,
     pub usage_pending: IntGauge,
     pub usage_dropped: IntCounter,
@@ -100,6 +102,10 @@ impl Metrics {
             "Unix time of the last successful key sync or load",
         )?;
         let sync_errors = IntCounter::new("keygate_sync_errors_total", "Failed key syncs or loads")?;
+        let key_allowlist_errors = IntCounter::new(
+            "keygate_key_allowlist_errors_total",
+            "Keys loaded with an ip_allowlist entry that cannot be parsed; such a key admits no address",
+        )?;
         let usage_flush = IntCounterVec::new(
             Opts::new("keygate_usage_flush_total", "Usage flushes by sink and result"),
             &["sink", "result"],
@@ -120,6 +126,7 @@ impl Metrics {
         registry.register(Box::new(key_index_version.clone()))?;
         registry.register(Box::new(sync_last_success.clone()))?;
         registry.register(Box::new(sync_errors.clone()))?;
+        registry.register(Box::new(key_allowlist_errors.clone()))?;
         registry.register(Box::new(usage_flush.clone()))?;
         registry.register(Box::new(usage_pending.clone()))?;
         registry.register(Box::new(usage_dropped.clone()))?;
@@ -146,6 +153,7 @@ impl Metrics {
             key_index_version,
             sync_last_success,
             sync_errors,
+            key_allowlist_errors,
             usage_flush,
             usage_pending,
             usage_dropped,

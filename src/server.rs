@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use crate::limit::{QuotaCounters, RateLimiters};
 use crate::metrics::Metrics;
 use crate::proxy::tls::{load_certified_key, ListenerCertificate};
 use crate::proxy::{DataPlane, Freshness, Gateway, GatewayState, ProxyService, STOP_LINGER};
-use crate::sync::{Follower, KeyFeed, KeysFileSource, LocalFeed, QuotaSeedSource, RemoteFeed};
+use crate::sync::{Follower, KeyFeed, KeysFileSource, LastSync, LocalFeed, QuotaSeedSource, RemoteFeed};
 use crate::usage::{ControlPlaneSink, FileSink, Flusher, FlusherHandle, NamedSink, UsageCounters, UsageSink};
 
 /// How long a starting gateway waits for its first key snapshot before trying the cache file.
@@ -75,7 +75,7 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         }
         KeySource::Store => KeySourcePlan::Store,
     };
-    let last_sync = Arc::new(AtomicI64::new(0));
+    let last_sync = Arc::new(LastSync::new());
     let freshness = (!config.keys.max_staleness.is_zero() && !matches!(key_source, KeySourcePlan::File(_)))
         .then(|| Freshness { last_success: Arc::clone(&last_sync), max_staleness: config.keys.max_staleness });
     let store_url = matches!(config.mode, Mode::Standalone | Mode::ControlPlane).then(|| config.store.url.clone());
@@ -274,7 +274,7 @@ struct Maintenance {
     mode: Mode,
     plane: Arc<DataPlane>,
     key_source: KeySourcePlan,
-    last_sync: Arc<AtomicI64>,
+    last_sync: Arc<LastSync>,
     store_url: Option<String>,
     api: ApiSettings,
     cache_file: Option<PathBuf>,

@@ -981,6 +981,113 @@ fn gateway_restarted_while_the_control_plane_is_down_serves_its_cache_file() {
     assert_eq!(gw.admin_get("/readyz").status, 200);
 }
 
+/// One key in the form of the gateway's cache file (the store's record).
+fn cached_key(id: &str, hash: &str, ip_allowlist: &[&str]) -> Value {
+    json!({
+        "id": id, "hash": hash, "prefix": "kg_live", "masked": "kg_live_Ab3d…x9Zq", "name": id,
+        "owner": null, "plan": null, "scopes": ["orders:read"], "ip_allowlist": ip_allowlist,
+        "rate_limit": null, "quota": null, "status": "active", "expires_at": null, "metadata": {}, "tags": [],
+        "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z", "last_used_at": null,
+        "version": 1
+    })
+}
+
+/// A gateway whose control plane is down, serving the keys of `cache` (written by
+/// a sync before it started).
+fn gateway_from_cache(up: &Upstream, cache: &std::path::Path) -> Node {
+    let template = format!(
+        r#"mode: gateway
+node_id: @NODE@
+threads: 1
+admin:
+  address: @ADMIN@
+keys:
+  source: control_plane
+  control_plane: {{ url: "http://@CP@", token: "${{env:SYNC_TOKEN}}" }}
+  cache_file: @CACHE@
+{PLANS}{PROXY_SECTION}"#
+    );
+    let gw = NodeBuilder::new(&template)
+        .var("CP", &format!("127.0.0.1:{}", free_port()))
+        .var("CACHE", &cache.display().to_string())
+        .var("UP", &up.addr())
+        .env("SYNC_TOKEN", SYNC_TOKEN)
+        .start();
+    wait_ready(&gw, EVENTUALLY);
+    gw
+}
+
+#[test]
+fn a_key_whose_allowlist_has_an_unusable_entry_admits_no_address() {
+    let up = Upstream::start("api");
+    let (good, good_hash) = gen_key(None);
+    let (half_bad, half_bad_hash) = gen_key(None);
+    let (all_bad, all_bad_hash) = gen_key(None);
+    // The control plane is down, so the gateway serves the keys of its cache file,
+    // written (say) by a version that parsed allowlist entries differently.
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("keys.snapshot");
+    let keys = json!({"version": 1, "keys": [
+        cached_key("key_good", &good_hash, &["127.0.0.1/32"]),
+        cached_key("key_half_bad", &half_bad_hash, &["127.0.0.1/32", "127.0.0.1/33"]),
+        cached_key("key_all_bad", &all_bad_hash, &["localhost"]),
+    ]});
+    std::fs::write(&cache, keys.to_string()).unwrap();
+    let gw = gateway_from_cache(&up, &cache);
+    assert_outcome(&call(&gw, &good, "/v1/orders/1"), "200");
+    assert_outcome(&call(&gw, &half_bad, "/v1/orders/1"), "403 ip_not_allowed");
+    assert_outcome(&call(&gw, &all_bad, "/v1/orders/1"), "403 ip_not_allowed");
+    assert_eq!(gw.metric("keygate_key_allowlist_errors_total"), Some(2.0), "{}", gw.output());
+    let output = gw.output();
+    assert!(output.contains("key_half_bad") && output.contains("key_all_bad"), "no log names the keys:\n{output}");
+}
+
+#[test]
+fn a_stored_rate_limit_beyond_what_the_limiter_keeps_is_enforced_as_reported() {
+    let up = Upstream::start("api");
+    let (raw, hash) = gen_key(None);
+    // Stored before validation refused it: a burst of 2^32 - 1, one a minute.
+    let mut key = cached_key("key_huge_burst", &hash, &[]);
+    key["rate_limit"] = json!({"requests": 1, "per": "1m", "burst": 4294967295u64});
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("keys.snapshot");
+    std::fs::write(&cache, json!({"version": 1, "keys": [key]}).to_string()).unwrap();
+    let gw = gateway_from_cache(&up, &cache);
+    let header = |r: &Response, name: &str| -> u64 {
+        r.header(name).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {name} in {} {}", r.status, r.text()))
+    };
+    let first = call(&gw, &raw, "/v1/orders/1");
+    assert_outcome(&first, "200");
+    let limit = header(&first, "ratelimit-limit");
+    assert!(limit < u64::from(u32::MAX), "RateLimit-Limit {limit} is not what can be enforced");
+    assert_eq!(header(&first, "ratelimit-remaining"), limit - 1);
+    let second = call(&gw, &raw, "/v1/orders/1");
+    assert_outcome(&second, "200");
+    assert_eq!((header(&second, "ratelimit-limit"), header(&second, "ratelimit-remaining")), (limit, limit - 2));
+}
+
+#[test]
+fn admin_api_refuses_limits_the_limiter_cannot_honour_naming_the_field() {
+    let cp = control_plane(SQLITE_IN_NODE_DIR);
+    let api = Api::of(&cp);
+    let (_, record) = api.create(json!({"name": "limited"}));
+    let id = record["id"].as_str().unwrap().to_owned();
+    let cases = [
+        (json!({"rate_limit": {"requests": 1, "per": "1m", "burst": 4294967295u64}}), "rate_limit.burst"),
+        (json!({"rate_limit": {"requests": 1, "per": "50000d"}}), "rate_limit.per"),
+        (json!({"rate_limit": {"requests": 4000000000u64, "per": "1s"}}), "rate_limit.requests"),
+        (json!({"quota": {"requests": 2000000000000u64, "per": "day"}}), "quota.requests"),
+    ];
+    for (fields, field) in cases {
+        let mut body = fields.clone();
+        body["name"] = json!("x");
+        api.invalid("POST", "/v1/keys", Some(body), field);
+        api.invalid("PATCH", &format!("/v1/keys/{id}"), Some(fields), field);
+    }
+    let unchanged = api.expect("GET", &format!("/v1/keys/{id}"), None, 200);
+    assert_eq!((&unchanged["rate_limit"], &unchanged["quota"]), (&Value::Null, &Value::Null), "{unchanged}");
+}
+
 #[test]
 fn gateway_without_control_plane_or_cache_is_not_ready_until_the_control_plane_starts() {
     let up = Upstream::start("api");

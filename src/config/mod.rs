@@ -16,11 +16,13 @@
 //! Relative file paths (TLS files, keys file, sinks) are relative to the
 //! working directory, as in the contract's example (`file: config/keys.yaml`).
 //!
-//! Reuse by the keys file: [`RateLimitConfig`] and [`QuotaConfig`] implement
-//! `Deserialize` themselves (same shape and rules as in `plans`, unknown fields
-//! refused) and `Serialize` (durations written as `1s`). For error paths of
-//! your own, deserialize [`raw::RawRateLimit`] / [`raw::RawQuota`] and call
-//! their `validate(path)`, which returns every (path, message) pair.
+//! Reuse by the keys file and the admin API: deserialize [`raw::RawRateLimit`] /
+//! [`raw::RawQuota`] and call their `validate(path)`, which applies the rules of
+//! `plans` and returns every (path, message) pair. [`RateLimitConfig`] and
+//! [`QuotaConfig`] implement `Deserialize` themselves (same shape, unknown
+//! fields refused) for reading stored limits back: that accepts what earlier
+//! versions accepted, which the limiters clamp to what they can enforce. Both
+//! `Serialize` with durations written as `1s`.
 
 mod duration;
 mod env;
@@ -417,17 +419,22 @@ impl QuotaPeriod {
     }
 }
 
+/// Reads limits back from a store, a sync feed or a cache file, with the checks
+/// of every earlier version; new limits enter through `validate`.
 impl<'de> Deserialize<'de> for RateLimitConfig {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         raw::RawRateLimit::deserialize(d)?
-            .validate("")
+            .validate_form("")
             .map_err(|errors| serde::de::Error::custom(join_messages(&errors)))
     }
 }
 
+/// Reads quotas back, like `RateLimitConfig`'s `Deserialize`.
 impl<'de> Deserialize<'de> for QuotaConfig {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        raw::RawQuota::deserialize(d)?.validate("").map_err(|errors| serde::de::Error::custom(join_messages(&errors)))
+        raw::RawQuota::deserialize(d)?
+            .validate_form("")
+            .map_err(|errors| serde::de::Error::custom(join_messages(&errors)))
     }
 }
 

@@ -938,6 +938,32 @@ fn plans_limits_are_checked() {
 }
 
 #[test]
+fn limits_the_limiter_cannot_honour_are_refused() {
+    let yaml = format!(
+        "{GATEWAY}plans:\n  a: {{ rate_limit: {{ requests: 1, per: 1m, burst: 4294967295 }} }}\n  b: {{ rate_limit: {{ requests: 1, per: 50000d }} }}\n  c: {{ rate_limit: {{ requests: 1, per: 50000d, burst: 1 }} }}\n  d: {{ rate_limit: {{ requests: 4000000000, per: 1s }} }}\n  e: {{ quota: {{ requests: 2000000000000, per: day }} }}\n"
+    );
+    let all = errors(&yaml);
+    let paths: Vec<&str> = all.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "plans.a.rate_limit.burst",
+            "plans.b.rate_limit.per",
+            "plans.c.rate_limit.per",
+            "plans.d.rate_limit.requests",
+            "plans.e.quota.requests",
+        ],
+        "{}",
+        ConfigErrors(all.clone())
+    );
+    // Large values the limiter can keep stay allowed.
+    let config = ok(&format!(
+        "{GATEWAY}plans:\n  big: {{ rate_limit: {{ requests: 10, per: 1s, burst: 4294967295 }}, quota: {{ requests: 1000000000000, per: month }} }}\n"
+    ));
+    assert_eq!(config.plans["big"].rate_limit.and_then(|r| r.burst), Some(u32::MAX));
+}
+
+#[test]
 fn plans_may_be_empty() {
     let config =
         ok(&format!("{GATEWAY}plans:\n  unlimited: {{}}\n  daily: {{ quota: {{ requests: \"100\", per: day }} }}\n"));

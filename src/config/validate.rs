@@ -1068,8 +1068,18 @@ impl Builder<'_> {
 
 impl RawRateLimit {
     /// Checks the values and builds the typed limit; errors carry paths under
-    /// `path` (pass "" for bare field names).
+    /// `path` (pass "" for bare field names). A limit the rate limiter cannot
+    /// enforce as written is refused, naming the field to change.
     pub fn validate(&self, path: &str) -> Result<RateLimitConfig, Vec<(String, String)>> {
+        let limit = self.validate_form(path)?;
+        crate::limit::check_rate_limit(&limit).map_err(|e| vec![(join_key(path, e.field()), e.to_string())])?;
+        Ok(limit)
+    }
+
+    /// Only the checks that earlier versions made, for limits read back from a
+    /// store or a sync feed: refusing one there would fail the whole key set,
+    /// and the limiter clamps what it cannot enforce.
+    pub(crate) fn validate_form(&self, path: &str) -> Result<RateLimitConfig, Vec<(String, String)>> {
         let mut errors = Vec::new();
         let requests = match self.requests {
             None => {
@@ -1096,8 +1106,16 @@ impl RawRateLimit {
 
 impl RawQuota {
     /// Checks the values and builds the typed quota; errors carry paths under
-    /// `path` (pass "" for bare field names).
+    /// `path` (pass "" for bare field names). A quota the counters cannot keep
+    /// is refused, naming the field to change.
     pub fn validate(&self, path: &str) -> Result<QuotaConfig, Vec<(String, String)>> {
+        let quota = self.validate_form(path)?;
+        crate::limit::check_quota(&quota).map_err(|e| vec![(join_key(path, e.field()), e.to_string())])?;
+        Ok(quota)
+    }
+
+    /// Only the checks that earlier versions made (see `RawRateLimit::validate_form`).
+    pub(crate) fn validate_form(&self, path: &str) -> Result<QuotaConfig, Vec<(String, String)>> {
         let mut errors = Vec::new();
         let requests = match self.requests {
             None => {

@@ -23,6 +23,7 @@ use time::OffsetDateTime;
 use super::feed::Feed;
 use super::model::{new_key_id, Granularity, KeyFilter, KeyPatch, KeyStatusText, NewKey, StoredKey};
 use super::store::{Store, StoreError};
+use crate::config::raw::{RawQuota, RawRateLimit};
 use crate::config::{parse_duration, QuotaConfig, RateLimitConfig, TokenConfig};
 use crate::index::parse_cidr;
 use crate::key::{self, KeyDigest};
@@ -239,11 +240,30 @@ fn plan(state: &ApiState, value: &Value) -> ApiResult<String> {
 }
 
 fn rate_limit(value: &Value) -> ApiResult<RateLimitConfig> {
-    serde_json::from_value(value.clone()).map_err(|e| ApiError::invalid("rate_limit", e))
+    let raw: RawRateLimit = limit_shape("rate_limit", value)?;
+    raw.validate("rate_limit").map_err(invalid_fields)
 }
 
 fn quota(value: &Value) -> ApiResult<QuotaConfig> {
-    serde_json::from_value(value.clone()).map_err(|e| ApiError::invalid("quota", e))
+    let raw: RawQuota = limit_shape("quota", value)?;
+    raw.validate("quota").map_err(invalid_fields)
+}
+
+/// A `rate_limit` or `quota` object, its errors naming the field inside it.
+fn limit_shape<T: serde::de::DeserializeOwned>(field: &str, value: &Value) -> ApiResult<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let inner = e.path().to_string();
+        let path = if inner == "." { field.to_owned() } else { format!("{field}.{inner}") };
+        ApiError::invalid(&path, e.inner())
+    })
+}
+
+/// Every (path, message) of a validation in one 400 that starts with the first field.
+fn invalid_fields(errors: Vec<(String, String)>) -> ApiError {
+    let mut errors = errors.into_iter();
+    let Some((path, message)) = errors.next() else { return ApiError::invalid("request", "is not valid") };
+    let rest: String = errors.map(|(path, message)| format!("; {path}: {message}")).collect();
+    ApiError::invalid(&path, format!("{message}{rest}"))
 }
 
 fn timestamp(field: &str, value: &Value) -> ApiResult<OffsetDateTime> {

@@ -13,7 +13,8 @@ use time::OffsetDateTime;
 
 use super::record::{KeyRecord, KeyStatus};
 use crate::config::position::Positions;
-use crate::config::{ConfigError, ConfigErrors, PlanConfig, QuotaConfig, RateLimitConfig};
+use crate::config::raw::{RawQuota, RawRateLimit};
+use crate::config::{ConfigError, ConfigErrors, PlanConfig};
 use crate::key::KeyDigest;
 
 pub type KeysFileError = ConfigErrors;
@@ -38,8 +39,8 @@ struct RawKey {
     scopes: Vec<String>,
     #[serde(default)]
     ip_allowlist: Vec<String>,
-    rate_limit: Option<RateLimitConfig>,
-    quota: Option<QuotaConfig>,
+    rate_limit: Option<RawRateLimit>,
+    quota: Option<RawQuota>,
     status: Option<String>,
     expires_at: Option<String>,
     #[serde(default)]
@@ -173,6 +174,14 @@ fn validate_key(
             }
         }
     }
+    let rate_limit = raw
+        .rate_limit
+        .as_ref()
+        .and_then(|raw| raw.validate(&format!("{base}.rate_limit")).map_err(|found| errors.push_all(found)).ok());
+    let quota = raw
+        .quota
+        .as_ref()
+        .and_then(|raw| raw.validate(&format!("{base}.quota")).map_err(|found| errors.push_all(found)).ok());
     let status = match raw.status.as_deref() {
         None => KeyStatus::Active,
         Some(text) => KeyStatus::parse(text).unwrap_or_else(|| {
@@ -194,8 +203,8 @@ fn validate_key(
         .plan(raw.plan)
         .scopes(raw.scopes)
         .ip_allowlist(allowlist)
-        .rate_limit(raw.rate_limit)
-        .quota(raw.quota)
+        .rate_limit(rate_limit)
+        .quota(quota)
         .status(status)
         .expires_at(expires_at)
         .metadata(raw.metadata)
@@ -224,6 +233,12 @@ impl Errors<'_> {
     fn push(&mut self, path: &str, message: String) {
         let location = self.positions.value(path);
         self.push_at(path, location, message);
+    }
+
+    fn push_all(&mut self, found: Vec<(String, String)>) {
+        for (path, message) in found {
+            self.push(&path, message);
+        }
     }
 
     fn push_at(&mut self, path: &str, location: Option<(usize, usize)>, message: String) {
@@ -317,6 +332,17 @@ keys:
         assert!(find("keys[3].plan").is_some(), "{rendered:?}");
         assert!(find("keys[2].hash").is_some_and(|l| l.contains("keys[0]")), "{rendered:?}");
         assert!(find("colour").is_some(), "{rendered:?}");
+    }
+
+    #[test]
+    fn limits_the_limiter_cannot_honour_are_refused_with_their_path() {
+        let text = format!(
+            "keys:\n  - hash: \"{}\"\n    rate_limit: {{ requests: 1, per: 1m, burst: 4294967295 }}\n    quota: {{ requests: 2000000000000, per: day }}\n",
+            KeyDigest::of("a")
+        );
+        let errors = parse(&text).unwrap_err();
+        let paths: Vec<&str> = errors.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["keys[0].rate_limit.burst", "keys[0].quota.requests"], "{errors}");
     }
 
     #[test]

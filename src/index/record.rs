@@ -101,6 +101,9 @@ pub struct KeyPolicy {
     scope_names: Box<[Box<str>]>,
     scopes: ScopeSet,
     ip_allowlist: Box<[IpNet]>,
+    /// The allowlist as stored had an entry that cannot be parsed: no address is
+    /// admitted. Dropping the entry instead could leave an empty list, which admits every one.
+    ip_allowlist_unusable: bool,
     rate_limit: Option<RateLimitConfig>,
     quota: Option<QuotaConfig>,
     headers: PolicyHeaders,
@@ -113,6 +116,7 @@ fn settings_hash<S: AsRef<str>>(
     plan: Option<&str>,
     scopes: &[S],
     ip_allowlist: &[IpNet],
+    ip_allowlist_unusable: bool,
     rate_limit: Option<&RateLimitConfig>,
     quota: Option<&QuotaConfig>,
 ) -> u64 {
@@ -123,6 +127,7 @@ fn settings_hash<S: AsRef<str>>(
         scope.as_ref().hash(&mut state);
     }
     ip_allowlist.hash(&mut state);
+    ip_allowlist_unusable.hash(&mut state);
     rate_limit.map(|r| (r.requests, r.per, r.burst)).hash(&mut state);
     quota.map(|q| (q.requests, q.per)).hash(&mut state);
     state.finish()
@@ -135,6 +140,7 @@ impl KeyPolicy {
         plan: Option<&str>,
         scopes: &[S],
         ip_allowlist: &[IpNet],
+        ip_allowlist_unusable: bool,
         rate_limit: Option<&RateLimitConfig>,
         quota: Option<&QuotaConfig>,
     ) -> bool {
@@ -142,6 +148,7 @@ impl KeyPolicy {
             && self.scope_names.len() == scopes.len()
             && self.scope_names.iter().zip(scopes).all(|(a, b)| **a == *b.as_ref())
             && *self.ip_allowlist == *ip_allowlist
+            && self.ip_allowlist_unusable == ip_allowlist_unusable
             && self.rate_limit.as_ref() == rate_limit
             && self.quota.as_ref() == quota
     }
@@ -152,6 +159,7 @@ impl KeyPolicy {
                 other.plan.as_deref(),
                 &other.scope_names,
                 &other.ip_allowlist,
+                other.ip_allowlist_unusable,
                 other.rate_limit.as_ref(),
                 other.quota.as_ref(),
             )
@@ -231,6 +239,7 @@ impl KeyRecord {
             plan: None,
             scopes: Vec::new(),
             ip_allowlist: Vec::new(),
+            ip_allowlist_unusable: false,
             rate_limit: None,
             quota: None,
             status: KeyStatus::Active,
@@ -277,7 +286,12 @@ impl KeyRecord {
 
     pub fn allows_ip(&self, ip: std::net::IpAddr) -> bool {
         let allowlist = &self.policy.ip_allowlist;
-        allowlist.is_empty() || allowlist.iter().any(|net| net.contains(&ip))
+        !self.policy.ip_allowlist_unusable && (allowlist.is_empty() || allowlist.iter().any(|net| net.contains(&ip)))
+    }
+
+    /// Whether the stored allowlist had an entry that cannot be parsed, so the key admits no address.
+    pub fn ip_allowlist_unusable(&self) -> bool {
+        self.policy.ip_allowlist_unusable
     }
 
     pub fn scopes(&self) -> &ScopeSet {
@@ -340,6 +354,7 @@ pub struct KeyRecordBuilder {
     plan: Option<String>,
     scopes: Vec<String>,
     ip_allowlist: Vec<IpNet>,
+    ip_allowlist_unusable: bool,
     rate_limit: Option<RateLimitConfig>,
     quota: Option<QuotaConfig>,
     status: KeyStatus,
@@ -367,6 +382,13 @@ impl KeyRecordBuilder {
     }
     pub fn ip_allowlist(mut self, nets: Vec<IpNet>) -> Self {
         self.ip_allowlist = nets;
+        self
+    }
+    /// The key's allowlist has an entry that cannot be parsed: the key admits no
+    /// address until it is fixed (fail closed), whatever else the list holds.
+    pub fn unusable_ip_allowlist(mut self) -> Self {
+        self.ip_allowlist.clear();
+        self.ip_allowlist_unusable = true;
         self
     }
     pub fn rate_limit(mut self, limit: Option<RateLimitConfig>) -> Self {
@@ -399,6 +421,7 @@ impl KeyRecordBuilder {
             self.plan.as_deref(),
             &self.scopes,
             &self.ip_allowlist,
+            self.ip_allowlist_unusable,
             self.rate_limit.as_ref(),
             self.quota.as_ref(),
         );
@@ -407,6 +430,7 @@ impl KeyRecordBuilder {
                 self.plan.as_deref(),
                 &self.scopes,
                 &self.ip_allowlist,
+                self.ip_allowlist_unusable,
                 self.rate_limit.as_ref(),
                 self.quota.as_ref(),
             )
@@ -422,6 +446,7 @@ impl KeyRecordBuilder {
                     scope_names: self.scopes.into_iter().map(String::into_boxed_str).collect(),
                     plan: self.plan.map(String::into_boxed_str),
                     ip_allowlist: self.ip_allowlist.into_boxed_slice(),
+                    ip_allowlist_unusable: self.ip_allowlist_unusable,
                     rate_limit: self.rate_limit,
                     quota: self.quota,
                     hash,
@@ -683,6 +708,24 @@ mod tests {
         let empty = KeyRecord::builder("k").owner(Some(String::new())).build();
         assert_eq!(empty.owner(), Some(""));
         assert_eq!(empty.owner_header().unwrap(), "");
+    }
+
+    #[test]
+    fn an_unusable_allowlist_admits_nobody_and_never_shares_an_open_policy() {
+        let open = KeyRecord::builder("open").build();
+        let closed = KeyRecord::builder("closed")
+            .ip_allowlist(vec!["10.0.0.0/8".parse().unwrap()])
+            .unusable_ip_allowlist()
+            .build();
+        assert!(open.allows_ip("10.1.2.3".parse().unwrap()));
+        assert!(!closed.allows_ip("10.1.2.3".parse().unwrap()));
+        assert!(closed.ip_allowlist_unusable() && closed.ip_allowlist().is_empty());
+        assert!(!Arc::ptr_eq(open.policy(), closed.policy()));
+        let (mut open, mut closed) = (open, closed);
+        let mut interner = PolicyInterner::default();
+        interner.intern(&mut open);
+        interner.intern(&mut closed);
+        assert!(closed.policy().ip_allowlist_unusable && !open.policy().ip_allowlist_unusable);
     }
 
     #[test]

@@ -13,10 +13,22 @@ use crate::index::{KeyId, KeyIdMap};
 use arc_swap::ArcSwap;
 use time::{Date, Month, OffsetDateTime, Time};
 
+use super::Unenforceable;
 use crate::config::{QuotaConfig, QuotaPeriod};
 
 const COUNT_BITS: u32 = 40;
 const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+
+/// The most requests a quota can count in one period (the count's share of the word).
+pub const MAX_QUOTA_REQUESTS: u64 = COUNT_MASK;
+
+/// Whether the counters can enforce `quota` exactly as written.
+pub fn check_quota(quota: &QuotaConfig) -> Result<(), Unenforceable> {
+    if quota.requests > MAX_QUOTA_REQUESTS {
+        return Err(Unenforceable::QuotaTooLarge);
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuotaExceeded {
@@ -39,6 +51,10 @@ pub struct UsedElsewhere {
 pub struct QuotaCounters {
     by_key: KeyIdMap<AtomicU64>,
     floors: ArcSwap<UsedElsewhere>,
+    /// The latest day and month index seen, so that a clock stepped back does not
+    /// reopen a period that has ended (see `current_period`).
+    latest_day: AtomicU64,
+    latest_month: AtomicU64,
 }
 
 /// The period `now` falls in, numbered so that consecutive periods differ by one.
@@ -82,21 +98,53 @@ impl QuotaCounters {
         Self::default()
     }
 
+    /// The period that `now` counts in: the clock's, unless the clock has stepped
+    /// back (NTP) from the latest period seen into the one before it. That one has
+    /// ended, and counting in it again would hand every key a second budget; so
+    /// the latest stays current until the clock catches up. A step back further
+    /// than one period is the clock being set, not adjusted, and is followed.
+    fn current_period(&self, per: QuotaPeriod, now: OffsetDateTime) -> u64 {
+        let index = period_index(per, now);
+        let latest = match per {
+            QuotaPeriod::Day => &self.latest_day,
+            QuotaPeriod::Month => &self.latest_month,
+        };
+        let seen = latest.load(Ordering::Relaxed);
+        if index + 1 == seen {
+            return seen;
+        }
+        if index != seen {
+            if index > seen {
+                latest.fetch_max(index, Ordering::Relaxed);
+            } else {
+                latest.store(index, Ordering::Relaxed);
+            }
+        }
+        index
+    }
+
     /// Counts one request unless the key has used its quota for this period.
     /// Returns how many requests are left after this one.
     pub fn try_consume(&self, key_id: &str, quota: &QuotaConfig, now: OffsetDateTime) -> Result<u64, QuotaExceeded> {
-        let period = period_index(quota.per, now);
+        let period = self.current_period(quota.per, now);
+        // Validation refuses larger quotas; one stored before it did is clamped to what can be counted.
+        let limit = quota.requests.min(MAX_QUOTA_REQUESTS);
         let consume = |word: &AtomicU64| -> Result<u64, QuotaExceeded> {
             let mut current = word.load(Ordering::Relaxed);
             loop {
                 let used = if current >> COUNT_BITS == period { current & COUNT_MASK } else { 0 };
-                if used >= quota.requests {
-                    let retry_after = (period_end(quota.per, now) - now).try_into().unwrap_or(Duration::from_secs(1));
+                if used >= limit {
+                    let mut end = period_end(quota.per, now);
+                    if period != period_index(quota.per, now) {
+                        // The clock is behind the period counted in: wait for that period's end.
+                        end = period_end(quota.per, end);
+                    }
+                    let retry_after = (end - now).try_into().unwrap_or(Duration::from_secs(1));
                     return Err(QuotaExceeded { retry_after });
                 }
                 let next = (period << COUNT_BITS) | (used + 1).min(COUNT_MASK);
                 match word.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed) {
-                    Ok(_) => return Ok(quota.requests - used - 1),
+                    Ok(_) => return Ok(limit - used - 1),
                     Err(actual) => current = actual,
                 }
             }
@@ -148,9 +196,10 @@ impl QuotaCounters {
 
     /// Requests counted for the key in the period containing `now`.
     pub fn used(&self, key_id: &str, period: QuotaPeriod, now: OffsetDateTime) -> u64 {
+        let current = self.current_period(period, now);
         self.by_key.get(key_id).map_or(0, |word| {
             let value = word.load(Ordering::Relaxed);
-            if value >> COUNT_BITS == period_index(period, now) {
+            if value >> COUNT_BITS == current {
                 value & COUNT_MASK
             } else {
                 0
@@ -160,8 +209,8 @@ impl QuotaCounters {
 
     /// Forgets counters whose period is over.
     pub fn evict_finished(&self, now: OffsetDateTime) -> usize {
-        let day = period_index(QuotaPeriod::Day, now);
-        let month = period_index(QuotaPeriod::Month, now);
+        let day = self.current_period(QuotaPeriod::Day, now);
+        let month = self.current_period(QuotaPeriod::Month, now);
         let before = self.by_key.len();
         // A live counter's index equals today's day or this month's index, so it
         // is always kept; a stale one could only match by a coincidence of
@@ -234,6 +283,25 @@ mod tests {
         let exceeded = counters.try_consume("k", &monthly(1), late).unwrap_err();
         assert_eq!(exceeded.retry_after, Duration::from_secs(6 * 3600));
         assert!(counters.try_consume("k", &monthly(1), datetime!(2027-01-01 00:00 UTC)).is_ok());
+    }
+
+    #[test]
+    fn a_clock_stepping_back_over_midnight_keeps_the_current_period() {
+        let counters = QuotaCounters::new();
+        assert_eq!(counters.try_consume("k", &daily(2), datetime!(2026-03-11 00:00:05 UTC)), Ok(1));
+        // NTP steps the clock back ten seconds, into yesterday.
+        let stepped = datetime!(2026-03-10 23:59:55 UTC);
+        assert_eq!(counters.try_consume("k", &daily(2), stepped), Ok(0));
+        let exceeded = counters.try_consume("k", &daily(2), stepped).unwrap_err();
+        assert_eq!(exceeded.retry_after, Duration::from_secs(86_405), "until the end of 2026-03-11");
+        assert_eq!(counters.used("k", QuotaPeriod::Day, stepped), 2);
+        assert_eq!(counters.evict_finished(stepped), 0);
+        // A key first seen while the clock is behind counts in the same day.
+        assert_eq!(counters.try_consume("fresh", &daily(1), stepped), Ok(0));
+        // Back past midnight again: the day's counts were not lost.
+        let later = datetime!(2026-03-11 00:00:06 UTC);
+        assert!(counters.try_consume("k", &daily(2), later).is_err());
+        assert!(counters.try_consume("fresh", &daily(1), later).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
+use super::Unenforceable;
 use crate::config::RateLimitConfig;
 
 type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
@@ -57,11 +58,39 @@ impl Default for RateLimiters<DefaultClock> {
     }
 }
 
-/// `requests` per `per`, in bursts of up to `burst` (default: `requests`).
+/// The longest a limit may take to refill its whole burst. governor keeps time in
+/// u64 nanoseconds (584 years) from a limiter's creation and adds the burst's span
+/// to it unchecked; a century leaves room for any uptime.
+pub const MAX_RATE_WINDOW: Duration = Duration::from_secs(100 * super::SECONDS_PER_YEAR);
+
+/// Whether the limiter can enforce `config` exactly as written.
+pub fn check_rate_limit(config: &RateLimitConfig) -> Result<(), Unenforceable> {
+    let Some(requests) = NonZeroU32::new(config.requests) else { return Ok(()) };
+    let interval = config.per / requests.get();
+    if interval.is_zero() {
+        return Err(Unenforceable::RequestsTooFast);
+    }
+    let burst = config.burst.unwrap_or(config.requests);
+    let window = interval.as_nanos() * u128::from(burst);
+    if interval > MAX_RATE_WINDOW || (config.burst.is_none() && window > MAX_RATE_WINDOW.as_nanos()) {
+        return Err(Unenforceable::PeriodTooLong { years: super::years(window.max(interval.as_nanos())) });
+    }
+    if window > MAX_RATE_WINDOW.as_nanos() {
+        return Err(Unenforceable::BurstTooLong { years: super::years(window) });
+    }
+    Ok(())
+}
+
+/// `requests` per `per`, in bursts of up to `burst` (default: `requests`). A limit
+/// that `check_rate_limit` refuses (stored before validation refused it) is
+/// clamped to the nearest one the limiter can keep; its headers then report the
+/// clamped burst, which is what is enforced.
 pub fn quota_of(config: &RateLimitConfig) -> Option<Quota> {
     let requests = NonZeroU32::new(config.requests)?;
-    let burst = NonZeroU32::new(config.burst.unwrap_or(config.requests))?;
-    Quota::with_period(config.per / requests.get()).map(|q| q.allow_burst(burst))
+    let interval = (config.per / requests.get()).clamp(Duration::from_nanos(1), MAX_RATE_WINDOW);
+    let longest = u32::try_from(MAX_RATE_WINDOW.as_nanos() / interval.as_nanos()).unwrap_or(u32::MAX);
+    let burst = NonZeroU32::new(config.burst.unwrap_or(config.requests).min(longest))?;
+    Quota::with_period(interval).map(|q| q.allow_burst(burst))
 }
 
 impl<C: Clock + Clone> RateLimiters<C> {
@@ -80,7 +109,7 @@ impl<C: Clock + Clone> RateLimiters<C> {
             }
         }
         let Some(quota) = quota_of(config) else {
-            // Validation refuses zero rates; an impossible limit lets everything through.
+            // Only a zero rate or burst has no quota, and validation refuses both.
             return Ok(RateInfo { limit: u32::MAX, remaining: u32::MAX, reset: Duration::ZERO });
         };
         let mut entry = self.by_key.entry(KeyId::from(key_id)).or_insert_with(|| self.new_limiter(*config, quota, now));
@@ -134,11 +163,11 @@ impl<C: Clock> KeyLimiter<C> {
         match self.limiter.check() {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
-                Ok(RateInfo { limit, remaining, reset: interval * limit.saturating_sub(remaining) })
+                Ok(RateInfo { limit, remaining, reset: interval.saturating_mul(limit.saturating_sub(remaining)) })
             }
             Err(not_until) => {
                 let retry_after = not_until.wait_time_from(self.limiter.clock().now());
-                let reset = retry_after + interval * (limit - 1);
+                let reset = retry_after.saturating_add(interval.saturating_mul(limit - 1));
                 Err(RateLimited { info: RateInfo { limit, remaining: 0, reset }, retry_after })
             }
         }
@@ -229,6 +258,23 @@ mod tests {
         assert!(limiters.check("k", &limit(1, 1000, None)).is_ok());
         assert!(limiters.check("k", &limit(1, 1000, None)).is_err());
         assert!(limiters.check("k", &limit(5, 1000, None)).is_ok());
+    }
+
+    #[test]
+    fn a_stored_limit_beyond_what_the_limiter_keeps_is_enforced_as_reported() {
+        // Accepted before validation bounded it: a burst of 2^32 - 1 minutes.
+        let (limiters, _) = limiters();
+        let config = limit(1, 60_000, Some(u32::MAX));
+        let first = limiters.check("k", &config).expect("the first request passes");
+        assert!(first.limit < u32::MAX, "RateLimit-Limit {} is not what is enforced", first.limit);
+        assert_eq!(first.remaining, first.limit - 1);
+        let second = limiters.check("k", &config).expect("the burst allows a second request");
+        assert_eq!(second.remaining, first.limit - 2);
+        // A period too long to keep at all is enforced as the longest that can be.
+        let config = limit(1, u64::MAX / 2, None);
+        let only = limiters.check("long", &config).expect("the first request passes");
+        assert_eq!((only.limit, only.remaining), (1, 0));
+        assert!(limiters.check("long", &config).is_err());
     }
 
     #[test]

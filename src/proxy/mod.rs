@@ -14,7 +14,7 @@ pub mod tls;
 mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -78,20 +78,25 @@ pub struct DataPlane {
 
 /// How old the keys may get before keyed requests are refused with `not_ready`.
 pub struct Freshness {
-    /// Unix seconds of the last successful sync; 0 before the first.
-    pub last_success: Arc<AtomicI64>,
+    /// The last successful sync, on the monotonic clock.
+    pub last_success: Arc<crate::sync::LastSync>,
     pub max_staleness: std::time::Duration,
+}
+
+impl Freshness {
+    /// Synced within `max_staleness`. Measured on the monotonic clock: a wall clock
+    /// stepped back must not make a fresh sync look like one from the future.
+    pub fn is_current(&self) -> bool {
+        self.last_success.age().is_some_and(|age| age <= self.max_staleness)
+    }
 }
 
 impl DataPlane {
     /// Whether keyed requests can be judged: keys are loaded and, where a staleness
-    /// limit is set, recent enough.
-    pub fn keys_current(&self, now: OffsetDateTime) -> bool {
-        self.keys.is_loaded()
-            && self.freshness.as_ref().is_none_or(|f| {
-                let age = now.unix_timestamp() - f.last_success.load(Ordering::Relaxed);
-                u64::try_from(age).is_ok_and(|age| age <= f.max_staleness.as_secs())
-            })
+    /// limit is set, recent enough. Staleness ignores the request's wall-clock time
+    /// on purpose (see `Freshness::is_current`).
+    pub fn keys_current(&self, _now: OffsetDateTime) -> bool {
+        self.keys.is_loaded() && self.freshness.as_ref().is_none_or(Freshness::is_current)
     }
 }
 

@@ -7,7 +7,7 @@
 //! applied state is written to the cache file atomically (temp file, rename).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -19,6 +19,7 @@ use crate::control::model::{Change, KeyChange, StoredKey};
 use crate::index::{parse_cidr, KeyIndex, KeyRecord, Snapshot};
 use crate::key::KeyDigest;
 use crate::metrics::Metrics;
+use crate::sync::LastSync;
 
 /// How long one long poll may stay open.
 pub const LONG_POLL: Duration = Duration::from_secs(25);
@@ -53,22 +54,34 @@ pub trait KeyFeed: Send + Sync {
 }
 
 /// The record the request path uses, from the store's record; `None` if its hash is unusable.
+///
+/// The admin API and keys file refuse allowlist entries that are not addresses or
+/// CIDRs, but a store edited by hand or by another version can still hold one. Such
+/// a key admits no address (see [`unusable_allowlist_entries`]): skipping the entry
+/// could leave an empty allowlist, which admits every address.
 pub fn record_from_stored(key: &StoredKey) -> Option<(KeyDigest, KeyRecord)> {
     let digest = KeyDigest::parse(&key.hash).ok()?;
-    let record = KeyRecord::builder(key.id.clone())
+    let builder = KeyRecord::builder(key.id.clone())
         .name(key.name.clone())
         .owner(key.owner.clone())
         .plan(key.plan.clone())
         .scopes(key.scopes.clone())
-        .ip_allowlist(key.ip_allowlist.iter().filter_map(|c| parse_cidr(c)).collect())
         .rate_limit(key.rate_limit)
         .quota(key.quota)
         .status(key.status.into())
         .expires_at(key.expires_at)
         .metadata(key.metadata.clone())
-        .tags(key.tags.clone())
-        .build();
-    Some((digest, record))
+        .tags(key.tags.clone());
+    let builder = match key.ip_allowlist.iter().map(|entry| parse_cidr(entry)).collect::<Option<Vec<_>>>() {
+        Some(nets) => builder.ip_allowlist(nets),
+        None => builder.unusable_ip_allowlist(),
+    };
+    Some((digest, builder.build()))
+}
+
+/// The entries of a stored allowlist that are not addresses or CIDRs.
+pub fn unusable_allowlist_entries(key: &StoredKey) -> Vec<&str> {
+    key.ip_allowlist.iter().filter(|entry| parse_cidr(entry).is_none()).map(String::as_str).collect()
 }
 
 /// The last-known-good file: the whole key set at one version.
@@ -85,8 +98,8 @@ pub struct Follower {
     cache_file: Option<PathBuf>,
     /// The current key set in the store's form, for the cache file.
     keys: std::sync::Mutex<std::collections::HashMap<String, StoredKey>>,
-    /// Unix seconds of the last successful contact with the feed; 0 before any.
-    last_success: Arc<AtomicI64>,
+    /// The last successful contact with the feed.
+    last_success: Arc<LastSync>,
     /// Wakes the cache writer; requests made while it writes coalesce into one more write.
     cache_requested: tokio::sync::Notify,
     cache_dirty: std::sync::atomic::AtomicBool,
@@ -97,14 +110,14 @@ pub struct Follower {
 }
 
 impl Follower {
-    /// `last_success` (unix seconds of the last successful sync) is shared with the
-    /// request path's staleness check.
+    /// `last_success` (the last successful sync) is shared with the request path's
+    /// staleness check.
     pub fn new(
         feed: Arc<dyn KeyFeed>,
         index: Arc<KeyIndex>,
         metrics: Arc<Metrics>,
         cache_file: Option<PathBuf>,
-        last_success: Arc<AtomicI64>,
+        last_success: Arc<LastSync>,
     ) -> Self {
         Follower {
             feed,
@@ -147,10 +160,10 @@ impl Follower {
                     "serving the last-known-good keys until the control plane answers"
                 );
                 self.install_without_success(cache.version, cache.keys);
-                // The cached keys are as fresh as the sync that wrote them.
-                let written = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-                if let Some(age) = written.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()) {
-                    self.last_success.store(age.as_secs() as i64, Ordering::Relaxed);
+                // The cached keys are as fresh as the sync that wrote them; a file
+                // from the future (the clock stepped back since) counts as just written.
+                if let Ok(written) = std::fs::metadata(path).and_then(|m| m.modified()) {
+                    self.last_success.mark_age(SystemTime::now().duration_since(written).unwrap_or_default());
                 }
                 true
             }
@@ -165,7 +178,7 @@ impl Follower {
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         tokio::spawn(Arc::clone(&self).write_cache_when_asked(shutdown.clone()));
         let mut backoff = Duration::from_millis(200);
-        let mut synced = self.last_success.load(Ordering::Relaxed) > 0;
+        let mut synced = self.last_success.ever();
         loop {
             let step = async {
                 if !synced {
@@ -236,7 +249,7 @@ impl Follower {
 
     fn mark_success(&self) {
         let now = OffsetDateTime::now_utc();
-        self.last_success.store(now.unix_timestamp(), Ordering::Relaxed);
+        self.last_success.mark();
         self.metrics.sync_last_success.set(now.unix_timestamp_nanos() as f64 / 1e9);
     }
 
@@ -252,7 +265,7 @@ impl Follower {
     }
 
     fn install_without_success(&self, version: u64, keys: Vec<StoredKey>) {
-        let records: Vec<(KeyDigest, KeyRecord)> = keys.iter().filter_map(record_from_stored).collect();
+        let records: Vec<(KeyDigest, KeyRecord)> = keys.iter().filter_map(|key| self.record(key)).collect();
         let snapshot = match Snapshot::build(version, records) {
             Ok(snapshot) => snapshot,
             Err(e) => {
@@ -275,7 +288,7 @@ impl Follower {
         for change in batch.changes {
             match change.change {
                 KeyChange::Upsert(key) => {
-                    if let Some((digest, record)) = record_from_stored(&key) {
+                    if let Some((digest, record)) = self.record(&key) {
                         changes.push((digest, Some(record)));
                     }
                     by_id.insert(key.id.clone(), key);
@@ -309,6 +322,20 @@ impl Follower {
         }
         drop(publishing);
         self.compacting.store(false, Ordering::Release);
+    }
+
+    /// `record_from_stored`, logging and counting a key closed by an unusable allowlist.
+    fn record(&self, key: &StoredKey) -> Option<(KeyDigest, KeyRecord)> {
+        let entry = record_from_stored(key)?;
+        if entry.1.ip_allowlist_unusable() {
+            self.metrics.key_allowlist_errors.inc();
+            tracing::error!(
+                key_id = %key.id,
+                entries = ?unusable_allowlist_entries(key),
+                "ip_allowlist entries are not IP addresses or CIDRs: the key admits no address until they are fixed"
+            );
+        }
+        Some(entry)
     }
 
     fn publish(&self, snapshot: Arc<Snapshot>) {
@@ -372,12 +399,24 @@ mod tests {
         StoredKey { version: n as u64, ..sample_key(&format!("key_{n}"), hash) }
     }
 
+    #[test]
+    fn an_unparsable_allowlist_entry_admits_no_address() {
+        for allowlist in [vec!["banana"], vec!["127.0.0.0/8", "10.0.0.0/33"]] {
+            let key = StoredKey { ip_allowlist: allowlist.iter().map(|s| s.to_string()).collect(), ..stored(1) };
+            let (_, record) = record_from_stored(&key).expect("a record with a good hash is built");
+            for ip in ["127.0.0.1", "10.1.2.3", "203.0.113.9", "2001:db8::1"] {
+                assert!(!record.allows_ip(ip.parse().unwrap()), "{allowlist:?} admits {ip}");
+            }
+            assert_eq!(unusable_allowlist_entries(&key), allowlist[allowlist.len() - 1..]);
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn compaction_runs_beside_the_sync_and_loses_no_change() {
         let index = Arc::new(KeyIndex::default());
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let follower =
-            Arc::new(Follower::new(Arc::new(Unused), Arc::clone(&index), metrics, None, Arc::new(AtomicI64::new(0))));
+            Arc::new(Follower::new(Arc::new(Unused), Arc::clone(&index), metrics, None, Arc::new(LastSync::new())));
         follower.install(0, vec![]);
         // One key per batch, well past the size at which the overlay is folded; the
         // compaction started by one batch runs while later batches are applied.

@@ -3,9 +3,11 @@
 mod feeds;
 mod follow;
 mod keys_file;
+mod last_sync;
 mod quota_seed;
 
 pub use feeds::{LocalFeed, RemoteFeed};
 pub use follow::{record_from_stored, ChangeBatch, FeedError, Follower, KeyFeed, LONG_POLL};
 pub use keys_file::KeysFileSource;
+pub use last_sync::LastSync;
 pub use quota_seed::QuotaSeedSource;

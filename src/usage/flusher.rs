@@ -4,6 +4,11 @@
 //! until it is taken) and one pending batch into which newer windows are merged
 //! per key. So a failing sink holds at most two records per active key, loses
 //! nothing, and never receives a count twice.
+//!
+//! A write runs as a task of its own. One that outlasts `WRITE_TIMEOUT` counts as
+//! failed, but may still land (a file sink's blocking write cannot be called
+//! back): the flusher keeps the task and, on its next try, waits for that same
+//! write instead of making another, so a late success is taken as delivered.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,10 +16,11 @@ use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 use super::counters::UsageCounters;
 use super::record::UsageRecord;
-use super::sink::{UsageBatch, UsageSink};
+use super::sink::{SinkError, UsageBatch, UsageSink};
 use crate::metrics::Metrics;
 
 /// One sink write may take this long before it counts as failed.
@@ -27,7 +33,9 @@ struct SinkQueue {
     /// Names the sink's configuration, to keep its queue across config reloads.
     identity: String,
     sink: Arc<dyn UsageSink>,
-    in_flight: Option<(u64, Vec<UsageRecord>)>,
+    in_flight: Option<(u64, Arc<[UsageRecord]>)>,
+    /// The write of `in_flight` still under way, if the last try stopped waiting for it.
+    writing: Option<JoinHandle<Result<(), SinkError>>>,
     pending: HashMap<String, UsageRecord>,
     next_sequence: u64,
     failures: u32,
@@ -51,22 +59,31 @@ impl SinkQueue {
     }
 
     /// Delivers what it can; stops at the first failure and backs off.
-    async fn deliver(&mut self, node: &str, boot_id: &str, metrics: &Metrics) {
+    async fn deliver(&mut self, node: &str, boot_id: &str, metrics: &Metrics, write_timeout: Duration) {
         loop {
             if self.in_flight.is_none() {
                 if self.pending.is_empty() {
                     return;
                 }
-                let records: Vec<UsageRecord> = self.pending.drain().map(|(_, r)| r).collect();
+                let records: Arc<[UsageRecord]> = self.pending.drain().map(|(_, r)| r).collect();
                 self.next_sequence += 1;
                 self.in_flight = Some((self.next_sequence, records));
             }
             let Some((sequence, records)) = &self.in_flight else { return };
-            let batch = UsageBatch { node, boot_id, sequence: *sequence, records };
+            let writing = match &mut self.writing {
+                Some(writing) => writing,
+                None => self.writing.insert(spawn_write(&self.sink, node, boot_id, *sequence, records)),
+            };
             let kind = self.sink.kind();
-            let result = match tokio::time::timeout(WRITE_TIMEOUT, self.sink.write(batch)).await {
-                Ok(result) => result.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("no answer within {WRITE_TIMEOUT:?}")),
+            let result = match tokio::time::timeout(write_timeout, writing).await {
+                Ok(joined) => {
+                    self.writing = None;
+                    match joined {
+                        Ok(written) => written.map_err(|e| e.to_string()),
+                        Err(e) => Err(format!("the write stopped: {e}")),
+                    }
+                }
+                Err(_) => Err(format!("no answer within {write_timeout:?}; the next try waits for this write")),
             };
             match result {
                 Ok(()) => {
@@ -96,6 +113,20 @@ impl SinkQueue {
     }
 }
 
+/// One attempt to write a batch, on a task that finishes whether or not anyone waits.
+fn spawn_write(
+    sink: &Arc<dyn UsageSink>,
+    node: &str,
+    boot_id: &str,
+    sequence: u64,
+    records: &Arc<[UsageRecord]>,
+) -> JoinHandle<Result<(), SinkError>> {
+    let (sink, node, boot_id, records) = (Arc::clone(sink), node.to_owned(), boot_id.to_owned(), Arc::clone(records));
+    tokio::spawn(
+        async move { sink.write(UsageBatch { node: &node, boot_id: &boot_id, sequence, records: &records }).await },
+    )
+}
+
 pub struct Flusher {
     counters: Arc<UsageCounters>,
     node: String,
@@ -104,6 +135,8 @@ pub struct Flusher {
     sinks: Vec<SinkQueue>,
     metrics: Arc<Metrics>,
     window_start: OffsetDateTime,
+    /// `WRITE_TIMEOUT`, shortened by tests.
+    write_timeout: Duration,
 }
 
 /// A sink and the identity of the configuration it was built from.
@@ -142,6 +175,7 @@ fn queue(identity: String, sink: Arc<dyn UsageSink>) -> SinkQueue {
         identity,
         sink,
         in_flight: None,
+        writing: None,
         pending: HashMap::new(),
         next_sequence: 0,
         failures: 0,
@@ -165,6 +199,7 @@ impl Flusher {
             sinks: sinks.into_iter().map(|(identity, sink)| queue(identity, sink)).collect(),
             metrics,
             window_start: OffsetDateTime::now_utc(),
+            write_timeout: WRITE_TIMEOUT,
         }
     }
 
@@ -206,7 +241,7 @@ impl Flusher {
             }
         }
         for mut removed in old {
-            removed.deliver(&self.node, &self.boot_id, &self.metrics).await;
+            removed.deliver(&self.node, &self.boot_id, &self.metrics, self.write_timeout).await;
             let lost = removed.queued();
             if lost > 0 {
                 self.metrics.usage_dropped.inc_by(lost as u64);
@@ -228,7 +263,7 @@ impl Flusher {
         for queue in &mut self.sinks {
             queue.add(&records);
             if ignore_backoff || now >= queue.retry_at {
-                queue.deliver(&self.node, &self.boot_id, &self.metrics).await;
+                queue.deliver(&self.node, &self.boot_id, &self.metrics, self.write_timeout).await;
             }
         }
         self.metrics.usage_pending.set(self.queued() as i64);
@@ -240,7 +275,7 @@ impl Flusher {
         while self.queued() > 0 && Instant::now() + FINAL_RETRY_PAUSE < deadline {
             tokio::time::sleep(FINAL_RETRY_PAUSE).await;
             for queue in &mut self.sinks {
-                queue.deliver(&self.node, &self.boot_id, &self.metrics).await;
+                queue.deliver(&self.node, &self.boot_id, &self.metrics, self.write_timeout).await;
             }
         }
         let lost = self.queued();
@@ -291,6 +326,41 @@ mod tests {
             }
             self.batches.lock().unwrap().push((batch.sequence, batch.records.to_vec()));
             Ok(())
+        }
+    }
+
+    type Batch = (u64, Vec<UsageRecord>);
+
+    /// Like the file sink: the write runs on a thread of its own, which goes on when
+    /// the caller stops waiting. Each write waits for one permit of `gate`.
+    struct DetachedSink {
+        gate: Arc<tokio::sync::Semaphore>,
+        batches: Arc<Mutex<Vec<Batch>>>,
+    }
+
+    #[async_trait]
+    impl UsageSink for DetachedSink {
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+
+        async fn write(&self, batch: UsageBatch<'_>) -> Result<(), SinkError> {
+            let (gate, batches) = (Arc::clone(&self.gate), Arc::clone(&self.batches));
+            let entry = (batch.sequence, batch.records.to_vec());
+            tokio::spawn(async move {
+                gate.acquire().await.map_err(|e| SinkError::Other(e.to_string()))?.forget();
+                batches.lock().unwrap().push(entry);
+                Ok(())
+            })
+            .await
+            .map_err(|e| SinkError::Other(e.to_string()))?
+        }
+    }
+
+    async fn wait_for(done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -349,6 +419,33 @@ mod tests {
         assert_eq!(batches[0].1[0].requests, 1);
         assert_eq!(batches[1].1[0].requests, 2);
         assert_eq!(batches[1].1[0].denied["key_revoked"], 1);
+        assert_eq!(flusher.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_finishes_after_its_timeout_is_not_written_again() {
+        let counters = Arc::new(UsageCounters::new());
+        let sink = Arc::new(DetachedSink { gate: Arc::new(tokio::sync::Semaphore::new(0)), batches: Arc::default() });
+        let mut flusher = Flusher::new(
+            Arc::clone(&counters),
+            vec![("test".to_owned(), Arc::clone(&sink) as Arc<dyn UsageSink>)],
+            "node-1".into(),
+            Duration::from_secs(5),
+            Arc::new(Metrics::new().unwrap()),
+        );
+        flusher.write_timeout = Duration::from_millis(50);
+        counters.record("a", &allowed());
+        // The write is still hanging when the flusher stops waiting; then it finishes.
+        flusher.flush_window(true).await;
+        assert!(sink.batches.lock().unwrap().is_empty());
+        sink.gate.add_permits(1);
+        wait_for(|| !sink.batches.lock().unwrap().is_empty()).await;
+        // Later rounds, with the sink answering at once, must not write the batch again.
+        sink.gate.add_permits(100);
+        flusher.flush_window(true).await;
+        flusher.flush_window(true).await;
+        let requests: u64 = sink.batches.lock().unwrap().iter().flat_map(|(_, r)| r).map(|r| r.requests).sum();
+        assert_eq!(requests, 1, "batches: {:?}", sink.batches.lock().unwrap());
         assert_eq!(flusher.queued(), 0);
     }
 

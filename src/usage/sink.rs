@@ -4,6 +4,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
@@ -40,11 +41,15 @@ pub trait UsageSink: Send + Sync {
 /// batch, so rotating it away needs no signal.
 pub struct FileSink {
     path: PathBuf,
+    /// Held by the blocking write itself, which outlives a caller that stops
+    /// waiting: a failed write cuts the file back to where it began, and must not
+    /// cut another write's lines with it.
+    appending: Arc<Mutex<()>>,
 }
 
 impl FileSink {
     pub fn new(path: PathBuf) -> Self {
-        FileSink { path }
+        FileSink { path, appending: Arc::default() }
     }
 
     fn fail(&self, source: std::io::Error) -> SinkError {
@@ -80,12 +85,15 @@ impl UsageSink for FileSink {
 
     async fn write(&self, batch: UsageBatch<'_>) -> Result<(), SinkError> {
         let lines = json_lines(batch.records).map_err(|e| self.fail(e))?;
-        let path = self.path.clone();
+        let (path, appending) = (self.path.clone(), Arc::clone(&self.appending));
         // File I/O and fsync block: keep them off the async workers.
-        tokio::task::spawn_blocking(move || append_all_or_nothing(&path, &lines))
-            .await
-            .map_err(|e| SinkError::Other(format!("usage file writer stopped: {e}")))?
-            .map_err(|e| self.fail(e))
+        tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = appending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            append_all_or_nothing(&path, &lines)
+        })
+        .await
+        .map_err(|e| SinkError::Other(format!("usage file writer stopped: {e}")))?
+        .map_err(|e| self.fail(e))
     }
 }
 
