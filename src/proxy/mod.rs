@@ -93,9 +93,8 @@ impl Freshness {
 
 impl DataPlane {
     /// Whether keyed requests can be judged: keys are loaded and, where a staleness
-    /// limit is set, recent enough. Staleness ignores the request's wall-clock time
-    /// on purpose (see `Freshness::is_current`).
-    pub fn keys_current(&self, _now: OffsetDateTime) -> bool {
+    /// limit is set, recent enough (see `Freshness::is_current`).
+    pub fn keys_current(&self) -> bool {
         self.keys.is_loaded() && self.freshness.as_ref().is_none_or(Freshness::is_current)
     }
 }
@@ -165,7 +164,7 @@ impl Gateway {
         let facts = RequestFacts { presented_key: presented.as_deref(), client_ip, required_scopes: &route.scopes };
         let plane = &*self.plane;
         let now = OffsetDateTime::now_utc();
-        if !plane.keys_current(now) {
+        if !plane.keys_current() {
             return Verdict::Reject(Rejection::NotReady);
         }
         let limits = Limits { plans: &state.plans, rates: &plane.rates, quotas: &plane.quotas };
