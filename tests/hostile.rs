@@ -186,6 +186,9 @@ fn encoded_slashes_and_dot_segments_cannot_walk_out_of_a_public_route() {
         assert!(r.header("x-request-id").is_some(), "{target}");
     }
     assert_eq!(up.request_count(), 0, "{:?}", up.requests());
+    // A fragment is no part of the path: the upstream is sent the path without it.
+    assert_proxied(&gw.get("/public#/../v1/orders", &[]));
+    assert_eq!(up.last().target, "/public");
 }
 
 #[test]
@@ -201,6 +204,29 @@ fn paths_are_routed_and_forwarded_in_one_reading() {
     assert_proxied(&r);
     assert_eq!(up.last().target, "/v1/orders/7?q=a%2Fb");
     assert_eq!(up.request_count(), 1);
+}
+
+#[test]
+fn an_absolute_form_target_is_routed_on_its_own_authority() {
+    let up = Upstream::start("api");
+    let cfg = gateway_config(
+        r#"upstreams:
+  api: { targets: ["@UP@"] }
+routes:
+  - { name: public, match: { path_prefix: /, host: public.example.com }, upstream: api, auth: none }
+  - { name: api, match: { path_prefix: /, host: api.example.com }, upstream: api }
+access_log: off
+"#,
+    );
+    let gw = GatewayBuilder::new(&cfg).var("UP", &up.addr()).keys(&keys_file(&[])).start();
+    let r = gw.get("http://api.example.com/v1/orders", &[("Host", "api.example.com")]);
+    assert_error(&r, 401, "missing_key");
+    // A Host that disagrees with the target is refused outright, in keygate's shape.
+    let mut stream = raw_conn(gw.addr);
+    stream.write_all(&request("GET", "http://api.example.com/v1/orders", &[("Host", "public.example.com")])).unwrap();
+    assert_raw_error(&read_until_closed(&mut stream).0, 400, "bad_request");
+    assert_eq!(up.request_count(), 0);
+    assert_proxied(&gw.get("/v1/orders", &[("Host", "public.example.com")]));
 }
 
 #[test]

@@ -145,7 +145,9 @@ enum Verdict {
 impl Gateway {
     fn judge(&self, req: &RequestHeader, state: &GatewayState, ctx: &mut RequestCtx) -> Verdict {
         let path = req.uri.path();
-        let host = req.headers.get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri.host());
+        // An absolute-form target's authority is the request's host (RFC 9112 §3.2.2),
+        // whatever `Host` says; an upstream that follows the RFC routes on it.
+        let host = req.uri.host().or_else(|| req.headers.get(HOST).and_then(|h| h.to_str().ok()));
         let Some(index) = routing::find_route(&state.routes, &req.method, host, path) else {
             return Verdict::Reject(Rejection::NoRoute);
         };
@@ -451,6 +453,12 @@ fn normalize_request(req: &mut RequestHeader, http: &HttpConfig) -> std::result:
     if http.underscore_headers == UnderscoreHeaders::Reject
         && req.headers.keys().any(|name| name.as_str().contains('_'))
     {
+        return Err(Rejection::BadRequest);
+    }
+    // The URI drops a `#fragment`, and holds a lossy copy of a target that is not
+    // UTF-8, while the upstream is sent the target's bytes: those would be routed
+    // on one path and served another.
+    if !req.raw_path_is_utf8() || req.raw_path().contains(&b'#') {
         return Err(Rejection::BadRequest);
     }
     let normalized = match path::normalize(req.uri.path(), http.escaped_slashes) {
