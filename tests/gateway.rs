@@ -538,6 +538,38 @@ fn configured_key_locations_replace_the_defaults() {
     assert_error(&gw.get(&format!("/v1/orders?token={}", alice.raw), &[("x-custom-key", &other)]), 401, "invalid_key");
 }
 
+/// An application token the upstream checks itself, in the same header as a Bearer key.
+const APP_JWT: &str =
+    "Bearer eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJ1c2VyLTQyIn0.c2lnbmF0dXJlLW5vdC1jaGVja2Vk";
+
+#[test]
+fn application_token_in_authorization_does_not_shadow_the_key_and_reaches_the_upstream() {
+    let up = Upstream::start("api");
+    let alice = TestKey::new("key_alice");
+    let gw = start_simple(&up, &keys_file(&[alice.entry("scopes: [orders:read]")]));
+
+    // A JWT in Authorization, the key in x-api-key: the key is found; only it is removed.
+    assert_proxied(&gw.get("/v1/orders", &[("Authorization", APP_JWT), ("x-api-key", &alice.raw)]));
+    let rec = up.last();
+    assert_eq!(rec.header_all("authorization"), [APP_JWT], "the application token was not passed on untouched");
+    assert!(rec.header("x-api-key").is_none(), "x-api-key was not removed");
+    assert!(!rec.contains(&alice.raw), "raw key reached the upstream: {rec:?}");
+
+    // The same with the key in the query; an api_key parameter that is no key stays.
+    let target = format!("/v1/orders?api_key={}&q=1", alice.raw);
+    assert_proxied(&gw.get(&target, &[("Authorization", APP_JWT)]));
+    let rec = up.last();
+    assert_eq!(rec.header_all("authorization"), [APP_JWT]);
+    assert_eq!(rec.target, "/v1/orders?q=1");
+    assert_proxied(&gw.get("/v1/orders?api_key=app-value&q=2", &[("x-api-key", &alice.raw)]));
+    assert_eq!(up.last().target, "/v1/orders?api_key=app-value&q=2");
+
+    // A value that is no key still counts as a presented (invalid) key on its own.
+    assert_error(&gw.get("/v1/orders", &[("Authorization", APP_JWT)]), 401, "invalid_key");
+    assert_error(&gw.get("/v1/orders", &[("x-api-key", &with_bad_checksum(&alice.raw))]), 401, "invalid_key");
+    assert_eq!(up.request_count(), 3);
+}
+
 // ---------------------------------------------------------------------------
 // What the upstream sees, and what the client gets back
 // ---------------------------------------------------------------------------

@@ -22,6 +22,8 @@ pub(crate) struct Positions {
     collections: HashSet<String>,
     /// Mapping keys seen twice, where serde_norway reports no useful position.
     duplicates: Vec<(String, Pos)>,
+    /// The document's top node, for errors about the file as a whole.
+    root: Option<Pos>,
 }
 
 impl Positions {
@@ -32,8 +34,12 @@ impl Positions {
         walker.positions
     }
 
-    /// Position of the value at `path`, else of its nearest ancestor.
+    /// Position of the value at `path`, else of its nearest ancestor other than the
+    /// document itself; the empty path is the document's top node.
     pub(crate) fn value(&self, path: &str) -> Option<Pos> {
+        if path.is_empty() {
+            return self.root;
+        }
         let mut current = path;
         loop {
             if self.collections.contains(current) {
@@ -58,6 +64,29 @@ impl Positions {
     pub(crate) fn first_duplicate(&self) -> Option<&(String, Pos)> {
         self.duplicates.first()
     }
+}
+
+/// Where the text goes on past its first document: the start of a second one, or
+/// where reading stopped. serde_norway refuses several documents without saying where.
+pub(crate) fn past_first_document(text: &str) -> Option<Pos> {
+    #[derive(Default)]
+    struct Starts {
+        seen: usize,
+        second: Option<Marker>,
+    }
+    impl MarkedEventReceiver for Starts {
+        fn on_event(&mut self, event: Event, mark: Marker) {
+            if matches!(event, Event::DocumentStart) {
+                self.seen += 1;
+                if self.seen == 2 {
+                    self.second.get_or_insert(mark);
+                }
+            }
+        }
+    }
+    let mut starts = Starts::default();
+    let stopped = Parser::new_from_str(text).load(&mut starts, true).err().map(|e| *e.marker());
+    starts.second.or(stopped).map(|mark| (mark.line(), mark.col() + 1))
 }
 
 /// "a.b[2].c" -> "a.b[2]" -> "a.b" -> "a" -> None.
@@ -133,7 +162,11 @@ impl Walker {
     }
 
     fn record_value(&mut self, mark: Marker, collection: bool) {
-        // The document root is no useful place to point at.
+        if self.stack.is_empty() {
+            self.positions.root.get_or_insert((mark.line(), mark.col() + 1));
+            return;
+        }
+        // An empty key's value is not addressable apart from the document.
         if let Some(path) = self.path().filter(|p| !p.is_empty()) {
             if collection {
                 self.positions.collections.insert(path.clone());
@@ -293,6 +326,20 @@ after: 1
     fn positions_note_duplicate_keys() {
         let p = Positions::build("a: 1\nb:\n  c: 1\n  c: 2\n");
         assert_eq!(p.first_duplicate(), Some(&("b.c".to_owned(), (4, 3))));
+    }
+
+    #[test]
+    fn the_empty_path_is_the_documents_top_node() {
+        assert_eq!(Positions::build(TEXT).value(""), Some((1, 1)));
+        assert_eq!(Positions::build("# note\n\n  - a\n").value(""), Some((3, 3)));
+        assert_eq!(Positions::build("").value(""), None);
+    }
+
+    #[test]
+    fn a_second_document_is_located() {
+        assert_eq!(past_first_document("a: 1\n---\nb: 2\n"), Some((2, 1)));
+        assert_eq!(past_first_document("  a: 1\nb"), Some((2, 1)));
+        assert_eq!(past_first_document("a: 1\n"), None);
     }
 
     #[test]

@@ -1104,3 +1104,338 @@ fn underscore_key_header_cannot_be_combined_with_rejecting_underscores() {
     error_at(yaml, "key_locations[0].header", "underscore_headers: reject");
     ok("key_locations: [ { header: x_api_key } ]\nhttp: { underscore_headers: drop }\n");
 }
+
+#[test]
+fn a_file_that_is_not_a_mapping_is_refused_at_its_first_node() {
+    // Found by `arbitrary_text_loads_or_every_error_says_where`: the error had no position.
+    for (text, at) in [("ெ\n", (1, 1)), ("# keygate\n- mode: gateway\n", (2, 1)), ("\n  42\n", (2, 3))] {
+        let all = errors(text);
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert!(all[0].message.contains("must be a mapping"), "{}", all[0].message);
+        assert_eq!((all[0].line, all[0].column), (Some(at.0), Some(at.1)), "{text:?}");
+    }
+}
+
+#[test]
+fn a_second_document_is_refused_where_it_starts() {
+    // Found by `arbitrary_text_loads_or_every_error_says_where`: the error had no position.
+    for (text, line) in [("mode: gateway\n---\nthreads: 2\n", 2), ("  <<: \nmode", 2)] {
+        let all = errors(text);
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert!(all[0].message.contains("more than one document"), "{}", all[0].message);
+        assert_eq!(all[0].line, Some(line), "{text:?}");
+    }
+}
+
+// ---- property tests: whatever the text, a config or errors that say where ----
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Every refusal must tell the operator where to look.
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        if let Err(errors) = parse(text) {
+            prop_assert!(!errors.is_empty());
+            for e in errors.iter() {
+                prop_assert!(!e.path.is_empty() || e.line.is_some(), "error without path or position: {e:?}\n{text}");
+                let _ = e.to_string();
+            }
+        }
+        Ok(())
+    }
+
+    /// Pieces of YAML, keygate's field names and values it gives meaning to.
+    fn token() -> impl Strategy<Value = String> {
+        const PIECES: &[&str] = &[
+            "mode",
+            "gateway",
+            "standalone",
+            "listeners",
+            "address",
+            "admin",
+            "tokens",
+            "keys",
+            "source",
+            "file",
+            "client_ip",
+            "trusted_proxies",
+            "key_locations",
+            "header",
+            "scheme",
+            "query",
+            "upstreams",
+            "targets",
+            "routes",
+            "name",
+            "match",
+            "path_prefix",
+            "methods",
+            "upstream",
+            "auth",
+            "none",
+            "plans",
+            "rate_limit",
+            "quota",
+            "requests",
+            "per",
+            "burst",
+            "usage",
+            "sinks",
+            "type",
+            "access_log",
+            "threads",
+            ": ",
+            ":",
+            "- ",
+            "-",
+            "{",
+            "}",
+            "[",
+            "]",
+            ", ",
+            "'",
+            "\"",
+            "&a ",
+            "*a",
+            "<<: ",
+            "${env:PORT}",
+            "${env:NOPE}",
+            "${env:",
+            "#",
+            "|",
+            ">",
+            "!!str ",
+            "!x ",
+            "? ",
+            "---",
+            "...",
+            "~",
+            "null",
+            "true",
+            "off",
+            "1s",
+            "0s",
+            "0",
+            "-1",
+            "1e999",
+            "4294967296",
+            "127.0.0.1:8080",
+            "[::]:0",
+            "10.0.0.0/8",
+            "sha256:",
+            "/v1",
+            "GET",
+            "\t",
+            "\\",
+            "%",
+            "@",
+            "`",
+            "é",
+            "\u{feff}",
+            "\u{0}",
+        ];
+        prop_oneof![
+            4 => proptest::sample::select(PIECES).prop_map(str::to_owned),
+            1 => "[a-z0-9_.]{1,8}",
+            1 => any::<char>().prop_map(String::from),
+        ]
+    }
+
+    fn yamlish() -> impl Strategy<Value = String> {
+        let line = (0usize..7, proptest::collection::vec(token(), 0..7))
+            .prop_map(|(indent, tokens)| format!("{}{}", " ".repeat(indent), tokens.concat()));
+        proptest::collection::vec(line, 0..14).prop_map(|lines| lines.join("\n"))
+    }
+
+    /// A valid config with one character inserted, removed or replaced.
+    fn near_valid() -> impl Strategy<Value = String> {
+        (
+            proptest::sample::select(vec![CONTRACT_EXAMPLE, GATEWAY]),
+            any::<proptest::sample::Index>(),
+            0u8..3,
+            proptest::sample::select(vec![' ', '\n', ':', '-', '{', '[', '"', '\'', '#', '&', '*', '0', 'x', '\t']),
+        )
+            .prop_map(|(base, at, op, c)| {
+                let mut text = base.to_owned();
+                let i = at.index(text.len() + 1);
+                let i = (0..=i).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+                let end = text[i..].chars().next().map_or(i, |ch| i + ch.len_utf8());
+                match op {
+                    0 => text.insert(i, c),
+                    1 => text.replace_range(i..end, ""),
+                    _ => text.replace_range(i..end, c.encode_utf8(&mut [0; 4])),
+                }
+                text
+            })
+    }
+
+    /// A gateway config whose every value is a slot; slots left alone keep a valid value.
+    const TEMPLATE: &str = "\
+mode: gateway
+node_id: @
+threads: @
+listeners: [{ address: @ }]
+admin: { address: @, tokens: [{ name: @, hash: @ }], sync_tokens: [{ name: @, token: @ }] }
+keys: { source: file, file: @, max_staleness: @ }
+client_ip: { trusted_proxies: [@] }
+key_locations: [{ header: @, scheme: @ }, { query: @ }]
+upstreams:
+  api:
+    targets: [@]
+    connect_timeout: @
+    read_timeout: @
+    health_check: { path: @, interval: @, timeout: @, healthy_threshold: @, unhealthy_threshold: @ }
+    tls: { sni: @, verify: @ }
+routes:
+  - name: @
+    match: { path_prefix: @, methods: [@], host: @ }
+    upstream: @
+    auth: @
+    scopes: [@]
+    set_headers: { @: @ }
+plans: { free: { rate_limit: { requests: @, per: @, burst: @ }, quota: { requests: @, per: @ } } }
+default_plan: @
+usage: { flush_interval: @, sinks: [{ type: @, path: @ }] }
+access_log: @
+shutdown_timeout: @
+";
+
+    const VALID: &[&str] = &[
+        "gw-1",
+        "2",
+        "0.0.0.0:8080",
+        "127.0.0.1:9090",
+        "ops",
+        OPS_HASH,
+        "edge",
+        "\"${env:ADMIN_TOKEN}\"",
+        "keys.yaml",
+        "0s",
+        "10.0.0.0/8",
+        "authorization",
+        "Bearer",
+        "api_key",
+        "\"127.0.0.1:8000\"",
+        "2s",
+        "30s",
+        "/healthz",
+        "5s",
+        "1s",
+        "2",
+        "3",
+        "api.internal",
+        "true",
+        "orders",
+        "/v1",
+        "GET",
+        "api.example.com",
+        "api",
+        "key",
+        "orders:read",
+        "x-upstream-token",
+        "\"${env:ORDERS_UPSTREAM_TOKEN}\"",
+        "10",
+        "1s",
+        "20",
+        "10000",
+        "month",
+        "free",
+        "5s",
+        "file",
+        "data/usage.jsonl",
+        "off",
+        "30s",
+    ];
+
+    /// A value to put in a slot: scalars of every YAML type, odd text, collections.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-zA-Z0-9:./_*-]{0,12}",
+            any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap_or_default()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|n| n.to_string()),
+            proptest::sample::select(vec![
+                "",
+                "~",
+                "null",
+                "true",
+                "false",
+                "off",
+                "0",
+                "-1",
+                "1e400",
+                "4294967296",
+                "18446744073709551616",
+                "[]",
+                "{}",
+                "[1, [2]]",
+                "{ a: 1 }",
+                "${env:PORT}",
+                "${env:NOPE}",
+                "\"${env:\"",
+                "0s",
+                "0ms",
+                "999999999999d",
+                "1h30m",
+                "1s1s",
+                "::",
+                "[::1]:0",
+                "0.0.0.0:99999",
+                "/",
+                "*",
+                "\"a b\"",
+                "\"\\t\"",
+                "\"\\u0000\"",
+                "sha256:",
+                "\"x\\ny\"",
+            ])
+            .prop_map(str::to_owned),
+        ]
+    }
+
+    fn filled_template() -> impl Strategy<Value = String> {
+        let slots = TEMPLATE.matches('@').count();
+        assert_eq!(slots, VALID.len(), "one valid value per slot");
+        proptest::collection::vec(proptest::option::weighted(0.06, value()), slots).prop_map(|values| {
+            let mut text = String::with_capacity(TEMPLATE.len() * 2);
+            for (i, part) in TEMPLATE.split('@').enumerate() {
+                text.push_str(part);
+                if let Some(value) = values.get(i) {
+                    text.push_str(value.as_deref().unwrap_or(VALID[i]));
+                }
+            }
+            text
+        })
+    }
+
+    #[test]
+    fn the_template_loads_as_it_stands() {
+        let mut text = String::new();
+        for (i, part) in TEMPLATE.split('@').enumerate() {
+            text.push_str(part);
+            text.push_str(VALID.get(i).copied().unwrap_or(""));
+        }
+        ok(&text);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_text_loads_or_every_error_says_where(text in prop_oneof![yamlish(), any::<String>()]) {
+            check(&text)?;
+        }
+
+        #[test]
+        fn a_valid_config_one_character_off_loads_or_every_error_says_where(text in near_valid()) {
+            check(&text)?;
+        }
+
+        #[test]
+        fn arbitrary_values_in_known_fields_load_or_every_error_says_where(text in filled_template()) {
+            check(&text)?;
+        }
+    }
+}

@@ -33,7 +33,7 @@ pub(crate) fn run(text: &str, file: &Path, env: EnvLookup<'_>) -> Result<Config,
     let positions = Positions::build(text);
     let mut value: Value = match serde_norway::from_str(text) {
         Ok(value) => value,
-        Err(e) => return Err(syntax_error(&e, file, &positions)),
+        Err(e) => return Err(syntax_error(&e, text, file, &positions)),
     };
     if value.is_null() {
         // An empty file is a config with every default.
@@ -58,12 +58,15 @@ pub(crate) fn run(text: &str, file: &Path, env: EnvLookup<'_>) -> Result<Config,
     }
 }
 
-fn syntax_error(e: &serde_norway::Error, file: &Path, positions: &Positions) -> ConfigErrors {
+fn syntax_error(e: &serde_norway::Error, text: &str, file: &Path, positions: &Positions) -> ConfigErrors {
     let mut message = e.to_string();
     let mut path = String::new();
     let mut at = e.location().map(|l| (l.line(), l.column()));
     if let Some((line, column)) = at {
         message = message.replacen(&format!(" at line {line} column {column}"), "", 1);
+    } else {
+        // Several documents: serde_norway has no position for that.
+        at = super::position::past_first_document(text).or_else(|| positions.value(""));
     }
     // libyaml places duplicate keys at the document start; the walk knows better.
     if let Some(start) = message.find("duplicate entry") {

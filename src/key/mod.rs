@@ -92,6 +92,15 @@ pub fn generate(prefix: &str) -> Result<String, KeyFormatError> {
     Ok(key)
 }
 
+/// `<prefix>_<body><checksum>` for a chosen body: keys that tests can reproduce.
+#[cfg(test)]
+pub(crate) fn with_checksum(prefix: &str, body: &str) -> String {
+    let mut key = format!("{prefix}_{body}");
+    let checksum = encode_checksum(crc32fast::hash(key.as_bytes()));
+    key.extend(checksum.iter().map(|&b| b as char));
+    key
+}
+
 /// Fixed-width, zero-padded base62 so every key has the same length for its prefix.
 fn encode_checksum(mut crc: u32) -> [u8; CHECKSUM_LEN] {
     let mut out = [b'0'; CHECKSUM_LEN];
@@ -160,6 +169,8 @@ impl fmt::Debug for KeyDigest {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     #[test]
@@ -267,6 +278,77 @@ mod tests {
             format!("sha256:{}g", &hex64[1..]),
         ] {
             assert!(KeyDigest::parse(&bad).is_err(), "{bad}");
+        }
+    }
+
+    fn prefix() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9]([a-zA-Z0-9_]{0,30}[a-zA-Z0-9])?"
+    }
+
+    fn body() -> impl Strategy<Value = String> {
+        "[0-9A-Za-z]{32}"
+    }
+
+    /// Mostly characters a key is made of, so that changes stay close to a key.
+    fn replacement() -> impl Strategy<Value = char> {
+        prop_oneof![
+            3 => proptest::sample::select(BASE62.iter().map(|&b| char::from(b)).chain(['_']).collect::<Vec<_>>()),
+            1 => any::<char>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn parsing_and_masking_any_string_never_panics(
+            text in prop_oneof![any::<String>(), "[a-zA-Z0-9_]{0,80}", "sha256:[0-9a-fA-F]{0,70}"],
+        ) {
+            if let Ok(key) = parse(&text) {
+                prop_assert!(valid_prefix(key.prefix));
+                prop_assert_eq!(key.body.len(), BODY_LEN);
+                prop_assert_ne!(mask(&text), "…");
+            } else {
+                prop_assert_eq!(mask(&text), "…");
+            }
+            if let Ok(digest) = KeyDigest::parse(&text) {
+                prop_assert_eq!(digest.to_string(), text);
+            }
+        }
+
+        #[test]
+        fn keys_with_their_checksum_always_parse(prefix in prefix(), body in body()) {
+            let key = with_checksum(&prefix, &body);
+            prop_assert_eq!(parse(&key), Ok(ParsedKey { prefix: &prefix, body: &body }));
+            prop_assert_eq!(mask(&key), format!("{prefix}_{}…{}", &body[..4], &key[key.len() - 4..]));
+        }
+
+        #[test]
+        fn generated_keys_always_parse(prefix in prefix()) {
+            let key = generate(&prefix).unwrap();
+            prop_assert_eq!(parse(&key).map(|k| k.prefix), Ok(prefix.as_str()));
+            prop_assert_eq!(key.len(), prefix.len() + 1 + BODY_LEN + CHECKSUM_LEN);
+        }
+
+        #[test]
+        fn a_one_character_change_is_always_refused(
+            prefix in prefix(),
+            body in body(),
+            at in any::<proptest::sample::Index>(),
+            with in replacement(),
+        ) {
+            let key = with_checksum(&prefix, &body);
+            let i = at.index(key.len());
+            prop_assume!(char::from(key.as_bytes()[i]) != with);
+            let mut changed = key.clone();
+            changed.replace_range(i..=i, with.encode_utf8(&mut [0; 4]));
+            prop_assert!(parse(&changed).is_err(), "{changed:?} parsed");
+        }
+
+        #[test]
+        fn digest_text_round_trips(bytes in any::<[u8; 32]>()) {
+            let digest = KeyDigest(bytes);
+            prop_assert_eq!(KeyDigest::parse(&digest.to_string()), Ok(digest));
         }
     }
 }

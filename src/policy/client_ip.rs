@@ -49,6 +49,8 @@ fn parse_hop(entry: &[u8]) -> Option<IpAddr> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
@@ -108,5 +110,74 @@ mod tests {
     fn ipv4_mapped_peers_are_treated_as_ipv4() {
         assert_eq!(resolve("::ffff:10.0.0.2", &["198.51.100.7"], &["10.0.0.0/8"]), "198.51.100.7");
         assert_eq!(resolve("::ffff:203.0.113.5", &[], &[]), "203.0.113.5");
+    }
+
+    fn addr() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<[u8; 4]>().prop_map(IpAddr::from),
+            any::<[u8; 16]>().prop_map(IpAddr::from),
+            // A small pool, so that chains and trusted networks often meet.
+            (0u8..4, 0u8..4).prop_map(|(a, b)| IpAddr::from([10, 0, a, b])),
+            (0u8..4).prop_map(|b| IpAddr::from([0, 0, 0, 0, 0, 0xffff, 0x0a00, u16::from(b)])),
+        ]
+    }
+
+    fn net() -> impl Strategy<Value = IpNet> {
+        (addr(), any::<u8>()).prop_map(|(ip, len)| {
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            IpNet::new(ip, len % (max + 1)).unwrap().trunc()
+        })
+    }
+
+    /// One X-Forwarded-For entry as proxies and clients write them, or garbage.
+    fn entry() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            addr().prop_map(|ip| ip.to_string().into_bytes()),
+            (addr(), any::<u16>()).prop_map(|(ip, port)| std::net::SocketAddr::new(ip, port).to_string().into_bytes()),
+            addr().prop_map(|ip| format!("  {ip}\t").into_bytes()),
+            "[ -~]{0,12}".prop_map(String::into_bytes),
+            proptest::collection::vec(any::<u8>(), 0..12),
+        ]
+    }
+
+    fn header() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(entry(), 0..5).prop_map(|entries| entries.join(&b","[..])),
+            proptest::collection::vec(any::<u8>(), 0..40),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn client_is_the_peer_or_a_hop_behind_trusted_proxies_only(
+            peer in addr(),
+            trust_peer in any::<bool>(),
+            mut trusted in proptest::collection::vec(net(), 0..3),
+            headers in proptest::collection::vec(header(), 0..4),
+        ) {
+            if trust_peer {
+                trusted.push(IpNet::from(peer.to_canonical()));
+            }
+            let client = resolve_client_ip(peer, headers.iter().map(Vec::as_slice), &trusted);
+            let peer = peer.to_canonical();
+            if !is_trusted(peer, &trusted) {
+                // An untrusted peer's chain is never believed.
+                prop_assert_eq!(client, peer);
+                return Ok(());
+            }
+            if client == peer {
+                return Ok(());
+            }
+            // Otherwise the client is an entry with only trusted hops to its right.
+            let hops: Vec<Option<IpAddr>> =
+                headers.iter().flat_map(|h| h.split(|&b| b == b',')).map(parse_hop).collect();
+            let behind_trusted = |j: usize| hops[j + 1..].iter().all(|h| h.is_some_and(|ip| is_trusted(ip, &trusted)));
+            prop_assert!(
+                (0..hops.len()).any(|j| hops[j] == Some(client) && behind_trusted(j)),
+                "{client} is not a hop behind trusted proxies in {hops:?}"
+            );
+        }
     }
 }

@@ -519,14 +519,13 @@ fn drop_forged_headers(req: &mut RequestHeader, state: &GatewayState) {
     }
 }
 
-/// Removes the key from every place it may have been presented, not only where it
-/// was found, so no copy of it reaches the upstream.
+/// Removes every value shaped like a key from every place a key may be presented, not
+/// only where it was found, so no copy of it reaches the upstream. Other values there
+/// (an application's own `Authorization: Bearer` token) are the upstream's and stay.
 fn strip_key(upstream_request: &mut RequestHeader, state: &GatewayState) -> Result<()> {
     for location in &state.key_locations {
-        if let KeyLocation::Header { name, .. } = location {
-            if headers::header_holds_key(upstream_request, location) {
-                upstream_request.remove_header(name);
-            }
+        if let KeyLocation::Header { name, scheme } = location {
+            headers::remove_key_values(upstream_request, name, scheme.as_deref())?;
         }
     }
     if state.key_query_params.is_empty() {
@@ -535,7 +534,7 @@ fn strip_key(upstream_request: &mut RequestHeader, state: &GatewayState) -> Resu
     let Some(path_and_query) = upstream_request.uri.path_and_query() else {
         return Ok(());
     };
-    if let Some(stripped) = headers::strip_query_params(path_and_query.as_str(), &state.key_query_params) {
+    if let Some(stripped) = headers::strip_key_params(path_and_query.as_str(), &state.key_query_params) {
         let uri = stripped
             .parse::<http::Uri>()
             .map_err(|e| Error::because(ErrorType::InternalError, "rewriting the query", e))?;
