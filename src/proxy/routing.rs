@@ -140,4 +140,24 @@ mod tests {
         assert_eq!(strip_port("example.com:80"), "example.com");
         assert_eq!(strip_port("example.com"), "example.com");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// Any host header and path: no panic, and the route found is the first whose
+        /// prefix the path starts with (here every route takes any host and method).
+        #[test]
+        fn the_first_matching_prefix_wins_for_any_host_and_path(
+            host in proptest::option::of("\\PC{0,24}"),
+            path in "/[a-z/%.]{0,16}",
+        ) {
+            let routes = [route("a", "/a", &[], None), route("ab", "/a/b", &[], None), route("root", "/", &[], None)];
+            let found = pick(&routes, "GET", host.as_deref(), &path);
+            let expected = routes.iter().find(|r| path.starts_with(&r.path_prefix)).map(|r| r.name.as_str());
+            proptest::prop_assert_eq!(found, expected);
+            let _ = strip_port(host.as_deref().unwrap_or(""));
+            let hosted = [route("h", "/", &[], Some("api.example.com"))];
+            let _ = pick(&hosted, "GET", host.as_deref(), &path);
+        }
+    }
 }
