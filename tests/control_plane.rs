@@ -25,7 +25,6 @@ use common::*;
 
 const ADMIN_TOKEN: &str = "kg-test-admin-token-7f3a9c";
 const SYNC_TOKEN: &str = "kg-test-sync-token-2b8e41";
-const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 /// How long a change made through the admin API may take to reach a gateway
 /// that is connected to the control plane it was made on.
@@ -148,7 +147,7 @@ struct PgDb {
 impl PgDb {
     fn create() -> PgDb {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let server = std::env::var("KEYGATE_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_owned());
+        let server = postgres_server();
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
         let name = format!("keygate_cp_test_{}_{}_{nanos}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         pg_exec(&server, &format!("CREATE DATABASE {name}")).unwrap_or_else(|e| {
@@ -184,17 +183,6 @@ fn pg_exec(server: &str, sql: &str) -> Result<(), String> {
             Err(_) => Err("no answer within 15 s".to_owned()),
         }
     })
-}
-
-/// `server` with its database replaced by `name`, keeping any `?query`.
-fn with_database(server: &str, name: &str) -> String {
-    let (base, query) = match server.split_once('?') {
-        Some((base, query)) => (base, format!("?{query}")),
-        None => (server, String::new()),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let authority_end = base[scheme_end..].find('/').map_or(base.len(), |i| scheme_end + i);
-    format!("{}/{name}{query}", &base[..authority_end])
 }
 
 // ---------------------------------------------------------------------------

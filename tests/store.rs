@@ -4,6 +4,8 @@
 //! `KEYGATE_TEST_POSTGRES_URL` says otherwise; if it is unreachable the PostgreSQL
 //! tests fail, they never skip.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use sqlx::Connection as _;
 use time::macros::datetime;
 use time::OffsetDateTime;
 
-const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+use common::{postgres_server, with_database, DEFAULT_PG_URL};
 
 // ---- harness ----
 
@@ -64,7 +66,7 @@ struct PgDatabase {
 
 impl PgDatabase {
     async fn create() -> PgDatabase {
-        let server = std::env::var("KEYGATE_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_owned());
+        let server = postgres_server();
         let mut admin = sqlx::PgConnection::connect(&server).await.unwrap_or_else(|e| {
             panic!(
                 "PostgreSQL at {server} is unreachable ({e}). The store tests need a PostgreSQL server: \
@@ -97,17 +99,6 @@ impl Drop for PgDatabase {
             eprintln!("could not drop test database {}: {e}", self.name);
         }
     }
-}
-
-/// `server` with its database path replaced by `name`, keeping any `?query`.
-fn with_database(server: &str, name: &str) -> String {
-    let (base, query) = match server.split_once('?') {
-        Some((base, query)) => (base, format!("?{query}")),
-        None => (server, String::new()),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let authority_end = base[scheme_end..].find('/').map_or(base.len(), |i| scheme_end + i);
-    format!("{}/{name}{query}", &base[..authority_end])
 }
 
 /// Runs one scenario on both backends, as `<name>::sqlite` and `<name>::postgres`.

@@ -8,7 +8,6 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::io::Write;
-use std::net::IpAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -331,13 +330,10 @@ fn parse_word(s: &str) -> Result<String, String> {
 /// A CIDR as written, or a bare address made into a /32 or /128.
 fn parse_cidr(s: &str) -> Result<String, String> {
     let text = s.trim();
-    if text.parse::<ipnet::IpNet>().is_ok() {
-        return Ok(text.to_owned());
-    }
-    match text.parse::<IpAddr>() {
-        Ok(addr) => Ok(ipnet::IpNet::from(addr).to_string()),
-        Err(_) => Err("expected a CIDR such as 10.0.0.0/8 or 2001:db8::/32, or a single address".to_owned()),
-    }
+    let net = crate::index::parse_cidr(text)
+        .ok_or_else(|| "expected a CIDR such as 10.0.0.0/8 or 2001:db8::/32, or a single address".to_owned())?;
+    // A CIDR goes to the server as the operator wrote it; only a bare address is rewritten.
+    Ok(if text.contains('/') { text.to_owned() } else { net.to_string() })
 }
 
 fn parse_rate_limit(s: &str) -> Result<RateLimitArg, String> {

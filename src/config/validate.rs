@@ -6,7 +6,7 @@
 //! skipped when that section itself failed, to avoid follow-on errors.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -556,10 +556,9 @@ impl Builder<'_> {
         let list = self.parsed(raw, "client_ip").and_then(|c| c.trusted_proxies).unwrap_or_default();
         for (i, Text(s)) in list.into_iter().enumerate() {
             let s = s.trim();
-            let net = s.parse::<ipnet::IpNet>().or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from));
-            match net {
-                Ok(net) => trusted_proxies.push(net),
-                Err(_) => self.issues.add(
+            match crate::index::parse_cidr(s) {
+                Some(net) => trusted_proxies.push(net),
+                None => self.issues.add(
                     &join_index("client_ip.trusted_proxies", i),
                     format!("{s:?} is not an IP address or CIDR (e.g. 10.0.0.0/8 or ::1)"),
                 ),

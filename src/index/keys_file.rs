@@ -6,12 +6,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use ipnet::IpNet;
 use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::record::{KeyRecord, KeyStatus};
+use super::record::{parse_cidr, KeyRecord, KeyStatus};
 use crate::config::position::Positions;
 use crate::config::raw::{RawQuota, RawRateLimit};
 use crate::config::{ConfigError, ConfigErrors, PlanConfig};
@@ -217,12 +216,6 @@ fn raw_text_invalid(text: &str) -> bool {
     text.is_empty() || text.len() > 128 || text.chars().any(|c| c.is_control() || c.is_whitespace())
 }
 
-/// A CIDR, or a bare address meaning exactly that host.
-pub fn parse_cidr(text: &str) -> Option<IpNet> {
-    let text = text.trim();
-    text.parse::<IpNet>().ok().or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
-}
-
 struct Errors<'a> {
     file: &'a Path,
     positions: &'a Positions,
@@ -374,13 +367,5 @@ keys:
     #[test]
     fn an_empty_list_is_a_valid_file() {
         assert!(parse("keys: []\n").unwrap().is_empty());
-    }
-
-    #[test]
-    fn bare_addresses_are_single_host_networks() {
-        assert_eq!(parse_cidr("192.0.2.7"), Some("192.0.2.7/32".parse().unwrap()));
-        assert_eq!(parse_cidr("::1"), Some("::1/128".parse().unwrap()));
-        assert_eq!(parse_cidr("10.0.0.0/33"), None);
-        assert_eq!(parse_cidr("banana"), None);
     }
 }

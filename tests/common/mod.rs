@@ -1153,3 +1153,26 @@ impl Gateway {
         None
     }
 }
+
+// ---------------------------------------------------------------------------
+// PostgreSQL test server
+// ---------------------------------------------------------------------------
+
+/// The test server when `KEYGATE_TEST_POSTGRES_URL` is unset.
+pub const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// The PostgreSQL server the tests create their databases on.
+pub fn postgres_server() -> String {
+    std::env::var("KEYGATE_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_owned())
+}
+
+/// `server` with its database path replaced by `name`, keeping any `?query`.
+pub fn with_database(server: &str, name: &str) -> String {
+    let (base, query) = match server.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (server, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let authority_end = base[scheme_end..].find('/').map_or(base.len(), |i| scheme_end + i);
+    format!("{}/{name}{query}", &base[..authority_end])
+}
