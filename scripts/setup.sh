@@ -23,8 +23,13 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-# PostgreSQL is only needed by the tests (scripts/test.sh passes --with-postgres).
+# PostgreSQL and systemd-analyze (the unit checks) are only needed by the tests
+# (scripts/test.sh passes --with-postgres).
 [ "${1:-}" = "--with-postgres" ] || exit 0
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+  echo "installing: systemd (for systemd-analyze)" >&2
+  apt_install systemd
+fi
 pg_up() { command -v pg_isready >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432; }
 if ! pg_up; then
   if ! command -v pg_ctlcluster >/dev/null 2>&1; then

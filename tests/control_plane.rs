@@ -92,7 +92,17 @@ fn control_plane(store_url: &str) -> Node {
 /// A gateway following the control plane at `cp`, with a cache file in its own
 /// dir, `max_staleness: 0s`, and usage sent to the control plane every second.
 fn gateway(up: &Upstream, cp: SocketAddr) -> Node {
-    let template = format!(
+    let template = gateway_template(
+        "  cache_file: @DIR@/keys.snapshot\n  max_staleness: 0s\n",
+        "usage:\n  flush_interval: 1s\n  sinks: [ { type: control_plane } ]\n",
+    );
+    NodeBuilder::new(&template).var("CP", &cp.to_string()).var("UP", &up.addr()).env("SYNC_TOKEN", SYNC_TOKEN).start()
+}
+
+/// A gateway following the control plane at `@CP@`; `keys` adds lines to its `keys:`
+/// section and `rest` sections before the proxy's.
+fn gateway_template(keys: &str, rest: &str) -> String {
+    format!(
         r#"mode: gateway
 node_id: @NODE@
 threads: 1
@@ -101,14 +111,8 @@ admin:
 keys:
   source: control_plane
   control_plane: {{ url: "http://@CP@", token: "${{env:SYNC_TOKEN}}" }}
-  cache_file: @DIR@/keys.snapshot
-  max_staleness: 0s
-{PLANS}usage:
-  flush_interval: 1s
-  sinks: [ {{ type: control_plane }} ]
-{PROXY_SECTION}"#
-    );
-    NodeBuilder::new(&template).var("CP", &cp.to_string()).var("UP", &up.addr()).env("SYNC_TOKEN", SYNC_TOKEN).start()
+{keys}{PLANS}{rest}{PROXY_SECTION}"#
+    )
 }
 
 /// Polls `/readyz` until it answers 200.
@@ -983,18 +987,7 @@ fn cached_key(id: &str, hash: &str, ip_allowlist: &[&str]) -> Value {
 /// A gateway whose control plane is down, serving the keys of `cache` (written by
 /// a sync before it started).
 fn gateway_from_cache(up: &Upstream, cache: &std::path::Path) -> Node {
-    let template = format!(
-        r#"mode: gateway
-node_id: @NODE@
-threads: 1
-admin:
-  address: @ADMIN@
-keys:
-  source: control_plane
-  control_plane: {{ url: "http://@CP@", token: "${{env:SYNC_TOKEN}}" }}
-  cache_file: @CACHE@
-{PLANS}{PROXY_SECTION}"#
-    );
+    let template = gateway_template("  cache_file: @CACHE@\n", "");
     let gw = NodeBuilder::new(&template)
         .var("CP", &format!("127.0.0.1:{}", free_port()))
         .var("CACHE", &cache.display().to_string())

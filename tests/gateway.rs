@@ -8,26 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A one-upstream config with an `auth: none` route and a keyed route that
-/// accepts any method; `@UP@` is the upstream.
-fn simple_config(extra: &str) -> String {
-    gateway_config(&format!(
-        r#"upstreams:
-  api:
-    targets: ["@UP@"]
-    connect_timeout: 1s
-    read_timeout: 5s
-routes:
-  - {{ name: public, match: {{ path_prefix: /public }}, upstream: api, auth: none }}
-  - name: orders
-    match: {{ path_prefix: /v1/orders }}
-    upstream: api
-    scopes: [orders:read]
-{extra}access_log: off
-"#
-    ))
-}
-
 fn start_simple(up: &Upstream, keys: &str) -> Gateway {
     GatewayBuilder::new(&simple_config("")).var("UP", &up.addr()).keys(keys).start()
 }

@@ -11,25 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// An `auth: none` route beside a keyed one, with `http:` settings of the test's own.
-fn config(http: &str) -> String {
-    gateway_config(&format!(
-        r#"upstreams:
-  api:
-    targets: ["@UP@"]
-    connect_timeout: 1s
-    read_timeout: 5s
-routes:
-  - {{ name: public, match: {{ path_prefix: /public }}, upstream: api, auth: none }}
-  - {{ name: orders, match: {{ path_prefix: /v1/orders }}, upstream: api }}
-{http}
-access_log: off
-"#
-    ))
-}
-
+/// `simple_config`'s public and keyed routes with `http:` settings of the test's own.
 fn start(up: &Upstream, http: &str, keys: &str) -> Gateway {
-    GatewayBuilder::new(&config(http)).var("UP", &up.addr()).keys(keys).start()
+    GatewayBuilder::new(&simple_config(&format!("{http}\n"))).var("UP", &up.addr()).keys(keys).start()
 }
 
 fn raw_conn(addr: SocketAddr) -> TcpStream {
@@ -195,7 +179,7 @@ fn encoded_slashes_and_dot_segments_cannot_walk_out_of_a_public_route() {
 fn paths_are_routed_and_forwarded_in_one_reading() {
     let up = Upstream::start("api");
     let key = TestKey::new("key_ok");
-    let gw = start(&up, "", &keys_file(&[key.entry("")]));
+    let gw = start(&up, "", &keys_file(&[key.entry("scopes: [orders:read]")]));
     // What an upstream would read as /v1/orders is the keyed route here too.
     for target in ["//v1/orders", "/v1/%6Frders", "/%76%31/orders", "/v1//orders"] {
         assert_error(&gw.get(target, &[]), 401, "missing_key");
@@ -259,7 +243,7 @@ fn underscore_spellings_of_identity_headers_never_reach_the_upstream() {
     let up = Upstream::start("api");
     let key = TestKey::new("key_ok");
     for http in ["", "http: { underscore_headers: pass }"] {
-        let gw = start(&up, http, &keys_file(&[key.entry("")]));
+        let gw = start(&up, http, &keys_file(&[key.entry("scopes: [orders:read]")]));
         let forged = [
             ("X_Keygate_Key_Id", "key_admin"),
             ("X_Keygate_Scopes", "*"),

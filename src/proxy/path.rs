@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 
+use super::headers::hex_value;
 use crate::config::EscapedSlashes;
 
 /// Why a path is refused (`400 bad_request`).
@@ -126,15 +127,6 @@ fn has_dot_segment(path: &[u8]) -> bool {
 
 fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

@@ -615,6 +615,27 @@ keys:
     )
 }
 
+/// A one-upstream config with an `auth: none` route and a keyed route that
+/// accepts any method but needs `orders:read`; `@UP@` is the upstream and `extra`
+/// goes in before `access_log: off`.
+pub fn simple_config(extra: &str) -> String {
+    gateway_config(&format!(
+        r#"upstreams:
+  api:
+    targets: ["@UP@"]
+    connect_timeout: 1s
+    read_timeout: 5s
+routes:
+  - {{ name: public, match: {{ path_prefix: /public }}, upstream: api, auth: none }}
+  - name: orders
+    match: {{ path_prefix: /v1/orders }}
+    upstream: api
+    scopes: [orders:read]
+{extra}access_log: off
+"#
+    ))
+}
+
 pub struct GatewayBuilder {
     config: String,
     keys: String,
