@@ -94,7 +94,7 @@ fn is_plain(bytes: &[u8]) -> bool {
 }
 
 /// Whether a segment, ended by `/`, `\`, `%2F` or `%5C` and read up to its
-/// first `;`, is `.` or `..`.
+/// first `;` or `%3B`, is `.` or `..`.
 fn has_dot_segment(path: &[u8]) -> bool {
     let mut i = 0;
     while i < path.len() {
@@ -116,7 +116,14 @@ fn has_dot_segment(path: &[u8]) -> bool {
             i += 1;
         }
         let segment = &path[start..end];
-        let name = segment.iter().position(|&b| b == b';').map_or(segment, |semi| &segment[..semi]);
+        // `;` starts a servlet path parameter, also as `%3B` (decoded before it is cut off).
+        let params = segment
+            .windows(3)
+            .position(|w| w.eq_ignore_ascii_case(b"%3b"))
+            .into_iter()
+            .chain(segment.iter().position(|&b| b == b';'))
+            .min();
+        let name = params.map_or(segment, |at| &segment[..at]);
         if name == b"." || name == b".." {
             return true;
         }
@@ -185,6 +192,8 @@ mod tests {
             "/a/.%2e",
             "/a/%2e",
             "/public/..;/v1/orders",
+            "/public/..%3B/v1/orders",
+            "/.%3b",
             "/public/..;jsessionid=1/v1",
             "/public/.;x/v1",
             "/a/%2E./b",
