@@ -97,7 +97,7 @@ fn bench_auth(c: &mut Criterion) {
     group.bench_function("bad_checksum", |b| b.iter(|| assert!(!run(black_box(&bad_checksum)))));
     group.bench_function("rate_limited_key", |b| b.iter(|| assert!(!run(black_box(&rate_limited)))));
     group.bench_function("sha256_only", |b| b.iter(|| KeyDigest::of(black_box(&keys[3]))));
-    group.bench_function("request_id", |b| b.iter(keygate::proxy::new_request_id));
+    group.bench_function("request_id", |b| b.iter(keygate::outcome::new_request_id));
     group.finish();
 }
 

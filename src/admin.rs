@@ -12,6 +12,7 @@ use serde_json::json;
 
 use crate::index::KeyIndex;
 use crate::metrics::Metrics;
+use crate::outcome::{error_json, new_request_id, APPLICATION_JSON};
 
 /// What `/readyz` reports.
 #[derive(Clone)]
@@ -48,9 +49,9 @@ async fn readyz(State(state): State<OpsState>) -> Response {
     if ready {
         Json(json!({"status": "ready"})).into_response()
     } else {
-        let request_id = crate::proxy::new_request_id();
-        let body = json!({"error": {"code": "not_ready", "message": "keys are not loaded yet", "request_id": request_id.to_str().unwrap_or("")}});
-        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        let request_id = new_request_id();
+        let body = error_json("not_ready", "keys are not loaded yet", request_id.to_str().unwrap_or(""));
+        (StatusCode::SERVICE_UNAVAILABLE, [(header::CONTENT_TYPE, APPLICATION_JSON)], body).into_response()
     }
 }
 

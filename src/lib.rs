@@ -2,6 +2,7 @@
 //!
 //! - `proxy`: the request path (Pingora adapter, routing, upstreams, responses)
 //! - `policy`: the access decision, a pure function
+//! - `outcome`: what keygate answers itself: outcome codes, the JSON error body, request ids
 //! - `index`: the in-memory key index and the keys file
 //! - `key`: key format, checksum, hashing
 //! - `sync`: how a gateway's index stays fresh
@@ -17,6 +18,7 @@ pub mod index;
 pub mod key;
 pub mod limit;
 pub mod metrics;
+pub mod outcome;
 pub mod policy;
 pub mod proxy;
 pub mod server;

@@ -7,7 +7,7 @@ use prometheus::{
     Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
-use crate::proxy::Rejection;
+use crate::outcome::Rejection;
 
 /// Request durations from half a millisecond to ten seconds.
 const DURATION_BUCKETS: &[f64] =

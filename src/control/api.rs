@@ -27,6 +27,7 @@ use crate::config::raw::{RawQuota, RawRateLimit};
 use crate::config::{parse_duration, QuotaConfig, RateLimitConfig, TokenConfig};
 use crate::index::parse_cidr;
 use crate::key::{self, KeyDigest};
+use crate::outcome::{error_json, new_request_id, APPLICATION_JSON};
 use crate::usage::UsageRecord;
 
 /// Everything the handlers share.
@@ -108,9 +109,9 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let request_id = crate::proxy::new_request_id();
-        let body = json!({"error": {"code": self.code, "message": self.message, "request_id": request_id.to_str().unwrap_or("")}});
-        let mut response = (self.status, Json(body)).into_response();
+        let request_id = new_request_id();
+        let body = error_json(self.code, &self.message, request_id.to_str().unwrap_or(""));
+        let mut response = (self.status, [(header::CONTENT_TYPE, APPLICATION_JSON)], body).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
@@ -661,4 +662,25 @@ async fn sync_quota_usage(State(state): State<Arc<ApiState>>, _client: SyncClien
     let used = super::quota::used_in_current_periods(&state.store, now).await?;
     let at = now.format(&Rfc3339).unwrap_or_default();
     Ok(Json(json!({"at": at, "by_day": used.by_day, "by_month": used.by_month})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn api_errors_are_the_contract_shape_with_client_text_escaped() {
+        let message = "bad \"name\" \\ here\n".to_string();
+        let error = ApiError { status: StatusCode::UNAUTHORIZED, code: "unauthorized", message: message.clone() };
+        let response = error.into_response();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let headers = response.headers().clone();
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert_eq!(headers[header::WWW_AUTHENTICATE], r#"Bearer realm="keygate""#);
+        let body = axum::body::to_bytes(response.into_body(), 4096).await.unwrap();
+        let json: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["code"], "unauthorized");
+        assert_eq!(json["error"]["message"], message.as_str());
+        assert_eq!(json["error"]["request_id"], headers["x-request-id"].to_str().unwrap());
+    }
 }

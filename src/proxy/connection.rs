@@ -35,8 +35,7 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-use super::headers::new_request_id;
-use super::respond;
+use crate::outcome::{error_json, new_request_id};
 
 /// Where a connection is between requests, shared by the stream (which
 /// enforces the deadlines), the service loop and the request hooks.
@@ -318,7 +317,7 @@ fn answer_bytes(status: u16) -> Vec<u8> {
         _ => ("Bad Request", "bad_request", "the request is malformed"),
     };
     let request_id = new_request_id();
-    let body = respond::error_json(code, message, request_id.to_str().unwrap_or(""));
+    let body = error_json(code, message, request_id.to_str().unwrap_or(""));
     let status = if status == 405 || status == 408 { status } else { 400 };
     let mut out = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\

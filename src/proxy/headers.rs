@@ -7,6 +7,7 @@ use pingora::http::RequestHeader;
 
 use crate::config::KeyLocation;
 use crate::key;
+use crate::outcome::new_request_id;
 
 /// Whether `value` has the form of a keygate key (prefix, length, checksum). Only such
 /// values are taken as the key and removed: anything else in a key location, such as
@@ -181,19 +182,6 @@ pub fn request_id(client_sent: Option<&HeaderValue>) -> HeaderValue {
     new_request_id()
 }
 
-/// 128 random bits as 32 lowercase hex characters.
-pub fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut n: u128 = rand::random();
-    let mut buf = [0u8; 32];
-    for slot in buf.iter_mut() {
-        *slot = HEX[(n & 0xf) as usize];
-        n >>= 4;
-    }
-    // Only hex digits: always a valid header value.
-    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
-}
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -363,15 +351,6 @@ mod tests {
         assert_ne!(request_id(Some(&long)), long);
         let spaced = HeaderValue::from_static("a b");
         assert_ne!(request_id(Some(&spaced)), "a b");
-    }
-
-    #[test]
-    fn new_request_ids_are_unique_hex() {
-        let a = new_request_id();
-        let b = new_request_id();
-        assert_ne!(a, b);
-        assert_eq!(a.len(), 32);
-        assert!(a.as_bytes().iter().all(|b| b.is_ascii_hexdigit()));
     }
 
     // Property tests: what a client sends must never panic these parsers, and the

@@ -33,11 +33,11 @@ use crate::config::{HttpConfig, KeyLocation, RouteAuth, UnderscoreHeaders};
 use crate::index::{KeyIndex, KeyRecord};
 use crate::limit::{QuotaCounters, RateInfo, RateLimiters};
 use crate::metrics::Metrics;
+use crate::outcome::{new_request_id, Rejection};
 use crate::policy::{decide, resolve_client_ip, Limits, RequestFacts};
 use crate::usage::{RequestUsage, UsageCounters};
 
-pub use headers::{find_key, new_request_id};
-pub use respond::Rejection;
+pub use headers::find_key;
 pub use routing::Route;
 pub use service::{ProxyService, STOP_LINGER};
 pub use state::GatewayState;
@@ -343,7 +343,7 @@ impl ProxyHttp for Gateway {
         };
         ctx.rejection = Some(rejection);
         if ctx.request_id.is_empty() {
-            ctx.request_id = headers::new_request_id();
+            ctx.request_id = new_request_id();
         }
         if session.response_written().is_none() {
             let answer = respond::ErrorAnswer {
