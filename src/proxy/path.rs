@@ -266,6 +266,7 @@ mod tests {
             Just("%5C".to_owned()),
             Just("\\".to_owned()),
             Just(";".to_owned()),
+            Just("%3B".to_owned()),
             Just("%".to_owned()),
             Just("%6F".to_owned()),
             Just("%20".to_owned()),
