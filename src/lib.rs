@@ -7,6 +7,7 @@
 //! - `key`: key format, checksum, hashing
 //! - `sync`: how a gateway's index stays fresh
 //! - `config`: the config file, validated
+//! - `http_client`: the one HTTP client builder (CLI, gateway to control plane)
 //! - `server`, `cli`: running a node, the command line
 
 pub mod access_log;
@@ -14,6 +15,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod http_client;
 pub mod index;
 pub mod key;
 pub mod limit;

@@ -21,6 +21,7 @@ use time::{OffsetDateTime, UtcOffset};
 
 use super::table::{clean, Table};
 use crate::config::parse_duration;
+use crate::http_client;
 
 const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:9090";
 /// Short, so a wrong address fails fast instead of hanging a script.
@@ -650,12 +651,12 @@ struct Reply {
 
 impl Admin {
     fn new(global: &GlobalOpts) -> Result<Self, KeysError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(TOTAL_TIMEOUT)
-            .user_agent(concat!("keygate-cli/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| KeysError::Local(format!("cannot set up the HTTP client: {e}")))?;
+        let http = http_client::build(
+            concat!("keygate-cli/", env!("CARGO_PKG_VERSION")),
+            CONNECT_TIMEOUT,
+            Some(TOTAL_TIMEOUT),
+        )
+        .map_err(|e| KeysError::Local(format!("cannot set up the HTTP client: {e}")))?;
         // An empty KEYGATE_ADMIN_TOKEN= is "no token", not an empty one.
         let auth = match global.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
             None => None,

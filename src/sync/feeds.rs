@@ -10,6 +10,7 @@ use super::follow::{ChangeBatch, FeedError, KeyFeed};
 use crate::control::feed::Feed;
 use crate::control::model::StoredKey;
 use crate::control::store::Store;
+use crate::http_client;
 
 /// A control plane over HTTP, authenticated with a sync token.
 pub struct RemoteFeed {
@@ -20,9 +21,7 @@ pub struct RemoteFeed {
 
 impl RemoteFeed {
     pub fn new(base_url: &str, token: &str) -> Result<Self, FeedError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .build()
+        let client = http_client::build(http_client::GATEWAY_AGENT, http_client::CONTROL_PLANE_CONNECT, None)
             .map_err(|e| FeedError::Transport(e.to_string()))?;
         Ok(RemoteFeed { client, base_url: base_url.trim_end_matches('/').to_owned(), token: token.to_owned() })
     }

@@ -13,6 +13,7 @@ use time::OffsetDateTime;
 
 use super::follow::FeedError;
 use crate::control::store::Store;
+use crate::http_client;
 use crate::limit::{QuotaCounters, UsedElsewhere};
 use crate::proxy::DataPlane;
 
@@ -30,11 +31,12 @@ struct QuotaUsageBody {
 
 impl QuotaSeedSource {
     pub fn remote(base_url: &str, token: &str) -> Result<Self, FeedError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| FeedError::Transport(e.to_string()))?;
+        let client = http_client::build(
+            http_client::GATEWAY_AGENT,
+            http_client::CONTROL_PLANE_CONNECT,
+            Some(Duration::from_secs(30)),
+        )
+        .map_err(|e| FeedError::Transport(e.to_string()))?;
         Ok(QuotaSeedSource::Remote {
             client,
             url: format!("{}/v1/sync/quota-usage", base_url.trim_end_matches('/')),

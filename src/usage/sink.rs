@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 
 use super::record::UsageRecord;
+use crate::http_client;
 
 /// One delivery attempt. `sequence` identifies the batch for receivers that
 /// drop duplicates: a batch that failed is retried with the same sequence and
@@ -107,11 +108,12 @@ pub struct ControlPlaneSink {
 
 impl ControlPlaneSink {
     pub fn new(base_url: &str, token: &str) -> Result<Self, SinkError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(3))
-            .timeout(std::time::Duration::from_secs(10))
-            .build()
-            .map_err(|e| SinkError::Other(e.to_string()))?;
+        let client = http_client::build(
+            http_client::GATEWAY_AGENT,
+            http_client::CONTROL_PLANE_CONNECT,
+            Some(std::time::Duration::from_secs(10)),
+        )
+        .map_err(|e| SinkError::Other(e.to_string()))?;
         Ok(ControlPlaneSink {
             client,
             url: format!("{}/v1/sync/usage", base_url.trim_end_matches('/')),
