@@ -311,14 +311,13 @@ fn status_of(status_line: &[u8]) -> u16 {
 
 /// A complete JSON error response that closes the connection.
 fn answer_bytes(status: u16) -> Vec<u8> {
-    let (reason, code, message) = match status {
-        405 => ("Method Not Allowed", "method_not_allowed", "this method is not accepted"),
-        408 => ("Request Timeout", "request_timeout", "the request head did not arrive in time"),
-        _ => ("Bad Request", "bad_request", "the request is malformed"),
+    let (status, reason, code, message) = match status {
+        405 => (405, "Method Not Allowed", "method_not_allowed", "this method is not accepted"),
+        408 => (408, "Request Timeout", "request_timeout", "the request head did not arrive in time"),
+        _ => (400, "Bad Request", "bad_request", "the request is malformed"),
     };
     let request_id = new_request_id();
     let body = error_json(code, message, request_id.to_str().unwrap_or(""));
-    let status = if status == 405 || status == 408 { status } else { 400 };
     let mut out = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
          X-Request-Id: {}\r\nConnection: close\r\n\r\n",
