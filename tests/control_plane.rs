@@ -22,6 +22,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use common::*;
+use keygate::index::KeyStatus;
 
 const ADMIN_TOKEN: &str = "kg-test-admin-token-7f3a9c";
 const SYNC_TOKEN: &str = "kg-test-sync-token-2b8e41";
@@ -925,17 +926,6 @@ fn gateways_keep_serving_through_a_control_plane_crash_and_follow_it_after_resta
     assert_outcome(&call(&gw, &a, "/v1/orders/1"), "200");
 }
 
-/// True if `v` holds, at any depth, an object with `id` and `status` as given.
-fn has_record(v: &Value, id: &str, status: &str) -> bool {
-    match v {
-        Value::Object(m) => {
-            (m.get("id").and_then(Value::as_str) == Some(id) && m.get("status").and_then(Value::as_str) == Some(status))
-                || m.values().any(|x| has_record(x, id, status))
-        }
-        Value::Array(items) => items.iter().any(|x| has_record(x, id, status)),
-        _ => false,
-    }
-}
 
 #[test]
 fn gateway_restarted_while_the_control_plane_is_down_serves_its_cache_file() {
@@ -953,12 +943,15 @@ fn gateway_restarted_while_the_control_plane_is_down_serves_its_cache_file() {
     poll_outcome(&gw, &bad, "/v1/orders/1", "401 key_revoked", PROPAGATION, None);
     poll_outcome(&gw, &good, "/v1/orders/1", "200", PROPAGATION, None);
 
-    // The cache file is written beside the request path; wait until it holds the revocation.
+    // The cache files are written beside the request path; wait until they hold the revocation.
     let cache = gw.dir().join("keys.snapshot");
     wait_until(EVENTUALLY, "the gateway's cache file to record the revocation", || {
-        let text = std::fs::read_to_string(&cache).ok()?;
-        let v: Value = serde_json::from_str(&text).ok()?;
-        (has_record(&v, &bad_id, "revoked") && has_record(&v, &good_id, "active")).then_some(())
+        let loaded = keygate::sync::LastKnownGood::new(cache.clone()).load().ok()?;
+        let status =
+            |raw: &str| loaded.snapshot.get(&keygate::key::KeyDigest::of(raw)).map(|r| (r.id().to_owned(), r.status));
+        (status(&bad) == Some((bad_id.clone(), KeyStatus::Revoked))
+            && status(&good) == Some((good_id.clone(), KeyStatus::Active)))
+        .then_some(())
     });
 
     cp.kill();
@@ -973,7 +966,21 @@ fn gateway_restarted_while_the_control_plane_is_down_serves_its_cache_file() {
     assert_eq!(gw.admin_get("/readyz").status, 200);
 }
 
-/// One key in the form of the gateway's cache file (the store's record).
+/// Writes a last-known-good file holding `keys` (store records) at `version`, as a
+/// gateway's sync would have.
+fn write_cache_file(path: &std::path::Path, version: u64, keys: &[Value]) {
+    use keygate::index::wire::{Frame, FrameWriter};
+    let stored: Vec<keygate::control::model::StoredKey> =
+        keys.iter().map(|k| serde_json::from_value(k.clone()).expect("a store record")).collect();
+    let wire: Vec<_> = stored.iter().map(|k| keygate::control::snapshot::wire_key(k).expect("a usable hash")).collect();
+    let mut out = FrameWriter::create(std::fs::File::create(path).unwrap()).unwrap();
+    out.write(&Frame::Start { version, keys: wire.len() as u64, id: 1 }).unwrap();
+    let count = wire.len() as u64;
+    out.write(&Frame::Keys(wire)).unwrap();
+    out.write(&Frame::End { version, keys: count }).unwrap();
+}
+
+/// One key in the form of the store's record.
 fn cached_key(id: &str, hash: &str, ip_allowlist: &[&str]) -> Value {
     json!({
         "id": id, "hash": hash, "prefix": "kg_live", "masked": "kg_live_Ab3d…x9Zq", "name": id,
@@ -1008,12 +1015,15 @@ fn a_key_whose_allowlist_has_an_unusable_entry_admits_no_address() {
     // written (say) by a version that parsed allowlist entries differently.
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("keys.snapshot");
-    let keys = json!({"version": 1, "keys": [
-        cached_key("key_good", &good_hash, &["127.0.0.1/32"]),
-        cached_key("key_half_bad", &half_bad_hash, &["127.0.0.1/32", "127.0.0.1/33"]),
-        cached_key("key_all_bad", &all_bad_hash, &["localhost"]),
-    ]});
-    std::fs::write(&cache, keys.to_string()).unwrap();
+    write_cache_file(
+        &cache,
+        1,
+        &[
+            cached_key("key_good", &good_hash, &["127.0.0.1/32"]),
+            cached_key("key_half_bad", &half_bad_hash, &["127.0.0.1/32", "127.0.0.1/33"]),
+            cached_key("key_all_bad", &all_bad_hash, &["localhost"]),
+        ],
+    );
     let gw = gateway_from_cache(&up, &cache);
     assert_outcome(&call(&gw, &good, "/v1/orders/1"), "200");
     assert_outcome(&call(&gw, &half_bad, "/v1/orders/1"), "403 ip_not_allowed");
@@ -1032,7 +1042,7 @@ fn a_stored_rate_limit_beyond_what_the_limiter_keeps_is_enforced_as_reported() {
     key["rate_limit"] = json!({"requests": 1, "per": "1m", "burst": 4294967295u64});
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("keys.snapshot");
-    std::fs::write(&cache, json!({"version": 1, "keys": [key]}).to_string()).unwrap();
+    write_cache_file(&cache, 1, &[key]);
     let gw = gateway_from_cache(&up, &cache);
     let header = |r: &Response, name: &str| -> u64 {
         r.header(name).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {name} in {} {}", r.status, r.text()))
@@ -1067,6 +1077,136 @@ fn admin_api_refuses_limits_the_limiter_cannot_honour_naming_the_field() {
     }
     let unchanged = api.expect("GET", &format!("/v1/keys/{id}"), None, 200);
     assert_eq!((&unchanged["rate_limit"], &unchanged["quota"]), (&Value::Null, &Value::Null), "{unchanged}");
+}
+
+/// A TCP relay to `target` that cuts the first `cuts` snapshot answers short: it passes
+/// their head and `body_bytes` bytes of body, then closes both sides.
+struct CuttingRelay {
+    addr: SocketAddr,
+    cut: std::sync::Arc<AtomicUsize>,
+}
+
+impl CuttingRelay {
+    fn start(target: SocketAddr, cuts: usize, body_bytes: usize) -> CuttingRelay {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = std::sync::Arc::clone(&cut);
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let Ok(mut server) = std::net::TcpStream::connect(target) else { continue };
+                let counter = std::sync::Arc::clone(&counter);
+                thread::spawn(move || {
+                    // Requests are small: read the head to see what is asked.
+                    let mut head = vec![0u8; 8192];
+                    let n = client.read(&mut head).unwrap_or(0);
+                    head.truncate(n);
+                    let is_snapshot = head.starts_with(b"GET /v1/sync/snapshot");
+                    if server.write_all(&head).is_err() {
+                        return;
+                    }
+                    let (mut client_in, mut server_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    thread::spawn(move || {
+                        let _ = std::io::copy(&mut client_in, &mut server_out);
+                    });
+                    let cutting = is_snapshot && counter.fetch_add(1, Ordering::SeqCst) < cuts;
+                    if !cutting {
+                        let _ = std::io::copy(&mut server, &mut client);
+                        let _ = client.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    let mut passed = Vec::new();
+                    let mut buf = [0u8; 1];
+                    let mut body_seen = None;
+                    while server.read(&mut buf).is_ok_and(|n| n == 1) {
+                        passed.push(buf[0]);
+                        if body_seen.is_none() && passed.ends_with(b"\r\n\r\n") {
+                            body_seen = Some(passed.len());
+                        }
+                        if body_seen.is_some_and(|at| passed.len() >= at + body_bytes) {
+                            break;
+                        }
+                    }
+                    let _ = client.write_all(&passed);
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    let _ = server.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        CuttingRelay { addr, cut }
+    }
+
+    fn snapshots_asked(&self) -> usize {
+        self.cut.load(Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn a_snapshot_cut_mid_stream_is_never_served_and_the_gateway_fetches_it_again() {
+    let up = Upstream::start("api");
+    let cp = control_plane(SQLITE_IN_NODE_DIR);
+    let api = Api::of(&cp);
+    let raws: Vec<String> =
+        (0..8).map(|i| api.create(json!({"name": format!("k{i}"), "scopes": ["orders:read"]})).0).collect();
+    // Cut inside the frame of keys, twice.
+    let relay = CuttingRelay::start(cp.admin, 2, 120);
+    let gw = gateway(&up, relay.addr);
+    let deadline = Instant::now() + EVENTUALLY;
+    loop {
+        let ready = gw.admin_get("/readyz").status == 200;
+        if ready {
+            // Whenever it is ready, it holds every key: never a part of the set.
+            assert_eq!(gw.metric("keygate_keys_loaded"), Some(8.0), "{}", gw.output());
+            break;
+        }
+        assert_eq!(gw.metric("keygate_keys_loaded"), Some(0.0), "keys were loaded but not ready:\n{}", gw.output());
+        assert!(Instant::now() < deadline, "never ready:\n{}", gw.output());
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(relay.snapshots_asked() >= 3, "the gateway asked {} times", relay.snapshots_asked());
+    let output = gw.output();
+    assert!(output.contains("cannot load keys from the control plane"), "no log of the cut:\n{output}");
+    for raw in &raws {
+        assert_outcome(&call(&gw, raw, "/v1/orders/1"), "200");
+    }
+}
+
+#[test]
+fn a_corrupt_cache_file_is_refused_and_the_gateway_waits_for_its_control_plane() {
+    let up = Upstream::start("api");
+    let mut cp = control_plane(SQLITE_IN_NODE_DIR);
+    let api = Api::of(&cp);
+    let (raw, record) = api.create(json!({"name": "k", "scopes": ["orders:read"]}));
+    let stored = api.expect("GET", &format!("/v1/keys/{}", record["id"].as_str().unwrap()), None, 200);
+    cp.kill();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("keys.snapshot");
+    let mut key = cached_key(stored["id"].as_str().unwrap(), &keygate::key::KeyDigest::of(&raw).to_string(), &[]);
+    key["name"] = json!("k");
+    write_cache_file(&cache, 1, &[key]);
+    let mut bytes = std::fs::read(&cache).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(&cache, &bytes).unwrap();
+
+    let template = gateway_template("  cache_file: @CACHE@\n", "");
+    let gw = NodeBuilder::new(&template)
+        .var("CP", &cp.admin.to_string())
+        .var("CACHE", &cache.display().to_string())
+        .var("UP", &up.addr())
+        .env("SYNC_TOKEN", SYNC_TOKEN)
+        .start();
+    wait_until(EVENTUALLY, "the gateway to refuse its cache file", || {
+        gw.output().contains("refusing the last-known-good keys file").then_some(())
+    });
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(gw.admin_get("/readyz").status, 503, "a corrupt cache file was served:\n{}", gw.output());
+    assert_outcome(&call(&gw, &raw, "/v1/orders/1"), "503 not_ready");
+    cp.restart();
+    wait_ready(&gw, EVENTUALLY);
+    assert_outcome(&call(&gw, &raw, "/v1/orders/1"), "200");
 }
 
 #[test]

@@ -22,10 +22,11 @@ use time::OffsetDateTime;
 
 use super::feed::Feed;
 use super::model::{new_key_id, Granularity, KeyFilter, KeyPatch, KeyStatusText, NewKey, StoredKey};
+use super::snapshot::SnapshotStart;
 use super::store::{Store, StoreError};
 use crate::config::raw::{RawQuota, RawRateLimit};
 use crate::config::{parse_duration, QuotaConfig, RateLimitConfig, TokenConfig};
-use crate::index::parse_cidr;
+use crate::index::{parse_cidr, wire};
 use crate::key::{self, KeyDigest};
 use crate::outcome::{error_json, new_request_id, APPLICATION_JSON};
 use crate::usage::UsageRecord;
@@ -599,9 +600,12 @@ async fn audit(
 // Gateway feed and usage upload (sync tokens)
 // ---------------------------------------------------------------------------
 
-async fn sync_snapshot(State(state): State<Arc<ApiState>>, _client: SyncClient) -> ApiResult<Json<Value>> {
-    let (version, keys) = state.store.snapshot().await?;
-    Ok(Json(json!({"version": version, "keys": keys})))
+/// The whole key set in the wire encoding (`index::wire`), streamed from the store
+/// page by page: memory per gateway is one page, however many keys there are.
+async fn sync_snapshot(State(state): State<Arc<ApiState>>, _client: SyncClient) -> ApiResult<Response> {
+    let start = SnapshotStart::read(&state.store).await?;
+    let body = axum::body::Body::from_stream(super::snapshot::stream(Arc::clone(&state.store), start));
+    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static(wire::MEDIA_TYPE))], body).into_response())
 }
 
 #[derive(Deserialize)]

@@ -4,4 +4,5 @@ pub mod store;
 pub mod api;
 pub mod feed;
 pub mod quota;
+pub mod snapshot;
 pub mod store_sink;

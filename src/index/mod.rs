@@ -7,6 +7,7 @@
 mod keys_file;
 mod record;
 mod table;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -96,20 +97,11 @@ impl Snapshot {
         records: impl IntoIterator<Item = (KeyDigest, KeyRecord)>,
     ) -> Result<Self, SnapshotError> {
         let records = records.into_iter();
-        let mut base = table::BaseTable::with_capacity(records.size_hint().0);
-        let mut policies = record::PolicyInterner::default();
-        for (digest, mut record) in records {
-            record.digest = digest;
-            policies.intern(&mut record);
-            if let Err((first, second)) = base.insert(Arc::new(record)) {
-                return Err(SnapshotError::DuplicateHash {
-                    first: first.id().to_owned(),
-                    second: second.id().to_owned(),
-                });
-            }
+        let mut builder = SnapshotBuilder::with_capacity(records.size_hint().0);
+        for (digest, record) in records {
+            builder.push(digest, record)?;
         }
-        let len = base.len();
-        Ok(Snapshot { version, base: Arc::new(base), overlay: DigestMap::default(), len })
+        Ok(builder.finish(version))
     }
 
     pub fn get(&self, digest: &KeyDigest) -> Option<&Arc<KeyRecord>> {
@@ -215,6 +207,41 @@ impl Snapshot {
 
     pub fn version(&self) -> u64 {
         self.version
+    }
+}
+
+/// A snapshot built one record at a time, as a key set streams in.
+pub struct SnapshotBuilder {
+    base: table::BaseTable,
+    policies: record::PolicyInterner,
+}
+
+impl SnapshotBuilder {
+    /// Room for `keys` keys before the table grows.
+    pub fn with_capacity(keys: usize) -> Self {
+        SnapshotBuilder { base: table::BaseTable::with_capacity(keys), policies: Default::default() }
+    }
+
+    pub fn push(&mut self, digest: KeyDigest, mut record: KeyRecord) -> Result<(), SnapshotError> {
+        record.digest = digest;
+        self.policies.intern(&mut record);
+        self.base.insert(Arc::new(record)).map_err(|(first, second)| SnapshotError::DuplicateHash {
+            first: first.id().to_owned(),
+            second: second.id().to_owned(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.base.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.base.len() == 0
+    }
+
+    pub fn finish(self, version: u64) -> Snapshot {
+        let len = self.base.len();
+        Snapshot { version, base: Arc::new(self.base), overlay: DigestMap::default(), len }
     }
 }
 

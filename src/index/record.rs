@@ -21,7 +21,7 @@ use time::OffsetDateTime;
 use crate::config::{QuotaConfig, RateLimitConfig};
 use crate::key::KeyDigest;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KeyStatus {
     Active,
     Disabled,
@@ -227,6 +227,8 @@ pub struct KeyRecord {
     /// Where the id ends in `identity`.
     id_len: u32,
     has_owner: bool,
+    /// Brought in by an import: the raw key may have any shape.
+    imported: bool,
     pub status: KeyStatus,
 }
 
@@ -244,9 +246,15 @@ impl KeyRecord {
             quota: None,
             status: KeyStatus::Active,
             expires_at: None,
-            metadata: serde_json::Map::new(),
+            metadata: None,
             tags: Vec::new(),
+            imported: false,
         }
+    }
+
+    /// Whether the key was brought in by an import (its raw form may have any shape).
+    pub fn imported(&self) -> bool {
+        self.imported
     }
 
     pub fn is_expired(&self, now: OffsetDateTime) -> bool {
@@ -342,6 +350,16 @@ impl KeyRecord {
             .unwrap_or_default()
     }
 
+    /// The metadata as the compact JSON text the record keeps; `None` when empty.
+    pub fn metadata_json(&self) -> Option<&str> {
+        self.details.as_ref().and_then(|d| d.metadata.as_deref())
+    }
+
+    /// The name as given, `None` when it is the id.
+    pub fn own_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
     pub fn tags(&self) -> &[Box<str>] {
         self.details.as_ref().map_or(&[], |d| &d.tags)
     }
@@ -366,8 +384,9 @@ pub struct KeyRecordBuilder {
     quota: Option<QuotaConfig>,
     status: KeyStatus,
     expires_at: Option<OffsetDateTime>,
-    metadata: serde_json::Map<String, serde_json::Value>,
+    metadata: Option<String>,
     tags: Vec<String>,
+    imported: bool,
 }
 
 impl KeyRecordBuilder {
@@ -415,11 +434,21 @@ impl KeyRecordBuilder {
         self
     }
     pub fn metadata(mut self, metadata: serde_json::Map<String, serde_json::Value>) -> Self {
-        self.metadata = metadata;
+        // Serialising a map with string keys cannot fail; were it to, the metadata would read as empty.
+        self.metadata = (!metadata.is_empty()).then(|| serde_json::to_string(&metadata).ok()).flatten();
+        self
+    }
+    /// The metadata as compact JSON object text, as `metadata_json` gives it back.
+    pub fn metadata_json(mut self, json: Option<String>) -> Self {
+        self.metadata = json.filter(|json| !json.is_empty() && json != "{}");
         self
     }
     pub fn tags(mut self, tags: Vec<String>) -> Self {
         self.tags = tags;
+        self
+    }
+    pub fn imported(mut self, imported: bool) -> Self {
+        self.imported = imported;
         self
     }
 
@@ -463,10 +492,7 @@ impl KeyRecordBuilder {
             }
         };
         let details = KeyDetails {
-            // Serialising a map with string keys cannot fail; were it to, the metadata would read as empty.
-            metadata: (!self.metadata.is_empty())
-                .then(|| serde_json::to_string(&self.metadata).ok().map(String::into_boxed_str))
-                .flatten(),
+            metadata: self.metadata.map(String::into_boxed_str),
             tags: self.tags.into_iter().map(String::into_boxed_str).collect(),
         };
         let name = (self.name != self.id).then(|| self.name.into_boxed_str());
@@ -490,6 +516,7 @@ impl KeyRecordBuilder {
             details: (!details.is_empty()).then(|| Box::new(details)),
             id_len,
             has_owner,
+            imported: self.imported,
             status: self.status,
         }
     }

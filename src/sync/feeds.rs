@@ -6,11 +6,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use reqwest::StatusCode;
 
-use super::follow::{ChangeBatch, FeedError, KeyFeed};
+use super::follow::{ChangeBatch, FeedError, KeyFeed, LoadedKeys};
 use crate::control::feed::Feed;
-use crate::control::model::StoredKey;
-use crate::control::store::Store;
+use crate::control::store::{Store, MAX_SNAPSHOT_PAGE};
 use crate::http_client;
+use crate::index::wire::{self, FrameReader, KeySetLoader, UnusableAllowlists, WireError};
+use crate::index::SnapshotBuilder;
+
+/// How long a snapshot body may stall before the gateway gives up on it.
+const SNAPSHOT_STALL: Duration = Duration::from_secs(30);
 
 /// A control plane over HTTP, authenticated with a sync token.
 pub struct RemoteFeed {
@@ -43,17 +47,46 @@ impl RemoteFeed {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct SnapshotBody {
-    version: u64,
-    keys: Vec<StoredKey>,
-}
-
 #[async_trait]
 impl KeyFeed for RemoteFeed {
-    async fn snapshot(&self) -> Result<(u64, Vec<StoredKey>), FeedError> {
-        let body: SnapshotBody = self.get("/v1/sync/snapshot", Duration::from_secs(60)).await?;
-        Ok((body.version, body.keys))
+    /// Reads the snapshot as it streams in, building the index frame by frame: the
+    /// gateway holds one frame of it at a time besides the index being built.
+    async fn snapshot(&self, answer_within: Duration) -> Result<LoadedKeys, FeedError> {
+        let url = format!("{}/v1/sync/snapshot", self.base_url);
+        let transport = |e: reqwest::Error| FeedError::Transport(format!("{url}: {e}"));
+        let request = self.client.get(&url).bearer_auth(&self.token).send();
+        let mut response = tokio::time::timeout(answer_within, request)
+            .await
+            .map_err(|_| FeedError::Transport(format!("{url}: no answer within {answer_within:?}")))?
+            .map_err(transport)?;
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::UNAUTHORIZED => return Err(FeedError::Unauthorized),
+            other => return Err(FeedError::Transport(format!("{url}: HTTP {other}"))),
+        }
+        let media_type = response.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        if media_type != Some(wire::MEDIA_TYPE) {
+            return Err(FeedError::Transport(format!(
+                "{url}: the control plane sent {media_type:?}, not a key set this gateway reads; \
+                 upgrade the control planes before their gateways"
+            )));
+        }
+        let mut reader = FrameReader::default();
+        let mut loader = KeySetLoader::new();
+        loop {
+            let chunk = tokio::time::timeout(SNAPSHOT_STALL, response.chunk())
+                .await
+                .map_err(|_| FeedError::Transport(format!("{url}: the snapshot stalled for {SNAPSHOT_STALL:?}")))?
+                .map_err(transport)?;
+            let Some(chunk) = chunk else { break };
+            reader.push(&chunk);
+            loader.take_from(&mut reader)?;
+        }
+        if reader.has_partial_frame() {
+            return Err(WireError::Truncated(reader.position()).into());
+        }
+        let (snapshot, unusable) = loader.finish()?;
+        Ok(LoadedKeys { snapshot, unusable })
     }
 
     async fn changes(&self, since: u64, wait: Duration) -> Result<ChangeBatch, FeedError> {
@@ -76,8 +109,29 @@ impl LocalFeed {
 
 #[async_trait]
 impl KeyFeed for LocalFeed {
-    async fn snapshot(&self) -> Result<(u64, Vec<StoredKey>), FeedError> {
-        self.store.snapshot().await.map_err(|e| FeedError::Store(e.to_string()))
+    /// The store read page by page, as a control plane streams it to its gateways.
+    async fn snapshot(&self, _answer_within: Duration) -> Result<LoadedKeys, FeedError> {
+        let failed = |e: crate::control::store::StoreError| FeedError::Store(e.to_string());
+        let version = self.store.feed_version().await.map_err(failed)?;
+        let estimate = self.store.key_count_estimate().await.map_err(failed)?;
+        let mut builder = SnapshotBuilder::with_capacity(usize::try_from(estimate).unwrap_or(0));
+        let mut unusable = UnusableAllowlists::default();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.keys_after(after.as_deref(), MAX_SNAPSHOT_PAGE).await.map_err(failed)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            for key in &page {
+                let Some(wire) = crate::control::snapshot::wire_key(key) else {
+                    tracing::error!(key_id = %key.id, "a stored key has an unusable hash; it is not served");
+                    continue;
+                };
+                unusable.note(&wire);
+                let (digest, record) = wire.to_record();
+                builder.push(digest, record).map_err(|e| FeedError::Store(e.to_string()))?;
+            }
+        }
+        Ok(LoadedKeys { snapshot: builder.finish(version), unusable })
     }
 
     async fn changes(&self, since: u64, wait: Duration) -> Result<ChangeBatch, FeedError> {

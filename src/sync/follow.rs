@@ -1,22 +1,27 @@
 //! A gateway following a control plane's change feed.
 //!
-//! At start the follower loads a full snapshot; failing that, the last-known-good
-//! cache file. It then long-polls for changes after its version and applies each
-//! batch to the index as a small overlay, never copying the whole index; an
-//! overgrown overlay is folded into a new base beside the request path. Every
-//! applied state is written to the cache file atomically (temp file, rename).
+//! At start the follower loads its last-known-good files, if any, and brings
+//! them up to date with the changes since their version; without them it loads
+//! a snapshot, built into the index as it streams in and published only whole.
+//! It then long-polls for changes after its version and applies each batch to
+//! the index as a small overlay, never copying the whole index; an overgrown
+//! overlay is folded into a new base beside the request path. The follower keeps
+//! no copy of the keys of its own: the last-known-good files are written from
+//! the index and from the batches as applied (`cache_file`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use super::cache_file::{CacheError, LastKnownGood};
 use crate::control::model::{Change, KeyChange, StoredKey};
-use crate::index::{parse_cidr, KeyIndex, KeyRecord, Snapshot};
+use crate::index::wire::UnusableAllowlists;
+use crate::index::{KeyIndex, KeyRecord, Snapshot};
 use crate::key::KeyDigest;
 use crate::metrics::Metrics;
 use crate::sync::LastSync;
@@ -25,6 +30,9 @@ use crate::sync::LastSync;
 pub const LONG_POLL: Duration = Duration::from_secs(25);
 /// Retries stay frequent so a gateway catches up soon after its control plane returns.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How long a control plane may take to start answering a snapshot request once the
+/// gateway is running; a snapshot that keeps flowing may take longer than this.
+const SNAPSHOT_ANSWER: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FeedError {
@@ -34,6 +42,10 @@ pub enum FeedError {
     Unauthorized,
     #[error("{0}")]
     Store(String),
+    #[error("the control plane sent a key set that does not check out: {0}")]
+    KeySet(#[from] crate::index::wire::WireError),
+    #[error("the control plane's feed is behind this gateway (its database was restored)")]
+    Behind,
 }
 
 /// One answer of the change feed.
@@ -46,10 +58,18 @@ pub struct ChangeBatch {
     pub reset: bool,
 }
 
+/// A whole key set, loaded and checked.
+pub struct LoadedKeys {
+    pub snapshot: Snapshot,
+    pub unusable: UnusableAllowlists,
+}
+
 /// Where a gateway's keys come from: a remote control plane, or the store in-process.
 #[async_trait]
 pub trait KeyFeed: Send + Sync {
-    async fn snapshot(&self) -> Result<(u64, Vec<StoredKey>), FeedError>;
+    /// The whole key set, built into a snapshot as it arrives and returned only
+    /// complete. The source must start answering within `answer_within`.
+    async fn snapshot(&self, answer_within: Duration) -> Result<LoadedKeys, FeedError>;
     async fn changes(&self, since: u64, wait: Duration) -> Result<ChangeBatch, FeedError>;
 }
 
@@ -57,56 +77,23 @@ pub trait KeyFeed: Send + Sync {
 ///
 /// The admin API and keys file refuse allowlist entries that are not addresses or
 /// CIDRs, but a store edited by hand or by another version can still hold one. Such
-/// a key admits no address (see [`unusable_allowlist_entries`]): skipping the entry
+/// a key admits no address: skipping the entry
 /// could leave an empty allowlist, which admits every address.
 pub fn record_from_stored(key: &StoredKey) -> Option<(KeyDigest, KeyRecord)> {
-    let digest = KeyDigest::parse(&key.hash).ok()?;
-    let builder = KeyRecord::builder(key.id.clone())
-        .name(key.name.clone())
-        .owner(key.owner.clone())
-        .plan(key.plan.clone())
-        .scopes(key.scopes.clone())
-        .rate_limit(key.rate_limit)
-        .quota(key.quota)
-        .status(key.status.into())
-        .expires_at(key.expires_at)
-        .metadata(key.metadata.clone())
-        .tags(key.tags.clone());
-    let builder = match key.ip_allowlist.iter().map(|entry| parse_cidr(entry)).collect::<Option<Vec<_>>>() {
-        Some(nets) => builder.ip_allowlist(nets),
-        None => builder.unusable_ip_allowlist(),
-    };
-    Some((digest, builder.build()))
-}
-
-/// The entries of a stored allowlist that are not addresses or CIDRs.
-pub fn unusable_allowlist_entries(key: &StoredKey) -> Vec<&str> {
-    key.ip_allowlist.iter().filter(|entry| parse_cidr(entry).is_none()).map(String::as_str).collect()
-}
-
-/// The last-known-good file: the whole key set at one version.
-#[derive(Serialize, Deserialize)]
-struct CacheFile {
-    version: u64,
-    keys: Vec<StoredKey>,
+    crate::control::snapshot::wire_key(key).map(|wire| wire.to_record())
 }
 
 pub struct Follower {
     feed: Arc<dyn KeyFeed>,
     index: Arc<KeyIndex>,
     metrics: Arc<Metrics>,
-    cache_file: Option<PathBuf>,
-    /// The current key set in the store's form, for the cache file.
-    keys: std::sync::Mutex<std::collections::HashMap<String, StoredKey>>,
+    cache: Option<Arc<LastKnownGood>>,
     /// The last successful contact with the feed.
     last_success: Arc<LastSync>,
-    /// Wakes the cache writer; requests made while it writes coalesce into one more write.
-    cache_requested: tokio::sync::Notify,
-    cache_dirty: std::sync::atomic::AtomicBool,
     /// Held from reading the current snapshot to publishing the next, so a compaction
     /// finishing beside the sync cannot publish over a change.
-    publishing: std::sync::Mutex<()>,
-    compacting: std::sync::atomic::AtomicBool,
+    publishing: Arc<std::sync::Mutex<()>>,
+    compacting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Follower {
@@ -123,67 +110,93 @@ impl Follower {
             feed,
             index,
             metrics,
-            cache_file,
-            keys: std::sync::Mutex::new(Default::default()),
+            cache: cache_file.map(|path| Arc::new(LastKnownGood::new(path))),
             last_success,
-            cache_requested: tokio::sync::Notify::new(),
-            cache_dirty: std::sync::atomic::AtomicBool::new(false),
-            publishing: std::sync::Mutex::new(()),
-            compacting: std::sync::atomic::AtomicBool::new(false),
+            publishing: Arc::default(),
+            compacting: Arc::default(),
         }
     }
 
-    /// Loads the first key set: a snapshot from the feed, else the cache file.
-    /// Returns false when neither could be had (the gateway is not ready yet).
+    /// Loads the first key set: the last-known-good files brought up to date by the
+    /// feed (or as they are, if the feed does not answer within `within`), else a
+    /// snapshot from the feed. Returns false when neither could be had (the gateway
+    /// is not ready yet).
     pub async fn start(&self, within: Duration) -> bool {
-        match tokio::time::timeout(within, self.feed.snapshot()).await {
-            Ok(Ok((version, keys))) => {
-                self.install(version, keys);
-                return true;
-            }
-            Ok(Err(e)) => {
-                self.metrics.sync_errors.inc();
-                tracing::warn!(error = %e, "cannot load keys from the control plane");
-            }
-            Err(_) => {
-                self.metrics.sync_errors.inc();
-                tracing::warn!("the control plane did not answer within {within:?}");
+        if let Some(cache) = &self.cache {
+            let reading = Arc::clone(cache);
+            match tokio::task::spawn_blocking(move || reading.load()).await {
+                Ok(Ok(loaded)) => {
+                    self.log_unusable(&loaded.unusable);
+                    tracing::info!(
+                        file = %cache.path().display(),
+                        version = loaded.snapshot.version(),
+                        keys = loaded.snapshot.len(),
+                        batches = loaded.batches,
+                        "loaded the last-known-good keys"
+                    );
+                    let age = loaded.age;
+                    self.publish_locked(Arc::new(loaded.snapshot));
+                    match tokio::time::timeout(within, self.catch_up()).await {
+                        Ok(Ok(())) => self.mark_success(),
+                        outcome => {
+                            self.metrics.sync_errors.inc();
+                            match outcome {
+                                Ok(Err(e)) => {
+                                    tracing::warn!(error = %e, "cannot bring the last-known-good keys up to date")
+                                }
+                                _ => tracing::warn!("the control plane did not answer within {within:?}"),
+                            }
+                            tracing::warn!("serving the last-known-good keys until the control plane answers");
+                            // The cached keys are as fresh as the sync that wrote them.
+                            self.last_success.mark_age(age);
+                        }
+                    }
+                    return true;
+                }
+                Ok(Err(CacheError::Missing)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "refusing the last-known-good keys file"),
+                Err(e) => tracing::error!(error = %e, "the last-known-good reader stopped"),
             }
         }
-        let Some(path) = &self.cache_file else { return false };
-        match read_cache(path) {
-            Ok(cache) => {
-                tracing::warn!(
-                    file = %path.display(),
-                    version = cache.version,
-                    keys = cache.keys.len(),
-                    "serving the last-known-good keys until the control plane answers"
-                );
-                self.install_without_success(cache.version, cache.keys);
-                // The cached keys are as fresh as the sync that wrote them; a file
-                // from the future (the clock stepped back since) counts as just written.
-                if let Ok(written) = std::fs::metadata(path).and_then(|m| m.modified()) {
-                    self.last_success.mark_age(SystemTime::now().duration_since(written).unwrap_or_default());
-                }
+        match self.feed.snapshot(within).await {
+            Ok(loaded) => {
+                self.install(loaded);
                 true
             }
             Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "no usable last-known-good keys file");
+                self.metrics.sync_errors.inc();
+                tracing::warn!(error = %e, "cannot load keys from the control plane");
                 false
             }
         }
     }
 
+    /// Applies every change the feed holds after the current version, without waiting.
+    async fn catch_up(&self) -> Result<(), FeedError> {
+        loop {
+            let since = self.index.current().version();
+            let batch = self.feed.changes(since, Duration::ZERO).await?;
+            if batch.reset {
+                return Err(FeedError::Behind);
+            }
+            if batch.changes.is_empty() {
+                return Ok(());
+            }
+            self.apply(batch);
+        }
+    }
+
     /// Follows the feed until `shutdown` fires.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        tokio::spawn(Arc::clone(&self).write_cache_when_asked(shutdown.clone()));
+        if let Some(cache) = &self.cache {
+            tokio::spawn(Arc::clone(cache).run(Arc::clone(&self.index), shutdown.clone()));
+        }
         let mut backoff = Duration::from_millis(200);
-        let mut synced = self.last_success.ever();
         loop {
             let step = async {
-                if !synced {
-                    let (version, keys) = self.feed.snapshot().await?;
-                    self.install(version, keys);
+                if !self.index.is_loaded() {
+                    let loaded = self.feed.snapshot(SNAPSHOT_ANSWER).await?;
+                    self.install(loaded);
                     return Ok::<(), FeedError>(());
                 }
                 let since = self.index.current().version();
@@ -195,10 +208,10 @@ impl Follower {
                         feed = batch.version,
                         "the control plane's feed is behind this gateway; reloading"
                     );
-                    let (version, keys) = self.feed.snapshot().await?;
-                    self.install(version, keys);
+                    let loaded = self.feed.snapshot(SNAPSHOT_ANSWER).await?;
+                    self.install(loaded);
                 } else if !batch.changes.is_empty() {
-                    Arc::clone(&self).apply(batch);
+                    self.apply(batch);
                 }
                 Ok(())
             };
@@ -207,10 +220,7 @@ impl Follower {
                 _ = shutdown.changed() => return,
             };
             match result {
-                Ok(()) => {
-                    synced = true;
-                    backoff = Duration::from_millis(200);
-                }
+                Ok(()) => backoff = Duration::from_millis(200),
                 Err(e) => {
                     self.metrics.sync_errors.inc();
                     tracing::warn!(error = %e, retry_in = ?backoff, "key sync failed");
@@ -224,26 +234,10 @@ impl Follower {
         }
     }
 
-    /// Writes the cache file after every change, off the async workers; a write
-    /// asked for while one is running becomes one more write, not many.
-    async fn write_cache_when_asked(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        loop {
-            tokio::select! {
-                _ = self.cache_requested.notified() => {}
-                _ = shutdown.changed() => return,
-            }
-            self.write_cache_now().await;
-        }
-    }
-
-    /// Writes the current key set to the cache file if it changed since the last write.
-    pub async fn write_cache_now(self: &Arc<Self>) {
-        if self.cache_file.is_none() || !self.cache_dirty.swap(false, Ordering::AcqRel) {
-            return;
-        }
-        let this = Arc::clone(self);
-        if let Err(e) = tokio::task::spawn_blocking(move || this.write_cache()).await {
-            tracing::warn!(error = %e, "the cache file writer stopped");
+    /// Writes pending changes to the last-known-good files now (at shutdown).
+    pub async fn write_cache_now(&self) {
+        if let Some(cache) = &self.cache {
+            cache.flush(&self.index).await;
         }
     }
 
@@ -253,127 +247,88 @@ impl Follower {
         self.metrics.sync_last_success.set(now.unix_timestamp_nanos() as f64 / 1e9);
     }
 
-    fn install(&self, version: u64, keys: Vec<StoredKey>) {
-        self.install_without_success(version, keys);
+    fn install(&self, loaded: LoadedKeys) {
+        self.log_unusable(&loaded.unusable);
+        self.publish_locked(Arc::new(loaded.snapshot));
         self.mark_success();
-        self.request_cache_write();
+        if let Some(cache) = &self.cache {
+            cache.snapshot_replaced();
+        }
     }
 
-    fn request_cache_write(&self) {
-        self.cache_dirty.store(true, Ordering::Release);
-        self.cache_requested.notify_one();
-    }
-
-    fn install_without_success(&self, version: u64, keys: Vec<StoredKey>) {
-        let records: Vec<(KeyDigest, KeyRecord)> = keys.iter().filter_map(|key| self.record(key)).collect();
-        let snapshot = match Snapshot::build(version, records) {
-            Ok(snapshot) => snapshot,
-            Err(e) => {
-                tracing::error!(error = %e, "the control plane sent an inconsistent key set; keeping the current keys");
-                return;
-            }
-        };
+    fn publish_locked(&self, snapshot: Arc<Snapshot>) {
         let publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
-        self.publish(Arc::new(snapshot));
+        self.publish(snapshot);
         drop(publishing);
-        let mut by_id = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        *by_id = keys.into_iter().map(|k| (k.id.clone(), k)).collect();
     }
 
-    fn apply(self: Arc<Self>, batch: ChangeBatch) {
+    fn log_unusable(&self, unusable: &UnusableAllowlists) {
+        if unusable.count == 0 {
+            return;
+        }
+        self.metrics.key_allowlist_errors.inc_by(unusable.count);
+        tracing::error!(
+            keys = unusable.count,
+            examples = ?unusable.examples,
+            "ip_allowlist entries are not IP addresses or CIDRs: these keys admit no address until they are fixed"
+        );
+    }
+
+    fn apply(&self, batch: ChangeBatch) {
         let publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.index.current();
-        let mut by_id = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         let mut changes = Vec::with_capacity(batch.changes.len());
+        let mut unusable = UnusableAllowlists::default();
         for change in batch.changes {
             match change.change {
                 KeyChange::Upsert(key) => {
-                    if let Some((digest, record)) = self.record(&key) {
+                    if let Some(wire) = crate::control::snapshot::wire_key(&key) {
+                        unusable.note(&wire);
+                        let (digest, record) = wire.to_record();
                         changes.push((digest, Some(record)));
                     }
-                    by_id.insert(key.id.clone(), key);
                 }
-                KeyChange::Delete { id, hash } => {
+                KeyChange::Delete { hash, .. } => {
                     if let Ok(digest) = KeyDigest::parse(&hash) {
                         changes.push((digest, None));
                     }
-                    by_id.remove(&id);
                 }
             }
         }
-        drop(by_id);
+        let digests: Vec<KeyDigest> = changes.iter().map(|(digest, _)| *digest).collect();
         let next = Arc::new(current.apply(batch.version, changes));
         self.publish(Arc::clone(&next));
         drop(publishing);
+        self.log_unusable(&unusable);
+        if let Some(cache) = &self.cache {
+            cache.changes_applied(batch.version, digests.iter().map(|d| (*d, next.get(d).cloned())).collect());
+        }
         if next.needs_compaction() && !self.compacting.swap(true, Ordering::AcqRel) {
             // Folding a large index takes most of a second: the change is live already,
             // and the folded base is published when it is ready.
-            let this = Arc::clone(&self);
-            tokio::task::spawn_blocking(move || this.compact_from(&next));
+            let (index, metrics) = (Arc::clone(&self.index), Arc::clone(&self.metrics));
+            let (publishing, compacting) = (Arc::clone(&self.publishing), Arc::clone(&self.compacting));
+            tokio::task::spawn_blocking(move || {
+                let compacted = next.compact();
+                let guard = publishing.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(rebased) = index.current().rebase(&next, &compacted) {
+                    publish(&index, &metrics, Arc::new(rebased));
+                }
+                drop(guard);
+                compacting.store(false, Ordering::Release);
+            });
         }
-        self.request_cache_write();
-    }
-
-    fn compact_from(&self, from: &Snapshot) {
-        let compacted = from.compact();
-        let publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rebased) = self.index.current().rebase(from, &compacted) {
-            self.publish(Arc::new(rebased));
-        }
-        drop(publishing);
-        self.compacting.store(false, Ordering::Release);
-    }
-
-    /// `record_from_stored`, logging and counting a key closed by an unusable allowlist.
-    fn record(&self, key: &StoredKey) -> Option<(KeyDigest, KeyRecord)> {
-        let entry = record_from_stored(key)?;
-        if entry.1.ip_allowlist_unusable() {
-            self.metrics.key_allowlist_errors.inc();
-            tracing::error!(
-                key_id = %key.id,
-                entries = ?unusable_allowlist_entries(key),
-                "ip_allowlist entries are not IP addresses or CIDRs: the key admits no address until they are fixed"
-            );
-        }
-        Some(entry)
     }
 
     fn publish(&self, snapshot: Arc<Snapshot>) {
-        self.metrics.keys_loaded.set(snapshot.len() as i64);
-        self.metrics.key_index_version.set(snapshot.version() as i64);
-        self.index.publish_shared(snapshot);
-    }
-
-    fn write_cache(&self) {
-        let Some(path) = &self.cache_file else { return };
-        let cache = {
-            let by_id = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-            CacheFile { version: self.index.current().version(), keys: by_id.values().cloned().collect() }
-        };
-        if let Err(e) = write_cache(path, &cache) {
-            tracing::warn!(file = %path.display(), error = %e, "cannot write the last-known-good keys file");
-        }
+        publish(&self.index, &self.metrics, snapshot);
     }
 }
 
-fn read_cache(path: &Path) -> std::io::Result<CacheFile> {
-    let bytes = std::fs::read(path)?;
-    serde_json::from_slice(&bytes).map_err(std::io::Error::other)
-}
-
-/// Temp file, fsync, rename: a reader sees the old file or the new one, never half.
-fn write_cache(path: &Path, cache: &CacheFile) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let stamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let temp = path.with_extension(format!("tmp-{}-{stamp}", std::process::id()));
-    let mut file = std::fs::File::create(&temp)?;
-    serde_json::to_writer(&mut file, cache).map_err(std::io::Error::other)?;
-    file.flush()?;
-    file.sync_all()?;
-    std::fs::rename(&temp, path)
+fn publish(index: &KeyIndex, metrics: &Metrics, snapshot: Arc<Snapshot>) {
+    metrics.keys_loaded.set(snapshot.len() as i64);
+    metrics.key_index_version.set(snapshot.version() as i64);
+    index.publish_shared(snapshot);
 }
 
 #[cfg(test)]
@@ -386,7 +341,7 @@ mod tests {
 
     #[async_trait::async_trait]
     impl KeyFeed for Unused {
-        async fn snapshot(&self) -> Result<(u64, Vec<StoredKey>), FeedError> {
+        async fn snapshot(&self, _answer_within: Duration) -> Result<LoadedKeys, FeedError> {
             unreachable!("the test applies batches itself")
         }
         async fn changes(&self, _since: u64, _wait: Duration) -> Result<ChangeBatch, FeedError> {
@@ -407,7 +362,8 @@ mod tests {
             for ip in ["127.0.0.1", "10.1.2.3", "203.0.113.9", "2001:db8::1"] {
                 assert!(!record.allows_ip(ip.parse().unwrap()), "{allowlist:?} admits {ip}");
             }
-            assert_eq!(unusable_allowlist_entries(&key), allowlist[allowlist.len() - 1..]);
+            let wire = crate::control::snapshot::wire_key(&key).unwrap();
+            assert_eq!(wire.unusable_allowlist_entries(), allowlist[allowlist.len() - 1..]);
         }
     }
 
@@ -417,13 +373,13 @@ mod tests {
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let follower =
             Arc::new(Follower::new(Arc::new(Unused), Arc::clone(&index), metrics, None, Arc::new(LastSync::new())));
-        follower.install(0, vec![]);
+        follower.install(LoadedKeys { snapshot: Snapshot::default(), unusable: Default::default() });
         // One key per batch, well past the size at which the overlay is folded; the
         // compaction started by one batch runs while later batches are applied.
         let total = 5000;
         for n in 1..=total {
             let change = Change { version: n as u64, change: KeyChange::Upsert(stored(n)) };
-            Arc::clone(&follower).apply(ChangeBatch { version: n as u64, changes: vec![change], reset: false });
+            follower.apply(ChangeBatch { version: n as u64, changes: vec![change], reset: false });
             let live = index.current();
             assert_eq!(live.len(), n, "every change is live as soon as it is applied");
         }

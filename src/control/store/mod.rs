@@ -50,6 +50,9 @@ pub const MAX_PAGE: u32 = 1000;
 /// Largest page of `changes_since`; larger requests are cut to this.
 pub const MAX_CHANGES_PAGE: u32 = 10_000;
 
+/// Largest page of `keys_after`.
+pub const MAX_SNAPSHOT_PAGE: u32 = 5_000;
+
 /// Advisory lock taken by every key mutation on PostgreSQL ("kgfeed" + 1).
 const FEED_LOCK_KEY: i64 = 0x6b67_6665_6564_0001;
 
@@ -215,9 +218,35 @@ impl Store {
         dispatch!(self.changes_since(version, limit))
     }
 
-    /// Every key, oldest first, as of one feed version.
+    /// The feed's latest version.
+    pub async fn feed_version(&self) -> Result<u64> {
+        dispatch!(self.feed_version())
+    }
+
+    /// Up to `limit` keys (at most [`MAX_SNAPSHOT_PAGE`]) with an id above `after`, by id:
+    /// a snapshot is read page by page, never whole.
+    pub async fn keys_after(&self, after: Option<&str>, limit: u32) -> Result<Vec<StoredKey>> {
+        dispatch!(self.keys_after(after, limit.clamp(1, MAX_SNAPSHOT_PAGE)))
+    }
+
+    /// About how many keys there are (PostgreSQL's planner estimate; exact on SQLite).
+    pub async fn key_count_estimate(&self) -> Result<u64> {
+        dispatch!(self.key_count_estimate())
+    }
+
+    /// Every key, by id, and the feed version read before the first page: each key is
+    /// as of that version or later, and applying the changes after it gives the
+    /// current state. Holds the whole key set: for tests and small stores.
     pub async fn snapshot(&self) -> Result<(u64, Vec<StoredKey>)> {
-        dispatch!(self.snapshot())
+        let version = self.feed_version().await?;
+        let mut keys: Vec<StoredKey> = Vec::new();
+        loop {
+            let page = self.keys_after(keys.last().map(|k| k.id.as_str()), MAX_SNAPSHOT_PAGE).await?;
+            if page.is_empty() {
+                return Ok((version, keys));
+            }
+            keys.extend(page);
+        }
     }
 
     /// Adds one usage batch. `Ok(false)`: this `(node, boot_id, sequence)` was

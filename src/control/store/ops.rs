@@ -371,15 +371,34 @@ pub(super) async fn changes_since(pool: &Pool<Db>, version: i64, limit: u32) -> 
     Ok((changes, latest))
 }
 
-pub(super) async fn snapshot(pool: &Pool<Db>) -> Result<(u64, Vec<StoredKey>)> {
-    let mut tx = begin_read(pool).await?;
-    let version = latest_version(&mut tx).await?;
-    let rows: Vec<KeyRow> = sqlx::query_as(concat!("SELECT ", key_columns!(), " FROM keys ORDER BY created_at, id"))
-        .fetch_all(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    let keys = rows.into_iter().map(KeyRow::into_key).collect::<Result<Vec<_>>>()?;
-    Ok((version, keys))
+pub(super) async fn feed_version(pool: &Pool<Db>) -> Result<u64> {
+    let mut conn = pool.acquire().await?;
+    latest_version(&mut conn).await
+}
+
+pub(super) async fn keys_after(pool: &Pool<Db>, after: Option<&str>, limit: u32) -> Result<Vec<StoredKey>> {
+    let mut qb = QueryBuilder::<Db>::new(concat!("SELECT ", key_columns!(), " FROM keys"));
+    if let Some(after) = after {
+        qb.push(" WHERE id > ").push_bind(after);
+    }
+    qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
+    let rows: Vec<KeyRow> = qb.build_query_as().fetch_all(pool).await?;
+    rows.into_iter().map(KeyRow::into_key).collect()
+}
+
+pub(super) async fn key_count_estimate(pool: &Pool<Db>) -> Result<u64> {
+    let count: i64 = match DIALECT {
+        // The planner's figure: counting ten million rows would cost a second per snapshot.
+        Dialect::Postgres => {
+            sqlx::query_scalar(
+                "SELECT GREATEST(CAST(reltuples AS BIGINT), 0) FROM pg_class WHERE oid = 'keys'::regclass",
+            )
+            .fetch_one(pool)
+            .await?
+        }
+        Dialect::Sqlite => sqlx::query_scalar("SELECT COUNT(*) FROM keys").fetch_one(pool).await?,
+    };
+    Ok(u64::try_from(count).unwrap_or(0))
 }
 
 pub(super) async fn ingest_usage(
