@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,49 +41,17 @@ import threading
 import time
 from pathlib import Path
 
+from harness import CLK_TCK, Children, Upstream, free_port, process_ticks, wait_http
+
 HERE = Path(__file__).resolve().parent
 ADMIN_TOKEN = "latency-admin-token"
 SYNC_TOKEN = "latency-sync-token"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Scenario (c)'s keys: what every key of the load, and every test key under load, holds.
 LOAD_KEY_FIELDS = {"scopes": ["orders:read"], "ip_allowlist": ["127.0.0.0/8"]}
 # The plan's rate limit: far above what one core can push, so it is checked but never hit.
 NEVER_REACHED_RATE = 1_000_000
 # How long one wait (a key becoming accepted, then refused) may take before the run is void.
 WAIT_LIMIT_S = 30
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Upstream(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Header and body in separate small writes would wait on a delayed ACK
-    # (~40 ms) and make every poll that slow.
-    disable_nagle_algorithm = True
-
-    def do_GET(self):
-        self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-
-    def log_message(self, *args):
-        pass
-
-
-def wait_http(port, path="/healthz", timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", path)
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    sys.exit(f"nothing answered on port {port} within {timeout}s")
 
 
 def admin(conn, method, path, body=None):
@@ -109,59 +76,6 @@ def status_of(conn, key):
 
 
 # --------------------------------------------------------------------------- processes
-
-
-class Children:
-    """Every process started here, each the leader of its own process group: a Ctrl-C
-    in the terminal reaches only this script, which then stops them all in reverse
-    order (wrk before keygate before nginx), group by group (nginx's worker too)."""
-
-    def __init__(self, workdir):
-        self.workdir = workdir
-        self.procs = []  # (name, Popen, log path)
-
-    def start(self, name, argv, env=None, cpus=None):
-        if cpus is not None:
-            argv = ["taskset", "-c", cpus, *argv]
-        log = self.workdir / f"{name}.log"
-        with open(log, "wb") as out:
-            popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=self.workdir)
-        self.procs.append((name, popen, log))
-        return popen
-
-    def check_alive(self):
-        """Exits naming the first child that died, with the end of its log."""
-        for name, popen, log in self.procs:
-            if popen.poll() is not None:
-                sys.exit(f"{name} exited with {popen.returncode}; end of {log}:\n{log.read_text()[-2000:]}")
-
-    def stop_all(self):
-        for _, popen, _ in reversed(self.procs):
-            if popen.poll() is None:
-                try:
-                    os.killpg(popen.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 15
-        for name, popen, _ in reversed(self.procs):
-            try:
-                popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                print(f"warning: {name} did not stop on SIGTERM: killed", file=sys.stderr)
-            try:  # the group may outlive its leader (nginx's worker): always make sure
-                os.killpg(popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            popen.wait()
-        self.procs.clear()
-
-
-def process_ticks(pid):
-    """utime + stime (clock ticks) of a process, all its threads included."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rfind(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
 
 
 def find_tool(name):
