@@ -926,7 +926,6 @@ fn gateways_keep_serving_through_a_control_plane_crash_and_follow_it_after_resta
     assert_outcome(&call(&gw, &a, "/v1/orders/1"), "200");
 }
 
-
 #[test]
 fn gateway_restarted_while_the_control_plane_is_down_serves_its_cache_file() {
     let up = Upstream::start("api");
@@ -964,6 +963,32 @@ fn gateway_restarted_while_the_control_plane_is_down_serves_its_cache_file() {
     let (stranger, _) = gen_key(None);
     assert_outcome(&call(&gw, &stranger, "/v1/orders/1"), "401 invalid_key");
     assert_eq!(gw.admin_get("/readyz").status, 200);
+}
+
+#[test]
+fn a_gateway_restarted_from_its_cache_files_applies_changes_made_while_it_was_down_before_serving() {
+    let up = Upstream::start("api");
+    let cp = control_plane(SQLITE_IN_NODE_DIR);
+    let mut gw = gateway(&up, cp.admin);
+    wait_ready(&gw, EVENTUALLY);
+    let api = Api::of(&cp);
+    let (raw, record) = api.create(json!({"name": "k", "scopes": ["orders:read"]}));
+    let id = record["id"].as_str().unwrap().to_owned();
+    poll_outcome(&gw, &raw, "/v1/orders/1", "200", PROPAGATION, None);
+    let cache = gw.dir().join("keys.snapshot");
+    wait_until(EVENTUALLY, "the gateway's cache files to hold the key", || {
+        let loaded = keygate::sync::LastKnownGood::new(cache.clone()).load().ok()?;
+        loaded.snapshot.get(&keygate::key::KeyDigest::of(&raw)).map(|_| ())
+    });
+    gw.kill();
+    api.expect("POST", &format!("/v1/keys/{id}/revoke"), None, 200);
+    gw.restart();
+    // The first answer that is not `not_ready` already knows of the revocation.
+    let first = wait_until(EVENTUALLY, "the gateway to serve", || {
+        let r = call(&gw, &raw, "/v1/orders/1");
+        (outcome(&r) != "503 not_ready").then_some(r)
+    });
+    assert_outcome(&first, "401 key_revoked");
 }
 
 /// Writes a last-known-good file holding `keys` (store records) at `version`, as a

@@ -128,6 +128,7 @@ on_both_backends!(
     delete_removes_the_key_and_feeds_a_delete,
     feed_versions_increase_and_changes_since_returns_exactly_the_missed_changes,
     snapshot_is_consistent_with_the_feed_version,
+    snapshot_pages_read_while_keys_change_converge_with_the_changes_after_their_version,
     change_through_one_connection_is_visible_to_another,
     concurrent_creates_get_distinct_increasing_versions,
     feed_reader_following_concurrent_writers_misses_nothing,
@@ -641,6 +642,57 @@ async fn snapshot_is_consistent_with_the_feed_version(db: TestDb) {
     assert_eq!(replayed, snapshot_map);
     assert_eq!(snapshot_map.len(), 4);
     assert_eq!(snapshot_map[&created[2].id].status, KeyStatusText::Revoked);
+}
+
+/// A snapshot read page by page (as `/v1/sync/snapshot` streams it) while keys are
+/// created, revoked and deleted, plus the changes after the version read before
+/// the first page, is exactly the store's final state.
+async fn snapshot_pages_read_while_keys_change_converge_with_the_changes_after_their_version(db: TestDb) {
+    let store = &db.store;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(store.create_key(new_key(&format!("k{i}")), "ops").await.unwrap().id);
+    }
+    let version = store.feed_version().await.unwrap();
+    let mut seen: HashMap<String, StoredKey> = HashMap::new();
+    let mut after: Option<String> = None;
+    let mut step = 0;
+    loop {
+        let page = store.keys_after(after.as_deref(), 4).await.unwrap();
+        let Some(last) = page.last() else { break };
+        assert!(page.len() <= 4);
+        assert!(after.as_deref().is_none_or(|a| page.iter().all(|k| k.id.as_str() > a)), "pages go forward by id");
+        after = Some(last.id.clone());
+        for key in page {
+            assert!(seen.insert(key.id.clone(), key).is_none(), "a key came twice");
+        }
+        // Changes between pages: ahead of and behind the read position.
+        match step {
+            0 => store.revoke_key(&ids[0], "ops").await.map(|_| ()).unwrap(),
+            1 => store.delete_key(&ids[29], "ops").await.unwrap(),
+            2 => store.create_key(new_key("late"), "ops").await.map(|_| ()).unwrap(),
+            3 => store.delete_key(&ids[1], "ops").await.unwrap(),
+            _ => {}
+        }
+        step += 1;
+    }
+    let (changes, _) = store.changes_since(version, 10_000).await.unwrap();
+    assert!(!changes.is_empty());
+    for change in changes {
+        match change.change {
+            KeyChange::Upsert(k) => {
+                seen.insert(k.id.clone(), k);
+            }
+            KeyChange::Delete { id, .. } => {
+                seen.remove(&id);
+            }
+        }
+    }
+    let (_, all) = store.snapshot().await.unwrap();
+    let expected: HashMap<String, StoredKey> = all.into_iter().map(|k| (k.id.clone(), k)).collect();
+    assert_eq!(seen, expected);
+    assert_eq!(expected.len(), 29);
+    assert!(store.key_count_estimate().await.is_ok());
 }
 
 async fn change_through_one_connection_is_visible_to_another(db: TestDb) {

@@ -135,8 +135,39 @@ impl Follower {
                         "loaded the last-known-good keys"
                     );
                     let age = loaded.age;
-                    self.publish_locked(Arc::new(loaded.snapshot));
-                    match tokio::time::timeout(within, self.catch_up()).await {
+                    // Brought up to date before it is published, so a key revoked while
+                    // this gateway was down is never served when the control plane answers.
+                    let mut snapshot = loaded.snapshot;
+                    let mut touched = Vec::new();
+                    let deadline = tokio::time::Instant::now() + within;
+                    let outcome = tokio::time::timeout_at(deadline, async {
+                        loop {
+                            let batch = self.feed.changes(snapshot.version(), Duration::ZERO).await?;
+                            if batch.reset {
+                                return Err(FeedError::Behind);
+                            }
+                            if batch.changes.is_empty() {
+                                return Ok(());
+                            }
+                            let (changes, unusable) = records_of(batch.changes);
+                            self.log_unusable(&unusable);
+                            touched.extend(changes.iter().map(|(digest, _)| *digest));
+                            snapshot = snapshot.apply(batch.version, changes);
+                        }
+                    })
+                    .await;
+                    if snapshot.needs_compaction() {
+                        snapshot = compact_beside(snapshot).await;
+                    }
+                    let snapshot = Arc::new(snapshot);
+                    self.publish_locked(Arc::clone(&snapshot));
+                    if !touched.is_empty() {
+                        cache.changes_applied(
+                            snapshot.version(),
+                            touched.iter().map(|d| (*d, snapshot.get(d).cloned())).collect(),
+                        );
+                    }
+                    match outcome {
                         Ok(Ok(())) => self.mark_success(),
                         outcome => {
                             self.metrics.sync_errors.inc();
@@ -158,7 +189,7 @@ impl Follower {
                 Err(e) => tracing::error!(error = %e, "the last-known-good reader stopped"),
             }
         }
-        match self.feed.snapshot(within).await {
+        match self.fetch_snapshot(within).await {
             Ok(loaded) => {
                 self.install(loaded);
                 true
@@ -171,21 +202,6 @@ impl Follower {
         }
     }
 
-    /// Applies every change the feed holds after the current version, without waiting.
-    async fn catch_up(&self) -> Result<(), FeedError> {
-        loop {
-            let since = self.index.current().version();
-            let batch = self.feed.changes(since, Duration::ZERO).await?;
-            if batch.reset {
-                return Err(FeedError::Behind);
-            }
-            if batch.changes.is_empty() {
-                return Ok(());
-            }
-            self.apply(batch);
-        }
-    }
-
     /// Follows the feed until `shutdown` fires.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         if let Some(cache) = &self.cache {
@@ -195,7 +211,7 @@ impl Follower {
         loop {
             let step = async {
                 if !self.index.is_loaded() {
-                    let loaded = self.feed.snapshot(SNAPSHOT_ANSWER).await?;
+                    let loaded = self.fetch_snapshot(SNAPSHOT_ANSWER).await?;
                     self.install(loaded);
                     return Ok::<(), FeedError>(());
                 }
@@ -208,7 +224,7 @@ impl Follower {
                         feed = batch.version,
                         "the control plane's feed is behind this gateway; reloading"
                     );
-                    let loaded = self.feed.snapshot(SNAPSHOT_ANSWER).await?;
+                    let loaded = self.fetch_snapshot(SNAPSHOT_ANSWER).await?;
                     self.install(loaded);
                 } else if !batch.changes.is_empty() {
                     self.apply(batch);
@@ -274,27 +290,32 @@ impl Follower {
         );
     }
 
+    /// A snapshot from the feed with the changes made while it was read applied,
+    /// before anything is published: its pages were read one after another, so a
+    /// key changed meanwhile may show an older state until then.
+    async fn fetch_snapshot(&self, answer_within: Duration) -> Result<LoadedKeys, FeedError> {
+        let mut loaded = self.feed.snapshot(answer_within).await?;
+        loop {
+            let batch = self.feed.changes(loaded.snapshot.version(), Duration::ZERO).await?;
+            if batch.reset {
+                return Err(FeedError::Behind);
+            }
+            if batch.changes.is_empty() {
+                if loaded.snapshot.needs_compaction() {
+                    loaded.snapshot = compact_beside(loaded.snapshot).await;
+                }
+                return Ok(loaded);
+            }
+            let (changes, unusable) = records_of(batch.changes);
+            loaded.unusable.count += unusable.count;
+            loaded.snapshot = loaded.snapshot.apply(batch.version, changes);
+        }
+    }
+
     fn apply(&self, batch: ChangeBatch) {
         let publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.index.current();
-        let mut changes = Vec::with_capacity(batch.changes.len());
-        let mut unusable = UnusableAllowlists::default();
-        for change in batch.changes {
-            match change.change {
-                KeyChange::Upsert(key) => {
-                    if let Some(wire) = crate::control::snapshot::wire_key(&key) {
-                        unusable.note(&wire);
-                        let (digest, record) = wire.to_record();
-                        changes.push((digest, Some(record)));
-                    }
-                }
-                KeyChange::Delete { hash, .. } => {
-                    if let Ok(digest) = KeyDigest::parse(&hash) {
-                        changes.push((digest, None));
-                    }
-                }
-            }
-        }
+        let (changes, unusable) = records_of(batch.changes);
         let digests: Vec<KeyDigest> = changes.iter().map(|(digest, _)| *digest).collect();
         let next = Arc::new(current.apply(batch.version, changes));
         self.publish(Arc::clone(&next));
@@ -323,6 +344,41 @@ impl Follower {
     fn publish(&self, snapshot: Arc<Snapshot>) {
         publish(&self.index, &self.metrics, snapshot);
     }
+}
+
+/// `snapshot` with its overlay folded, on a blocking thread (it takes most of a
+/// second at ten million keys).
+async fn compact_beside(snapshot: Snapshot) -> Snapshot {
+    let snapshot = Arc::new(snapshot);
+    let folding = Arc::clone(&snapshot);
+    match tokio::task::spawn_blocking(move || folding.compact()).await {
+        Ok(compacted) => compacted,
+        Err(_) => Arc::unwrap_or_clone(snapshot),
+    }
+}
+
+/// The records a batch of changes sets (`None`: removes), and the keys among them
+/// that an unusable allowlist closes.
+fn records_of(batch: Vec<Change>) -> (Vec<(KeyDigest, Option<KeyRecord>)>, UnusableAllowlists) {
+    let mut changes = Vec::with_capacity(batch.len());
+    let mut unusable = UnusableAllowlists::default();
+    for change in batch {
+        match change.change {
+            KeyChange::Upsert(key) => {
+                if let Some(wire) = crate::control::snapshot::wire_key(&key) {
+                    unusable.note(&wire);
+                    let (digest, record) = wire.to_record();
+                    changes.push((digest, Some(record)));
+                }
+            }
+            KeyChange::Delete { hash, .. } => {
+                if let Ok(digest) = KeyDigest::parse(&hash) {
+                    changes.push((digest, None));
+                }
+            }
+        }
+    }
+    (changes, unusable)
 }
 
 fn publish(index: &KeyIndex, metrics: &Metrics, snapshot: Arc<Snapshot>) {
