@@ -691,7 +691,8 @@ access_log: off
         args = self.args
         gw = self.gateways[0]
         self.children.stop(gw["name"])
-        sizes = gw["cache"].stat().st_size, Path(f"{gw['cache']}.changes").stat().st_size
+        changes = Path(f"{gw['cache']}.changes")
+        sizes = gw["cache"].stat().st_size, changes.stat().st_size if changes.exists() else 0
         self.children.stop(self.cp_process)
         started = time.monotonic()
         gw["popen"] = self.start_gateway(gw, f"{gw['name']}-from-cache")
@@ -772,7 +773,8 @@ access_log: off
         commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
                                 text=True).stdout.strip() or "unknown"
         version = subprocess.run([args.keygate, "--version"], capture_output=True, text=True).stdout.strip()
-        build = "debug build: figures not representative" if "/debug/" in args.keygate else "release build"
+        build = ("debug build: figures not representative" if "/debug/" in args.keygate else
+                 "release build" if "/release/" in args.keygate else args.keygate)
         command = "load-tests/scale.py " + " ".join(sys.argv[1:])
         lines = [
             f"# keygate with {args.keys:,} keys: {args.store}, {args.gateways} gateways",
