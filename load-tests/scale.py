@@ -791,7 +791,17 @@ access_log: off
             lines += [""] + [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
 
+    def scan_logs(self):
+        """Notes every ERROR a node logged (warnings are expected while the control plane is down)."""
+        for log in sorted(self.workdir.glob("*.log")):
+            errors = [line for line in log.read_text(errors="replace").splitlines() if " ERROR " in line]
+            if errors:
+                self.notes.append(f"{log.name}: {len(errors)} ERROR line(s), the first: `{errors[0][:300]}`")
+
     def cleanup(self, keep):
+        # Gateways first, while the control plane still takes their last usage upload.
+        for name in [name for name, _, _ in self.children.procs if name.startswith("gw-")]:
+            self.children.stop(name)
         self.children.stop_all(timeout=60)
         if self.upstream is not None:
             self.upstream.shutdown()
@@ -860,6 +870,7 @@ def main():
         raise
     finally:
         run.cleanup(args.keep_workdir)
+        run.scan_logs()
         if keep:
             print(f"work directory (configs, logs): {workdir}"
                   + (f"; database {run.database}" if run.database and args.keep_workdir else ""), file=sys.stderr)
