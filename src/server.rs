@@ -437,6 +437,7 @@ impl Maintenance {
                 sync_tokens: self.api.sync_tokens.clone(),
                 plans: self.api.plans.clone(),
                 feed: Arc::clone(feed),
+                snapshots: Default::default(),
             })));
         }
         tokio::spawn(async move {

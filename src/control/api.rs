@@ -22,7 +22,7 @@ use time::OffsetDateTime;
 
 use super::feed::Feed;
 use super::model::{new_key_id, Granularity, KeyFilter, KeyPatch, KeyStatusText, NewKey, StoredKey};
-use super::snapshot::SnapshotStart;
+use super::snapshot::SharedSnapshots;
 use super::store::{Store, StoreError};
 use crate::config::raw::{RawQuota, RawRateLimit};
 use crate::config::{parse_duration, QuotaConfig, RateLimitConfig, TokenConfig};
@@ -38,6 +38,8 @@ pub struct ApiState {
     pub sync_tokens: Vec<TokenConfig>,
     pub plans: BTreeSet<String>,
     pub feed: Arc<Feed>,
+    /// Snapshots being sent, shared by gateways that ask at the same time.
+    pub snapshots: SharedSnapshots,
 }
 
 /// Longest a gateway's long poll is held open.
@@ -600,11 +602,13 @@ async fn audit(
 // Gateway feed and usage upload (sync tokens)
 // ---------------------------------------------------------------------------
 
-/// The whole key set in the wire encoding (`index::wire`), streamed from the store
-/// page by page: memory per gateway is one page, however many keys there are.
+/// The whole key set in the wire encoding (`index::wire`), read from the store page
+/// by page and shared by the gateways that ask at about the same time (see
+/// `control::snapshot`): memory per gateway is one read buffer, however many keys
+/// there are.
 async fn sync_snapshot(State(state): State<Arc<ApiState>>, _client: SyncClient) -> ApiResult<Response> {
-    let start = SnapshotStart::read(&state.store).await?;
-    let body = axum::body::Body::from_stream(super::snapshot::stream(Arc::clone(&state.store), start));
+    let bytes = state.snapshots.stream(&state.store, state.feed.latest()).await?;
+    let body = axum::body::Body::from_stream(bytes);
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static(wire::MEDIA_TYPE))], body).into_response())
 }
 

@@ -7,12 +7,22 @@
 //! pages are read shows its newer state or its older one, and either way the
 //! gateway's next step, the changes after the version sent, brings it to the
 //! current state.
+//!
+//! Gateways that ask at about the same time (a fleet restarting) share one read
+//! of the store: the frames are spooled to a temporary file as they are read, and
+//! every gateway is sent that file, following it as it grows. A spool is reused
+//! while it is being written and for a few minutes after, as long as the feed has
+//! not moved far past its version; the gateway applies the changes since.
 
 use std::borrow::Cow;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 
 use super::model::StoredKey;
 use super::store::{Store, StoreError, MAX_SNAPSHOT_PAGE};
@@ -107,4 +117,233 @@ pub fn stream(store: Arc<Store>, start: SnapshotStart) -> impl Stream<Item = Res
             }
         }
     })
+}
+
+/// A spool is reused this long after it was started...
+const REUSE_FOR: Duration = Duration::from_secs(300);
+/// ...while the feed has moved at most this many versions past it.
+const REUSE_WITHIN_VERSIONS: u64 = 50_000;
+/// What one read of a spool sends at most.
+const READ_CHUNK: usize = 256 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// This many bytes are in the file and may be read.
+    Writing(u64),
+    Done(u64),
+    Failed,
+}
+
+/// One read of the store, spooled to a file that readers follow as it grows.
+struct Spool {
+    path: PathBuf,
+    version: u64,
+    started: Instant,
+    progress: watch::Sender<Progress>,
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        // The last holder is gone: no reader follows the file any more.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Spool {
+    fn reusable(&self, latest: u64) -> bool {
+        match *self.progress.borrow() {
+            Progress::Failed => false,
+            Progress::Writing(_) => true,
+            Progress::Done(_) => {
+                self.started.elapsed() < REUSE_FOR && latest.saturating_sub(self.version) <= REUSE_WITHIN_VERSIONS
+            }
+        }
+    }
+
+    /// Reads the store into the file, waking readers at each frame, then lets go of
+    /// the spool once it can no longer be reused, so the file goes when its last
+    /// reader is done.
+    async fn write_then_expire(self: Arc<Self>, store: Arc<Store>, start: SnapshotStart, current: CurrentSpool) {
+        Arc::clone(&self).write(store, start).await;
+        let failed = *self.progress.borrow() == Progress::Failed;
+        // Only a weak hold while waiting: a spool replaced meanwhile goes with its readers.
+        let this = Arc::downgrade(&self);
+        drop(self);
+        if !failed {
+            tokio::time::sleep(REUSE_FOR).await;
+        }
+        let mut current = current.lock().await;
+        if current.as_ref().is_some_and(|spool| std::ptr::eq(Arc::as_ptr(spool), this.as_ptr())) {
+            *current = None;
+        }
+    }
+
+    async fn write(self: Arc<Self>, store: Arc<Store>, start: SnapshotStart) {
+        let mut file = match tokio::fs::File::create(&self.path).await {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::error!(file = %self.path.display(), error = %e, "cannot create the snapshot spool");
+                self.progress.send_replace(Progress::Failed);
+                return;
+            }
+        };
+        let mut written = 0u64;
+        let mut frames = std::pin::pin!(stream(store, start));
+        while let Some(frame) = frames.next().await {
+            let outcome = match frame {
+                Ok(bytes) => file.write_all(&bytes).await.map(|()| bytes.len() as u64).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match outcome {
+                Ok(len) => {
+                    written += len;
+                    self.progress.send_replace(Progress::Writing(written));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the key set for a snapshot failed");
+                    self.progress.send_replace(Progress::Failed);
+                    return;
+                }
+            }
+        }
+        self.progress.send_replace(Progress::Done(written));
+    }
+
+    /// The file from its start, following the writer until it is done.
+    fn read(self: Arc<Self>) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
+        let progress = self.progress.subscribe();
+        futures_util::stream::try_unfold((self, progress, None::<tokio::fs::File>, 0u64), |state| async move {
+            let (spool, mut progress, mut file, position) = state;
+            loop {
+                let available = match *progress.borrow_and_update() {
+                    Progress::Failed => {
+                        return Err(std::io::Error::other("reading the key set failed on the control plane"))
+                    }
+                    Progress::Writing(n) => (n > position).then_some(n),
+                    Progress::Done(n) if n > position => Some(n),
+                    Progress::Done(_) => return Ok(None),
+                };
+                if let Some(available) = available {
+                    let reader = match file.as_mut() {
+                        Some(reader) => reader,
+                        None => file.insert(tokio::fs::File::open(&spool.path).await?),
+                    };
+                    let len = usize::try_from(available - position).unwrap_or(READ_CHUNK).min(READ_CHUNK);
+                    let mut buffer = vec![0u8; len];
+                    reader.read_exact(&mut buffer).await?;
+                    let position = position + len as u64;
+                    return Ok(Some((Bytes::from(buffer), (spool, progress, file, position))));
+                }
+                if progress.changed().await.is_err() {
+                    return Err(std::io::Error::other("the snapshot writer stopped"));
+                }
+            }
+        })
+    }
+}
+
+type CurrentSpool = Arc<tokio::sync::Mutex<Option<Arc<Spool>>>>;
+
+/// The spool gateways are sent now, if any.
+#[derive(Default)]
+pub struct SharedSnapshots {
+    current: CurrentSpool,
+}
+
+impl SharedSnapshots {
+    /// The key set as a stream of bytes: the current spool if it can still serve,
+    /// else a new read of the store. The version is read before anything is sent, so
+    /// a store that is down still gets an error answer.
+    pub async fn stream(
+        &self,
+        store: &Arc<Store>,
+        latest: u64,
+    ) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send, StoreError> {
+        let mut current = self.current.lock().await;
+        if let Some(spool) = current.as_ref().filter(|spool| spool.reusable(latest)) {
+            return Ok(Arc::clone(spool).read());
+        }
+        let start = SnapshotStart::read(store).await?;
+        let path = std::env::temp_dir().join(format!(
+            "keygate-snapshot-{}-{}-{}.keys",
+            std::process::id(),
+            start.version,
+            rand::random::<u32>()
+        ));
+        let spool = Arc::new(Spool {
+            path,
+            version: start.version,
+            started: Instant::now(),
+            progress: watch::Sender::new(Progress::Writing(0)),
+        });
+        tokio::spawn(Arc::clone(&spool).write_then_expire(Arc::clone(store), start, Arc::clone(&self.current)));
+        *current = Some(Arc::clone(&spool));
+        Ok(spool.read())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::model::{new_key_id, NewKey};
+    use crate::index::wire::{FrameReader, KeySetLoader};
+
+    fn new_key(n: usize) -> NewKey {
+        NewKey {
+            id: new_key_id(),
+            hash: KeyDigest::of(&format!("raw-{n}")).to_string(),
+            prefix: "kg_live".into(),
+            masked: "kg_live_…".into(),
+            name: format!("k{n}"),
+            owner: Some(format!("o{}", n % 3)),
+            plan: None,
+            scopes: vec!["orders:read".into()],
+            ip_allowlist: vec![],
+            rate_limit: None,
+            quota: None,
+            expires_at: None,
+            metadata: Default::default(),
+            tags: vec![],
+        }
+    }
+
+    async fn collect(stream: impl Stream<Item = std::io::Result<Bytes>>) -> Vec<u8> {
+        let mut stream = std::pin::pin!(stream);
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            bytes.extend_from_slice(&chunk.expect("the spool reads"));
+        }
+        bytes
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gateways_asking_at_once_share_one_read_of_the_store_and_get_every_key() {
+        let store = Arc::new(Store::connect("sqlite::memory:").await.unwrap());
+        for n in 0..12_000 {
+            store.create_key(new_key(n), "ops").await.unwrap();
+        }
+        let shared = SharedSnapshots::default();
+        let latest = store.feed_version().await.unwrap();
+        let first = shared.stream(&store, latest).await.unwrap();
+        let spool = shared.current.lock().await.clone().expect("a spool");
+        let second = shared.stream(&store, latest).await.unwrap();
+        assert!(Arc::ptr_eq(&spool, shared.current.lock().await.as_ref().unwrap()), "the second read shares the first");
+        let (a, b) = tokio::join!(collect(first), collect(second));
+        assert_eq!(a, b);
+        let mut reader = FrameReader::default();
+        reader.push(&a);
+        let mut loader = KeySetLoader::new();
+        loader.take_from(&mut reader).unwrap();
+        let (snapshot, _) = loader.finish().unwrap();
+        assert_eq!((snapshot.len(), snapshot.version()), (12_000, latest));
+        assert!(snapshot.get(&KeyDigest::of("raw-11999")).is_some());
+
+        // Far behind the feed, a spool is not reused; its file goes with its last holder.
+        let path = spool.path.clone();
+        assert!(path.exists());
+        let _third = shared.stream(&store, latest + REUSE_WITHIN_VERSIONS + 1).await.unwrap();
+        assert!(!Arc::ptr_eq(&spool, shared.current.lock().await.as_ref().unwrap()));
+        drop(spool);
+        assert!(!path.exists(), "the replaced spool's file is removed");
+    }
 }
