@@ -358,7 +358,9 @@ class Scale:
     def __init__(self, args, workdir):
         self.args, self.workdir = args, workdir
         self.children = harness.Children(workdir)
-        self.env = dict(os.environ, ADMIN_TOKEN=ADMIN_TOKEN, SYNC_TOKEN=SYNC_TOKEN, KEYGATE_LOG="warn")
+        # TMPDIR: the control plane's snapshot spool goes to the work directory too.
+        self.env = dict(os.environ, ADMIN_TOKEN=ADMIN_TOKEN, SYNC_TOKEN=SYNC_TOKEN, KEYGATE_LOG="warn",
+                        TMPDIR=str(workdir))
         self.rows = []
         self.notes = []
         self.ports = {name: harness.free_port() for name in ("upstream", "cp_admin", "cp_proxy")}
@@ -823,7 +825,7 @@ def main():
                         help="a PostgreSQL server where the script may create and drop a database")
     parser.add_argument("--out", help="markdown table (default load-tests/results/scale-N-STORE.md)")
     parser.add_argument("--workdir", help="where the work directory goes (default: the system's temp dir); "
-                                          "at 10 M keys it needs about 3 GB + 1 GB per gateway")
+                                          "at 10 M keys it needs about 4 GB + 1.3 GB per gateway")
     parser.add_argument("--keep-workdir", action="store_true",
                         help="keep the work directory and the PostgreSQL database afterwards")
     parser.add_argument("--revocations", type=int, default=50, help="R, keys revoked one by one (default 50)")
