@@ -3,5 +3,7 @@ pub mod store;
 
 pub mod api;
 pub mod feed;
+pub mod fields;
+pub mod import;
 pub mod quota;
 pub mod store_sink;

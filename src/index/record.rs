@@ -227,6 +227,8 @@ pub struct KeyRecord {
     /// Where the id ends in `identity`.
     id_len: u32,
     has_owner: bool,
+    /// Written by a bulk import: the raw key may have any shape (see [`KeyRecord::imported`]).
+    imported: bool,
     pub status: KeyStatus,
 }
 
@@ -246,6 +248,7 @@ impl KeyRecord {
             expires_at: None,
             metadata: serde_json::Map::new(),
             tags: Vec::new(),
+            imported: false,
         }
     }
 
@@ -345,6 +348,12 @@ impl KeyRecord {
     pub fn tags(&self) -> &[Box<str>] {
         self.details.as_ref().map_or(&[], |d| &d.tags)
     }
+
+    /// Whether the key came from a bulk import, so its raw form may lack keygate's
+    /// shape and checksum: an index holding one cannot refuse keys by shape.
+    pub fn imported(&self) -> bool {
+        self.imported
+    }
 }
 
 /// A CIDR, or a bare address meaning exactly that host (/32 or /128): the one
@@ -368,6 +377,7 @@ pub struct KeyRecordBuilder {
     expires_at: Option<OffsetDateTime>,
     metadata: serde_json::Map<String, serde_json::Value>,
     tags: Vec<String>,
+    imported: bool,
 }
 
 impl KeyRecordBuilder {
@@ -420,6 +430,10 @@ impl KeyRecordBuilder {
     }
     pub fn tags(mut self, tags: Vec<String>) -> Self {
         self.tags = tags;
+        self
+    }
+    pub fn imported(mut self, imported: bool) -> Self {
+        self.imported = imported;
         self
     }
 
@@ -490,6 +504,7 @@ impl KeyRecordBuilder {
             details: (!details.is_empty()).then(|| Box::new(details)),
             id_len,
             has_owner,
+            imported: self.imported,
             status: self.status,
         }
     }

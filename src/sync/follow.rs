@@ -71,7 +71,8 @@ pub fn record_from_stored(key: &StoredKey) -> Option<(KeyDigest, KeyRecord)> {
         .status(key.status.into())
         .expires_at(key.expires_at)
         .metadata(key.metadata.clone())
-        .tags(key.tags.clone());
+        .tags(key.tags.clone())
+        .imported(key.imported);
     let builder = match key.ip_allowlist.iter().map(|entry| parse_cidr(entry)).collect::<Option<Vec<_>>>() {
         Some(nets) => builder.ip_allowlist(nets),
         None => builder.unusable_ip_allowlist(),
