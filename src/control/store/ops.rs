@@ -165,7 +165,7 @@ async fn insert_key(
     sqlx::query(concat!(
         "INSERT INTO keys (",
         key_columns!(),
-        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, NULL, $18)"
+        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, NULL, $18, $19)"
     ))
     .bind(&key.id)
     .bind(&key.hash)
@@ -185,6 +185,7 @@ async fn insert_key(
     .bind(now)
     .bind(now)
     .bind(version)
+    .bind(key.imported)
     .execute(&mut *conn)
     .await
     .map_err(|e| conflict_on_unique(e, "a key with this id or hash already exists"))?;
