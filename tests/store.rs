@@ -142,6 +142,7 @@ on_both_backends!(
     an_import_batch_is_one_feed_row_that_expands_into_its_keys,
     feed_pages_never_split_an_import_version,
     a_key_changed_after_import_comes_with_its_later_version,
+    an_import_that_stops_midway_keeps_its_batches_and_leaves_no_trace,
 );
 
 // ---- helpers ----
@@ -1139,6 +1140,20 @@ async fn a_key_changed_after_import_comes_with_its_later_version(db: TestDb) {
     assert_eq!(page, [Change { version: renamed.version, change: KeyChange::Upsert(renamed) }]);
 }
 
+async fn an_import_that_stops_midway_keeps_its_batches_and_leaves_no_trace(db: TestDb) {
+    let store = &db.store;
+    let records = import_records("partial", 1, 3);
+    let mut broken = store.begin_import().await.unwrap();
+    broken.write_batch(records[..2].to_vec(), "ops").await.unwrap();
+    drop(broken);
+    assert!(store.get_key(&records[1].id).await.unwrap().is_some(), "a committed batch stays");
+    // The whole file again: the lines of the unfinished import are not repeats.
+    let rerun = import(store, vec![records.clone()]).await;
+    assert_eq!((rerun[0].imported, rerun[0].unchanged, rerun[0].errors.len()), (1, 2, 0));
+    // The store keeps working with its other connections.
+    assert_eq!(store.list_keys(&KeyFilter::default(), 10, None).await.unwrap().0.len(), 3);
+}
+
 // ---- single-backend cases ----
 
 #[tokio::test]
@@ -1149,6 +1164,18 @@ async fn in_memory_sqlite_keeps_its_data_across_calls() {
         assert_eq!(store.get_key(&k.id).await.unwrap(), Some(k.clone()));
     }
     assert_eq!(store.snapshot().await.unwrap(), (k.version, vec![k]));
+}
+
+#[tokio::test]
+async fn in_memory_sqlite_imports_on_its_one_connection_and_keeps_the_data() {
+    let store = Store::connect("sqlite::memory:").await.expect("memory store");
+    let records = import_records("mem", 1, 2);
+    let mut unfinished = store.begin_import().await.unwrap();
+    unfinished.write_batch(records.clone(), "ops").await.unwrap();
+    drop(unfinished);
+    let again = import(&store, vec![records.clone()]).await;
+    assert_eq!((again[0].imported, again[0].unchanged), (0, 2));
+    assert_eq!(store.snapshot().await.unwrap().1.len(), 2);
 }
 
 #[tokio::test]

@@ -377,7 +377,7 @@ async fn update_key(
             "metadata" => patch.metadata = Some(if clear { Map::new() } else { metadata(value)? }),
             "tags" => patch.tags = Some(if clear { Vec::new() } else { string_list("tags", value)? }),
             "name" | "status" => return Err(ApiError::invalid(field, "cannot be cleared")),
-            "prefix" | "id" | "masked" | "created_at" | "updated_at" | "last_used_at" => {
+            "prefix" | "id" | "masked" | "created_at" | "updated_at" | "last_used_at" | "imported" => {
                 return Err(ApiError::invalid(field, "cannot be changed"))
             }
             _ => return Err(ApiError::invalid(field, "unknown field")),

@@ -231,11 +231,16 @@ impl Store {
 
     /// Starts a bulk import on a connection of its own; see [`Import`].
     pub async fn begin_import(&self) -> Result<Import> {
-        let conn = match self {
-            Store::Sqlite(pool) => ImportConn::Sqlite(sqlite::begin_import(pool).await?),
-            Store::Postgres(pool) => ImportConn::Postgres(postgres::begin_import(pool).await?),
+        let (conn, max_connections) = match self {
+            Store::Sqlite(pool) => {
+                (ImportConn::Sqlite(sqlite::begin_import(pool).await?), pool.options().get_max_connections())
+            }
+            Store::Postgres(pool) => {
+                (ImportConn::Postgres(postgres::begin_import(pool).await?), pool.options().get_max_connections())
+            }
         };
-        Ok(Import { conn })
+        // A pool of one connection is an in-memory database: that connection is the data.
+        Ok(Import { conn, finished: false, closable: max_connections > 1 })
     }
 
     /// Every key, oldest first, as of one feed version.
@@ -294,6 +299,9 @@ impl Store {
 /// the importer's memory stays that of one batch.
 pub struct Import {
     conn: ImportConn,
+    finished: bool,
+    /// Whether an unfinished import may close its connection (see `Drop`).
+    closable: bool,
 }
 
 enum ImportConn {
@@ -327,13 +335,28 @@ impl Import {
         }
     }
 
-    /// Forgets the records remembered and hands the connection back. An import
-    /// dropped without it leaves them to the next import on that connection,
-    /// which starts by clearing them.
+    /// Forgets the records remembered and hands the connection back to the pool.
     pub async fn finish(mut self) -> Result<()> {
         match &mut self.conn {
-            ImportConn::Sqlite(conn) => sqlite::end_import(conn).await,
-            ImportConn::Postgres(conn) => postgres::end_import(conn).await,
+            ImportConn::Sqlite(conn) => sqlite::end_import(conn).await?,
+            ImportConn::Postgres(conn) => postgres::end_import(conn).await?,
+        }
+        self.finished = true;
+        Ok(())
+    }
+}
+
+/// An import that did not finish (a store error, an upload that broke off) still
+/// holds its table of records taken: its connection is closed, which drops that
+/// table, rather than handed back to the pool with it.
+impl Drop for Import {
+    fn drop(&mut self) {
+        if self.finished || !self.closable {
+            return;
+        }
+        match &mut self.conn {
+            ImportConn::Sqlite(conn) => conn.close_on_drop(),
+            ImportConn::Postgres(conn) => conn.close_on_drop(),
         }
     }
 }
