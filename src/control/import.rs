@@ -67,6 +67,9 @@ pub struct LineSplitter {
     buf: Vec<u8>,
     /// Where the unread part of `buf` starts.
     start: usize,
+    /// `buf[start..searched]` holds no newline: a line arriving in many small
+    /// chunks is searched once, not once per chunk.
+    searched: usize,
     /// The number of the line being read.
     number: u64,
     /// The current line has been reported too long: drop it up to its newline.
@@ -84,7 +87,7 @@ pub enum RawLine<'a> {
 
 impl Default for LineSplitter {
     fn default() -> Self {
-        LineSplitter { buf: Vec::new(), start: 0, number: 1, skipping: false, ended: false }
+        LineSplitter { buf: Vec::new(), start: 0, searched: 0, number: 1, skipping: false, ended: false }
     }
 }
 
@@ -95,6 +98,7 @@ impl LineSplitter {
             return;
         }
         self.buf.drain(..self.start);
+        self.searched -= self.start;
         self.start = 0;
         self.buf.extend_from_slice(chunk);
     }
@@ -110,20 +114,25 @@ impl LineSplitter {
     /// The next complete line, if one has arrived.
     pub fn next_line(&mut self) -> Option<RawLine<'_>> {
         loop {
-            let newline = self.buf[self.start..].iter().position(|&b| b == b'\n');
-            let Some(len) = newline else {
+            let from = self.searched.max(self.start);
+            let newline = self.buf[from..].iter().position(|&b| b == b'\n');
+            let Some(offset) = newline else {
+                self.searched = self.buf.len();
                 let pending = self.buf.len() - self.start;
                 if self.skipping || pending > MAX_LINE {
                     self.buf.clear();
                     self.start = 0;
+                    self.searched = 0;
                     if !std::mem::replace(&mut self.skipping, true) {
                         return Some(RawLine::TooLong(self.number));
                     }
                 }
                 return None;
             };
+            let len = from + offset - self.start;
             let (begin, number) = (self.start, self.number);
             self.start += len + 1;
+            self.searched = self.start;
             self.number += 1;
             if std::mem::take(&mut self.skipping) {
                 // The rest of a line reported already.
@@ -409,6 +418,19 @@ mod tests {
         exact.push(b'\n');
         exact.extend(std::iter::repeat_n(b'z', MAX_LINE + 1));
         assert_eq!(split(&exact, 4096), vec![(1, Some(vec![b'y'; MAX_LINE])), (2, None)]);
+    }
+
+    #[test]
+    fn a_line_arriving_a_byte_at_a_time_is_searched_once() {
+        let mut splitter = LineSplitter::default();
+        let line = vec![b'a'; MAX_LINE];
+        for byte in &line {
+            splitter.push(std::slice::from_ref(byte));
+            assert_eq!(splitter.next_line(), None);
+            assert_eq!(splitter.searched, splitter.buf.len(), "what arrived is searched once");
+        }
+        splitter.push(b"\n");
+        assert_eq!(splitter.next_line(), Some(RawLine::Text(1, &line)));
     }
 
     #[test]
