@@ -9,6 +9,7 @@
 //! every key it writes carries that row's version. `changes_since` expands such a
 //! row into an upsert per key still at that version (a key changed since comes
 //! with its later change), and never splits one version across two pages.
+//!
 //! Feed versions come from the database (SQLite AUTOINCREMENT, a PostgreSQL
 //! identity column). On PostgreSQL every key mutation first takes one
 //! transaction-level advisory lock, so versions are handed out and committed in

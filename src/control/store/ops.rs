@@ -521,7 +521,7 @@ pub(super) async fn import_batch(conn: &mut Conn, batch: Vec<ImportKey>, actor: 
     let mut tx = begin_key_write_on(conn).await?;
     let now = now_ms();
 
-    // The first line that gives an id or a hash has it; a later one is an error.
+    // The first line that gives a hash or an id has it; a later one is an error.
     let (seen_ids, seen_hashes) = import_seen_lines(&mut tx, &batch).await?;
     let mut ids_here: HashMap<String, u64> = HashMap::with_capacity(batch.len());
     let mut hashes_here: HashMap<String, u64> = HashMap::with_capacity(batch.len());
@@ -529,10 +529,10 @@ pub(super) async fn import_batch(conn: &mut Conn, batch: Vec<ImportKey>, actor: 
     for record in batch {
         if let Err(e) = super::validate_import(&record) {
             outcome.errors.push((record.line, e));
-        } else if let Some(line) = seen_ids.get(&record.id).or_else(|| ids_here.get(&record.id)) {
-            outcome.errors.push((record.line, format!("id: {} is already given on line {line}", record.id)));
         } else if let Some(line) = seen_hashes.get(&record.hash).or_else(|| hashes_here.get(&record.hash)) {
             outcome.errors.push((record.line, format!("hash: already given on line {line}")));
+        } else if let Some(line) = seen_ids.get(&record.id).or_else(|| ids_here.get(&record.id)) {
+            outcome.errors.push((record.line, format!("id: {} is already given on line {line}", record.id)));
         } else {
             ids_here.insert(record.id.clone(), record.line);
             hashes_here.insert(record.hash.clone(), record.line);
