@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use keygate::config::{QuotaConfig, QuotaPeriod, RateLimitConfig};
 use keygate::control::model::{
-    new_key_id, Change, Granularity, KeyChange, KeyFilter, KeyPatch, KeyStatusText, NewKey, StoredKey,
+    key_id_from_hash, new_key_id, Change, Granularity, ImportKey, KeyChange, KeyFilter, KeyPatch, KeyStatusText,
+    NewKey, StoredKey,
 };
-use keygate::control::store::{Store, StoreError};
+use keygate::control::store::{BatchOutcome, Store, StoreError};
 use keygate::key::{self, KeyDigest};
 use keygate::usage::UsageRecord;
 use serde_json::json;
@@ -137,6 +138,12 @@ on_both_backends!(
     quota_used_counts_allowed_requests_since,
     audit_is_newest_first_with_actor_names,
     migrations_run_again_on_reconnect_and_data_survives,
+    import_is_idempotent_and_updates_changed_keys,
+    import_refuses_conflicting_and_repeated_lines_by_line,
+    an_import_batch_is_one_feed_row_that_expands_into_its_keys,
+    feed_pages_never_split_an_import_version,
+    a_key_changed_after_import_comes_with_its_later_version,
+    an_import_that_stops_midway_keeps_its_batches_and_leaves_no_trace,
 );
 
 // ---- helpers ----
@@ -653,7 +660,7 @@ async fn snapshot_pages_read_while_keys_change_converge_with_the_changes_after_t
     for i in 0..30 {
         ids.push(store.create_key(new_key(&format!("k{i}")), "ops").await.unwrap().id);
     }
-    let version = store.feed_version().await.unwrap();
+    let version = store.latest_version().await.unwrap();
     let mut seen: HashMap<String, StoredKey> = HashMap::new();
     let mut after: Option<String> = None;
     let mut step = 0;
@@ -951,6 +958,254 @@ async fn migrations_run_again_on_reconnect_and_data_survives(db: TestDb) {
     third.close().await;
 }
 
+// ---- bulk import ----
+
+/// A record of an imported key, as the import's line parser makes it.
+fn import_record(line: u64, id: Option<&str>, raw: &str) -> ImportKey {
+    let hash = KeyDigest::of(raw).to_string();
+    ImportKey {
+        line,
+        id: id.map_or_else(|| key_id_from_hash(&hash), str::to_owned),
+        hash,
+        prefix: None,
+        masked: None,
+        name: format!("imported {line}"),
+        owner: Some("legacy".into()),
+        plan: None,
+        scopes: vec!["orders:read".into()],
+        ip_allowlist: vec![],
+        rate_limit: None,
+        quota: None,
+        status: KeyStatusText::Active,
+        expires_at: None,
+        metadata: serde_json::Map::new(),
+        tags: vec![],
+        created_at: Some(datetime!(2019-05-01 12:00 UTC)),
+    }
+}
+
+/// `n` records on lines `first..`, with foreign-shaped raw keys `<tag>-<i>`.
+fn import_records(tag: &str, first: u64, n: u64) -> Vec<ImportKey> {
+    (0..n).map(|i| import_record(first + i, None, &format!("{tag}-{i}"))).collect()
+}
+
+/// Imports `batches` in one import, as the admin API does with one request.
+async fn import(store: &Store, batches: Vec<Vec<ImportKey>>) -> Vec<BatchOutcome> {
+    let mut import = store.begin_import().await.expect("begin_import");
+    let mut outcomes = Vec::new();
+    for batch in batches {
+        outcomes.push(import.write_batch(batch, "ops").await.expect("write_batch"));
+    }
+    import.finish().await.expect("finish");
+    outcomes
+}
+
+fn error_lines(outcome: &BatchOutcome) -> Vec<u64> {
+    outcome.errors.iter().map(|(line, _)| *line).collect()
+}
+
+async fn import_is_idempotent_and_updates_changed_keys(db: TestDb) {
+    let store = &db.store;
+    let records = import_records("sk_live", 1, 5);
+    let first = import(store, vec![records.clone()]).await;
+    assert_eq!((first[0].imported, first[0].unchanged, first[0].errors.len()), (5, 0, 0));
+    let version = first[0].version.expect("a batch that writes has a version");
+    let stored = store.get_key(&records[0].id).await.unwrap().expect("imported key");
+    assert!(stored.imported);
+    assert_eq!(stored.version, version);
+    assert_eq!(stored.created_at, datetime!(2019-05-01 12:00 UTC));
+    assert_eq!((stored.prefix.as_str(), stored.masked.as_str()), ("", "…"));
+    let (_, latest) = all_changes(store).await;
+    let events = store.audit(None, 100).await.unwrap().len();
+
+    // The same file again: nothing is written, no version, no audit event.
+    let again = import(store, vec![records.clone()]).await;
+    assert_eq!(again[0], BatchOutcome { imported: 0, unchanged: 5, errors: vec![], version: None });
+    assert_eq!(all_changes(store).await.1, latest);
+    assert_eq!(store.audit(None, 100).await.unwrap().len(), events);
+    assert_eq!(store.get_key(&records[0].id).await.unwrap(), Some(stored.clone()));
+
+    // One changed field: that key is rewritten, the others are unchanged.
+    let mut changed = records.clone();
+    changed[2].plan = Some("pro".into());
+    let third = import(store, vec![changed.clone()]).await;
+    assert_eq!((third[0].imported, third[0].unchanged), (1, 4));
+    let updated = store.get_key(&changed[2].id).await.unwrap().unwrap();
+    assert_eq!(updated.plan.as_deref(), Some("pro"));
+    assert_eq!(updated.version, third[0].version.unwrap());
+    assert!(updated.imported && updated.created_at == stored.created_at);
+}
+
+async fn import_refuses_conflicting_and_repeated_lines_by_line(db: TestDb) {
+    let store = &db.store;
+    let native = store.create_key(new_key("native"), "ops").await.unwrap();
+    let revoked = import(
+        store,
+        vec![vec![ImportKey { status: KeyStatusText::Revoked, ..import_record(1, Some("key_gone"), "gone") }]],
+    )
+    .await;
+    assert_eq!(revoked[0].imported, 1);
+
+    let mut with_native_hash = import_record(3, Some("key_thief"), "unused");
+    with_native_hash.hash = native.hash.clone();
+    let first_batch = vec![
+        import_record(1, Some("key_ok1"), "ok-1"),
+        // The native key's id with another hash.
+        import_record(2, Some(&native.id), "other"),
+        // The native key's hash under another id.
+        with_native_hash,
+        // A revoked key cannot come back.
+        import_record(4, Some("key_gone"), "gone"),
+        // Repeats an id and a hash given earlier in this batch.
+        import_record(5, Some("key_ok1"), "ok-5"),
+        import_record(6, Some("key_ok6"), "ok-1"),
+        import_record(7, Some("key_ok7"), "ok-7"),
+    ];
+    // Repeats of lines from the first batch, caught in the next one.
+    let second_batch = vec![import_record(8, Some("key_ok7"), "ok-8"), import_record(9, Some("key_ok9"), "ok-7")];
+    let outcomes = import(store, vec![first_batch, second_batch]).await;
+    assert_eq!(error_lines(&outcomes[0]), [2, 3, 4, 5, 6]);
+    assert_eq!(outcomes[0].imported, 2);
+    let messages: Vec<&str> = outcomes[0].errors.iter().map(|(_, m)| m.as_str()).collect();
+    assert!(messages[0].starts_with("id: "), "{messages:?}");
+    assert_eq!(messages[1], format!("hash: already belongs to key {}", native.id));
+    assert!(messages[2].starts_with("status: key_gone is revoked"), "{messages:?}");
+    assert_eq!(messages[3], "id: key_ok1 is already given on line 1");
+    assert_eq!(messages[4], "hash: already given on line 1");
+    assert_eq!(error_lines(&outcomes[1]), [8, 9]);
+    assert_eq!(outcomes[1].errors[0].1, "id: key_ok7 is already given on line 7");
+    assert_eq!(outcomes[1].errors[1].1, "hash: already given on line 7");
+    assert_eq!(outcomes[1].version, None);
+    // Nothing refused was written; the native key is untouched.
+    assert_eq!(store.get_key(&native.id).await.unwrap(), Some(native));
+    assert!(store.get_key("key_thief").await.unwrap().is_none());
+    assert_eq!(store.get_key("key_gone").await.unwrap().unwrap().status, KeyStatusText::Revoked);
+
+    // A new import starts afresh: lines of an earlier import are not repeats.
+    let rerun = import(store, vec![vec![import_record(1, Some("key_ok1"), "ok-1")]]).await;
+    assert_eq!((rerun[0].unchanged, rerun[0].errors.len()), (1, 0));
+}
+
+async fn an_import_batch_is_one_feed_row_that_expands_into_its_keys(db: TestDb) {
+    let store = &db.store;
+    let before = store.create_key(new_key("before"), "ops").await.unwrap();
+    let outcome = import(store, vec![import_records("kong", 10, 5)]).await;
+    let version = outcome[0].version.unwrap();
+    let after = store.create_key(new_key("after"), "ops").await.unwrap();
+    assert_eq!((before.version + 1, version + 1), (version, after.version), "one version for the batch");
+
+    let (changes, latest) = all_changes(store).await;
+    assert_eq!(latest, after.version);
+    assert_eq!(changes.len(), 7);
+    assert_eq!(versions(&changes), [before.version, version, version, version, version, version, after.version]);
+    let mut imported: Vec<String> = changes[1..6]
+        .iter()
+        .map(|c| match &c.change {
+            KeyChange::Upsert(key) if key.imported && key.version == version => key.id.clone(),
+            other => panic!("not an imported upsert: {other:?}"),
+        })
+        .collect();
+    imported.sort();
+    let mut expected: Vec<String> = import_records("kong", 10, 5).into_iter().map(|r| r.id).collect();
+    expected.sort();
+    assert_eq!(imported, expected);
+
+    // One audit event for the batch, about no single key.
+    let events = store.audit(None, 100).await.unwrap();
+    let imports: Vec<_> = events.iter().filter(|e| e.action == "key.import").collect();
+    assert_eq!(imports.len(), 1);
+    assert_eq!(imports[0].key_id, None);
+    assert_eq!(imports[0].actor, "ops");
+    assert_eq!(imports[0].details["count"], 5);
+    assert_eq!(
+        (imports[0].details["first_line"].clone(), imports[0].details["last_line"].clone()),
+        (json!(10), json!(14))
+    );
+    assert_eq!(store.latest_version().await.unwrap(), latest);
+}
+
+async fn feed_pages_never_split_an_import_version(db: TestDb) {
+    let store = &db.store;
+    let a = store.create_key(new_key("a"), "ops").await.unwrap();
+    let v1 = import(store, vec![import_records("one", 1, 4)]).await[0].version.unwrap();
+    let v2 = import(store, vec![import_records("two", 1, 3)]).await[0].version.unwrap();
+    let b = store.create_key(new_key("b"), "ops").await.unwrap();
+
+    // Rows are taken whole until the page holds `limit` changes.
+    let page = |since, limit| async move { store.changes_since(since, limit).await.unwrap().0 };
+    assert_eq!(versions(&page(0, 1).await), [a.version]);
+    assert_eq!(versions(&page(0, 2).await), [a.version, v1, v1, v1, v1]);
+    assert_eq!(versions(&page(a.version, 1).await), [v1, v1, v1, v1]);
+    assert_eq!(versions(&page(a.version, 5).await), [v1, v1, v1, v1, v2, v2, v2]);
+    assert_eq!(versions(&page(v1, 3).await), [v2, v2, v2]);
+    assert_eq!(versions(&page(v1, 4).await), [v2, v2, v2, b.version]);
+
+    // Following the feed a page at a time sees every change once, whatever the page size.
+    let (all, latest) = all_changes(store).await;
+    for limit in 1..=8 {
+        let mut followed = Vec::new();
+        let mut at = 0;
+        while at < latest {
+            let changes = page(at, limit).await;
+            let last = changes.last().expect("a page before the end is not empty").version;
+            assert!(changes.iter().all(|c| c.version > at));
+            followed.extend(changes);
+            at = last;
+        }
+        assert_eq!(followed, all, "pages of {limit}");
+    }
+}
+
+async fn a_key_changed_after_import_comes_with_its_later_version(db: TestDb) {
+    let store = &db.store;
+    let records = import_records("stripe", 1, 3);
+    let v = import(store, vec![records.clone()]).await[0].version.unwrap();
+    let updated = store
+        .update_key(&records[0].id, KeyPatch { status: Some(KeyStatusText::Disabled), ..Default::default() }, "ops")
+        .await
+        .unwrap();
+    store.delete_key(&records[1].id, "ops").await.unwrap();
+    let (changes, latest) = all_changes(store).await;
+    assert_eq!(changes.len(), 3);
+    assert_eq!(
+        changes[0],
+        Change { version: v, change: KeyChange::Upsert(store.get_key(&records[2].id).await.unwrap().unwrap()) }
+    );
+    assert_eq!(changes[1], Change { version: updated.version, change: KeyChange::Upsert(updated.clone()) });
+    assert_eq!(
+        changes[2],
+        Change {
+            version: latest,
+            change: KeyChange::Delete { id: records[1].id.clone(), hash: records[1].hash.clone() }
+        }
+    );
+    assert!(updated.imported, "an update keeps the key's imported flag");
+
+    // An import row whose keys all changed since expands to nothing; a reader is carried past it.
+    let solo = import_records("solo", 1, 1);
+    let w = import(store, vec![solo.clone()]).await[0].version.unwrap();
+    let renamed = store
+        .update_key(&solo[0].id, KeyPatch { name: Some("renamed".into()), ..Default::default() }, "ops")
+        .await
+        .unwrap();
+    let (page, _) = store.changes_since(w - 1, 1).await.unwrap();
+    assert_eq!(page, [Change { version: renamed.version, change: KeyChange::Upsert(renamed) }]);
+}
+
+async fn an_import_that_stops_midway_keeps_its_batches_and_leaves_no_trace(db: TestDb) {
+    let store = &db.store;
+    let records = import_records("partial", 1, 3);
+    let mut broken = store.begin_import().await.unwrap();
+    broken.write_batch(records[..2].to_vec(), "ops").await.unwrap();
+    drop(broken);
+    assert!(store.get_key(&records[1].id).await.unwrap().is_some(), "a committed batch stays");
+    // The whole file again: the lines of the unfinished import are not repeats.
+    let rerun = import(store, vec![records.clone()]).await;
+    assert_eq!((rerun[0].imported, rerun[0].unchanged, rerun[0].errors.len()), (1, 2, 0));
+    // The store keeps working with its other connections.
+    assert_eq!(store.list_keys(&KeyFilter::default(), 10, None).await.unwrap().0.len(), 3);
+}
+
 // ---- single-backend cases ----
 
 #[tokio::test]
@@ -961,6 +1216,18 @@ async fn in_memory_sqlite_keeps_its_data_across_calls() {
         assert_eq!(store.get_key(&k.id).await.unwrap(), Some(k.clone()));
     }
     assert_eq!(store.snapshot().await.unwrap(), (k.version, vec![k]));
+}
+
+#[tokio::test]
+async fn in_memory_sqlite_imports_on_its_one_connection_and_keeps_the_data() {
+    let store = Store::connect("sqlite::memory:").await.expect("memory store");
+    let records = import_records("mem", 1, 2);
+    let mut unfinished = store.begin_import().await.unwrap();
+    unfinished.write_batch(records.clone(), "ops").await.unwrap();
+    drop(unfinished);
+    let again = import(&store, vec![records.clone()]).await;
+    assert_eq!((again[0].imported, again[0].unchanged), (0, 2));
+    assert_eq!(store.snapshot().await.unwrap().1.len(), 2);
 }
 
 #[tokio::test]
@@ -984,6 +1251,7 @@ fn store_futures_are_send(store: &Store) {
     send(store.update_key("id", KeyPatch::default(), "ops"));
     send(store.rotate_key("id", new_key("x"), Duration::ZERO, "ops"));
     send(store.changes_since(0, 10));
+    send(store.begin_import());
     send(store.snapshot());
     send(store.ingest_usage("n", "b", 1, &[]));
     send(store.usage("id", OffsetDateTime::UNIX_EPOCH, OffsetDateTime::UNIX_EPOCH, Granularity::Hour));

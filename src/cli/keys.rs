@@ -19,6 +19,7 @@ use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
+use super::import::ImportArgs;
 use super::table::{clean, Table};
 use crate::config::parse_duration;
 use crate::http_client;
@@ -42,7 +43,7 @@ pub struct KeysArgs {
 
 /// Options accepted before or after the subcommand.
 #[derive(Args)]
-struct GlobalOpts {
+pub(super) struct GlobalOpts {
     /// Base URL of the admin API.
     #[arg(long, global = true, env = "KEYGATE_ADMIN_URL", default_value = DEFAULT_ADMIN_URL,
           value_name = "URL", value_parser = parse_admin_url)]
@@ -53,7 +54,7 @@ struct GlobalOpts {
     token: Option<String>,
     /// Print the API's JSON response instead of a table.
     #[arg(long, global = true)]
-    json: bool,
+    pub(super) json: bool,
 }
 
 /// Written by hand so that no `{:?}` anywhere can leak the token.
@@ -85,6 +86,11 @@ enum KeysCommand {
     Delete(IdArg),
     /// Show a key's usage over time.
     Usage(UsageArgs),
+    /// Import existing keys from an NDJSON file (one record a line, with "hash" instead of a raw key).
+    ///
+    /// Lines that fail are listed by number and the others imported; the exit code is
+    /// 1 when any line failed. Running the same file again changes nothing.
+    Import(ImportArgs),
 }
 
 #[derive(Args, Debug)]
@@ -532,7 +538,7 @@ fn usage_query(args: &UsageArgs) -> Vec<(&'static str, String)> {
 // Errors.
 
 #[derive(Debug, thiserror::Error)]
-enum KeysError {
+pub(super) enum KeysError {
     #[error(
         "cannot reach the admin API at {url}: {reason}\n\
          hint: check that keygate's admin API listens there; set the address with --admin-url or KEYGATE_ADMIN_URL"
@@ -545,6 +551,9 @@ enum KeysError {
     BadResponse { url: String, reason: String },
     #[error("{0}")]
     Local(String),
+    /// The command ran and has `output` to show, but part of what it was given failed.
+    #[error("{message}")]
+    Partial { output: String, message: String },
 }
 
 /// The `{"error": {"code", "message", "request_id"}}` body, as far as it is there.
@@ -611,7 +620,7 @@ fn describe_api_error(status: u16, body: &str, key_id: Option<&str>, token_given
 
 /// The innermost cause reads best ("Connection refused (os error 111)");
 /// the outer layers only repeat the URL.
-fn network_reason(error: &reqwest::Error) -> String {
+pub(super) fn network_reason(error: &reqwest::Error) -> String {
     if error.is_timeout() {
         return if error.is_connect() {
             format!("no connection within {}s", CONNECT_TIMEOUT.as_secs())
@@ -627,7 +636,7 @@ fn network_reason(error: &reqwest::Error) -> String {
 }
 
 /// The admin URL for messages: no password, no trailing slash.
-fn display_url(url: &Url) -> String {
+pub(super) fn display_url(url: &Url) -> String {
     let mut url = url.clone();
     // Fails only for URLs without a host, which parse_admin_url refuses.
     let _ = url.set_password(None);
@@ -637,26 +646,27 @@ fn display_url(url: &Url) -> String {
 // ---------------------------------------------------------------------------
 // The HTTP client.
 
-struct Admin {
+pub(super) struct Admin {
     http: reqwest::Client,
     base: Url,
     auth: Option<HeaderValue>,
 }
 
 /// A 2xx answer.
-struct Reply {
-    text: String,
+pub(super) struct Reply {
+    pub(super) text: String,
     url: String,
 }
 
 impl Admin {
     fn new(global: &GlobalOpts) -> Result<Self, KeysError> {
-        let http = http_client::build(
-            concat!("keygate-cli/", env!("CARGO_PKG_VERSION")),
-            CONNECT_TIMEOUT,
-            Some(TOTAL_TIMEOUT),
-        )
-        .map_err(|e| KeysError::Local(format!("cannot set up the HTTP client: {e}")))?;
+        Self::with_total_timeout(global, Some(TOTAL_TIMEOUT))
+    }
+
+    /// `total: None` for calls that take as long as their upload (an import).
+    pub(super) fn with_total_timeout(global: &GlobalOpts, total: Option<Duration>) -> Result<Self, KeysError> {
+        let http = http_client::build(concat!("keygate-cli/", env!("CARGO_PKG_VERSION")), CONNECT_TIMEOUT, total)
+            .map_err(|e| KeysError::Local(format!("cannot set up the HTTP client: {e}")))?;
         // An empty KEYGATE_ADMIN_TOKEN= is "no token", not an empty one.
         let auth = match global.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
             None => None,
@@ -699,6 +709,25 @@ impl Admin {
         if let Some(body) = body {
             request = request.json(body);
         }
+        self.send(request, url, key_id).await
+    }
+
+    /// POSTs `body` (streamed as it is read) to `segments`.
+    pub(super) async fn post_stream(
+        &self,
+        segments: &[&str],
+        content_type: &'static str,
+        body: reqwest::Body,
+    ) -> Result<Reply, KeysError> {
+        let url = self.endpoint(segments);
+        let mut request = self.http.post(url.clone()).header(reqwest::header::CONTENT_TYPE, content_type).body(body);
+        if let Some(auth) = &self.auth {
+            request = request.header(AUTHORIZATION, auth.clone());
+        }
+        self.send(request, url, None).await
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder, url: Url, key_id: Option<&str>) -> Result<Reply, KeysError> {
         let unreachable =
             |e: reqwest::Error| KeysError::Unreachable { url: display_url(&self.base), reason: network_reason(&e) };
         let response = request.send().await.map_err(unreachable)?;
@@ -712,15 +741,15 @@ impl Admin {
 }
 
 impl Reply {
-    fn bad(&self, reason: impl Into<String>) -> KeysError {
+    pub(super) fn bad(&self, reason: impl Into<String>) -> KeysError {
         KeysError::BadResponse { url: self.url.clone(), reason: reason.into() }
     }
 
-    fn value(&self) -> Result<Value, KeysError> {
+    pub(super) fn value(&self) -> Result<Value, KeysError> {
         serde_json::from_str(&self.text).map_err(|e| self.bad(format!("the body is not JSON ({e})")))
     }
 
-    fn ordered(&self) -> Result<Json, KeysError> {
+    pub(super) fn ordered(&self) -> Result<Json, KeysError> {
         serde_json::from_str(&self.text).map_err(|e| self.bad(format!("the body is not JSON ({e})")))
     }
 }
@@ -728,7 +757,7 @@ impl Reply {
 /// A JSON value that keeps object keys in the order the API sent them, so
 /// `--json` prints the body as returned (`serde_json::Value` sorts keys).
 #[derive(Debug, Clone, PartialEq)]
-enum Json {
+pub(super) enum Json {
     Null,
     Bool(bool),
     Number(serde_json::Number),
@@ -813,7 +842,7 @@ impl serde::Serialize for Json {
     }
 }
 
-fn pretty(json: &Json) -> String {
+pub(super) fn pretty(json: &Json) -> String {
     // Serializing an in-memory tree of strings and numbers cannot fail.
     let mut text = serde_json::to_string_pretty(json).unwrap_or_default();
     text.push('\n');
@@ -839,6 +868,11 @@ pub fn run(args: KeysArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
+            if let KeysError::Partial { output, .. } = &e {
+                if let Err(write) = std::io::stdout().lock().write_all(output.as_bytes()) {
+                    eprintln!("error: cannot write the output: {write}");
+                }
+            }
             eprintln!("error: {e}");
             ExitCode::from(1)
         }
@@ -935,6 +969,11 @@ async fn dispatch(args: KeysArgs) -> Result<String, KeysError> {
                 return Ok(pretty(&reply.ordered()?));
             }
             Ok(render_usage(&reply.value()?, id))
+        }
+        KeysCommand::Import(import) => {
+            // No overall timeout: the upload takes as long as the file.
+            let admin = Admin::with_total_timeout(&args.global, None)?;
+            super::import::import(&admin, &import, json).await
         }
     }
 }

@@ -1,5 +1,7 @@
-//! The command line: `keygate serve | check-config | gen-key | hash-key`.
+//! The command line: `keygate serve | check-config | gen-key | hash-key | keys …`
+//! (`keys import FILE` loads existing keys in bulk).
 
+mod import;
 mod keys;
 mod table;
 
@@ -41,7 +43,7 @@ enum Command {
     },
     /// Read one key on stdin and print its sha256 hash.
     HashKey,
-    /// Manage keys through the admin API.
+    /// Manage keys through the admin API; `keys import FILE` loads existing keys in bulk.
     Keys(keys::KeysArgs),
 }
 

@@ -21,12 +21,15 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::feed::Feed;
+use super::fields::{
+    duration, expiry_from_ttl, ip_allowlist, metadata, quota, rate_limit, scopes, string_field, string_list, timestamp,
+    FieldError,
+};
 use super::model::{new_key_id, Granularity, KeyFilter, KeyPatch, KeyStatusText, NewKey, StoredKey};
 use super::snapshot::SharedSnapshots;
 use super::store::{Store, StoreError};
-use crate::config::raw::{RawQuota, RawRateLimit};
-use crate::config::{parse_duration, QuotaConfig, RateLimitConfig, TokenConfig};
-use crate::index::{parse_cidr, wire};
+use crate::config::TokenConfig;
+use crate::index::wire;
 use crate::key::{self, KeyDigest};
 use crate::outcome::{error_json, new_request_id, APPLICATION_JSON};
 use crate::usage::UsageRecord;
@@ -51,6 +54,7 @@ const DEFAULT_GRACE: &str = "24h";
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/v1/keys", post(create_key).get(list_keys))
+        .route("/v1/keys/import", post(super::import::import_keys))
         .route("/v1/keys/{id}", get(get_key).patch(update_key).delete(delete_key))
         .route("/v1/keys/{id}/revoke", post(revoke_key))
         .route("/v1/keys/{id}/rotate", post(rotate_key))
@@ -75,7 +79,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
+    pub(super) fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
         ApiError { status: StatusCode::BAD_REQUEST, code: "invalid_request", message: format!("{field}: {message}") }
     }
 
@@ -198,102 +202,12 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for JsonObject {
 }
 
 // ---------------------------------------------------------------------------
-// Field validation shared by create and update
+// Fields (validated in `fields`, shared with the bulk import)
 // ---------------------------------------------------------------------------
 
-fn string_field(field: &str, value: &Value) -> ApiResult<String> {
-    match value {
-        Value::String(s) if !s.trim().is_empty() && s.len() <= 256 && !s.chars().any(char::is_control) => Ok(s.clone()),
-        Value::String(_) => Err(ApiError::invalid(field, "must be 1 to 256 printable characters")),
-        _ => Err(ApiError::invalid(field, "must be a string")),
-    }
-}
-
-fn string_list(field: &str, value: &Value) -> ApiResult<Vec<String>> {
-    let Value::Array(items) = value else { return Err(ApiError::invalid(field, "must be a list of strings")) };
-    items.iter().enumerate().map(|(i, item)| string_field(&format!("{field}[{i}]"), item)).collect()
-}
-
-fn scopes(value: &Value) -> ApiResult<Vec<String>> {
-    let scopes = string_list("scopes", value)?;
-    if let Some((i, _)) = scopes.iter().enumerate().find(|(_, s)| s.contains(char::is_whitespace)) {
-        return Err(ApiError::invalid(&format!("scopes[{i}]"), "a scope has no spaces"));
-    }
-    Ok(scopes)
-}
-
-fn ip_allowlist(value: &Value) -> ApiResult<Vec<String>> {
-    let entries = string_list("ip_allowlist", value)?;
-    for (i, entry) in entries.iter().enumerate() {
-        if parse_cidr(entry).is_none() {
-            return Err(ApiError::invalid(
-                &format!("ip_allowlist[{i}]"),
-                format!("{entry:?} is not an IP address or CIDR"),
-            ));
-        }
-    }
-    Ok(entries)
-}
-
-fn plan(state: &ApiState, value: &Value) -> ApiResult<String> {
-    let plan = string_field("plan", value)?;
-    if !state.plans.contains(&plan) {
-        return Err(ApiError::invalid("plan", format!("unknown plan {plan:?}")));
-    }
-    Ok(plan)
-}
-
-fn rate_limit(value: &Value) -> ApiResult<RateLimitConfig> {
-    let raw: RawRateLimit = limit_shape("rate_limit", value)?;
-    raw.validate("rate_limit").map_err(invalid_fields)
-}
-
-fn quota(value: &Value) -> ApiResult<QuotaConfig> {
-    let raw: RawQuota = limit_shape("quota", value)?;
-    raw.validate("quota").map_err(invalid_fields)
-}
-
-/// A `rate_limit` or `quota` object, its errors naming the field inside it.
-fn limit_shape<T: serde::de::DeserializeOwned>(field: &str, value: &Value) -> ApiResult<T> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let inner = e.path().to_string();
-        let path = if inner == "." { field.to_owned() } else { format!("{field}.{inner}") };
-        ApiError::invalid(&path, e.inner())
-    })
-}
-
-/// Every (path, message) of a validation in one 400 that starts with the first field.
-fn invalid_fields(errors: Vec<(String, String)>) -> ApiError {
-    let mut errors = errors.into_iter();
-    let Some((path, message)) = errors.next() else { return ApiError::invalid("request", "is not valid") };
-    let rest: String = errors.map(|(path, message)| format!("; {path}: {message}")).collect();
-    ApiError::invalid(&path, format!("{message}{rest}"))
-}
-
-fn timestamp(field: &str, value: &Value) -> ApiResult<OffsetDateTime> {
-    let text = value.as_str().ok_or_else(|| ApiError::invalid(field, "must be an RFC 3339 time"))?;
-    OffsetDateTime::parse(text, &Rfc3339)
-        .map_err(|_| ApiError::invalid(field, format!("{text:?} is not an RFC 3339 time")))
-}
-
-fn duration(field: &str, value: &Value) -> ApiResult<Duration> {
-    let text = value.as_str().ok_or_else(|| ApiError::invalid(field, "must be a duration such as \"30d\""))?;
-    parse_duration(text).map_err(|e| ApiError::invalid(field, e))
-}
-
-fn expiry_from_ttl(value: &Value) -> ApiResult<OffsetDateTime> {
-    let ttl = duration("ttl", value)?;
-    if ttl.is_zero() {
-        return Err(ApiError::invalid("ttl", "must be longer than zero"));
-    }
-    let ttl = time::Duration::try_from(ttl).map_err(|_| ApiError::invalid("ttl", "too long"))?;
-    OffsetDateTime::now_utc().checked_add(ttl).ok_or_else(|| ApiError::invalid("ttl", "too long"))
-}
-
-fn metadata(value: &Value) -> ApiResult<Map<String, Value>> {
-    match value {
-        Value::Object(map) => Ok(map.clone()),
-        _ => Err(ApiError::invalid("metadata", "must be a JSON object")),
+impl From<FieldError> for ApiError {
+    fn from(e: FieldError) -> Self {
+        ApiError::invalid(&e.field, e.message)
     }
 }
 
@@ -374,7 +288,7 @@ async fn create_key(
         masked,
         name,
         owner: field("owner").map(|v| string_field("owner", v)).transpose()?,
-        plan: field("plan").map(|v| plan(&state, v)).transpose()?,
+        plan: field("plan").map(|v| super::fields::plan(&state.plans, v)).transpose()?,
         scopes: field("scopes").map(scopes).transpose()?.unwrap_or_default(),
         ip_allowlist: field("ip_allowlist").map(ip_allowlist).transpose()?.unwrap_or_default(),
         rate_limit: field("rate_limit").map(rate_limit).transpose()?,
@@ -456,7 +370,7 @@ async fn update_key(
         match field.as_str() {
             "name" if !clear => patch.name = Some(string_field("name", value)?),
             "owner" => patch.owner = Some((!clear).then(|| string_field("owner", value)).transpose()?),
-            "plan" => patch.plan = Some((!clear).then(|| plan(&state, value)).transpose()?),
+            "plan" => patch.plan = Some((!clear).then(|| super::fields::plan(&state.plans, value)).transpose()?),
             "scopes" => patch.scopes = Some(if clear { Vec::new() } else { scopes(value)? }),
             "ip_allowlist" => patch.ip_allowlist = Some(if clear { Vec::new() } else { ip_allowlist(value)? }),
             "rate_limit" => patch.rate_limit = Some((!clear).then(|| rate_limit(value)).transpose()?),
@@ -467,7 +381,7 @@ async fn update_key(
             "metadata" => patch.metadata = Some(if clear { Map::new() } else { metadata(value)? }),
             "tags" => patch.tags = Some(if clear { Vec::new() } else { string_list("tags", value)? }),
             "name" | "status" => return Err(ApiError::invalid(field, "cannot be cleared")),
-            "prefix" | "id" | "masked" | "created_at" | "updated_at" | "last_used_at" => {
+            "prefix" | "id" | "masked" | "created_at" | "updated_at" | "last_used_at" | "imported" => {
                 return Err(ApiError::invalid(field, "cannot be changed"))
             }
             _ => return Err(ApiError::invalid(field, "unknown field")),
@@ -509,11 +423,13 @@ async fn rotate_key(
     }
     let grace = duration("grace_period", body.get("grace_period").unwrap_or(&Value::from(DEFAULT_GRACE)))?;
     let old = state.store.get_key(&id).await?.ok_or_else(|| ApiError::not_found(&id))?;
-    let (raw, hash, masked) = mint(&old.prefix)?;
+    // An imported key may have no prefix keygate can mint with: its successor gets the default.
+    let prefix = if key::valid_prefix(&old.prefix) { old.prefix.clone() } else { key::DEFAULT_PREFIX.to_owned() };
+    let (raw, hash, masked) = mint(&prefix)?;
     let new = NewKey {
         id: new_key_id(),
         hash,
-        prefix: old.prefix.clone(),
+        prefix,
         masked,
         name: old.name.clone(),
         owner: old.owner.clone(),

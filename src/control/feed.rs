@@ -46,8 +46,8 @@ impl Feed {
                 _ = tokio::time::sleep(POLL_EVERY) => {}
                 _ = shutdown.changed() => return,
             }
-            match store.changes_since(self.latest(), 1).await {
-                Ok((_, version)) => {
+            match store.latest_version().await {
+                Ok(version) => {
                     self.latest.send_if_modified(|latest| {
                         let moved = version != *latest;
                         *latest = version;

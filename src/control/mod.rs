@@ -3,6 +3,8 @@ pub mod store;
 
 pub mod api;
 pub mod feed;
+pub mod fields;
+pub mod import;
 pub mod quota;
 pub mod snapshot;
 pub mod store_sink;

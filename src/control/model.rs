@@ -99,6 +99,9 @@ pub struct StoredKey {
     pub last_used_at: Option<OffsetDateTime>,
     /// Feed version of this key's last change.
     pub version: u64,
+    /// Written by a bulk import: its raw key may have any shape, not only keygate's.
+    #[serde(default)]
+    pub imported: bool,
 }
 
 /// A key to create. It starts `active`; the store sets the timestamps.
@@ -118,6 +121,50 @@ pub struct NewKey {
     pub expires_at: Option<OffsetDateTime>,
     pub metadata: serde_json::Map<String, serde_json::Value>,
     pub tags: Vec<String>,
+}
+
+/// One validated line of a bulk import: an existing key, known by its hash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportKey {
+    /// Where the record stands in the import, for its error.
+    pub line: u64,
+    pub id: String,
+    pub hash: String,
+    /// `None` keeps a stored key's prefix (a new key gets an empty one: its shape is unknown).
+    pub prefix: Option<String>,
+    /// `None` keeps a stored key's masked form (a new key gets `…`).
+    pub masked: Option<String>,
+    pub name: String,
+    pub owner: Option<String>,
+    pub plan: Option<String>,
+    pub scopes: Vec<String>,
+    pub ip_allowlist: Vec<String>,
+    pub rate_limit: Option<RateLimitConfig>,
+    pub quota: Option<QuotaConfig>,
+    pub status: KeyStatusText,
+    pub expires_at: Option<OffsetDateTime>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub tags: Vec<String>,
+    /// `None` keeps a stored key's creation time (a new key gets the import's time).
+    pub created_at: Option<OffsetDateTime>,
+}
+
+/// The id of an imported key given without one: `key_` and 20 base62 characters
+/// taken from SHA-256 of the hash text, so a re-run of the same file names it alike.
+pub fn key_id_from_hash(hash: &str) -> String {
+    use sha2::{Digest as _, Sha256};
+    let digest = Sha256::digest(hash.as_bytes());
+    let mut head = [0u8; 16];
+    head.copy_from_slice(&digest[..16]);
+    // 62^20 < 2^128: twenty digits of the first 128 bits.
+    let mut n = u128::from_be_bytes(head);
+    let mut id = String::with_capacity(4 + KEY_ID_LEN);
+    id.push_str("key_");
+    for _ in 0..KEY_ID_LEN {
+        id.push(BASE62[(n % 62) as usize] as char);
+        n /= 62;
+    }
+    id
 }
 
 /// Fields to change. `None` leaves a field as it is; `Some(None)` clears it.
@@ -315,6 +362,7 @@ pub(crate) fn sample_key(id: &str, hash: String) -> StoredKey {
         updated_at: at,
         last_used_at: None,
         version: 0,
+        imported: false,
     }
 }
 
@@ -339,6 +387,24 @@ mod tests {
         assert!(id.starts_with("key_"));
         assert!(id[4..].bytes().all(|b| b.is_ascii_alphanumeric()));
         assert_ne!(id, new_key_id());
+    }
+
+    #[test]
+    fn ids_derived_from_a_hash_are_stable_and_well_formed() {
+        let hash = format!("sha256:{}", "ab".repeat(32));
+        let id = key_id_from_hash(&hash);
+        assert_eq!(id, key_id_from_hash(&hash));
+        assert_eq!(id.len(), 4 + KEY_ID_LEN);
+        assert!(id.starts_with("key_") && id[4..].bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert_ne!(id, key_id_from_hash(&format!("sha256:{}", "cd".repeat(32))));
+    }
+
+    #[test]
+    fn a_record_without_the_imported_flag_reads_as_not_imported() {
+        let mut json = serde_json::to_value(key()).unwrap();
+        json.as_object_mut().unwrap().remove("imported");
+        let back: StoredKey = serde_json::from_value(json).unwrap();
+        assert!(!back.imported);
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub fn wire_key(key: &StoredKey) -> Option<WireKey<'_>> {
             .flatten()
             .map(Cow::Owned),
         tags: key.tags.iter().map(|s| borrowed(s)).collect(),
-        imported: false,
+        imported: key.imported,
     })
 }
 
@@ -73,7 +73,7 @@ impl SnapshotStart {
     /// Reads the version (and a key count for the gateway to size its index): the
     /// part that can fail before any byte is sent, so it can still get an error answer.
     pub async fn read(store: &Store) -> Result<Self, StoreError> {
-        Ok(SnapshotStart { version: store.feed_version().await?, keys_estimate: store.key_count_estimate().await? })
+        Ok(SnapshotStart { version: store.latest_version().await?, keys_estimate: store.key_count_estimate().await? })
     }
 }
 
@@ -191,7 +191,11 @@ impl Spool {
         let mut frames = std::pin::pin!(stream(store, start));
         while let Some(frame) = frames.next().await {
             let outcome = match frame {
-                Ok(bytes) => file.write_all(&bytes).await.map(|()| bytes.len() as u64).map_err(|e| e.to_string()),
+                // tokio's file hands writes to a blocking thread: flushed, they are in the file for readers.
+                Ok(bytes) => match file.write_all(&bytes).await.and(file.flush().await) {
+                    Ok(()) => Ok(bytes.len() as u64),
+                    Err(e) => Err(e.to_string()),
+                },
                 Err(e) => Err(e.to_string()),
             };
             match outcome {
@@ -323,7 +327,7 @@ mod tests {
             store.create_key(new_key(n), "ops").await.unwrap();
         }
         let shared = SharedSnapshots::default();
-        let latest = store.feed_version().await.unwrap();
+        let latest = store.latest_version().await.unwrap();
         let first = shared.stream(&store, latest).await.unwrap();
         let spool = shared.current.lock().await.clone().expect("a spool");
         let second = shared.stream(&store, latest).await.unwrap();

@@ -67,6 +67,8 @@ pub struct Snapshot {
     base: Arc<table::BaseTable>,
     overlay: DigestMap<Option<Arc<KeyRecord>>>,
     len: usize,
+    /// Live records that came from a bulk import (see [`Snapshot::has_imported`]).
+    imported: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,10 +118,20 @@ impl Snapshot {
     /// The next snapshot: this one with `changes` applied in order (`None` removes
     /// the key). Costs a copy of the overlay, never of the base.
     pub fn apply(&self, version: u64, changes: impl IntoIterator<Item = (KeyDigest, Option<KeyRecord>)>) -> Snapshot {
-        let mut next = Snapshot { version, base: Arc::clone(&self.base), overlay: self.overlay.clone(), len: self.len };
+        let mut next = Snapshot {
+            version,
+            base: Arc::clone(&self.base),
+            overlay: self.overlay.clone(),
+            len: self.len,
+            imported: self.imported,
+        };
         for (digest, record) in changes {
-            let was_present = next.get(&digest).is_some();
+            let was = next.get(&digest);
+            let was_present = was.is_some();
             let is_present = record.is_some();
+            let was_imported = was.is_some_and(|r| r.imported());
+            let is_imported = record.as_ref().is_some_and(KeyRecord::imported);
+            next.imported = (next.imported + usize::from(is_imported)).saturating_sub(usize::from(was_imported));
             let record = record.map(|mut record| {
                 record.digest = digest;
                 Arc::new(record)
@@ -153,7 +165,14 @@ impl Snapshot {
             // Digests are distinct: the overlay's replace the base's.
             let _ = base.insert(Arc::clone(record));
         }
-        Snapshot { version: self.version, len: base.len(), base: Arc::new(base), overlay: DigestMap::default() }
+        // The same live records: as many imported ones.
+        Snapshot {
+            version: self.version,
+            len: base.len(),
+            base: Arc::new(base),
+            overlay: DigestMap::default(),
+            imported: self.imported,
+        }
     }
 
     /// This snapshot on the base of `compacted`, which is `from.compact()` for an earlier
@@ -178,7 +197,13 @@ impl Snapshot {
             .filter(|(digest, entry)| !folded(digest, entry))
             .map(|(d, e)| (*d, e.clone()))
             .collect();
-        Some(Snapshot { version: self.version, base: Arc::clone(&compacted.base), overlay, len: self.len })
+        Some(Snapshot {
+            version: self.version,
+            base: Arc::clone(&compacted.base),
+            overlay,
+            len: self.len,
+            imported: self.imported,
+        })
     }
 
     /// Every live record, base and overlay merged.
@@ -208,27 +233,43 @@ impl Snapshot {
     pub fn version(&self) -> u64 {
         self.version
     }
+
+    /// Whether any live record came from a bulk import. While none did, every
+    /// key in the index has keygate's shape, so a presented key without it can be
+    /// refused before it is hashed.
+    pub fn has_imported(&self) -> bool {
+        self.imported > 0
+    }
+
+    /// How many live records came from a bulk import.
+    pub fn imported_len(&self) -> usize {
+        self.imported
+    }
 }
 
 /// A snapshot built one record at a time, as a key set streams in.
 pub struct SnapshotBuilder {
     base: table::BaseTable,
     policies: record::PolicyInterner,
+    imported: usize,
 }
 
 impl SnapshotBuilder {
     /// Room for `keys` keys before the table grows.
     pub fn with_capacity(keys: usize) -> Self {
-        SnapshotBuilder { base: table::BaseTable::with_capacity(keys), policies: Default::default() }
+        SnapshotBuilder { base: table::BaseTable::with_capacity(keys), policies: Default::default(), imported: 0 }
     }
 
     pub fn push(&mut self, digest: KeyDigest, mut record: KeyRecord) -> Result<(), SnapshotError> {
         record.digest = digest;
         self.policies.intern(&mut record);
+        let imported = record.imported();
         self.base.insert(Arc::new(record)).map_err(|(first, second)| SnapshotError::DuplicateHash {
             first: first.id().to_owned(),
             second: second.id().to_owned(),
-        })
+        })?;
+        self.imported += usize::from(imported);
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -241,7 +282,7 @@ impl SnapshotBuilder {
 
     pub fn finish(self, version: u64) -> Snapshot {
         let len = self.base.len();
-        Snapshot { version, base: Arc::new(self.base), overlay: DigestMap::default(), len }
+        Snapshot { version, base: Arc::new(self.base), overlay: DigestMap::default(), len, imported: self.imported }
     }
 }
 
@@ -395,6 +436,47 @@ mod tests {
 
     fn record(id: &str) -> KeyRecord {
         KeyRecord::builder(id).build()
+    }
+
+    fn imported(id: &str) -> KeyRecord {
+        KeyRecord::builder(id).imported(true).build()
+    }
+
+    /// The imported records of `snapshot`, counted one by one.
+    fn count_imported(snapshot: &Snapshot) -> usize {
+        snapshot.records().filter(|(_, r)| r.imported()).count()
+    }
+
+    #[test]
+    fn the_imported_count_follows_build_apply_compact_and_rebase() {
+        let digest = |n: u8| KeyDigest([n; 32]);
+        let start =
+            Snapshot::build(1, [(digest(1), imported("i1")), (digest(2), record("k2")), (digest(3), imported("i3"))])
+                .unwrap();
+        assert_eq!(start.imported_len(), 2);
+        assert!(start.has_imported());
+        // Replaced by a native record, removed, added, replaced by an imported one, removed when absent.
+        let next = start.apply(
+            2,
+            [
+                (digest(1), Some(record("i1-native"))),
+                (digest(3), None),
+                (digest(4), Some(imported("i4"))),
+                (digest(2), Some(imported("k2-imported"))),
+                (digest(9), None),
+            ],
+        );
+        assert_eq!(next.imported_len(), 2);
+        assert_eq!(next.imported_len(), count_imported(&next));
+        let compacted = next.compact();
+        assert_eq!(compacted.imported_len(), count_imported(&compacted));
+        let later = next.apply(3, [(digest(4), None), (digest(2), Some(record("k2-native")))]);
+        assert!(!later.has_imported());
+        let rebased = later.rebase(&next, &compacted).expect("same base");
+        assert_eq!(rebased.imported_len(), 0);
+        assert_eq!(count_imported(&rebased), 0);
+        assert_eq!(start.imported_len(), 2, "the earlier snapshot is untouched");
+        assert!(!Snapshot::build(1, [(digest(1), record("k"))]).unwrap().has_imported());
     }
 
     #[test]

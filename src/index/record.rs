@@ -227,7 +227,7 @@ pub struct KeyRecord {
     /// Where the id ends in `identity`.
     id_len: u32,
     has_owner: bool,
-    /// Brought in by an import: the raw key may have any shape.
+    /// Written by a bulk import: the raw key may have any shape (see [`KeyRecord::imported`]).
     imported: bool,
     pub status: KeyStatus,
 }
@@ -250,11 +250,6 @@ impl KeyRecord {
             tags: Vec::new(),
             imported: false,
         }
-    }
-
-    /// Whether the key was brought in by an import (its raw form may have any shape).
-    pub fn imported(&self) -> bool {
-        self.imported
     }
 
     pub fn is_expired(&self, now: OffsetDateTime) -> bool {
@@ -362,6 +357,12 @@ impl KeyRecord {
 
     pub fn tags(&self) -> &[Box<str>] {
         self.details.as_ref().map_or(&[], |d| &d.tags)
+    }
+
+    /// Whether the key came from a bulk import, so its raw form may lack keygate's
+    /// shape and checksum: an index holding one cannot refuse keys by shape.
+    pub fn imported(&self) -> bool {
+        self.imported
     }
 }
 

@@ -149,9 +149,16 @@ impl Decision {
     }
 }
 
+/// Longest presented key that is hashed and looked up without keygate's shape,
+/// once the index holds imported keys; a longer one is refused unhashed.
+pub const MAX_FOREIGN_KEY_LEN: usize = 1024;
+
 /// Runs the checks in contract order. The checksum is verified before any hashing,
-/// so garbage costs no SHA-256 and no lookup. A request refused before the rate
-/// limit spends nothing; one refused by the rate limit spends no quota.
+/// so garbage costs no SHA-256 and no lookup, as long as the index holds no
+/// imported key: those may have any shape, so then a key without keygate's shape
+/// (up to [`MAX_FOREIGN_KEY_LEN`] bytes) is hashed and looked up too. A request
+/// refused before the rate limit spends nothing; one refused by the rate limit
+/// spends no quota.
 pub fn decide<C: Clock + Clone>(
     facts: &RequestFacts<'_>,
     snapshot: &Snapshot,
@@ -161,7 +168,7 @@ pub fn decide<C: Clock + Clone>(
     let Some(raw) = facts.presented_key else {
         return Decision::deny(None, Denial::MissingKey);
     };
-    if key::parse(raw).is_err() {
+    if key::parse(raw).is_err() && !(snapshot.has_imported() && raw.len() <= MAX_FOREIGN_KEY_LEN) {
         return Decision::deny(None, Denial::InvalidKey);
     }
     let Some(record) = snapshot.get(&KeyDigest::of(raw)) else {
@@ -280,6 +287,38 @@ mod tests {
             assert_eq!(decision.denial, Some(Denial::InvalidKey), "{bad}");
             assert!(decision.key.is_none());
         }
+    }
+
+    /// A Stripe-style key that keygate never issued: it has no keygate checksum.
+    const FOREIGN_KEY: &str = "sk_live_4eC39HqLyjWDarjtT1zdp7dc";
+
+    fn with_foreign_key(record: KeyRecord) -> Fixture {
+        let mut f = fixture(vec![KeyRecord::builder("native").build()]);
+        f.snapshot = f.snapshot.apply(2, [(KeyDigest::of(FOREIGN_KEY), Some(record))]);
+        f
+    }
+
+    #[test]
+    fn a_foreign_shaped_imported_key_is_looked_up_and_garbage_still_refused() {
+        let f = with_foreign_key(KeyRecord::builder("key_kong").imported(true).build());
+        let allowed = f.decide(Some(FOREIGN_KEY), "10.0.0.1", &[]);
+        assert_eq!(allowed.denial, None);
+        assert_eq!(allowed.key.map(|k| k.id().to_owned()), Some("key_kong".to_owned()));
+        assert!(check(&f, 0, "10.0.0.1", &[]).is_ok(), "keygate's own keys still work");
+        let too_long = "x".repeat(MAX_FOREIGN_KEY_LEN + 1);
+        for garbage in ["", "garbage", "sk_live_4eC39HqLyjWDarjtT1zdp7dd", too_long.as_str()] {
+            let decision = f.decide(Some(garbage), "10.0.0.1", &[]);
+            assert_eq!(decision.denial, Some(Denial::InvalidKey), "{garbage}");
+            assert!(decision.key.is_none());
+        }
+    }
+
+    #[test]
+    fn without_imported_keys_a_foreign_shape_is_refused_before_any_lookup() {
+        // Indexed, but not marked imported: the shape check refuses it unhashed.
+        let f = with_foreign_key(KeyRecord::builder("key_odd").build());
+        assert!(!f.snapshot.has_imported());
+        assert_eq!(f.decide(Some(FOREIGN_KEY), "10.0.0.1", &[]).denial, Some(Denial::InvalidKey));
     }
 
     #[test]

@@ -69,10 +69,23 @@ fn query_values<'q: 'n, 'n>(query: &'q str, name: &'n str) -> impl Iterator<Item
     })
 }
 
-/// Removes the values shaped like a key from the header location `name` (with its
-/// `scheme`, if any); the header's other values stay as the client sent them.
-pub fn remove_key_values(req: &mut RequestHeader, name: &HeaderName, scheme: Option<&str>) -> pingora::Result<()> {
-    let holds_key = |value: &HeaderValue| key_in_header(value, scheme).is_some_and(is_key_shaped);
+/// Whether `value` must not reach the upstream: it is shaped like a key, or it is
+/// `foreign`, an imported key of another shape that the request presented.
+fn is_presented_key(value: &str, foreign: Option<&str>) -> bool {
+    is_key_shaped(value) || foreign.is_some_and(|foreign| foreign == value)
+}
+
+/// Removes the values shaped like a key, and `foreign` (see [`is_presented_key`]),
+/// from the header location `name` (with its `scheme`, if any); the header's other
+/// values stay as the client sent them.
+pub fn remove_key_values(
+    req: &mut RequestHeader,
+    name: &HeaderName,
+    scheme: Option<&str>,
+    foreign: Option<&str>,
+) -> pingora::Result<()> {
+    let holds_key =
+        |value: &HeaderValue| key_in_header(value, scheme).is_some_and(|text| is_presented_key(text, foreign));
     let (mut keys, mut others) = (0usize, 0usize);
     for value in req.headers.get_all(name) {
         if holds_key(value) {
@@ -97,10 +110,11 @@ pub fn remove_key_values(req: &mut RequestHeader, name: &HeaderName, scheme: Opt
     Ok(())
 }
 
-/// The path and query with the key-shaped values of the parameters named in `names`
-/// removed, what the upstream gets; `None` when nothing had to be removed.
-pub fn strip_key_params<S: AsRef<str>>(path_and_query: &str, names: &[S]) -> Option<String> {
-    strip_params(path_and_query, names, |value| is_key_shaped(&decode(value)))
+/// The path and query with the key-shaped values (and `foreign`, see
+/// [`is_presented_key`]) of the parameters named in `names` removed, what the
+/// upstream gets; `None` when nothing had to be removed.
+pub fn strip_key_params<S: AsRef<str>>(path_and_query: &str, names: &[S], foreign: Option<&str>) -> Option<String> {
+    strip_params(path_and_query, names, |value| is_presented_key(&decode(value), foreign))
 }
 
 /// The path and query with every parameter named in `names` removed whatever its
@@ -214,7 +228,7 @@ mod tests {
     fn remove_all_keys(req: &mut RequestHeader, locations: &[KeyLocation]) {
         for location in locations {
             if let KeyLocation::Header { name, scheme } = location {
-                remove_key_values(req, name, scheme.as_deref()).unwrap();
+                remove_key_values(req, name, scheme.as_deref(), None).unwrap();
             }
         }
     }
@@ -314,14 +328,33 @@ mod tests {
     }
 
     #[test]
+    fn a_presented_imported_key_of_another_shape_is_removed_too() {
+        let foreign = "sk_live_4eC39HqLyjWDarjtT1zdp7dc";
+        let bearer = format!("Bearer {foreign}");
+        let mut r = req("/", &[("authorization", &bearer), ("x-api-key", foreign), ("x-api-key", "other")]);
+        for location in default_locations() {
+            if let KeyLocation::Header { name, scheme } = location {
+                remove_key_values(&mut r, &name, scheme.as_deref(), Some(foreign)).unwrap();
+            }
+        }
+        assert!(r.headers.get("authorization").is_none());
+        let left: Vec<&str> = r.headers.get_all("x-api-key").iter().map(|v| v.to_str().unwrap()).collect();
+        assert_eq!(left, ["other"]);
+        let sent = format!("/p?api_key={foreign}&a=1&api_key=other");
+        assert_eq!(strip_key_params(&sent, &["api_key"], Some(foreign)).as_deref(), Some("/p?a=1&api_key=other"));
+        // Without the presented key, another shape is the upstream's.
+        assert_eq!(strip_key_params(&sent, &["api_key"], None), None);
+    }
+
+    #[test]
     fn query_parameters_that_are_not_keys_go_upstream_unchanged() {
         let key = test_key(8);
         let sent = format!("/p?api_key=app-value&a=1&api_key={key}&b=2");
-        assert_eq!(strip_key_params(&sent, &["api_key"]).as_deref(), Some("/p?api_key=app-value&a=1&b=2"));
-        assert_eq!(strip_key_params("/p?api_key=app-value&a=1", &["api_key"]), None);
+        assert_eq!(strip_key_params(&sent, &["api_key"], None).as_deref(), Some("/p?api_key=app-value&a=1&b=2"));
+        assert_eq!(strip_key_params("/p?api_key=app-value&a=1", &["api_key"], None), None);
         let encoded = format!("/p?api%5Fkey={}&z=1", key.replace('_', "%5F"));
-        assert_eq!(strip_key_params(&encoded, &["api_key"]).as_deref(), Some("/p?z=1"));
-        assert_eq!(strip_key_params(&format!("/p?api_key={key}"), &["api_key"]).as_deref(), Some("/p"));
+        assert_eq!(strip_key_params(&encoded, &["api_key"], None).as_deref(), Some("/p?z=1"));
+        assert_eq!(strip_key_params(&format!("/p?api_key={key}"), &["api_key"], None).as_deref(), Some("/p"));
     }
 
     #[test]
@@ -465,7 +498,7 @@ mod tests {
             prop_assert_eq!(after, expected);
 
             let path_and_query = r.uri.path_and_query().unwrap().as_str();
-            let stripped = strip_key_params(path_and_query, &["api_key"]);
+            let stripped = strip_key_params(path_and_query, &["api_key"], None);
             let upstream = stripped.as_deref().unwrap_or(path_and_query);
             prop_assert!(upstream.parse::<http::Uri>().is_ok(), "{upstream}");
             let r = RequestHeader::build("GET", upstream.as_bytes(), None).unwrap();
@@ -480,7 +513,7 @@ mod tests {
             path_and_query in prop_oneof!["/[ -~]{0,40}", "[a-z/]{0,6}\\?[a-z_%5F=&+0-9A-F]{0,40}", any::<String>()],
         ) {
             for (stripped, all) in [
-                (strip_key_params(&path_and_query, &["api_key"]), false),
+                (strip_key_params(&path_and_query, &["api_key"], None), false),
                 (strip_query_params(&path_and_query, &["api_key"]), true),
             ] {
                 let Some(out) = stripped else { continue };

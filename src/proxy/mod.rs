@@ -127,6 +127,9 @@ pub struct RequestCtx {
     started: Instant,
     /// Set when keygate decided the outcome itself, so `fail_to_proxy` answers with it.
     rejection: Option<Rejection>,
+    /// The presented key when it is an imported key without keygate's shape: the
+    /// upstream must not get it either, and only this request knows its text.
+    foreign_key: Option<Box<str>>,
 }
 
 impl RequestCtx {
@@ -171,6 +174,11 @@ impl Gateway {
         }
         let limits = Limits { plans: &state.plans, rates: &plane.rates, quotas: &plane.quotas };
         let decision = decide(&facts, &plane.keys.load(), &limits, now);
+        if let (Some(record), Some(raw)) = (&decision.key, presented.as_deref()) {
+            if record.imported() && crate::key::parse(raw).is_err() {
+                ctx.foreign_key = Some(raw.into());
+            }
+        }
         ctx.key = decision.key;
         ctx.rate = decision.rate;
         match decision.denial {
@@ -201,6 +209,7 @@ impl ProxyHttp for Gateway {
             connect_attempts: 0,
             started: Instant::now(),
             rejection: None,
+            foreign_key: None,
         }
     }
 
@@ -288,7 +297,7 @@ impl ProxyHttp for Gateway {
         };
         drop_forged_headers(upstream_request, state);
         if let Some(key) = &ctx.key {
-            strip_key(upstream_request, state)?;
+            strip_key(upstream_request, state, ctx.foreign_key.as_deref())?;
             upstream_request.insert_header(wire::X_KEYGATE_KEY_ID, key.id_header())?;
             if let Some(owner) = key.owner_header() {
                 upstream_request.insert_header(wire::X_KEYGATE_OWNER, owner)?;
@@ -519,13 +528,14 @@ fn drop_forged_headers(req: &mut RequestHeader, state: &GatewayState) {
     }
 }
 
-/// Removes every value shaped like a key from every place a key may be presented, not
-/// only where it was found, so no copy of it reaches the upstream. Other values there
-/// (an application's own `Authorization: Bearer` token) are the upstream's and stay.
-fn strip_key(upstream_request: &mut RequestHeader, state: &GatewayState) -> Result<()> {
+/// Removes every value shaped like a key, and `foreign` (the presented imported key of
+/// another shape), from every place a key may be presented, not only where it was
+/// found, so no copy of it reaches the upstream. Other values there (an application's
+/// own `Authorization: Bearer` token) are the upstream's and stay.
+fn strip_key(upstream_request: &mut RequestHeader, state: &GatewayState, foreign: Option<&str>) -> Result<()> {
     for location in &state.key_locations {
         if let KeyLocation::Header { name, scheme } = location {
-            headers::remove_key_values(upstream_request, name, scheme.as_deref())?;
+            headers::remove_key_values(upstream_request, name, scheme.as_deref(), foreign)?;
         }
     }
     if state.key_query_params.is_empty() {
@@ -534,7 +544,7 @@ fn strip_key(upstream_request: &mut RequestHeader, state: &GatewayState) -> Resu
     let Some(path_and_query) = upstream_request.uri.path_and_query() else {
         return Ok(());
     };
-    if let Some(stripped) = headers::strip_key_params(path_and_query.as_str(), &state.key_query_params) {
+    if let Some(stripped) = headers::strip_key_params(path_and_query.as_str(), &state.key_query_params, foreign) {
         let uri = stripped
             .parse::<http::Uri>()
             .map_err(|e| Error::because(ErrorType::InternalError, "rewriting the query", e))?;

@@ -112,7 +112,7 @@ impl KeyFeed for LocalFeed {
     /// The store read page by page, as a control plane streams it to its gateways.
     async fn snapshot(&self, _answer_within: Duration) -> Result<LoadedKeys, FeedError> {
         let failed = |e: crate::control::store::StoreError| FeedError::Store(e.to_string());
-        let version = self.store.feed_version().await.map_err(failed)?;
+        let version = self.store.latest_version().await.map_err(failed)?;
         let estimate = self.store.key_count_estimate().await.map_err(failed)?;
         let mut builder = SnapshotBuilder::with_capacity(usize::try_from(estimate).unwrap_or(0));
         let mut unusable = UnusableAllowlists::default();

@@ -3,6 +3,13 @@
 //!
 //! Every key mutation is one transaction that writes the key, appends to the
 //! change feed and appends to the audit log, so the three never disagree.
+//!
+//! A feed row names one key (`upsert`, `delete`), or stands for a whole batch of
+//! a bulk import (`import`): the batch appends one row and one audit event, and
+//! every key it writes carries that row's version. `changes_since` expands such a
+//! row into an upsert per key still at that version (a key changed since comes
+//! with its later change), and never splits one version across two pages.
+//!
 //! Feed versions come from the database (SQLite AUTOINCREMENT, a PostgreSQL
 //! identity column). On PostgreSQL every key mutation first takes one
 //! transaction-level advisory lock, so versions are handed out and committed in
@@ -24,7 +31,7 @@ use time::OffsetDateTime;
 
 use crate::config::{QuotaConfig, RateLimitConfig};
 use crate::control::model::{
-    AuditEvent, Change, Granularity, KeyFilter, KeyPatch, KeyStatusText, NewKey, StoredKey, UsageBucket,
+    AuditEvent, Change, Granularity, ImportKey, KeyFilter, KeyPatch, KeyStatusText, NewKey, StoredKey, UsageBucket,
 };
 use crate::key::KeyDigest;
 use crate::usage::UsageRecord;
@@ -73,7 +80,7 @@ enum Dialect {
 macro_rules! key_columns {
     () => {
         "id, hash, prefix, masked, name, owner, plan, scopes, ip_allowlist, rate_limit, quota, status, \
-         expires_at, metadata, tags, created_at, updated_at, last_used_at, version"
+         expires_at, metadata, tags, created_at, updated_at, last_used_at, version, imported"
     };
 }
 
@@ -204,10 +211,13 @@ impl Store {
         dispatch!(self.audit(key_id, limit))
     }
 
-    /// Changes with a version above `version`, oldest first (at most `limit`,
-    /// itself at most [`MAX_CHANGES_PAGE`]), and the latest version. An upsert
-    /// carries the key's current record; one whose key has since been deleted
-    /// comes as a delete.
+    /// Changes with a version above `version`, oldest first, and the latest
+    /// version. A page holds about `limit` changes (itself at most
+    /// [`MAX_CHANGES_PAGE`]): feed rows are taken whole until it holds at least
+    /// `limit`, so an import row may take it up to one batch past it, and every
+    /// version in it is complete. An upsert carries the key's current record; one
+    /// whose key has since been deleted comes as a delete. An import row comes as
+    /// one upsert per key still at its version.
     pub async fn changes_since(&self, version: u64, limit: u32) -> Result<(Vec<Change>, u64)> {
         if limit == 0 {
             return Err(StoreError::Invalid("limit must be at least 1".into()));
@@ -218,9 +228,23 @@ impl Store {
         dispatch!(self.changes_since(version, limit))
     }
 
-    /// The feed's latest version.
-    pub async fn feed_version(&self) -> Result<u64> {
-        dispatch!(self.feed_version())
+    /// The newest feed version (0 for an empty feed).
+    pub async fn latest_version(&self) -> Result<u64> {
+        dispatch!(self.latest_feed_version())
+    }
+
+    /// Starts a bulk import on a connection of its own; see [`Import`].
+    pub async fn begin_import(&self) -> Result<Import> {
+        let (conn, max_connections) = match self {
+            Store::Sqlite(pool) => {
+                (ImportConn::Sqlite(sqlite::begin_import(pool).await?), pool.options().get_max_connections())
+            }
+            Store::Postgres(pool) => {
+                (ImportConn::Postgres(postgres::begin_import(pool).await?), pool.options().get_max_connections())
+            }
+        };
+        // A pool of one connection is an in-memory database: that connection is the data.
+        Ok(Import { conn, finished: false, closable: max_connections > 1 })
     }
 
     /// Up to `limit` keys (at most [`MAX_SNAPSHOT_PAGE`]) with an id above `after`, by id:
@@ -238,7 +262,7 @@ impl Store {
     /// as of that version or later, and applying the changes after it gives the
     /// current state. Holds the whole key set: for tests and small stores.
     pub async fn snapshot(&self) -> Result<(u64, Vec<StoredKey>)> {
-        let version = self.feed_version().await?;
+        let version = self.latest_version().await?;
         let mut keys: Vec<StoredKey> = Vec::new();
         loop {
             let page = self.keys_after(keys.last().map(|k| k.id.as_str()), MAX_SNAPSHOT_PAGE).await?;
@@ -294,6 +318,149 @@ impl Store {
     }
 }
 
+/// A bulk import in progress. Its batches run on one connection whose temporary
+/// table remembers the id, hash and line of every record taken so far, so a line
+/// that repeats an earlier one is refused however far back that one was, while
+/// the importer's memory stays that of one batch.
+pub struct Import {
+    conn: ImportConn,
+    finished: bool,
+    /// Whether an unfinished import may close its connection (see `Drop`).
+    closable: bool,
+}
+
+enum ImportConn {
+    Sqlite(sqlx::pool::PoolConnection<sqlx::Sqlite>),
+    Postgres(sqlx::pool::PoolConnection<sqlx::Postgres>),
+}
+
+/// What one import batch did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Keys created or changed.
+    pub imported: u64,
+    /// Keys already stored exactly as given.
+    pub unchanged: u64,
+    /// `(line, message)` of every record not taken, in line order.
+    pub errors: Vec<(u64, String)>,
+    /// The feed version of the keys written; `None` when the batch wrote none.
+    pub version: Option<u64>,
+}
+
+impl Import {
+    /// Writes one batch in one transaction, with one feed row and one audit event
+    /// (`key.import`) for all the keys it writes. A record that cannot be taken
+    /// (it repeats an earlier line's id or hash, its id is stored with another
+    /// hash, its hash under another id, or it would change a revoked key) is an
+    /// error of its line. `Err`: the batch wrote nothing.
+    pub async fn write_batch(&mut self, batch: Vec<ImportKey>, actor: &str) -> Result<BatchOutcome> {
+        match &mut self.conn {
+            ImportConn::Sqlite(conn) => sqlite::import_batch(conn, batch, actor).await,
+            ImportConn::Postgres(conn) => postgres::import_batch(conn, batch, actor).await,
+        }
+    }
+
+    /// Forgets the records remembered and hands the connection back to the pool.
+    pub async fn finish(mut self) -> Result<()> {
+        match &mut self.conn {
+            ImportConn::Sqlite(conn) => sqlite::end_import(conn).await?,
+            ImportConn::Postgres(conn) => postgres::end_import(conn).await?,
+        }
+        self.finished = true;
+        Ok(())
+    }
+}
+
+/// An import that did not finish (a store error, an upload that broke off) still
+/// holds its table of records taken: its connection is closed, which drops that
+/// table, rather than handed back to the pool with it.
+impl Drop for Import {
+    fn drop(&mut self) {
+        if self.finished || !self.closable {
+            return;
+        }
+        match &mut self.conn {
+            ImportConn::Sqlite(conn) => conn.close_on_drop(),
+            ImportConn::Postgres(conn) => conn.close_on_drop(),
+        }
+    }
+}
+
+/// What an import record does to the store.
+#[derive(Debug, Clone, PartialEq)]
+enum ImportAction {
+    /// The key is stored exactly so already.
+    Unchanged,
+    /// Create or replace the key with this record (its version is set when written).
+    Write(Box<StoredKey>),
+    /// The record cannot be taken: the message of its line.
+    Refuse(String),
+}
+
+/// What `record` does, given the stored key with its id (if any), the id of the
+/// stored key with its hash (if any) and the time of the batch.
+fn import_action(record: ImportKey, by_id: Option<&StoredKey>, hash_owner: Option<&str>, now: i64) -> ImportAction {
+    // Compare at stored precision, so re-importing the same times is not a change.
+    let stored = |t: OffsetDateTime| from_ms(to_ms(t)).unwrap_or(t);
+    let Some(current) = by_id else {
+        if let Some(other) = hash_owner {
+            return ImportAction::Refuse(format!("hash: already belongs to key {other}"));
+        }
+        let Ok(at) = from_ms(now) else { return ImportAction::Refuse("the clock is out of range".into()) };
+        return ImportAction::Write(Box::new(StoredKey {
+            prefix: record.prefix.unwrap_or_default(),
+            masked: record.masked.unwrap_or_else(|| "…".into()),
+            name: record.name,
+            owner: record.owner,
+            plan: record.plan,
+            scopes: record.scopes,
+            ip_allowlist: record.ip_allowlist,
+            rate_limit: record.rate_limit,
+            quota: record.quota,
+            status: record.status,
+            expires_at: record.expires_at.map(stored),
+            metadata: record.metadata,
+            tags: record.tags,
+            created_at: record.created_at.map_or(at, stored),
+            updated_at: at,
+            last_used_at: None,
+            version: 0,
+            imported: true,
+            id: record.id,
+            hash: record.hash,
+        }));
+    };
+    if current.hash != record.hash {
+        return ImportAction::Refuse(format!("id: {} is stored with another hash", record.id));
+    }
+    let mut next = current.clone();
+    next.prefix = record.prefix.unwrap_or_else(|| current.prefix.clone());
+    next.masked = record.masked.unwrap_or_else(|| current.masked.clone());
+    next.name = record.name;
+    next.owner = record.owner;
+    next.plan = record.plan;
+    next.scopes = record.scopes;
+    next.ip_allowlist = record.ip_allowlist;
+    next.rate_limit = record.rate_limit;
+    next.quota = record.quota;
+    next.status = record.status;
+    next.expires_at = record.expires_at.map(stored);
+    next.metadata = record.metadata;
+    next.tags = record.tags;
+    next.created_at = record.created_at.map_or(current.created_at, stored);
+    if next == *current {
+        return ImportAction::Unchanged;
+    }
+    if current.status == KeyStatusText::Revoked {
+        return ImportAction::Refuse(format!("status: {} is revoked, and revoked keys cannot be changed", record.id));
+    }
+    match from_ms(now) {
+        Ok(at) => next.updated_at = at,
+        Err(_) => return ImportAction::Refuse("the clock is out of range".into()),
+    }
+    ImportAction::Write(Box::new(next))
+}
+
 async fn connect_sqlite(url: &str) -> Result<Store> {
     let memory = url.contains(":memory:") || url.contains("mode=memory");
     let mut options = SqliteConnectOptions::from_str(url)?
@@ -325,6 +492,15 @@ fn validate_new(new: &NewKey) -> Result<()> {
         return Err(StoreError::Invalid("id: must be 1 to 64 characters".into()));
     }
     KeyDigest::parse(&new.hash).map_err(|e| StoreError::Invalid(format!("hash: {e}")))?;
+    Ok(())
+}
+
+/// The store's own check of an import record, as `validate_new` for a new key.
+fn validate_import(record: &ImportKey) -> std::result::Result<(), String> {
+    if record.id.is_empty() || record.id.len() > 64 {
+        return Err("id: must be 1 to 64 characters".into());
+    }
+    KeyDigest::parse(&record.hash).map_err(|e| format!("hash: {e}"))?;
     Ok(())
 }
 
@@ -395,6 +571,7 @@ struct KeyRow {
     updated_at: i64,
     last_used_at: Option<i64>,
     version: i64,
+    imported: bool,
 }
 
 impl KeyRow {
@@ -412,6 +589,7 @@ impl KeyRow {
             updated_at: from_ms(self.updated_at)?,
             last_used_at: self.last_used_at.map(from_ms).transpose()?,
             version: to_u64(self.version)?,
+            imported: self.imported,
             id: self.id,
             hash: self.hash,
             prefix: self.prefix,
@@ -471,6 +649,7 @@ fn key_from_new(new: NewKey, now: i64) -> Result<StoredKey> {
         updated_at: now,
         last_used_at: None,
         version: 0,
+        imported: false,
     })
 }
 
@@ -702,6 +881,84 @@ mod tests {
             1_700_000_000_000,
         )
         .unwrap()
+    }
+
+    fn import_record(key: &StoredKey) -> ImportKey {
+        ImportKey {
+            line: 1,
+            id: key.id.clone(),
+            hash: key.hash.clone(),
+            prefix: None,
+            masked: None,
+            name: key.name.clone(),
+            owner: key.owner.clone(),
+            plan: key.plan.clone(),
+            scopes: key.scopes.clone(),
+            ip_allowlist: key.ip_allowlist.clone(),
+            rate_limit: key.rate_limit,
+            quota: key.quota,
+            status: key.status,
+            expires_at: key.expires_at,
+            metadata: key.metadata.clone(),
+            tags: key.tags.clone(),
+            created_at: None,
+        }
+    }
+
+    const LATER: i64 = 1_800_000_000_000;
+
+    #[test]
+    fn an_import_of_a_new_key_marks_it_imported_with_unknown_shape() {
+        let mut record = import_record(&key());
+        record.created_at = Some(datetime!(2019-05-01 12:00:00.123456 UTC));
+        let ImportAction::Write(written) = import_action(record, None, None, LATER) else { panic!("not written") };
+        assert!(written.imported);
+        assert_eq!((written.prefix.as_str(), written.masked.as_str()), ("", "…"));
+        assert_eq!(written.created_at, datetime!(2019-05-01 12:00:00.123 UTC), "stored to the millisecond");
+        assert_eq!(to_ms(written.updated_at), LATER);
+    }
+
+    #[test]
+    fn an_import_that_matches_the_stored_key_changes_nothing() {
+        let stored = key();
+        let mut record = import_record(&stored);
+        record.created_at = Some(stored.created_at + time::Duration::microseconds(300));
+        assert_eq!(import_action(record, Some(&stored), Some(&stored.id), LATER), ImportAction::Unchanged);
+        let revoked = StoredKey { status: KeyStatusText::Revoked, ..key() };
+        assert_eq!(
+            import_action(import_record(&revoked), Some(&revoked), Some(&revoked.id), LATER),
+            ImportAction::Unchanged
+        );
+    }
+
+    #[test]
+    fn an_import_that_changes_a_field_rewrites_the_key_and_keeps_what_it_does_not_give() {
+        let stored = StoredKey { imported: false, ..key() };
+        let record = ImportKey { owner: Some("other".into()), ..import_record(&stored) };
+        let ImportAction::Write(written) = import_action(record, Some(&stored), Some(&stored.id), LATER) else {
+            panic!("not written")
+        };
+        assert_eq!(written.owner.as_deref(), Some("other"));
+        assert_eq!((written.prefix.as_str(), written.masked.as_str()), ("kg_live", "kg_live_Ab3d…x9Zq"));
+        assert_eq!(written.created_at, stored.created_at);
+        assert!(!written.imported, "a key keygate issued keeps its shape");
+        assert_eq!(to_ms(written.updated_at), LATER);
+    }
+
+    #[test]
+    fn an_import_that_conflicts_is_refused_naming_the_field() {
+        let stored = key();
+        let other_hash = ImportKey { hash: format!("sha256:{}", "b".repeat(64)), ..import_record(&stored) };
+        let refused = |action| match action {
+            ImportAction::Refuse(message) => message,
+            other => panic!("not refused: {other:?}"),
+        };
+        assert!(refused(import_action(other_hash, Some(&stored), None, LATER)).starts_with("id: key_a"));
+        let other_id = ImportKey { id: "key_b".into(), ..import_record(&stored) };
+        assert_eq!(refused(import_action(other_id, None, Some("key_a"), LATER)), "hash: already belongs to key key_a");
+        let revoked = StoredKey { status: KeyStatusText::Revoked, ..key() };
+        let revive = ImportKey { status: KeyStatusText::Active, ..import_record(&revoked) };
+        assert!(refused(import_action(revive, Some(&revoked), Some("key_a"), LATER)).starts_with("status:"));
     }
 
     #[test]

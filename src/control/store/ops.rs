@@ -4,14 +4,15 @@
 
 use std::collections::HashMap;
 
-use sqlx::{Pool, QueryBuilder, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection as _, Pool, QueryBuilder, Transaction};
 
 use super::{
-    conflict_on_unique, distinct, from_ms, key_from_new, like_pattern, now_ms, to_i64, to_u64, unjson, AuditEvent,
-    BucketSums, Change, Cursor, Dialect, KeyColumns, KeyFilter, KeyPatch, KeyRow, KeyStatusText, NewKey, Result,
-    StoreError, StoredKey, UsageAggregate, UsageRows, FEED_LOCK_KEY,
+    conflict_on_unique, corrupt, distinct, from_ms, import_action, key_from_new, like_pattern, now_ms, to_i64, to_u64,
+    unjson, AuditEvent, BatchOutcome, BucketSums, Change, Cursor, Dialect, ImportAction, KeyColumns, KeyFilter,
+    KeyPatch, KeyRow, KeyStatusText, NewKey, Result, StoreError, StoredKey, UsageAggregate, UsageRows, FEED_LOCK_KEY,
 };
-use crate::control::model::KeyChange;
+use crate::control::model::{ImportKey, KeyChange};
 
 type Conn = <Db as sqlx::Database>::Connection;
 
@@ -26,6 +27,18 @@ async fn begin_key_write(pool: &Pool<Db>) -> Result<Transaction<'static, Db>> {
         Dialect::Sqlite => Ok(pool.begin_with("BEGIN IMMEDIATE").await?),
         Dialect::Postgres => {
             let mut tx = pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(FEED_LOCK_KEY).execute(&mut *tx).await?;
+            Ok(tx)
+        }
+    }
+}
+
+/// `begin_key_write` on a connection held for longer (an import).
+async fn begin_key_write_on(conn: &mut Conn) -> Result<Transaction<'_, Db>> {
+    match DIALECT {
+        Dialect::Sqlite => Ok(conn.begin_with("BEGIN IMMEDIATE").await?),
+        Dialect::Postgres => {
+            let mut tx = conn.begin().await?;
             sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(FEED_LOCK_KEY).execute(&mut *tx).await?;
             Ok(tx)
         }
@@ -80,8 +93,15 @@ async fn latest_version(conn: &mut Conn) -> Result<u64> {
     to_u64(latest)
 }
 
-/// Appends to the feed and returns the new version.
-async fn append_change(conn: &mut Conn, key_id: &str, hash: &str, op: &str, at: i64) -> Result<i64> {
+/// Appends to the feed and returns the new version. `key_id` and `hash` are
+/// `None` only for an import row.
+async fn append_change(
+    conn: &mut Conn,
+    key_id: Option<&str>,
+    hash: Option<&str>,
+    op: &str,
+    at: i64,
+) -> Result<i64> {
     Ok(sqlx::query_scalar("INSERT INTO changes (key_id, hash, op, at) VALUES ($1, $2, $3, $4) RETURNING version")
         .bind(key_id)
         .bind(hash)
@@ -97,6 +117,18 @@ async fn append_audit(
     actor: &str,
     action: &str,
     key_id: &str,
+    details: serde_json::Value,
+) -> Result<()> {
+    append_audit_event(conn, at, actor, action, Some(key_id), details).await
+}
+
+/// An audit event about one key, or (`key_id` `None`) about many.
+async fn append_audit_event(
+    conn: &mut Conn,
+    at: i64,
+    actor: &str,
+    action: &str,
+    key_id: Option<&str>,
     details: serde_json::Value,
 ) -> Result<()> {
     sqlx::query("INSERT INTO audit_log (at, actor, action, key_id, details) VALUES ($1, $2, $3, $4, $5)")
@@ -129,11 +161,11 @@ async fn insert_key(
     }
     let key = key_from_new(new, now)?;
     let cols = KeyColumns::of(&key)?;
-    let version = append_change(conn, &key.id, &key.hash, "upsert", now).await?;
+    let version = append_change(conn, Some(&key.id), Some(&key.hash), "upsert", now).await?;
     sqlx::query(concat!(
         "INSERT INTO keys (",
         key_columns!(),
-        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, NULL, $18)"
+        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, NULL, $18, $19)"
     ))
     .bind(&key.id)
     .bind(&key.hash)
@@ -153,6 +185,7 @@ async fn insert_key(
     .bind(now)
     .bind(now)
     .bind(version)
+    .bind(key.imported)
     .execute(&mut *conn)
     .await
     .map_err(|e| conflict_on_unique(e, "a key with this id or hash already exists"))?;
@@ -163,7 +196,7 @@ async fn insert_key(
 /// Writes every settable column of `key` and returns it as stored, with a new version.
 async fn write_key(conn: &mut Conn, key: &StoredKey, now: i64) -> Result<StoredKey> {
     let cols = KeyColumns::of(key)?;
-    let version = append_change(conn, &key.id, &key.hash, "upsert", now).await?;
+    let version = append_change(conn, Some(&key.id), Some(&key.hash), "upsert", now).await?;
     sqlx::query(
         "UPDATE keys SET name = $1, owner = $2, plan = $3, scopes = $4, ip_allowlist = $5, rate_limit = $6, \
          quota = $7, status = $8, expires_at = $9, metadata = $10, tags = $11, updated_at = $12, version = $13 \
@@ -324,7 +357,7 @@ pub(super) async fn delete_key(pool: &Pool<Db>, id: &str, actor: &str) -> Result
     let key = fetch_key(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
     let now = now_ms();
     sqlx::query("DELETE FROM keys WHERE id = $1").bind(id).execute(&mut *tx).await?;
-    append_change(&mut tx, &key.id, &key.hash, "delete", now).await?;
+    append_change(&mut tx, Some(&key.id), Some(&key.hash), "delete", now).await?;
     append_audit(&mut tx, now, actor, "key.delete", id, serde_json::json!({ "name": key.name, "masked": key.masked }))
         .await?;
     tx.commit().await?;
@@ -345,33 +378,109 @@ pub(super) async fn audit(pool: &Pool<Db>, key_id: Option<&str>, limit: u32) -> 
         .collect()
 }
 
+/// One row of `changes`: version, key id, hash, op (no key for an import row).
+type ChangeRow = (i64, Option<String>, Option<String>, String);
+
 pub(super) async fn changes_since(pool: &Pool<Db>, version: i64, limit: u32) -> Result<(Vec<Change>, u64)> {
+    let limit = limit as usize;
     let mut tx = begin_read(pool).await?;
-    let rows: Vec<(i64, String, String, String)> =
-        sqlx::query_as("SELECT version, key_id, hash, op FROM changes WHERE version > $1 ORDER BY version LIMIT $2")
-            .bind(version)
-            .bind(i64::from(limit))
-            .fetch_all(&mut *tx)
-            .await?;
     let latest = latest_version(&mut tx).await?;
-    let upserts = distinct(rows.iter().filter(|(_, _, _, op)| op == "upsert").map(|(_, id, _, _)| id.as_str()));
-    let keys = fetch_keys(&mut tx, &upserts).await?;
-    tx.commit().await?;
-    let changes = rows
-        .into_iter()
-        .map(|(version, key_id, hash, op)| {
-            let change = match keys.get(&key_id) {
+    let mut changes = Vec::new();
+    let mut after = version;
+    // Rows are taken whole until the page holds `limit` changes. Another round is
+    // needed only when the rows read expand to fewer (import rows whose keys all
+    // changed again later expand to none).
+    loop {
+        let rows: Vec<ChangeRow> = sqlx::query_as(
+            "SELECT version, key_id, hash, op FROM changes WHERE version > $1 ORDER BY version LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let read_all = rows.len() < limit;
+        let imports: Vec<i64> = rows.iter().filter(|row| row.3 == "import").map(|row| row.0).collect();
+        let sizes = import_sizes(&mut tx, &imports).await?;
+        let mut size = changes.len();
+        let mut taken = 0;
+        for row in &rows {
+            taken += 1;
+            size += if row.3 == "import" { sizes.get(&row.0).copied().unwrap_or(0) } else { 1 };
+            if size >= limit {
+                break;
+            }
+        }
+        let rows = &rows[..taken];
+        let upserts = distinct(rows.iter().filter(|row| row.3 == "upsert").filter_map(|row| row.1.as_deref()));
+        let keys = fetch_keys(&mut tx, &upserts).await?;
+        let imported: Vec<i64> =
+            rows.iter().filter(|row| row.3 == "import" && sizes.contains_key(&row.0)).map(|row| row.0).collect();
+        let mut batches = fetch_keys_at_versions(&mut tx, &imported).await?;
+        for (version, key_id, hash, op) in rows {
+            let version_u64 = to_u64(*version)?;
+            if op == "import" {
+                for key in batches.remove(version).unwrap_or_default() {
+                    changes.push(Change { version: version_u64, change: KeyChange::Upsert(key) });
+                }
+                continue;
+            }
+            let (Some(key_id), Some(hash)) = (key_id, hash) else {
+                return Err(corrupt(format!("feed row {version} ({op}) names no key")));
+            };
+            let change = match keys.get(key_id) {
                 Some(key) if op == "upsert" => KeyChange::Upsert(key.clone()),
                 // A delete, or an upsert of a key deleted since: the key is gone either way.
-                _ => KeyChange::Delete { id: key_id, hash },
+                _ => KeyChange::Delete { id: key_id.clone(), hash: hash.clone() },
             };
-            Ok(Change { version: to_u64(version)?, change })
-        })
-        .collect::<Result<Vec<_>>>()?;
+            changes.push(Change { version: version_u64, change });
+        }
+        match rows.last() {
+            Some(last) if size < limit && !read_all => after = last.0,
+            _ => break,
+        }
+    }
+    tx.commit().await?;
     Ok((changes, latest))
 }
 
-pub(super) async fn feed_version(pool: &Pool<Db>) -> Result<u64> {
+/// How many keys each of these import versions holds now (versions holding none are absent).
+async fn import_sizes(conn: &mut Conn, versions: &[i64]) -> Result<HashMap<i64, usize>> {
+    let mut sizes = HashMap::with_capacity(versions.len());
+    for chunk in versions.chunks(INSERT_CHUNK) {
+        let mut qb = QueryBuilder::<Db>::new("SELECT version, COUNT(*) FROM keys WHERE version IN (");
+        let mut list = qb.separated(", ");
+        for version in chunk {
+            list.push_bind(*version);
+        }
+        qb.push(") GROUP BY version");
+        let rows: Vec<(i64, i64)> = qb.build_query_as().fetch_all(&mut *conn).await?;
+        for (version, n) in rows {
+            sizes.insert(version, usize::try_from(n).map_err(corrupt)?);
+        }
+    }
+    Ok(sizes)
+}
+
+/// The keys at each of these versions, by id within a version.
+async fn fetch_keys_at_versions(conn: &mut Conn, versions: &[i64]) -> Result<HashMap<i64, Vec<StoredKey>>> {
+    let mut keys: HashMap<i64, Vec<StoredKey>> = HashMap::with_capacity(versions.len());
+    for chunk in versions.chunks(INSERT_CHUNK) {
+        let mut qb = QueryBuilder::<Db>::new(concat!("SELECT ", key_columns!(), " FROM keys WHERE version IN ("));
+        let mut list = qb.separated(", ");
+        for version in chunk {
+            list.push_bind(*version);
+        }
+        qb.push(") ORDER BY version, id");
+        let rows: Vec<KeyRow> = qb.build_query_as().fetch_all(&mut *conn).await?;
+        for row in rows {
+            let version = row.version;
+            keys.entry(version).or_default().push(row.into_key()?);
+        }
+    }
+    Ok(keys)
+}
+
+pub(super) async fn latest_feed_version(pool: &Pool<Db>) -> Result<u64> {
     let mut conn = pool.acquire().await?;
     latest_version(&mut conn).await
 }
@@ -399,6 +508,187 @@ pub(super) async fn key_count_estimate(pool: &Pool<Db>) -> Result<u64> {
         Dialect::Sqlite => sqlx::query_scalar("SELECT COUNT(*) FROM keys").fetch_one(pool).await?,
     };
     Ok(u64::try_from(count).unwrap_or(0))
+}
+
+// ---- bulk import ----
+
+/// Records per multi-row statement of an import: 20 binds a row.
+const IMPORT_CHUNK: usize = 500;
+
+/// A connection for one import, with its table of records taken (emptied).
+pub(super) async fn begin_import(pool: &Pool<Db>) -> Result<PoolConnection<Db>> {
+    let mut conn = pool.acquire().await?;
+    let create = match DIALECT {
+        Dialect::Sqlite => {
+            "CREATE TEMP TABLE IF NOT EXISTS import_seen \
+             (id TEXT NOT NULL PRIMARY KEY, hash TEXT NOT NULL UNIQUE, line INTEGER NOT NULL)"
+        }
+        Dialect::Postgres => {
+            "CREATE TEMP TABLE IF NOT EXISTS import_seen \
+             (id TEXT COLLATE \"C\" NOT NULL PRIMARY KEY, hash TEXT COLLATE \"C\" NOT NULL UNIQUE, line BIGINT NOT NULL)"
+        }
+    };
+    sqlx::query(create).execute(&mut *conn).await?;
+    sqlx::query("DELETE FROM import_seen").execute(&mut *conn).await?;
+    Ok(conn)
+}
+
+pub(super) async fn end_import(conn: &mut Conn) -> Result<()> {
+    sqlx::query("DELETE FROM import_seen").execute(&mut *conn).await?;
+    Ok(())
+}
+
+pub(super) async fn import_batch(conn: &mut Conn, batch: Vec<ImportKey>, actor: &str) -> Result<BatchOutcome> {
+    let mut outcome = BatchOutcome::default();
+    let (Some(first_line), Some(last_line)) = (batch.first().map(|r| r.line), batch.last().map(|r| r.line)) else {
+        return Ok(outcome);
+    };
+    let mut tx = begin_key_write_on(conn).await?;
+    let now = now_ms();
+
+    // The first line that gives a hash or an id has it; a later one is an error.
+    let (seen_ids, seen_hashes) = import_seen_lines(&mut tx, &batch).await?;
+    let mut ids_here: HashMap<String, u64> = HashMap::with_capacity(batch.len());
+    let mut hashes_here: HashMap<String, u64> = HashMap::with_capacity(batch.len());
+    let mut taken = Vec::with_capacity(batch.len());
+    for record in batch {
+        if let Err(e) = super::validate_import(&record) {
+            outcome.errors.push((record.line, e));
+        } else if let Some(line) = seen_hashes.get(&record.hash).or_else(|| hashes_here.get(&record.hash)) {
+            outcome.errors.push((record.line, format!("hash: already given on line {line}")));
+        } else if let Some(line) = seen_ids.get(&record.id).or_else(|| ids_here.get(&record.id)) {
+            outcome.errors.push((record.line, format!("id: {} is already given on line {line}", record.id)));
+        } else {
+            ids_here.insert(record.id.clone(), record.line);
+            hashes_here.insert(record.hash.clone(), record.line);
+            taken.push(record);
+        }
+    }
+
+    let ids: Vec<&str> = taken.iter().map(|r| r.id.as_str()).collect();
+    let hashes: Vec<&str> = taken.iter().map(|r| r.hash.as_str()).collect();
+    let by_id = fetch_keys(&mut tx, &ids).await?;
+    let hash_owners = fetch_hash_owners(&mut tx, &hashes).await?;
+    let remembered: Vec<(String, String, u64)> = taken.iter().map(|r| (r.id.clone(), r.hash.clone(), r.line)).collect();
+    let mut writes = Vec::new();
+    for record in taken {
+        let line = record.line;
+        let current = by_id.get(&record.id);
+        let owner = hash_owners.get(&record.hash).map(String::as_str);
+        match import_action(record, current, owner, now) {
+            ImportAction::Unchanged => outcome.unchanged += 1,
+            ImportAction::Write(key) => writes.push(*key),
+            ImportAction::Refuse(message) => outcome.errors.push((line, message)),
+        }
+    }
+
+    if !writes.is_empty() {
+        let version = append_change(&mut tx, None, None, "import", now).await?;
+        for chunk in writes.chunks(IMPORT_CHUNK) {
+            upsert_imported(&mut tx, chunk, version).await?;
+        }
+        let details = serde_json::json!({
+            "count": writes.len(),
+            "unchanged": outcome.unchanged,
+            "first_line": first_line,
+            "last_line": last_line,
+        });
+        append_audit_event(&mut tx, now, actor, "key.import", None, details).await?;
+        outcome.imported = writes.len() as u64;
+        outcome.version = Some(to_u64(version)?);
+    }
+    for chunk in remembered.chunks(IMPORT_CHUNK) {
+        let mut qb = QueryBuilder::<Db>::new("INSERT INTO import_seen (id, hash, line) ");
+        qb.push_values(chunk, |mut row, (id, hash, line)| {
+            row.push_bind(id.as_str()).push_bind(hash.as_str()).push_bind(i64::try_from(*line).unwrap_or(i64::MAX));
+        });
+        qb.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    outcome.errors.sort_by_key(|(line, _)| *line);
+    Ok(outcome)
+}
+
+/// The lines that took any of these records' ids and hashes in earlier batches.
+async fn import_seen_lines(
+    conn: &mut Conn,
+    records: &[ImportKey],
+) -> Result<(HashMap<String, u64>, HashMap<String, u64>)> {
+    let (mut ids, mut hashes) = (HashMap::new(), HashMap::new());
+    for chunk in records.chunks(IMPORT_CHUNK) {
+        let mut qb = QueryBuilder::<Db>::new("SELECT id, hash, line FROM import_seen WHERE id IN (");
+        let mut list = qb.separated(", ");
+        for record in chunk {
+            list.push_bind(record.id.as_str());
+        }
+        qb.push(") OR hash IN (");
+        let mut list = qb.separated(", ");
+        for record in chunk {
+            list.push_bind(record.hash.as_str());
+        }
+        qb.push(")");
+        let rows: Vec<(String, String, i64)> = qb.build_query_as().fetch_all(&mut *conn).await?;
+        for (id, hash, line) in rows {
+            let line = to_u64(line)?;
+            ids.insert(id, line);
+            hashes.insert(hash, line);
+        }
+    }
+    Ok((ids, hashes))
+}
+
+/// The id of the stored key with each of these hashes, by hash.
+async fn fetch_hash_owners(conn: &mut Conn, hashes: &[&str]) -> Result<HashMap<String, String>> {
+    let mut owners = HashMap::with_capacity(hashes.len());
+    for chunk in hashes.chunks(INSERT_CHUNK) {
+        let mut qb = QueryBuilder::<Db>::new("SELECT hash, id FROM keys WHERE hash IN (");
+        let mut list = qb.separated(", ");
+        for hash in chunk {
+            list.push_bind(*hash);
+        }
+        qb.push(")");
+        let rows: Vec<(String, String)> = qb.build_query_as().fetch_all(&mut *conn).await?;
+        owners.extend(rows);
+    }
+    Ok(owners)
+}
+
+/// Creates or replaces `keys` at `version`. A replaced key keeps its
+/// `last_used_at` and its `imported` flag.
+async fn upsert_imported(conn: &mut Conn, keys: &[StoredKey], version: i64) -> Result<()> {
+    let rows = keys.iter().map(|key| Ok((key, KeyColumns::of(key)?))).collect::<Result<Vec<_>>>()?;
+    let mut qb = QueryBuilder::<Db>::new(concat!("INSERT INTO keys (", key_columns!(), ") "));
+    qb.push_values(rows, |mut row, (key, cols)| {
+        row.push_bind(key.id.as_str())
+            .push_bind(key.hash.as_str())
+            .push_bind(key.prefix.as_str())
+            .push_bind(key.masked.as_str())
+            .push_bind(key.name.as_str())
+            .push_bind(key.owner.as_deref())
+            .push_bind(key.plan.as_deref())
+            .push_bind(cols.scopes)
+            .push_bind(cols.ip_allowlist)
+            .push_bind(cols.rate_limit)
+            .push_bind(cols.quota)
+            .push_bind(key.status.as_str())
+            .push_bind(cols.expires_at)
+            .push_bind(cols.metadata)
+            .push_bind(cols.tags)
+            .push_bind(super::to_ms(key.created_at))
+            .push_bind(super::to_ms(key.updated_at))
+            .push_bind(None::<i64>)
+            .push_bind(version)
+            .push_bind(key.imported);
+    });
+    qb.push(
+        " ON CONFLICT (id) DO UPDATE SET prefix = excluded.prefix, masked = excluded.masked, name = excluded.name, \
+         owner = excluded.owner, plan = excluded.plan, scopes = excluded.scopes, ip_allowlist = excluded.ip_allowlist, \
+         rate_limit = excluded.rate_limit, quota = excluded.quota, status = excluded.status, \
+         expires_at = excluded.expires_at, metadata = excluded.metadata, tags = excluded.tags, \
+         created_at = excluded.created_at, updated_at = excluded.updated_at, version = excluded.version",
+    );
+    qb.build().execute(&mut *conn).await.map_err(|e| conflict_on_unique(e, "a key with this hash already exists"))?;
+    Ok(())
 }
 
 pub(super) async fn ingest_usage(
