@@ -11,7 +11,7 @@ serves the sync feed too), G gateways following it, each with its own last-known
 file (`keys.cache_file`, `max_staleness: 0s`) and a proxy listener in front of a tiny
 upstream. In order:
 
- 0. a gateway following the still empty store: its resident memory is the fixed base;
+ 0. a gateway following an empty control plane: its resident memory is the fixed base;
  1. import: writes N keys as NDJSON (a few thousand real keys the script keeps to test
     with, the rest random `sha256:` digests; 10,000 owners, three plans, tags) and
     times `keygate keys import FILE` against the admin API;
@@ -359,7 +359,8 @@ class Scale:
         self.args, self.workdir = args, workdir
         self.children = harness.Children(workdir)
         # TMPDIR: the control plane's snapshot spool goes to the work directory too.
-        self.env = dict(os.environ, ADMIN_TOKEN=ADMIN_TOKEN, SYNC_TOKEN=SYNC_TOKEN, KEYGATE_LOG="warn",
+        # KEYGATE_LOG from the environment, if set, for every node (info, debug).
+        self.env = dict(os.environ, ADMIN_TOKEN=ADMIN_TOKEN, SYNC_TOKEN=SYNC_TOKEN, KEYGATE_LOG=os.environ.get("KEYGATE_LOG", "warn"),
                         TMPDIR=str(workdir))
         self.rows = []
         self.notes = []
@@ -405,7 +406,8 @@ access_log: off
         path.write_text(text)
         return path
 
-    def gateway(self, name):
+    def gateway(self, name, control_plane_port=None):
+        control_plane_port = control_plane_port or self.ports["cp_admin"]
         d = {"name": name, "proxy": harness.free_port(), "admin": harness.free_port(),
              "cache": self.workdir / name / "keys.snapshot"}
         (self.workdir / name).mkdir()
@@ -417,7 +419,7 @@ listeners: [ {{ address: 127.0.0.1:{d['proxy']} }} ]
 admin: {{ address: 127.0.0.1:{d['admin']} }}
 keys:
   source: control_plane
-  control_plane: {{ url: "http://127.0.0.1:{self.ports['cp_admin']}", token: "${{env:SYNC_TOKEN}}" }}
+  control_plane: {{ url: "http://127.0.0.1:{control_plane_port}", token: "${{env:SYNC_TOKEN}}" }}
   cache_file: {d['cache']}
   max_staleness: 0s
 upstreams:
@@ -463,8 +465,22 @@ access_log: off
               flush=True)
 
     def base_memory(self):
-        """A gateway following the empty store: the fixed part of a gateway's memory."""
-        gw = self.gateway("gw-empty")
+        """A gateway following an empty store: the fixed part of a gateway's memory. The
+        empty store is a control plane of its own, so that the one measured later has
+        served no snapshot before the storm (it may reuse one it served minutes ago)."""
+        port = harness.free_port()
+        config = self.workdir / "empty-control-plane.yaml"
+        config.write_text(f"""mode: control-plane
+node_id: empty
+admin:
+  address: 127.0.0.1:{port}
+  tokens: [ {{ name: scale, token: "${{env:ADMIN_TOKEN}}" }} ]
+  sync_tokens: [ {{ name: edge, token: "${{env:SYNC_TOKEN}}" }} ]
+store: {{ url: "sqlite://{self.workdir}/empty.db" }}
+{PLANS_YAML}""")
+        self.children.start("empty-control-plane", [self.args.keygate, "serve", "-c", str(config)], self.env)
+        harness.wait_http(port, "/healthz", alive=self.children.check_alive)
+        gw = self.gateway("gw-empty", port)
         started = time.monotonic()
         popen = self.start_gateway(gw)
         harness.wait_http(gw["admin"], "/readyz", timeout=120, alive=self.children.check_alive)
@@ -473,6 +489,7 @@ access_log: off
         self.base_rss = harness.rss_bytes(popen.pid)
         self.cp_idle_rss = harness.rss_bytes(self.cp.pid)
         self.children.stop(gw["name"])
+        self.children.stop("empty-control-plane")
         print(f"base: a gateway with 0 keys: {mb(self.base_rss)} resident, ready in {ready:.2f} s; "
               f"{self.cp_label} {mb(self.cp_idle_rss)}", flush=True)
         self.rows.append(Row("0", "gateway with 0 keys (the fixed base)", f"{mb(self.base_rss)} resident"))
@@ -488,8 +505,6 @@ access_log: off
               f"{mb(size)}, in {generated:.1f} s", flush=True)
         self.check_key_format()
 
-        if subprocess.run([args.keygate, "keys", "import", "--help"], capture_output=True).returncode != 0:
-            return self.create_through_api(path)  # TEMPORARY: until `keys import` lands on main
         harness.reset_peak_rss(self.cp.pid)
         argv = [args.keygate, "keys", "--admin-url", f"http://127.0.0.1:{self.ports['cp_admin']}",
                 "--token", ADMIN_TOKEN, "--json", "import", str(path)]
@@ -513,23 +528,6 @@ access_log: off
                              f"{rate:,.0f} keys/s ({seconds(took)})"))
         self.rows.append(Row("1", f"{self.cp_label} peak resident memory during the import", mb(cp_peak)))
         self.imported_file = path
-
-    def create_through_api(self, path):
-        """TEMPORARY (development before `keys import` landed): POST /v1/keys per record."""
-        admin = Admin(self.ports["cp_admin"])
-        started = time.monotonic()
-        tests = []
-        with open(path) as f:
-            for line in f:
-                r = json.loads(line)
-                body = {k: r[k] for k in ("name", "owner", "plan", "scopes", "tags")}
-                created = admin.call("POST", "/v1/keys", body)
-                if len(tests) < len(self.test_keys):
-                    tests.append(TestKey(created["key"], created["record"]["id"]))
-        took = time.monotonic() - started
-        self.test_keys = tests
-        self.rows.append(Row("1", "POST /v1/keys per key (no `keys import` in this build)",
-                             f"{self.args.keys / took:,.0f} keys/s ({seconds(took)})"))
 
     def check_key_format(self):
         """The generated keys must be keygate's own: `keygate hash-key` agrees."""
