@@ -76,14 +76,13 @@ TEST_KEYS = 2000
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 KEY_PREFIX = "kg_live"
 
-# The field mix of load-tests/admin_queries.py, so that its queries find what they
-# look for: 10,000 owners (skewed), plans 60/30/10 %, statuses 90/8/2 %, an
-# environment and a region on every key, a team on 70 %, beta 5 %, legacy 1 %, pci 0.01 %.
+# The vocabulary of load-tests/admin_queries.py, so that its queries find what they
+# look for: 10,000 owners (skewed), plans 60/30/10 %, statuses 90/8/2 %, names of a
+# service and an environment; tags from its environments, teams and pci.
 OWNERS = 10_000
 PLANS = [("free", 0.60), ("pro", 0.30), ("enterprise", 0.10)]
 STATUSES = [("active", 0.90), ("disabled", 0.08), ("revoked", 0.02)]
 ENVS = [("prod", 0.60), ("staging", 0.30), ("dev", 0.10)]
-REGIONS = [("eu", 0.45), ("us", 0.45), ("apac", 0.10)]
 TEAMS = [f"team-{n:02d}" for n in range(30)]
 SERVICES = [
     "billing", "checkout", "reporting", "search", "inventory", "shipping", "payments", "ledger",
@@ -151,19 +150,26 @@ class TestKey:
 
 def generate_ndjson(path, count, test_count, seed):
     """Writes `count` records to `path`; `test_count` of them, spread evenly, are real
-    keys (active, plan enterprise) returned as TestKeys. Returns (test keys, mean bytes
-    of each record's strings as benches/index_scale.rs counts them)."""
+    keys (active, plan enterprise, nothing that would refuse the script's requests)
+    returned as TestKeys. Returns (test keys, mean bytes of each record's strings as
+    benches/index_scale.rs counts them).
+
+    Besides the fields above, the records carry what the index bench's records carry,
+    in the same shares, so that the bench's bytes per key apply to them: one key in 20
+    with an allowlist of its own address, one in 100 with its own rate limit, one in 100
+    with its own quota, one in 4 expiring, one in 25 with metadata, one in 10 with a tag."""
     rng = random.Random(seed)
     every = max(1, count // max(1, test_count))
     tests = []
     string_bytes = 0
     with open(path, "w", buffering=1 << 20) as out:
         write = out.write
-        block = b""
+        block = ""
         for i in range(count):
             if i % 4096 == 0:
                 block = os.urandom(32 * 4096).hex()
-            is_test = i % every == 0 and len(tests) < test_count
+            # Offset 7: test keys fall on none of the numbers that get the extras below.
+            is_test = i % every == 7 % every and len(tests) < test_count
             if is_test:
                 raw = make_key(rng)
                 digest = hashlib.sha256(raw.encode()).hexdigest()
@@ -173,25 +179,33 @@ def generate_ndjson(path, count, test_count, seed):
             key_id = "key_" + digest[:20]
             owner = f"org-{int(OWNERS * rng.random() ** 3):05d}"
             env = pick(rng, ENVS)
-            tags = [env, pick(rng, REGIONS)]
-            if rng.random() < 0.70:
-                tags.append(TEAMS[rng.randrange(30)])
-            if rng.random() < 0.05:
-                tags.append("beta")
-            if rng.random() < 0.01:
-                tags.append("legacy")
-            if rng.random() < 0.0001:
-                tags.append("pci")
             name = f"{SERVICES[rng.randrange(len(SERVICES))]}-{env} {rng.randrange(1000)}"
+            extra = ""
             if is_test:
                 plan, status = "enterprise", "active"
                 tests.append(TestKey(raw, key_id))
             else:
                 plan, status = pick(rng, PLANS), pick(rng, STATUSES)
-            string_bytes += len(key_id) + len(name) + len(owner) + len(plan) + 11 + sum(map(len, tags))
-            tags_json = '","'.join(tags)
+                if i % 10 == 6:
+                    tag = "pci" if rng.random() < 0.001 else env if rng.random() < 0.5 else TEAMS[i % 30]
+                    extra += f',"tags":["{tag}"]'
+                    string_bytes += len(tag)
+                if i % 25 == 5:
+                    extra += ',"metadata":{"team":"payments"}'
+                    string_bytes += len("team") + len("payments")
+                if i % 20 == 0:
+                    n = 0xC6336400 + i  # from 198.51.100.0 up, as the bench
+                    extra += f',"ip_allowlist":["{n >> 24 & 255}.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}/32"]'
+                if i % 100 == 1:
+                    extra += f',"rate_limit":{{"requests":{10 + i % 50},"per":"1s"}}'
+                if i % 100 == 2:
+                    extra += ',"quota":{"requests":100000,"per":"month"}'
+                if i % 4 == 0:
+                    expires = datetime.datetime.fromtimestamp(1_900_000_000 + i, datetime.timezone.utc)
+                    extra += f',"expires_at":"{expires:%Y-%m-%dT%H:%M:%SZ}"'
+            string_bytes += len(key_id) + len(name) + len(owner) + len(plan) + len("orders:read")
             write(f'{{"hash":"sha256:{digest}","id":"{key_id}","name":"{name}","owner":"{owner}",'
-                  f'"plan":"{plan}","scopes":{SCOPES},"tags":["{tags_json}"],"status":"{status}"}}\n')
+                  f'"plan":"{plan}","scopes":{SCOPES},"status":"{status}"{extra}}}\n')
     return tests, string_bytes / max(1, count)
 
 
