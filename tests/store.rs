@@ -129,7 +129,7 @@ on_both_backends!(
     delete_removes_the_key_and_feeds_a_delete,
     feed_versions_increase_and_changes_since_returns_exactly_the_missed_changes,
     snapshot_is_consistent_with_the_feed_version,
-    snapshot_pages_read_while_keys_change_converge_with_the_changes_after_their_version,
+    snapshot_streamed_while_keys_change_converges_with_the_changes_after_its_version,
     change_through_one_connection_is_visible_to_another,
     concurrent_creates_get_distinct_increasing_versions,
     feed_reader_following_concurrent_writers_misses_nothing,
@@ -651,10 +651,11 @@ async fn snapshot_is_consistent_with_the_feed_version(db: TestDb) {
     assert_eq!(snapshot_map[&created[2].id].status, KeyStatusText::Revoked);
 }
 
-/// A snapshot read page by page (as `/v1/sync/snapshot` streams it) while keys are
-/// created, revoked and deleted, plus the changes after the version read before
-/// the first page, is exactly the store's final state.
-async fn snapshot_pages_read_while_keys_change_converge_with_the_changes_after_their_version(db: TestDb) {
+/// A snapshot streamed (as `/v1/sync/snapshot` reads it) while keys are created,
+/// revoked and deleted, plus the changes after the version read before it, is
+/// exactly the store's final state.
+async fn snapshot_streamed_while_keys_change_converges_with_the_changes_after_its_version(db: TestDb) {
+    use futures_util::StreamExt as _;
     let store = &db.store;
     let mut ids = Vec::new();
     for i in 0..30 {
@@ -662,26 +663,22 @@ async fn snapshot_pages_read_while_keys_change_converge_with_the_changes_after_t
     }
     let version = store.latest_version().await.unwrap();
     let mut seen: HashMap<String, StoredKey> = HashMap::new();
-    let mut after: Option<String> = None;
-    let mut step = 0;
-    loop {
-        let page = store.keys_after(after.as_deref(), 4).await.unwrap();
-        let Some(last) = page.last() else { break };
-        assert!(page.len() <= 4);
-        assert!(after.as_deref().is_none_or(|a| page.iter().all(|k| k.id.as_str() > a)), "pages go forward by id");
-        after = Some(last.id.clone());
-        for key in page {
+    {
+        let mut keys = store.all_keys();
+        let mut step = 0;
+        while let Some(key) = keys.next().await {
+            let key = key.unwrap();
             assert!(seen.insert(key.id.clone(), key).is_none(), "a key came twice");
+            // Changes while the statement streams.
+            match step {
+                0 => store.revoke_key(&ids[0], "ops").await.map(|_| ()).unwrap(),
+                1 => store.delete_key(&ids[29], "ops").await.unwrap(),
+                2 => store.create_key(new_key("late"), "ops").await.map(|_| ()).unwrap(),
+                3 => store.delete_key(&ids[1], "ops").await.unwrap(),
+                _ => {}
+            }
+            step += 1;
         }
-        // Changes between pages: ahead of and behind the read position.
-        match step {
-            0 => store.revoke_key(&ids[0], "ops").await.map(|_| ()).unwrap(),
-            1 => store.delete_key(&ids[29], "ops").await.unwrap(),
-            2 => store.create_key(new_key("late"), "ops").await.map(|_| ()).unwrap(),
-            3 => store.delete_key(&ids[1], "ops").await.unwrap(),
-            _ => {}
-        }
-        step += 1;
     }
     let (changes, _) = store.changes_since(version, 10_000).await.unwrap();
     assert!(!changes.is_empty());

@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::model::StoredKey;
-use super::store::{Store, StoreError, MAX_SNAPSHOT_PAGE};
+use super::store::{Store, StoreError};
 use crate::index::wire::{self, Frame, WireKey, WireQuota, WireRate};
 use crate::key::KeyDigest;
 
@@ -57,12 +57,6 @@ pub fn wire_key(key: &StoredKey) -> Option<WireKey<'_>> {
     })
 }
 
-enum Step {
-    Start,
-    Page { version: u64, after: Option<String>, sent: u64 },
-    Done,
-}
-
 /// Where a snapshot starts: the feed version, read before any key.
 pub struct SnapshotStart {
     version: u64,
@@ -77,48 +71,8 @@ impl SnapshotStart {
     }
 }
 
-/// The whole key set as a stream of encoded frames, read one page at a time as
-/// the body is sent: a page is read only when the previous one has been taken.
-pub fn stream(store: Arc<Store>, start: SnapshotStart) -> impl Stream<Item = Result<Bytes, StoreError>> + Send {
-    futures_util::stream::try_unfold(Step::Start, move |step| {
-        let store = Arc::clone(&store);
-        async move {
-            match step {
-                Step::Start => {
-                    let SnapshotStart { version, keys_estimate } = start;
-                    let mut bytes = wire::header().to_vec();
-                    // The id only ties a gateway's change log to its snapshot file.
-                    wire::encode_frame(&Frame::Start { version, keys: keys_estimate, id: 0 }, &mut bytes);
-                    Ok(Some((Bytes::from(bytes), Step::Page { version, after: None, sent: 0 })))
-                }
-                Step::Page { version, after, sent } => {
-                    let page = store.keys_after(after.as_deref(), MAX_SNAPSHOT_PAGE).await?;
-                    let mut bytes = Vec::new();
-                    let Some(last) = page.last() else {
-                        wire::encode_frame(&Frame::End { version, keys: sent }, &mut bytes);
-                        return Ok(Some((Bytes::from(bytes), Step::Done)));
-                    };
-                    let after = Some(last.id.clone());
-                    let keys: Vec<WireKey<'_>> = page
-                        .iter()
-                        .filter_map(|key| {
-                            let wire = wire_key(key);
-                            if wire.is_none() {
-                                tracing::error!(key_id = %key.id, "a stored key has an unusable hash; it is not sent to gateways");
-                            }
-                            wire
-                        })
-                        .collect();
-                    let sent = sent + keys.len() as u64;
-                    wire::encode_frame(&Frame::Keys(keys), &mut bytes);
-                    Ok(Some((Bytes::from(bytes), Step::Page { version, after, sent })))
-                }
-                Step::Done => Ok(None),
-            }
-        }
-    })
-}
-
+/// Keys per frame of a snapshot.
+const KEYS_PER_FRAME: usize = 5_000;
 /// A spool is reused this long after it was started...
 const REUSE_FOR: Duration = Duration::from_secs(300);
 /// ...while the feed has moved at most this many versions past it.
@@ -179,38 +133,61 @@ impl Spool {
     }
 
     async fn write(self: Arc<Self>, store: Arc<Store>, start: SnapshotStart) {
-        let mut file = match tokio::fs::File::create(&self.path).await {
-            Ok(file) => file,
+        let outcome = self.write_frames(&store, start).await;
+        match outcome {
+            Ok(written) => self.progress.send_replace(Progress::Done(written)),
             Err(e) => {
-                tracing::error!(file = %self.path.display(), error = %e, "cannot create the snapshot spool");
-                self.progress.send_replace(Progress::Failed);
-                return;
+                tracing::error!(file = %self.path.display(), error = %e, "cannot read the key set for a snapshot");
+                self.progress.send_replace(Progress::Failed)
             }
         };
+    }
+
+    /// The store's keys, one statement streamed into frames of [`KEYS_PER_FRAME`].
+    async fn write_frames(&self, store: &Store, start: SnapshotStart) -> Result<u64, String> {
+        let mut file = tokio::fs::File::create(&self.path).await.map_err(|e| e.to_string())?;
+        let SnapshotStart { version, keys_estimate } = start;
         let mut written = 0u64;
-        let mut frames = std::pin::pin!(stream(store, start));
-        while let Some(frame) = frames.next().await {
-            let outcome = match frame {
+        let mut frame = wire::header().to_vec();
+        // The id only ties a gateway's change log to its snapshot file.
+        wire::encode_frame(&Frame::Start { version, keys: keys_estimate, id: 0 }, &mut frame);
+        let mut keys = store.all_keys();
+        let mut page: Vec<StoredKey> = Vec::with_capacity(KEYS_PER_FRAME);
+        let mut sent = 0u64;
+        loop {
+            let next = keys.next().await.transpose().map_err(|e| e.to_string())?;
+            let last = next.is_none();
+            page.extend(next);
+            if page.len() == KEYS_PER_FRAME || (last && !page.is_empty()) {
+                let wire_keys: Vec<WireKey<'_>> = page
+                    .iter()
+                    .filter_map(|key| {
+                        let wire = wire_key(key);
+                        if wire.is_none() {
+                            tracing::error!(key_id = %key.id, "a stored key has an unusable hash; it is not sent to gateways");
+                        }
+                        wire
+                    })
+                    .collect();
+                sent += wire_keys.len() as u64;
+                wire::encode_frame(&Frame::Keys(wire_keys), &mut frame);
+                page.clear();
+            }
+            if last {
+                wire::encode_frame(&Frame::End { version, keys: sent }, &mut frame);
+            }
+            if !frame.is_empty() {
                 // tokio's file hands writes to a blocking thread: flushed, they are in the file for readers.
-                Ok(bytes) => match file.write_all(&bytes).await.and(file.flush().await) {
-                    Ok(()) => Ok(bytes.len() as u64),
-                    Err(e) => Err(e.to_string()),
-                },
-                Err(e) => Err(e.to_string()),
-            };
-            match outcome {
-                Ok(len) => {
-                    written += len;
-                    self.progress.send_replace(Progress::Writing(written));
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "reading the key set for a snapshot failed");
-                    self.progress.send_replace(Progress::Failed);
-                    return;
-                }
+                file.write_all(&frame).await.map_err(|e| e.to_string())?;
+                file.flush().await.map_err(|e| e.to_string())?;
+                written += frame.len() as u64;
+                frame.clear();
+                self.progress.send_replace(Progress::Writing(written));
+            }
+            if last {
+                return Ok(written);
             }
         }
-        self.progress.send_replace(Progress::Done(written));
     }
 
     /// The file from its start, following the writer until it is done.

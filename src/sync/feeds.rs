@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 
 use super::follow::{ChangeBatch, FeedError, KeyFeed, LoadedKeys};
 use crate::control::feed::Feed;
-use crate::control::store::{Store, MAX_SNAPSHOT_PAGE};
+use crate::control::store::Store;
 use crate::http_client;
 use crate::index::wire::{self, FrameReader, KeySetLoader, UnusableAllowlists, WireError};
 use crate::index::SnapshotBuilder;
@@ -109,27 +109,24 @@ impl LocalFeed {
 
 #[async_trait]
 impl KeyFeed for LocalFeed {
-    /// The store read page by page, as a control plane streams it to its gateways.
+    /// The store read by one streamed statement, as a control plane reads it for its gateways.
     async fn snapshot(&self, _answer_within: Duration) -> Result<LoadedKeys, FeedError> {
+        use futures_util::StreamExt as _;
         let failed = |e: crate::control::store::StoreError| FeedError::Store(e.to_string());
         let version = self.store.latest_version().await.map_err(failed)?;
         let estimate = self.store.key_count_estimate().await.map_err(failed)?;
         let mut builder = SnapshotBuilder::with_capacity(usize::try_from(estimate).unwrap_or(0));
         let mut unusable = UnusableAllowlists::default();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self.store.keys_after(after.as_deref(), MAX_SNAPSHOT_PAGE).await.map_err(failed)?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.id.clone());
-            for key in &page {
-                let Some(wire) = crate::control::snapshot::wire_key(key) else {
-                    tracing::error!(key_id = %key.id, "a stored key has an unusable hash; it is not served");
-                    continue;
-                };
-                unusable.note(&wire);
-                let (digest, record) = wire.to_record();
-                builder.push(digest, record).map_err(|e| FeedError::Store(e.to_string()))?;
-            }
+        let mut keys = self.store.all_keys();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(failed)?;
+            let Some(wire) = crate::control::snapshot::wire_key(&key) else {
+                tracing::error!(key_id = %key.id, "a stored key has an unusable hash; it is not served");
+                continue;
+            };
+            unusable.note(&wire);
+            let (digest, record) = wire.to_record();
+            builder.push(digest, record).map_err(|e| FeedError::Store(e.to_string()))?;
         }
         Ok(LoadedKeys { snapshot: builder.finish(version), unusable })
     }

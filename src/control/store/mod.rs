@@ -57,9 +57,6 @@ pub const MAX_PAGE: u32 = 1000;
 /// Largest page of `changes_since`; larger requests are cut to this.
 pub const MAX_CHANGES_PAGE: u32 = 10_000;
 
-/// Largest page of `keys_after`.
-pub const MAX_SNAPSHOT_PAGE: u32 = 5_000;
-
 /// Advisory lock taken by every key mutation on PostgreSQL ("kgfeed" + 1).
 const FEED_LOCK_KEY: i64 = 0x6b67_6665_6564_0001;
 
@@ -247,10 +244,15 @@ impl Store {
         Ok(Import { conn, finished: false, closable: max_connections > 1 })
     }
 
-    /// Up to `limit` keys (at most [`MAX_SNAPSHOT_PAGE`]) with an id above `after`, by id:
-    /// a snapshot is read page by page, never whole.
-    pub async fn keys_after(&self, after: Option<&str>, limit: u32) -> Result<Vec<StoredKey>> {
-        dispatch!(self.keys_after(after, limit.clamp(1, MAX_SNAPSHOT_PAGE)))
+    /// Every key, in no particular order, streamed by one statement as the caller
+    /// takes them: one consistent state of the store, at least as new as a version
+    /// read before. A snapshot is read this way, never held whole; the statement holds
+    /// one connection until the stream is done or dropped.
+    pub fn all_keys(&self) -> futures_util::stream::BoxStream<'_, Result<StoredKey>> {
+        match self {
+            Store::Sqlite(pool) => sqlite::all_keys(pool),
+            Store::Postgres(pool) => postgres::all_keys(pool),
+        }
     }
 
     /// About how many keys there are (PostgreSQL's planner estimate; exact on SQLite).
@@ -258,19 +260,15 @@ impl Store {
         dispatch!(self.key_count_estimate())
     }
 
-    /// Every key, by id, and the feed version read before the first page: each key is
-    /// as of that version or later, and applying the changes after it gives the
-    /// current state. Holds the whole key set: for tests and small stores.
+    /// Every key, and a feed version read before them: each key is as of that version
+    /// or later, and applying the changes after it gives the current state. Holds the
+    /// whole key set: for tests and small stores.
     pub async fn snapshot(&self) -> Result<(u64, Vec<StoredKey>)> {
+        use futures_util::TryStreamExt as _;
         let version = self.latest_version().await?;
-        let mut keys: Vec<StoredKey> = Vec::new();
-        loop {
-            let page = self.keys_after(keys.last().map(|k| k.id.as_str()), MAX_SNAPSHOT_PAGE).await?;
-            if page.is_empty() {
-                return Ok((version, keys));
-            }
-            keys.extend(page);
-        }
+        let mut keys: Vec<StoredKey> = self.all_keys().try_collect().await?;
+        keys.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok((version, keys))
     }
 
     /// Adds one usage batch. `Ok(false)`: this `(node, boot_id, sequence)` was

@@ -485,14 +485,13 @@ pub(super) async fn latest_feed_version(pool: &Pool<Db>) -> Result<u64> {
     latest_version(&mut conn).await
 }
 
-pub(super) async fn keys_after(pool: &Pool<Db>, after: Option<&str>, limit: u32) -> Result<Vec<StoredKey>> {
-    let mut qb = QueryBuilder::<Db>::new(concat!("SELECT ", key_columns!(), " FROM keys"));
-    if let Some(after) = after {
-        qb.push(" WHERE id > ").push_bind(after);
-    }
-    qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
-    let rows: Vec<KeyRow> = qb.build_query_as().fetch_all(pool).await?;
-    rows.into_iter().map(KeyRow::into_key).collect()
+/// Every key, in no particular order, read by one statement as the caller takes them.
+pub(super) fn all_keys(pool: &Pool<Db>) -> futures_util::stream::BoxStream<'_, Result<StoredKey>> {
+    use futures_util::StreamExt as _;
+    sqlx::query_as::<_, KeyRow>(concat!("SELECT ", key_columns!(), " FROM keys"))
+        .fetch(pool)
+        .map(|row| row.map_err(StoreError::from).and_then(KeyRow::into_key))
+        .boxed()
 }
 
 pub(super) async fn key_count_estimate(pool: &Pool<Db>) -> Result<u64> {
