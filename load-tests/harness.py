@@ -236,4 +236,7 @@ def quantile(values, q):
 
 
 def mb(n):
+    """Bytes for people: kB, MB or GB (powers of 1000)."""
+    if n < 1e6:
+        return f"{n / 1e3:,.1f} kB"
     return f"{n / 1e6:,.1f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
