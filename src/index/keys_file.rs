@@ -297,7 +297,7 @@ keys:
         assert!(record.scopes().holds("billing:refund"));
         assert_eq!(record.rate_limit().map(|r| r.requests), Some(5));
         assert_eq!(record.metadata()["team"], "payments");
-        assert!(record.expires_at.is_some());
+        assert!(record.expires_at().is_some());
     }
 
     #[test]

@@ -174,7 +174,7 @@ impl<'a> WireKey<'a> {
             rate_limit: record.rate_limit().map(WireRate::from),
             quota: record.quota().map(WireQuota::from),
             status: record.status,
-            expires_at_ms: record.expires_at.map(time_to_ms),
+            expires_at_ms: record.expires_at().map(time_to_ms),
             metadata: record.metadata_json().map(borrowed),
             tags: record.tags().iter().map(|s| borrowed(s)).collect(),
             imported: record.imported(),
@@ -584,7 +584,7 @@ mod tests {
                     })
                 );
                 assert_eq!(loaded.metadata(), original.metadata());
-                assert_eq!(loaded.expires_at, original.expires_at);
+                assert_eq!(loaded.expires_at(), original.expires_at());
             }
         }
     }
