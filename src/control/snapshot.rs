@@ -15,13 +15,12 @@
 //! not moved far past its version; the gateway applies the changes since.
 
 use std::borrow::Cow;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use super::model::StoredKey;
@@ -73,10 +72,8 @@ impl SnapshotStart {
 
 /// Keys per frame of a snapshot.
 const KEYS_PER_FRAME: usize = 5_000;
-/// A spool is reused this long after it was started...
+/// A finished spool is reused this long after it was started, while the feed has not moved.
 const REUSE_FOR: Duration = Duration::from_secs(300);
-/// ...while the feed has moved at most this many versions past it.
-const REUSE_WITHIN_VERSIONS: u64 = 50_000;
 /// What one read of a spool sends at most.
 const READ_CHUNK: usize = 256 * 1024;
 
@@ -88,30 +85,39 @@ enum Progress {
     Failed,
 }
 
-/// One read of the store, spooled to a file that readers follow as it grows.
+/// One read of the store, spooled to a file that readers follow as it grows. The
+/// file is unlinked as soon as it is created: readers share the open file, and its
+/// disk space goes with the last of them, however the process ends.
 struct Spool {
-    path: PathBuf,
+    file: Arc<std::fs::File>,
     version: u64,
     started: Instant,
     progress: watch::Sender<Progress>,
 }
 
-impl Drop for Spool {
-    fn drop(&mut self) {
-        // The last holder is gone: no reader follows the file any more.
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 impl Spool {
+    /// A spool still being written is always worth joining (the gateway applies the
+    /// changes since its version); a finished one only while nothing has changed since.
+    /// Versions do not count keys (an import batch is one version for a thousand keys),
+    /// so "a little behind" cannot be told from them.
     fn reusable(&self, latest: u64) -> bool {
         match *self.progress.borrow() {
             Progress::Failed => false,
             Progress::Writing(_) => true,
-            Progress::Done(_) => {
-                self.started.elapsed() < REUSE_FOR && latest.saturating_sub(self.version) <= REUSE_WITHIN_VERSIONS
-            }
+            Progress::Done(_) => self.started.elapsed() < REUSE_FOR && latest == self.version,
         }
+    }
+
+    /// An unlinked temporary file, open for reading and writing.
+    fn create_file() -> std::io::Result<std::fs::File> {
+        let path = std::env::temp_dir().join(format!(
+            "keygate-snapshot-{}-{}.keys",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        std::fs::remove_file(&path)?;
+        Ok(file)
     }
 
     /// Reads the store into the file, waking readers at each frame, then lets go of
@@ -137,7 +143,7 @@ impl Spool {
         match outcome {
             Ok(written) => self.progress.send_replace(Progress::Done(written)),
             Err(e) => {
-                tracing::error!(file = %self.path.display(), error = %e, "cannot read the key set for a snapshot");
+                tracing::error!(error = %e, "cannot read the key set for a snapshot");
                 self.progress.send_replace(Progress::Failed)
             }
         };
@@ -145,7 +151,8 @@ impl Spool {
 
     /// The store's keys, one statement streamed into frames of [`KEYS_PER_FRAME`].
     async fn write_frames(&self, store: &Store, start: SnapshotStart) -> Result<u64, String> {
-        let mut file = tokio::fs::File::create(&self.path).await.map_err(|e| e.to_string())?;
+        let handle = self.file.try_clone().map_err(|e| e.to_string())?;
+        let mut file = tokio::fs::File::from_std(handle);
         let SnapshotStart { version, keys_estimate } = start;
         let mut written = 0u64;
         let mut frame = wire::header().to_vec();
@@ -193,8 +200,7 @@ impl Spool {
     /// The file from its start, following the writer until it is done.
     fn read(self: Arc<Self>) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
         let progress = self.progress.subscribe();
-        futures_util::stream::try_unfold((self, progress, None::<tokio::fs::File>, 0u64), |state| async move {
-            let (spool, mut progress, mut file, position) = state;
+        futures_util::stream::try_unfold((self, progress, 0u64), |(spool, mut progress, position)| async move {
             loop {
                 let available = match *progress.borrow_and_update() {
                     Progress::Failed => {
@@ -205,15 +211,16 @@ impl Spool {
                     Progress::Done(_) => return Ok(None),
                 };
                 if let Some(available) = available {
-                    let reader = match file.as_mut() {
-                        Some(reader) => reader,
-                        None => file.insert(tokio::fs::File::open(&spool.path).await?),
-                    };
                     let len = usize::try_from(available - position).unwrap_or(READ_CHUNK).min(READ_CHUNK);
-                    let mut buffer = vec![0u8; len];
-                    reader.read_exact(&mut buffer).await?;
-                    let position = position + len as u64;
-                    return Ok(Some((Bytes::from(buffer), (spool, progress, file, position))));
+                    let file = Arc::clone(&spool.file);
+                    // Each reader reads at its own offset; the shared handle's cursor is the writer's.
+                    let chunk = tokio::task::spawn_blocking(move || {
+                        let mut buffer = vec![0u8; len];
+                        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buffer, position).map(|()| buffer)
+                    })
+                    .await
+                    .map_err(std::io::Error::other)??;
+                    return Ok(Some((Bytes::from(chunk), (spool, progress, position + len as u64))));
                 }
                 if progress.changed().await.is_err() {
                     return Err(std::io::Error::other("the snapshot writer stopped"));
@@ -245,14 +252,9 @@ impl SharedSnapshots {
             return Ok(Arc::clone(spool).read());
         }
         let start = SnapshotStart::read(store).await?;
-        let path = std::env::temp_dir().join(format!(
-            "keygate-snapshot-{}-{}-{}.keys",
-            std::process::id(),
-            start.version,
-            rand::random::<u32>()
-        ));
+        let file = Spool::create_file().map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
         let spool = Arc::new(Spool {
-            path,
+            file: Arc::new(file),
             version: start.version,
             started: Instant::now(),
             progress: watch::Sender::new(Progress::Writing(0)),
@@ -319,12 +321,30 @@ mod tests {
         assert_eq!((snapshot.len(), snapshot.version()), (12_000, latest));
         assert!(snapshot.get(&KeyDigest::of("raw-11999")).is_some());
 
-        // Far behind the feed, a spool is not reused; its file goes with its last holder.
-        let path = spool.path.clone();
-        assert!(path.exists());
-        let _third = shared.stream(&store, latest + REUSE_WITHIN_VERSIONS + 1).await.unwrap();
+        // A finished spool serves while nothing has changed...
+        let again = shared.stream(&store, latest).await.unwrap();
+        assert!(Arc::ptr_eq(&spool, shared.current.lock().await.as_ref().unwrap()));
+        drop(again);
+        // ...and not after any change, however small its version step: one import
+        // batch is one version for a thousand keys.
+        store.create_key(new_key(99_999), "ops").await.unwrap();
+        let _fresh = shared.stream(&store, latest + 1).await.unwrap();
         assert!(!Arc::ptr_eq(&spool, shared.current.lock().await.as_ref().unwrap()));
-        drop(spool);
-        assert!(!path.exists(), "the replaced spool's file is removed");
+    }
+
+    #[tokio::test]
+    async fn a_spool_leaves_no_file_behind_whatever_ends_the_process() {
+        let store = Arc::new(Store::connect("sqlite::memory:").await.unwrap());
+        store.create_key(new_key(1), "ops").await.unwrap();
+        let shared = SharedSnapshots::default();
+        let bytes = collect(shared.stream(&store, 1).await.unwrap()).await;
+        assert!(!bytes.is_empty());
+        let prefix = format!("keygate-snapshot-{}-", std::process::id());
+        let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| entry.file_name().to_string_lossy().starts_with(&prefix))
+            .collect();
+        assert!(left.is_empty(), "a spool's file has a name while it is in use: {left:?}");
     }
 }
