@@ -74,6 +74,19 @@ macro_rules! key_columns {
     };
 }
 
+/// The text PostgreSQL's trigram index `keys_search_idx` covers (migration 0003): the
+/// listing's `q` filter must use this exact expression for the index to apply. The fields
+/// are joined by [`SEARCH_SEPARATOR`].
+macro_rules! search_text {
+    () => {
+        "lower(name || chr(1) || COALESCE(owner, '') || chr(1) || (id COLLATE \"default\") || chr(1) || masked)"
+    };
+}
+
+/// Joins the fields in [`search_text!`]: a needle without it matches the joined text
+/// exactly when it matches one of the fields.
+const SEARCH_SEPARATOR: char = '\u{1}';
+
 // `ops.rs` compiled once per backend: sqlx's generic executor bounds are unwieldy,
 // and concrete types keep every query checked by the compiler for both.
 mod sqlite {
@@ -509,6 +522,13 @@ fn like_pattern(needle: &str) -> String {
     pattern
 }
 
+/// The FTS5 query for `needle` as one phrase (a substring, on the trigram index), or
+/// `None` when it is shorter than a trigram and the index cannot answer.
+fn fts_phrase(needle: &str) -> Option<String> {
+    let needle = needle.to_lowercase();
+    (needle.chars().count() >= 3).then(|| format!("\"{}\"", needle.replace('"', "\"\"")))
+}
+
 // ---- usage ----
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -688,6 +708,15 @@ mod tests {
     #[test]
     fn like_pattern_escapes_wildcards() {
         assert_eq!(like_pattern("A_b%c\\"), "%a\\_b\\%c\\\\%");
+    }
+
+    #[test]
+    fn fts_phrase_quotes_and_needs_a_trigram() {
+        assert_eq!(fts_phrase("Ab\"c").as_deref(), Some("\"ab\"\"c\""));
+        assert_eq!(fts_phrase("a%_").as_deref(), Some("\"a%_\""));
+        assert_eq!(fts_phrase("ab"), None);
+        assert_eq!(fts_phrase("éé"), None);
+        assert_eq!(fts_phrase("ééé").as_deref(), Some("\"ééé\""));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use sqlx::{Pool, QueryBuilder, Transaction};
 
 use super::{
-    conflict_on_unique, distinct, from_ms, key_from_new, like_pattern, now_ms, to_i64, to_u64, unjson, AuditEvent,
+    conflict_on_unique, distinct, from_ms, fts_phrase, key_from_new, like_pattern, now_ms, to_i64, to_u64, unjson, AuditEvent,
     BucketSums, Change, Cursor, Dialect, KeyColumns, KeyFilter, KeyPatch, KeyRow, KeyStatusText, NewKey, Result,
     StoreError, StoredKey, UsageAggregate, UsageRows, FEED_LOCK_KEY,
 };
@@ -216,45 +216,81 @@ pub(super) async fn list_keys(
     limit: u32,
     after: Option<Cursor>,
 ) -> Result<(Vec<StoredKey>, Option<String>)> {
-    let mut qb = QueryBuilder::<Db>::new(concat!("SELECT ", key_columns!(), " FROM keys WHERE 1 = 1"));
-    if let Some(owner) = &filter.owner {
-        qb.push(" AND owner = ").push_bind(owner);
-    }
-    if let Some(status) = filter.status {
-        qb.push(" AND status = ").push_bind(status.as_str());
-    }
-    if let Some(plan) = &filter.plan {
-        qb.push(" AND plan = ").push_bind(plan);
-    }
-    if let Some(tag) = &filter.tag {
-        match DIALECT {
-            Dialect::Sqlite => qb.push(" AND EXISTS (SELECT 1 FROM json_each(keys.tags) WHERE json_each.value = "),
-            Dialect::Postgres => qb.push(" AND (keys.tags::jsonb @> jsonb_build_array(CAST("),
-        };
-        qb.push_bind(tag);
-        qb.push(match DIALECT {
-            Dialect::Sqlite => ")",
-            Dialect::Postgres => " AS TEXT)))",
-        });
-    }
+    let mut qb = QueryBuilder::<Db>::new(concat!("SELECT ", key_columns!(), " FROM keys"));
+    // The listing order's columns: key_tags' own with a tag (its primary key is in that
+    // order), else keys'. Either way (created_at, id) of the key.
+    let order = if let Some(tag) = &filter.tag {
+        // The other filters on key_tags' copies, tested inside its index. The owner on
+        // keys as well, so that a small owner's keys can drive instead of a large tag.
+        qb.push(" JOIN key_tags ON key_tags.key_id = keys.id WHERE key_tags.tag = ").push_bind(tag);
+        if let Some(status) = filter.status {
+            qb.push(" AND key_tags.key_status = ").push_bind(status.as_str());
+        }
+        if let Some(owner) = &filter.owner {
+            qb.push(" AND key_tags.key_owner = ").push_bind(owner);
+            qb.push(" AND keys.owner = ").push_bind(owner);
+        }
+        if let Some(plan) = &filter.plan {
+            qb.push(" AND key_tags.key_plan = ").push_bind(plan);
+        }
+        ("key_tags.key_created_at", "key_tags.key_id")
+    } else {
+        qb.push(" WHERE 1 = 1");
+        if let Some(status) = filter.status {
+            qb.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(owner) = &filter.owner {
+            qb.push(" AND owner = ").push_bind(owner);
+        }
+        if let Some(plan) = &filter.plan {
+            qb.push(" AND plan = ").push_bind(plan);
+        }
+        ("keys.created_at", "keys.id")
+    };
     if let Some(q) = filter.q.as_deref().filter(|q| !q.is_empty()) {
         let pattern = like_pattern(q);
-        qb.push(" AND (");
-        for (i, column) in ["name", "COALESCE(owner, '')", "id", "masked"].into_iter().enumerate() {
-            if i > 0 {
-                qb.push(" OR ");
+        let indexed = match DIALECT {
+            // The one expression of the trigram index, exact on its own.
+            Dialect::Postgres if !q.contains(super::SEARCH_SEPARATOR) => {
+                qb.push(concat!(" AND ", search_text!(), " LIKE ")).push_bind(pattern.clone()).push(" ESCAPE '\\'");
+                true
             }
-            qb.push(format_args!("LOWER({column}) LIKE ")).push_bind(pattern.clone()).push(" ESCAPE '\\'");
+            Dialect::Postgres => false,
+            // Candidates from the FTS5 trigram index, then the exact test below.
+            Dialect::Sqlite => {
+                if let Some(phrase) = fts_phrase(q) {
+                    qb.push(" AND keys.rowid IN (SELECT rowid FROM keys_search WHERE keys_search MATCH ")
+                        .push_bind(phrase)
+                        .push(")");
+                }
+                false
+            }
+        };
+        if !indexed {
+            qb.push(" AND (");
+            for (i, column) in ["name", "COALESCE(owner, '')", "id", "masked"].into_iter().enumerate() {
+                if i > 0 {
+                    qb.push(" OR ");
+                }
+                qb.push(format_args!("LOWER({column}) LIKE ")).push_bind(pattern.clone()).push(" ESCAPE '\\'");
+            }
+            qb.push(")");
         }
-        qb.push(")");
     }
+    let (created_at_column, id_column) = order;
     if let Some((created_at, id)) = after {
-        qb.push(" AND (created_at < ").push_bind(created_at);
-        qb.push(" OR (created_at = ").push_bind(created_at).push(" AND id < ").push_bind(id).push("))");
+        // A row value: the index range starts at the cursor, no earlier row is read.
+        qb.push(format_args!(" AND ({created_at_column}, {id_column}) < ("))
+            .push_bind(created_at)
+            .push(", ")
+            .push_bind(id)
+            .push(")");
     }
     // One extra row tells whether another page follows.
-    qb.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(i64::from(limit) + 1);
-    let rows: Vec<KeyRow> = qb.build_query_as().fetch_all(pool).await?;
+    qb.push(format_args!(" ORDER BY {created_at_column} DESC, {id_column} DESC LIMIT ")).push_bind(i64::from(limit) + 1);
+    // Not a prepared statement kept for reuse: PostgreSQL would in time plan it once for
+    // every value, and the right index differs between a common tag and a rare one.
+    let rows: Vec<KeyRow> = qb.build_query_as().persistent(false).fetch_all(pool).await?;
     let more = rows.len() > limit as usize;
     let keys = rows.into_iter().take(limit as usize).map(KeyRow::into_key).collect::<Result<Vec<_>>>()?;
     let next = if more { keys.last().map(super::encode_cursor) } else { None };
