@@ -262,6 +262,8 @@ def queries(admin):
         ("owner common + status=revoked", {"owner": "org-00000", "status": "revoked"}),
         ("plan=enterprise + status=disabled", {"plan": "enterprise", "status": "disabled"}),
         ("owner + tag + status", {"owner": "org-00000", "tag": "team-07", "status": "active"}),
+        ("tag=prod + owner rare", {"tag": "prod", "owner": "org-09999"}),
+        ("tag=beta + plan=enterprise", {"tag": "beta", "plan": "enterprise"}),
         ("q common (billing)", {"q": "billing"}),
         ("q rare (8 chars of an id)", {"q": key["id"][6:14]}),
         ("q rare owner (org-09999)", {"q": "org-09999"}),

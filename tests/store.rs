@@ -504,7 +504,7 @@ async fn tag_index_follows_create_update_rotate_revoke_and_delete(db: TestDb) {
     store.update_key(&c.id, KeyPatch { tags: Some(vec!["eu".into()]), ..Default::default() }, "ops").await.unwrap();
     store.update_key(&successor.id, KeyPatch { tags: Some(vec![]), ..Default::default() }, "ops").await.unwrap();
     assert_key_tags_in_step(&db).await;
-    assert_eq!(tagged("eu", None).await, [c.id.clone()]);
+    assert_eq!(tagged("eu", None).await, [c.id.as_str()]);
     assert!(tagged("pci", None).await.is_empty());
 }
 
@@ -1180,7 +1180,7 @@ async fn sqlite_search_finds_keys_after_vacuum() {
         for needle in [key.name.clone(), key.id[4..12].to_owned()] {
             let filter = KeyFilter { q: Some(needle.clone()), ..Default::default() };
             let (found, _) = db.store.list_keys(&filter, 100, None).await.unwrap();
-            assert_eq!(ids(&found), [key.id.clone()], "q={needle:?}");
+            assert_eq!(ids(&found), [key.id.as_str()], "q={needle:?}");
         }
     }
 }

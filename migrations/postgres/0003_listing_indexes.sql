@@ -1,6 +1,10 @@
 -- The admin listing at millions of keys. Every filter has an index in listing order
 -- (created_at DESC, id DESC after the filtered column), so a page reads about as many
 -- index entries as it returns instead of sorting every match; `q` has a trigram index.
+-- Indexes are built after their tables are filled, with at least 256 MB to sort in.
+
+SELECT set_config('maintenance_work_mem', '256MB', true)
+WHERE pg_size_bytes(current_setting('maintenance_work_mem')) < pg_size_bytes('256MB');
 
 CREATE INDEX keys_owner_created_idx ON keys (owner, created_at DESC, id DESC);
 -- The new index serves lookups by owner alone as well.
@@ -19,9 +23,11 @@ CREATE TABLE key_tags (
     key_id         TEXT COLLATE "C" NOT NULL,
     key_status     TEXT NOT NULL,
     key_owner      TEXT,
-    key_plan       TEXT,
-    PRIMARY KEY (tag, key_created_at, key_id) INCLUDE (key_status, key_owner, key_plan)
+    key_plan       TEXT
 );
+INSERT INTO key_tags (tag, key_created_at, key_id, key_status, key_owner, key_plan)
+SELECT DISTINCT tag, created_at, id, status, owner, plan FROM keys, jsonb_array_elements_text(keys.tags::jsonb) AS tag;
+ALTER TABLE key_tags ADD PRIMARY KEY (tag, key_created_at, key_id) INCLUDE (key_status, key_owner, key_plan);
 -- For the triggers, and for joins from a small set of keys (one owner's) to their tags.
 CREATE INDEX key_tags_key_idx ON key_tags (key_id);
 
@@ -49,9 +55,6 @@ CREATE TRIGGER keys_tags_update AFTER UPDATE OF tags, status, owner, plan, creat
     EXECUTE FUNCTION key_tags_sync();
 CREATE TRIGGER keys_tags_delete AFTER DELETE ON keys
     FOR EACH ROW EXECUTE FUNCTION key_tags_sync();
-
-INSERT INTO key_tags (tag, key_created_at, key_id, key_status, key_owner, key_plan)
-SELECT DISTINCT tag, created_at, id, status, owner, plan FROM keys, jsonb_array_elements_text(keys.tags::jsonb) AS tag;
 
 -- `q`: a case-insensitive substring of name, owner, id or masked. The four fields joined
 -- by chr(1), which the listing never searches for through this index, so a match in the

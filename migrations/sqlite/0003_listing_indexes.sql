@@ -22,6 +22,11 @@ CREATE TABLE key_tags (
     key_plan       TEXT,
     PRIMARY KEY (tag, key_created_at, key_id)
 ) WITHOUT ROWID;
+-- Filled in primary key order, then indexed: far faster than the other way round.
+INSERT INTO key_tags (tag, key_created_at, key_id, key_status, key_owner, key_plan)
+SELECT DISTINCT tag.value, keys.created_at, keys.id, keys.status, keys.owner, keys.plan
+FROM keys, json_each(keys.tags) AS tag
+ORDER BY 1, 2, 3;
 -- For the triggers, and for joins from a small set of keys (one owner's) to their tags.
 CREATE INDEX key_tags_key_idx ON key_tags (key_id);
 
@@ -41,9 +46,6 @@ CREATE TRIGGER keys_tags_delete AFTER DELETE ON keys BEGIN
     DELETE FROM key_tags WHERE key_id = old.id;
 END;
 
-INSERT INTO key_tags (tag, key_created_at, key_id, key_status, key_owner, key_plan)
-SELECT DISTINCT tag.value, keys.created_at, keys.id, keys.status, keys.owner, keys.plan
-FROM keys, json_each(keys.tags) AS tag;
 
 -- `q`: a case-insensitive substring of name, owner, id or masked, for needles of 3 or more
 -- characters. FTS5's trigram tokenizer indexes the four columns of `keys` (external
