@@ -522,6 +522,17 @@ fn like_pattern(needle: &str) -> String {
     pattern
 }
 
+/// Whether pg_trgm's index can narrow a search for `needle`: it takes trigrams from runs
+/// of letters and digits, and a needle without a run of three has only rare-to-useless
+/// ones (word-boundary padding), which would read most of the index.
+fn trigram_indexable(needle: &str) -> bool {
+    let mut run = 0;
+    needle.chars().any(|c| {
+        run = if c.is_alphanumeric() { run + 1 } else { 0 };
+        run >= 3
+    })
+}
+
 /// The FTS5 query for `needle` as one phrase (a substring, on the trigram index), or
 /// `None` when it is shorter than a trigram and the index cannot answer.
 fn fts_phrase(needle: &str) -> Option<String> {
@@ -708,6 +719,16 @@ mod tests {
     #[test]
     fn like_pattern_escapes_wildcards() {
         assert_eq!(like_pattern("A_b%c\\"), "%a\\_b\\%c\\\\%");
+    }
+
+    #[test]
+    fn trigram_index_needs_three_letters_or_digits_in_a_row() {
+        for yes in ["abc", "org-09999", "a b cde", "été", "x1y"] {
+            assert!(trigram_indexable(yes), "{yes}");
+        }
+        for no in ["", "ab", "a b c", "g s", "ab-cd", "%_\\", "a\u{1}bc"] {
+            assert!(!trigram_indexable(no), "{no}");
+        }
     }
 
     #[test]

@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use sqlx::{Pool, QueryBuilder, Transaction};
 
 use super::{
-    conflict_on_unique, distinct, from_ms, fts_phrase, key_from_new, like_pattern, now_ms, to_i64, to_u64, unjson, AuditEvent,
-    BucketSums, Change, Cursor, Dialect, KeyColumns, KeyFilter, KeyPatch, KeyRow, KeyStatusText, NewKey, Result,
-    StoreError, StoredKey, UsageAggregate, UsageRows, FEED_LOCK_KEY,
+    conflict_on_unique, distinct, from_ms, fts_phrase, key_from_new, like_pattern, now_ms, to_i64, to_u64,
+    trigram_indexable, unjson, AuditEvent, BucketSums, Change, Cursor, Dialect, KeyColumns, KeyFilter, KeyPatch,
+    KeyRow, KeyStatusText, NewKey, Result, StoreError, StoredKey, UsageAggregate, UsageRows, FEED_LOCK_KEY,
 };
 use crate::control::model::KeyChange;
 
@@ -264,8 +264,7 @@ async fn fetch_page(
     }
     // The listing order's columns: (created_at, id) of the key, as key_tags holds them when
     // its primary key (in that order) drives, else as keys does.
-    let tags_drive = filter.tag.is_some()
-        && !(DIALECT == Dialect::Sqlite && filter.owner.is_some());
+    let tags_drive = filter.tag.is_some() && !(DIALECT == Dialect::Sqlite && filter.owner.is_some());
     let (created_at_column, id_column) = if let (Some(tag), true) = (&filter.tag, tags_drive) {
         // The other filters on key_tags' copies, tested inside its index. The owner on keys
         // as well: PostgreSQL may then walk a small owner's keys instead of a large tag.
@@ -321,8 +320,9 @@ async fn fetch_page(
         let pattern = like_pattern(q);
         let exact = match (DIALECT, search) {
             (_, Search::Newest(_)) => false,
-            // The one expression of the trigram index, exact on its own.
-            (Dialect::Postgres, Search::Indexed) if !q.contains(super::SEARCH_SEPARATOR) => {
+            // The one expression of the trigram index, exact on its own. The planner walks
+            // the listing order instead when the needle is common.
+            (Dialect::Postgres, Search::Indexed) if !q.contains(super::SEARCH_SEPARATOR) && trigram_indexable(q) => {
                 qb.push(concat!(" AND ", search_text!(), " LIKE ")).push_bind(pattern.clone()).push(" ESCAPE '\\'");
                 true
             }
