@@ -263,7 +263,8 @@ async fn fetch_page(
         qb.push(concat!("(SELECT ", key_columns!(), " FROM "));
     }
     // The listing order's columns: (created_at, id) of the key, as key_tags holds them when
-    // its primary key (in that order) drives, else as keys does.
+    // its primary key (in that order) drives, else as keys does. On SQLite an owner drives
+    // (see below).
     let tags_drive = filter.tag.is_some() && !(DIALECT == Dialect::Sqlite && filter.owner.is_some());
     let (created_at_column, id_column) = if let (Some(tag), true) = (&filter.tag, tags_drive) {
         // The other filters on key_tags' copies, tested inside its index. The owner on keys
