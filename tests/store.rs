@@ -122,6 +122,9 @@ macro_rules! on_both_backends {
 on_both_backends!(
     create_get_and_list_with_every_filter,
     cursor_pagination_visits_every_key_exactly_once,
+    filtered_pages_visit_every_match_exactly_once,
+    tag_index_follows_create_update_rotate_revoke_and_delete,
+    q_finds_what_a_plain_substring_search_finds,
     duplicate_id_or_hash_is_a_conflict,
     update_sets_clears_and_leaves_fields,
     revoked_is_final,
@@ -201,6 +204,57 @@ async fn all_pages(store: &Store, filter: &KeyFilter, limit: u32) -> Vec<Vec<Sto
         }
         assert!(pages.len() < 1000, "pagination does not end");
     }
+}
+
+/// Every key, in listing order.
+async fn everything(store: &Store) -> Vec<StoredKey> {
+    all_pages(store, &KeyFilter::default(), 1000).await.concat()
+}
+
+/// What `filter` must select, decided in Rust from the records themselves.
+fn selects(filter: &KeyFilter, key: &StoredKey) -> bool {
+    let needle = filter.q.as_deref().map(str::to_lowercase);
+    filter.owner.as_ref().is_none_or(|o| key.owner.as_ref() == Some(o))
+        && filter.status.is_none_or(|s| key.status == s)
+        && filter.plan.as_ref().is_none_or(|p| key.plan.as_ref() == Some(p))
+        && filter.tag.as_ref().is_none_or(|t| key.tags.contains(t))
+        && needle.is_none_or(|n| {
+            [key.name.as_str(), key.owner.as_deref().unwrap_or(""), key.id.as_str(), key.masked.as_str()]
+                .iter()
+                .any(|field| field.to_lowercase().contains(&n))
+        })
+}
+
+fn millis(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// One row of `key_tags`.
+type KeyTagRow = (String, i64, String, String, Option<String>, Option<String>);
+
+/// Asserts that the `key_tags` side table holds exactly one row per distinct tag of each
+/// key, with the key's status, owner and plan.
+async fn assert_key_tags_in_step(db: &TestDb) {
+    let expected: BTreeSet<KeyTagRow> = everything(&db.store)
+        .await
+        .iter()
+        .flat_map(|k| {
+            k.tags.iter().map(|t| {
+                let status = k.status.as_str().to_owned();
+                (t.clone(), millis(k.created_at), k.id.clone(), status, k.owner.clone(), k.plan.clone())
+            })
+        })
+        .collect();
+    let sql = "SELECT tag, key_created_at, key_id, key_status, key_owner, key_plan FROM key_tags";
+    let rows: Vec<KeyTagRow> = if db.url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(&db.url).await.expect("SQLite connection");
+        sqlx::query_as(sql).fetch_all(&mut conn).await.expect("read key_tags")
+    } else {
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("PostgreSQL connection");
+        sqlx::query_as(sql).fetch_all(&mut conn).await.expect("read key_tags")
+    };
+    assert_eq!(rows.len(), expected.len(), "key_tags has duplicate rows: {rows:?}");
+    assert_eq!(rows.into_iter().collect::<BTreeSet<_>>(), expected);
 }
 
 /// A usage line (CONTRACT §8) ending at `end`.
@@ -351,6 +405,200 @@ async fn cursor_pagination_visits_every_key_exactly_once(db: TestDb) {
     for bad in [0, 1001] {
         assert!(matches!(store.list_keys(&KeyFilter::default(), bad, None).await, Err(StoreError::Invalid(_))));
     }
+}
+
+async fn filtered_pages_visit_every_match_exactly_once(db: TestDb) {
+    let store = &db.store;
+    for i in 0..30 {
+        let mut k = new_key(&format!("svc {i} {}", ["billing", "reporting", "search"][i % 3]));
+        k.owner = Some(format!("o{}", i % 2));
+        k.plan = Some(if i % 4 == 0 { "pro" } else { "free" }.into());
+        k.tags = match i % 3 {
+            0 => vec!["t1".into()],
+            1 => vec!["t1".into(), "t2".into()],
+            _ => vec![],
+        };
+        let id = store.create_key(k, "ops").await.unwrap().id;
+        if i % 5 == 1 {
+            let patch = KeyPatch { status: Some(KeyStatusText::Disabled), ..Default::default() };
+            store.update_key(&id, patch, "ops").await.unwrap();
+        }
+        if i % 4 == 0 {
+            // Several keys share each millisecond: ties break on id, on every index.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let all = everything(store).await;
+    let filters = [
+        KeyFilter { tag: Some("t1".into()), ..Default::default() },
+        KeyFilter { tag: Some("t1".into()), status: Some(KeyStatusText::Active), ..Default::default() },
+        KeyFilter { tag: Some("t2".into()), owner: Some("o1".into()), ..Default::default() },
+        KeyFilter {
+            tag: Some("t1".into()),
+            plan: Some("free".into()),
+            status: Some(KeyStatusText::Active),
+            ..Default::default()
+        },
+        KeyFilter { status: Some(KeyStatusText::Disabled), ..Default::default() },
+        KeyFilter { plan: Some("free".into()), owner: Some("o0".into()), ..Default::default() },
+        KeyFilter { q: Some("billing".into()), ..Default::default() },
+        KeyFilter { q: Some("SVC 1".into()), tag: Some("t1".into()), ..Default::default() },
+        KeyFilter { q: Some("vc".into()), status: Some(KeyStatusText::Active), ..Default::default() },
+    ];
+    for filter in &filters {
+        let expected: Vec<_> = all.iter().filter(|k| selects(filter, k)).map(|k| k.id.clone()).collect();
+        assert!(expected.len() > 3, "{filter:?} selects too few keys to paginate: {expected:?}");
+        for limit in [1, 3, 7] {
+            let pages = all_pages(store, filter, limit).await;
+            let flat: Vec<_> = pages.iter().flat_map(|p| ids(p)).collect();
+            assert_eq!(flat, expected, "{filter:?}, limit {limit}");
+        }
+    }
+}
+
+async fn tag_index_follows_create_update_rotate_revoke_and_delete(db: TestDb) {
+    let store = &db.store;
+    let tagged = |tag: &str, status: Option<KeyStatusText>| {
+        let filter = KeyFilter { tag: Some(tag.into()), status, ..Default::default() };
+        async move { ids(&store.list_keys(&filter, 100, None).await.expect("list").0) }
+    };
+    let mut a = new_key("a");
+    a.tags = vec!["prod".into(), "eu".into(), "prod".into()];
+    let mut b = new_key("b");
+    b.tags = vec!["staging".into()];
+    let c = new_key("c");
+    for k in [&a, &b, &c] {
+        store.create_key(k.clone(), "ops").await.unwrap();
+    }
+    assert_key_tags_in_step(&db).await;
+    assert_eq!(tagged("prod", None).await, [a.id.clone()]);
+
+    let patch = KeyPatch { tags: Some(vec!["eu".into(), "pci".into()]), ..Default::default() };
+    store.update_key(&a.id, patch, "ops").await.unwrap();
+    // A change that leaves the tags alone leaves their rows alone; owner and plan are copied.
+    store.update_key(&b.id, KeyPatch { name: Some("b2".into()), ..Default::default() }, "ops").await.unwrap();
+    let patch = KeyPatch { owner: Some(Some("acme".into())), plan: Some(Some("pro".into())), ..Default::default() };
+    store.update_key(&a.id, patch, "ops").await.unwrap();
+    assert_key_tags_in_step(&db).await;
+    let filter = KeyFilter {
+        tag: Some("eu".into()),
+        owner: Some("acme".into()),
+        plan: Some("pro".into()),
+        ..Default::default()
+    };
+    assert_eq!(ids(&store.list_keys(&filter, 10, None).await.unwrap().0), [a.id.clone()]);
+    store.update_key(&a.id, KeyPatch { owner: Some(None), ..Default::default() }, "ops").await.unwrap();
+    assert_key_tags_in_step(&db).await;
+    assert!(store.list_keys(&filter, 10, None).await.unwrap().0.is_empty());
+    assert!(tagged("prod", None).await.is_empty());
+    assert_eq!(tagged("pci", None).await, [a.id.clone()]);
+
+    let mut successor = new_key("a, rotated");
+    successor.tags = vec!["pci".into()];
+    store.rotate_key(&a.id, successor.clone(), Duration::from_secs(60), "ops").await.unwrap();
+    assert_key_tags_in_step(&db).await;
+    assert_eq!(tagged("pci", None).await, [successor.id.clone(), a.id.clone()]);
+
+    store.revoke_key(&b.id, "ops").await.unwrap();
+    assert_key_tags_in_step(&db).await;
+    assert_eq!(tagged("staging", Some(KeyStatusText::Revoked)).await, [b.id.clone()]);
+    assert!(tagged("staging", Some(KeyStatusText::Active)).await.is_empty());
+
+    store.delete_key(&a.id, "ops").await.unwrap();
+    assert_key_tags_in_step(&db).await;
+    assert_eq!(tagged("pci", None).await, [successor.id.clone()]);
+    assert!(tagged("eu", None).await.is_empty());
+
+    store.update_key(&c.id, KeyPatch { tags: Some(vec!["eu".into()]), ..Default::default() }, "ops").await.unwrap();
+    store.update_key(&successor.id, KeyPatch { tags: Some(vec![]), ..Default::default() }, "ops").await.unwrap();
+    assert_key_tags_in_step(&db).await;
+    assert_eq!(tagged("eu", None).await, [c.id.as_str()]);
+    assert!(tagged("pci", None).await.is_empty());
+}
+
+async fn q_finds_what_a_plain_substring_search_finds(db: TestDb) {
+    let store = &db.store;
+    let people = [
+        ("Billing Service", Some("acme")),
+        ("billing-eu", Some("globex")),
+        ("Reporting", None),
+        ("50%_off job", Some("initech")),
+        ("quote \"x\" here", Some("acme")),
+        ("café crème", Some("umbrella")),
+        ("a", Some("ab")),
+        ("ab cd", None),
+        ("renamed later", Some("acme")),
+        ("deleted later", Some("hooli")),
+        ("odd\u{1}name", Some("ctrl")),
+    ];
+    let mut created = Vec::new();
+    for (name, owner) in people {
+        let mut k = new_key(name);
+        k.owner = owner.map(Into::into);
+        created.push(store.create_key(k, "ops").await.unwrap());
+    }
+    // The search index follows changes of name and owner, and deletions.
+    let patch = KeyPatch { name: Some("Invoicing".into()), owner: Some(None), ..Default::default() };
+    store.update_key(&created[8].id, patch, "ops").await.unwrap();
+    store.delete_key(&created[9].id, "ops").await.unwrap();
+
+    let all = everything(store).await;
+    let masked_tail = &created[0].masked[created[0].masked.len() - "…x9Zq".len()..];
+    let id_part = created[1].id[5..13].to_uppercase();
+    let needles = [
+        "b",
+        "B",
+        "bi",
+        "ab",
+        "bil",
+        "BILLING",
+        "service",
+        "g s",
+        "ING",
+        "acme",
+        "globex",
+        "%",
+        "50%_",
+        "t_ng",
+        "re%ing",
+        "\"x\"",
+        "\"",
+        "café",
+        "CAFÉ",
+        "é",
+        "key_",
+        "kg_live_",
+        "…",
+        masked_tail,
+        &id_part,
+        "invoicing",
+        "renamed",
+        "deleted",
+        "hooli",
+        "zzz",
+        "odd\u{1}n",
+        "\u{1}",
+        "odd\u{1}name\u{1}ctrl",
+        // Only across two fields' boundary (name, then owner): no match.
+        "service acme",
+        "ing acme",
+    ];
+    for needle in needles {
+        let filter = KeyFilter { q: Some(needle.into()), ..Default::default() };
+        let expected: Vec<_> = all.iter().filter(|k| selects(&filter, k)).map(|k| k.id.clone()).collect();
+        let (found, next) = store.list_keys(&filter, 1000, None).await.expect("list");
+        assert_eq!(next, None);
+        assert_eq!(ids(&found), expected, "q={needle:?}");
+    }
+    let only = |needle: &str| {
+        let filter = KeyFilter { q: Some(needle.into()), ..Default::default() };
+        async move { ids(&store.list_keys(&filter, 1000, None).await.expect("list").0) }
+    };
+    assert_eq!(only("invoicing").await, [created[8].id.clone()]);
+    assert!(only("renamed").await.is_empty());
+    assert!(only("hooli").await.is_empty());
+    assert!(only("service acme").await.is_empty());
+    assert_eq!(only(&id_part).await, [created[1].id.clone()]);
 }
 
 async fn duplicate_id_or_hash_is_a_conflict(db: TestDb) {
@@ -1213,6 +1461,86 @@ async fn in_memory_sqlite_keeps_its_data_across_calls() {
         assert_eq!(store.get_key(&k.id).await.unwrap(), Some(k.clone()));
     }
     assert_eq!(store.snapshot().await.unwrap(), (k.version, vec![k]));
+}
+
+/// The SQLite search index finds rows by rowid: VACUUM must leave them in place.
+#[tokio::test]
+async fn sqlite_search_finds_keys_after_vacuum() {
+    let db = TestDb::sqlite().await;
+    let mut kept = Vec::new();
+    for i in 0..12 {
+        let key = db.store.create_key(new_key(&format!("vacuumed service {i:02}")), "ops").await.unwrap();
+        if i % 3 == 0 {
+            db.store.delete_key(&key.id, "ops").await.unwrap();
+        } else {
+            kept.push(key);
+        }
+    }
+    let mut conn = sqlx::SqliteConnection::connect(&db.url).await.expect("SQLite connection");
+    sqlx::query("VACUUM").execute(&mut conn).await.expect("VACUUM");
+    conn.close().await.unwrap();
+    kept.push(db.store.create_key(new_key("vacuumed service 99"), "ops").await.unwrap());
+    for key in &kept {
+        for needle in [key.name.clone(), key.id[4..12].to_owned()] {
+            let filter = KeyFilter { q: Some(needle.clone()), ..Default::default() };
+            let (found, _) = db.store.list_keys(&filter, 100, None).await.unwrap();
+            assert_eq!(ids(&found), [key.id.as_str()], "q={needle:?}");
+        }
+    }
+}
+
+/// Keys written before migration 0003 are in its tag table and search index.
+async fn listing_indexes_cover_keys_written_before_them(url: &str, dialect: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let init = format!("migrations/{dialect}/0001_init.sql");
+    std::fs::copy(&init, dir.path().join("0001_init.sql")).expect("copy the first migration");
+    let migrator = sqlx::migrate::Migrator::new(dir.path()).await.expect("read the first migration");
+    let insert = "INSERT INTO keys (id, hash, prefix, masked, name, owner, status, tags, created_at, updated_at, \
+                  version) VALUES ($1, $2, 'kg_live', 'kg_live_Ab3d…x9Zq', $3, 'acme', 'active', $4, $5, $5, 1)";
+    let rows = [("key_old1", "Legacy Billing", r#"["prod","eu"]"#), ("key_old2", "legacy reports", "[]")];
+    let hash = |i: usize| format!("sha256:{}", i.to_string().repeat(64));
+    if dialect == "sqlite" {
+        let pool = sqlx::SqlitePool::connect(&format!("{url}?mode=rwc")).await.unwrap();
+        migrator.run(&pool).await.expect("first migration");
+        for (i, (id, name, tags)) in rows.iter().enumerate() {
+            let q = sqlx::query(insert).bind(id).bind(hash(i)).bind(name).bind(tags).bind(1_700_000_000_000 + i as i64);
+            q.execute(&pool).await.unwrap();
+        }
+        pool.close().await;
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        migrator.run(&pool).await.expect("first migration");
+        for (i, (id, name, tags)) in rows.iter().enumerate() {
+            let q = sqlx::query(insert).bind(id).bind(hash(i)).bind(name).bind(tags).bind(1_700_000_000_000 + i as i64);
+            q.execute(&pool).await.unwrap();
+        }
+        pool.close().await;
+    }
+    let store = Store::connect(url).await.expect("later migrations");
+    let list = |filter: KeyFilter| {
+        let store = store.clone();
+        async move { ids(&store.list_keys(&filter, 100, None).await.expect("list").0) }
+    };
+    assert_eq!(list(KeyFilter { tag: Some("eu".into()), ..Default::default() }).await, ["key_old1"]);
+    assert_eq!(list(KeyFilter { q: Some("BILLING".into()), ..Default::default() }).await, ["key_old1"]);
+    assert_eq!(list(KeyFilter { q: Some("legacy".into()), ..Default::default() }).await, ["key_old2", "key_old1"]);
+    assert_eq!(list(KeyFilter { owner: Some("acme".into()), ..Default::default() }).await, ["key_old2", "key_old1"]);
+    store.close().await;
+}
+
+mod listing_indexes_cover_keys_written_before_them {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/keygate.db", dir.path().display());
+        super::listing_indexes_cover_keys_written_before_them(&url, "sqlite").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let pg = super::PgDatabase::create().await;
+        super::listing_indexes_cover_keys_written_before_them(&pg.url, "postgres").await;
+    }
 }
 
 #[tokio::test]

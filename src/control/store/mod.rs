@@ -81,6 +81,19 @@ macro_rules! key_columns {
     };
 }
 
+/// The text PostgreSQL's trigram index `keys_search_idx` covers (migration 0003): the
+/// listing's `q` filter must use this exact expression for the index to apply. The fields
+/// are joined by [`SEARCH_SEPARATOR`].
+macro_rules! search_text {
+    () => {
+        "lower(name || chr(1) || COALESCE(owner, '') || chr(1) || (id COLLATE \"default\") || chr(1) || masked)"
+    };
+}
+
+/// Joins the fields in [`search_text!`]: a needle without it matches the joined text
+/// exactly when it matches one of the fields.
+const SEARCH_SEPARATOR: char = '\u{1}';
+
 // `ops.rs` compiled once per backend: sqlx's generic executor bounds are unwieldy,
 // and concrete types keep every query checked by the compiler for both.
 mod sqlite {
@@ -715,6 +728,24 @@ fn like_pattern(needle: &str) -> String {
     pattern
 }
 
+/// Whether pg_trgm's index can narrow a search for `needle`: it takes trigrams from runs
+/// of letters and digits, and a needle without a run of three has only rare-to-useless
+/// ones (word-boundary padding), which would read most of the index.
+fn trigram_indexable(needle: &str) -> bool {
+    let mut run = 0;
+    needle.chars().any(|c| {
+        run = if c.is_alphanumeric() { run + 1 } else { 0 };
+        run >= 3
+    })
+}
+
+/// The FTS5 query for `needle` as one phrase (a substring, on the trigram index), or
+/// `None` when it is shorter than a trigram and the index cannot answer.
+fn fts_phrase(needle: &str) -> Option<String> {
+    let needle = needle.to_lowercase();
+    (needle.chars().count() >= 3).then(|| format!("\"{}\"", needle.replace('"', "\"\"")))
+}
+
 // ---- usage ----
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -972,6 +1003,25 @@ mod tests {
     #[test]
     fn like_pattern_escapes_wildcards() {
         assert_eq!(like_pattern("A_b%c\\"), "%a\\_b\\%c\\\\%");
+    }
+
+    #[test]
+    fn trigram_index_needs_three_letters_or_digits_in_a_row() {
+        for yes in ["abc", "org-09999", "a b cde", "été", "x1y"] {
+            assert!(trigram_indexable(yes), "{yes}");
+        }
+        for no in ["", "ab", "a b c", "g s", "ab-cd", "%_\\", "a\u{1}bc"] {
+            assert!(!trigram_indexable(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn fts_phrase_quotes_and_needs_a_trigram() {
+        assert_eq!(fts_phrase("Ab\"c").as_deref(), Some("\"ab\"\"c\""));
+        assert_eq!(fts_phrase("a%_").as_deref(), Some("\"a%_\""));
+        assert_eq!(fts_phrase("ab"), None);
+        assert_eq!(fts_phrase("éé"), None);
+        assert_eq!(fts_phrase("ééé").as_deref(), Some("\"ééé\""));
     }
 
     #[test]

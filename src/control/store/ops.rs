@@ -8,9 +8,10 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Connection as _, Pool, QueryBuilder, Transaction};
 
 use super::{
-    conflict_on_unique, corrupt, distinct, from_ms, import_action, key_from_new, like_pattern, now_ms, to_i64, to_u64,
-    unjson, AuditEvent, BatchOutcome, BucketSums, Change, Cursor, Dialect, ImportAction, KeyColumns, KeyFilter,
-    KeyPatch, KeyRow, KeyStatusText, NewKey, Result, StoreError, StoredKey, UsageAggregate, UsageRows, FEED_LOCK_KEY,
+    conflict_on_unique, corrupt, distinct, from_ms, fts_phrase, import_action, key_from_new, like_pattern, now_ms,
+    to_i64, to_u64, trigram_indexable, unjson, AuditEvent, BatchOutcome, BucketSums, Change, Cursor, Dialect,
+    ImportAction, KeyColumns, KeyFilter, KeyPatch, KeyRow, KeyStatusText, NewKey, Result, StoreError, StoredKey,
+    UsageAggregate, UsageRows, FEED_LOCK_KEY,
 };
 use crate::control::model::{ImportKey, KeyChange};
 
@@ -243,55 +244,153 @@ pub(super) async fn get_key_by_hash(pool: &Pool<Db>, hash: &str) -> Result<Optio
     row.map(KeyRow::into_key).transpose()
 }
 
+/// How a listing page answers `q`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Search {
+    /// Through the search index where it can answer, else by testing every key.
+    Indexed,
+    /// By testing only the first this many keys, in listing order, that pass the other
+    /// filters.
+    Newest(i64),
+}
+
+/// Keys tested in listing order before SQLite asks its search index, per key of the page.
+const SQLITE_NEWEST_PER_ROW: i64 = 100;
+
 pub(super) async fn list_keys(
     pool: &Pool<Db>,
     filter: &KeyFilter,
     limit: u32,
     after: Option<Cursor>,
 ) -> Result<(Vec<StoredKey>, Option<String>)> {
-    let mut qb = QueryBuilder::<Db>::new(concat!("SELECT ", key_columns!(), " FROM keys WHERE 1 = 1"));
-    if let Some(owner) = &filter.owner {
-        qb.push(" AND owner = ").push_bind(owner);
-    }
-    if let Some(status) = filter.status {
-        qb.push(" AND status = ").push_bind(status.as_str());
-    }
-    if let Some(plan) = &filter.plan {
-        qb.push(" AND plan = ").push_bind(plan);
-    }
-    if let Some(tag) = &filter.tag {
-        match DIALECT {
-            Dialect::Sqlite => qb.push(" AND EXISTS (SELECT 1 FROM json_each(keys.tags) WHERE json_each.value = "),
-            Dialect::Postgres => qb.push(" AND (keys.tags::jsonb @> jsonb_build_array(CAST("),
-        };
-        qb.push_bind(tag);
-        qb.push(match DIALECT {
-            Dialect::Sqlite => ")",
-            Dialect::Postgres => " AS TEXT)))",
-        });
-    }
-    if let Some(q) = filter.q.as_deref().filter(|q| !q.is_empty()) {
-        let pattern = like_pattern(q);
-        qb.push(" AND (");
-        for (i, column) in ["name", "COALESCE(owner, '')", "id", "masked"].into_iter().enumerate() {
-            if i > 0 {
-                qb.push(" OR ");
-            }
-            qb.push(format_args!("LOWER({column}) LIKE ")).push_bind(pattern.clone()).push(" ESCAPE '\\'");
-        }
-        qb.push(")");
-    }
-    if let Some((created_at, id)) = after {
-        qb.push(" AND (created_at < ").push_bind(created_at);
-        qb.push(" OR (created_at = ").push_bind(created_at).push(" AND id < ").push_bind(id).push("))");
-    }
     // One extra row tells whether another page follows.
-    qb.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(i64::from(limit) + 1);
-    let rows: Vec<KeyRow> = qb.build_query_as().fetch_all(pool).await?;
+    let take = i64::from(limit) + 1;
+    let needle = filter.q.as_deref().filter(|q| !q.is_empty());
+    // SQLite's planner cannot weigh its trigram index against the listing order, and the
+    // index costs a lookup and a sort per match: a needle that many keys match is answered
+    // far sooner by testing the newest keys. A full page from them is the answer (they are
+    // the first in order); else the index answers.
+    let mut rows = Vec::new();
+    if DIALECT == Dialect::Sqlite && needle.and_then(fts_phrase).is_some() {
+        let newest = Search::Newest(take * SQLITE_NEWEST_PER_ROW);
+        rows = fetch_page(pool, filter, after.as_ref(), take, newest).await?;
+    }
+    if rows.len() < take as usize {
+        rows = fetch_page(pool, filter, after.as_ref(), take, Search::Indexed).await?;
+    }
     let more = rows.len() > limit as usize;
     let keys = rows.into_iter().take(limit as usize).map(KeyRow::into_key).collect::<Result<Vec<_>>>()?;
     let next = if more { keys.last().map(super::encode_cursor) } else { None };
     Ok((keys, next))
+}
+
+/// Up to `take` keys of a listing page, in listing order.
+async fn fetch_page(
+    pool: &Pool<Db>,
+    filter: &KeyFilter,
+    after: Option<&Cursor>,
+    take: i64,
+    search: Search,
+) -> Result<Vec<KeyRow>> {
+    let mut qb = QueryBuilder::<Db>::new(concat!("SELECT ", key_columns!(), " FROM "));
+    if let Search::Newest(_) = search {
+        qb.push(concat!("(SELECT ", key_columns!(), " FROM "));
+    }
+    // The listing order's columns: (created_at, id) of the key, as key_tags holds them when
+    // its primary key (in that order) drives, else as keys does. On SQLite an owner drives
+    // (see below).
+    let tags_drive = filter.tag.is_some() && !(DIALECT == Dialect::Sqlite && filter.owner.is_some());
+    let (created_at_column, id_column) = if let (Some(tag), true) = (&filter.tag, tags_drive) {
+        // The other filters on key_tags' copies, tested inside its index. The owner on keys
+        // as well: PostgreSQL may then walk a small owner's keys instead of a large tag.
+        // CROSS JOIN: SQLite keeps key_tags as the outer loop; PostgreSQL plans freely.
+        qb.push("key_tags CROSS JOIN keys WHERE keys.id = key_tags.key_id AND key_tags.tag = ").push_bind(tag);
+        if let Some(status) = filter.status {
+            qb.push(" AND key_tags.key_status = ").push_bind(status.as_str());
+        }
+        if let Some(owner) = &filter.owner {
+            qb.push(" AND key_tags.key_owner = ").push_bind(owner);
+            qb.push(" AND keys.owner = ").push_bind(owner);
+        }
+        if let Some(plan) = &filter.plan {
+            qb.push(" AND key_tags.key_plan = ").push_bind(plan);
+        }
+        ("key_tags.key_created_at", "key_tags.key_id")
+    } else {
+        // SQLite keeps no statistics to weigh one filter's index against another's. An
+        // owner's keys are few in all but the largest accounts: with an owner, its index
+        // drives (a unary + keeps SQLite off the status and plan indexes) and a tag is
+        // looked up per key.
+        let sqlite_owner = DIALECT == Dialect::Sqlite && filter.owner.is_some();
+        let other = if sqlite_owner { "+" } else { "" };
+        if let Some(tag) = &filter.tag {
+            qb.push("keys CROSS JOIN key_tags WHERE key_tags.key_id = keys.id AND key_tags.tag = ").push_bind(tag);
+        } else {
+            qb.push("keys WHERE 1 = 1");
+        }
+        if let Some(status) = filter.status {
+            qb.push(format_args!(" AND {other}status = ")).push_bind(status.as_str());
+        }
+        if let Some(owner) = &filter.owner {
+            qb.push(" AND owner = ").push_bind(owner);
+        }
+        if let Some(plan) = &filter.plan {
+            qb.push(format_args!(" AND {other}plan = ")).push_bind(plan);
+        }
+        ("keys.created_at", "keys.id")
+    };
+    if let Some((created_at, id)) = after {
+        // A row value: the index range starts at the cursor, no earlier row is read.
+        qb.push(format_args!(" AND ({created_at_column}, {id_column}) < ("))
+            .push_bind(*created_at)
+            .push(", ")
+            .push_bind(id.clone())
+            .push(")");
+    }
+    if let Search::Newest(n) = search {
+        qb.push(format_args!(" ORDER BY {created_at_column} DESC, {id_column} DESC LIMIT ")).push_bind(n);
+        qb.push(") AS newest WHERE 1 = 1");
+    }
+    if let Some(q) = filter.q.as_deref().filter(|q| !q.is_empty()) {
+        let pattern = like_pattern(q);
+        let exact = match (DIALECT, search) {
+            (_, Search::Newest(_)) => false,
+            // The one expression of the trigram index, exact on its own. The planner walks
+            // the listing order instead when the needle is common.
+            (Dialect::Postgres, Search::Indexed) if !q.contains(super::SEARCH_SEPARATOR) && trigram_indexable(q) => {
+                qb.push(concat!(" AND ", search_text!(), " LIKE ")).push_bind(pattern.clone()).push(" ESCAPE '\\'");
+                true
+            }
+            (Dialect::Postgres, Search::Indexed) => false,
+            // Candidates from the FTS5 trigram index, then the exact test below.
+            (Dialect::Sqlite, Search::Indexed) => {
+                if let Some(phrase) = fts_phrase(q) {
+                    qb.push(" AND keys.rowid IN (SELECT rowid FROM keys_search WHERE keys_search MATCH ")
+                        .push_bind(phrase)
+                        .push(")");
+                }
+                false
+            }
+        };
+        if !exact {
+            qb.push(" AND (");
+            for (i, column) in ["name", "COALESCE(owner, '')", "id", "masked"].into_iter().enumerate() {
+                if i > 0 {
+                    qb.push(" OR ");
+                }
+                qb.push(format_args!("LOWER({column}) LIKE ")).push_bind(pattern.clone()).push(" ESCAPE '\\'");
+            }
+            qb.push(")");
+        }
+    }
+    let (created_at_column, id_column) = match search {
+        Search::Newest(_) => ("created_at", "id"),
+        Search::Indexed => (created_at_column, id_column),
+    };
+    qb.push(format_args!(" ORDER BY {created_at_column} DESC, {id_column} DESC LIMIT ")).push_bind(take);
+    // Not a prepared statement kept for reuse: PostgreSQL would in time plan it once for
+    // every value, and the right index differs between a common tag and a rare one.
+    Ok(qb.build_query_as().persistent(false).fetch_all(pool).await?)
 }
 
 pub(super) async fn update_key(pool: &Pool<Db>, id: &str, patch: KeyPatch, actor: &str) -> Result<StoredKey> {
