@@ -76,21 +76,11 @@ TEST_KEYS = 2000
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 KEY_PREFIX = "kg_live"
 
-# The vocabulary of load-tests/admin_queries.py, so that its queries find what they
-# look for: 10,000 owners (skewed), plans 60/30/10 %, statuses 90/8/2 %, names of a
-# service and an environment; tags from its environments, teams and pci.
-OWNERS = 10_000
-PLANS = [("free", 0.60), ("pro", 0.30), ("enterprise", 0.10)]
-STATUSES = [("active", 0.90), ("disabled", 0.08), ("revoked", 0.02)]
-ENVS = [("prod", 0.60), ("staging", 0.30), ("dev", 0.10)]
-TEAMS = [f"team-{n:02d}" for n in range(30)]
-SERVICES = [
-    "billing", "checkout", "reporting", "search", "inventory", "shipping", "payments", "ledger",
-    "catalog", "pricing", "identity", "notifications", "analytics", "orders", "returns", "support",
-    "loyalty", "fraud", "tax", "invoicing", "warehouse", "partners", "mobile", "web", "crm", "erp",
-    "export", "import", "sync", "webhooks", "audit", "exports", "ingest", "metrics", "alerts",
-    "scheduler", "gateway", "portal", "backoffice", "kiosk",
-]
+# The vocabulary of admin_queries.py, so that its queries find what they look for:
+# 10,000 owners (skewed), plans 60/30/10 %, statuses 90/8/2 %, names of a service and
+# an environment; tags from its environments, teams and pci.
+from admin_queries import ENVS, OWNERS, PLANS, SERVICES, STATUSES, TEAMS  # noqa: E402
+
 SCOPES = '["orders:read"]'
 # Plans of every node's config. The test keys are on `enterprise`, whose limit the
 # polls never reach.

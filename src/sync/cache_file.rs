@@ -394,6 +394,20 @@ mod tests {
         index
     }
 
+    /// An index of `keys` at `version` and its cache files just written, in a temp dir.
+    fn written_from(
+        version: u64,
+        keys: std::ops::Range<usize>,
+    ) -> (tempfile::TempDir, PathBuf, Arc<KeyIndex>, LastKnownGood) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.snapshot");
+        let index = index_with(version, keys);
+        let cache = LastKnownGood::new(path.clone());
+        cache.snapshot_replaced();
+        cache.write_pending(&index);
+        (dir, path, index, cache)
+    }
+
     /// Applies a batch to the index and tells the cache, as the follower does.
     fn apply(index: &KeyIndex, cache: &LastKnownGood, version: u64, changes: Vec<(KeyDigest, Option<KeyRecord>)>) {
         let digests: Vec<KeyDigest> = changes.iter().map(|(d, _)| *d).collect();
@@ -411,12 +425,7 @@ mod tests {
 
     #[test]
     fn a_restart_sees_the_snapshot_and_every_change_appended_since() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.snapshot");
-        let index = index_with(10, 0..100);
-        let cache = LastKnownGood::new(path.clone());
-        cache.snapshot_replaced();
-        cache.write_pending(&index);
+        let (_dir, path, index, cache) = written_from(10, 0..100);
         let size_after_snapshot = fs::metadata(&path).unwrap().len();
         apply(&index, &cache, 11, vec![(digest(1), None), (digest(500), Some(record(500)))]);
         apply(
@@ -438,12 +447,7 @@ mod tests {
 
     #[test]
     fn a_torn_log_tail_is_cut_and_later_appends_still_load() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.snapshot");
-        let index = index_with(1, 0..10);
-        let cache = LastKnownGood::new(path.clone());
-        cache.snapshot_replaced();
-        cache.write_pending(&index);
+        let (dir, path, index, cache) = written_from(1, 0..10);
         apply(&index, &cache, 2, vec![(digest(100), Some(record(100)))]);
         cache.write_pending(&index);
         apply(&index, &cache, 3, vec![(digest(101), Some(record(101)))]);
@@ -466,12 +470,7 @@ mod tests {
 
     #[test]
     fn a_corrupt_snapshot_file_is_refused_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.snapshot");
-        let index = index_with(5, 0..3000);
-        let cache = LastKnownGood::new(path.clone());
-        cache.snapshot_replaced();
-        cache.write_pending(&index);
+        let (_dir, path, _, _) = written_from(5, 0..3000);
         let bytes = fs::read(&path).unwrap();
         for at in [3, 20, bytes.len() / 2, bytes.len() - 2] {
             let mut corrupt = bytes.clone();
@@ -487,12 +486,7 @@ mod tests {
 
     #[test]
     fn a_log_left_beside_a_newer_snapshot_is_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.snapshot");
-        let index = index_with(1, 0..10);
-        let cache = LastKnownGood::new(path.clone());
-        cache.snapshot_replaced();
-        cache.write_pending(&index);
+        let (dir, path, index, cache) = written_from(1, 0..10);
         apply(&index, &cache, 2, vec![(digest(0), None)]);
         cache.write_pending(&index);
         let old_log = fs::read(dir.path().join("keys.snapshot.changes")).unwrap();
@@ -506,12 +500,7 @@ mod tests {
 
     #[test]
     fn many_changes_rewrite_the_snapshot_instead_of_growing_the_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.snapshot");
-        let index = index_with(1, 0..10);
-        let cache = LastKnownGood::new(path.clone());
-        cache.snapshot_replaced();
-        cache.write_pending(&index);
+        let (dir, path, index, cache) = written_from(1, 0..10);
         let limit = log_limit(10);
         // Far past the share, so the rewrite happens even within a minute of the last.
         let changes = (0..4 * limit + 1).map(|n| (digest(1000 + n), Some(record(1000 + n)))).collect();
