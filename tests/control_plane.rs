@@ -14,10 +14,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sqlx::Connection as _;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -136,58 +135,6 @@ fn wait_ready(node: &Node, within: Duration) {
         }
         thread::sleep(Duration::from_millis(50));
     }
-}
-
-// ---------------------------------------------------------------------------
-// PostgreSQL: one fresh database per test
-// ---------------------------------------------------------------------------
-
-/// A `keygate_cp_test_*` database on the test server, dropped (WITH FORCE) on drop.
-struct PgDb {
-    server: String,
-    name: String,
-    url: String,
-}
-
-impl PgDb {
-    fn create() -> PgDb {
-        static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let server = postgres_server();
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-        let name = format!("keygate_cp_test_{}_{}_{nanos}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
-        pg_exec(&server, &format!("CREATE DATABASE {name}")).unwrap_or_else(|e| {
-            panic!(
-                "PostgreSQL at {server} is unreachable or refused CREATE DATABASE ({e}). These tests need a \
-                 PostgreSQL server: start one or point KEYGATE_TEST_POSTGRES_URL at it."
-            )
-        });
-        let url = with_database(&server, &name);
-        PgDb { server, name, url }
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        if let Err(e) = pg_exec(&self.server, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)) {
-            eprintln!("could not drop test database {}: {e}", self.name);
-        }
-    }
-}
-
-/// Runs one statement on its own connection and runtime (tests here are synchronous).
-fn pg_exec(server: &str, sql: &str) -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    runtime.block_on(async {
-        let work = async {
-            let mut conn = sqlx::PgConnection::connect(server).await?;
-            sqlx::query(sql).execute(&mut conn).await?;
-            conn.close().await
-        };
-        match tokio::time::timeout(Duration::from_secs(15), work).await {
-            Ok(result) => result.map_err(|e| e.to_string()),
-            Err(_) => Err("no answer within 15 s".to_owned()),
-        }
-    })
 }
 
 // ---------------------------------------------------------------------------
@@ -433,7 +380,7 @@ fn admin_api_manages_keys_end_to_end_on_sqlite() {
 
 #[test]
 fn admin_api_manages_keys_end_to_end_on_postgres() {
-    let db = PgDb::create();
+    let db = PgDb::create("keygate_cp_test");
     admin_api_scenario(&db.url);
 }
 
@@ -1315,7 +1262,7 @@ fn duplicate_usage_upload_is_counted_once() {
 
 #[test]
 fn gateway_following_one_control_plane_serves_keys_created_through_another_on_shared_postgres() {
-    let db = PgDb::create();
+    let db = PgDb::create("keygate_cp_test");
     let up = Upstream::start("api");
     let cp1 = control_plane(&db.url);
     let cp2 = control_plane(&db.url);

@@ -8,12 +8,10 @@ mod common;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::process::Output;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use sqlx::Connection as _;
 
 use common::*;
 
@@ -81,44 +79,6 @@ keys:
 {PLANS}{PROXY_SECTION}"#
     );
     NodeBuilder::new(&template).var("CP", &cp.to_string()).var("UP", &up.addr()).env("SYNC_TOKEN", SYNC_TOKEN).start()
-}
-
-/// A fresh database on the test PostgreSQL server, dropped on drop.
-struct PgDb {
-    server: String,
-    name: String,
-    url: String,
-}
-
-impl PgDb {
-    fn create() -> PgDb {
-        static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let server = postgres_server();
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-        let name =
-            format!("keygate_import_test_{}_{}_{nanos}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
-        pg_exec(&server, &format!("CREATE DATABASE {name}"))
-            .unwrap_or_else(|e| panic!("PostgreSQL at {server} refused CREATE DATABASE ({e})"));
-        let url = with_database(&server, &name);
-        PgDb { server, name, url }
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        if let Err(e) = pg_exec(&self.server, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)) {
-            eprintln!("could not drop test database {}: {e}", self.name);
-        }
-    }
-}
-
-fn pg_exec(server: &str, sql: &str) -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    runtime.block_on(async {
-        let mut conn = sqlx::PgConnection::connect(server).await.map_err(|e| e.to_string())?;
-        sqlx::query(sql).execute(&mut conn).await.map_err(|e| e.to_string())?;
-        conn.close().await.map_err(|e| e.to_string())
-    })
 }
 
 fn sha256(raw: &str) -> String {
@@ -236,7 +196,7 @@ fn cli_import_lists_bad_lines_by_number_imports_the_rest_and_a_rerun_changes_not
 
 #[test]
 fn a_gateway_following_the_control_plane_serves_imported_keys_of_any_shape() {
-    let db = PgDb::create();
+    let db = PgDb::create("keygate_import_test");
     let up = Upstream::start("api");
     let cp = control_plane(&db.url);
     let gw = gateway(&up, cp.admin);

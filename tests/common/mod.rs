@@ -1,6 +1,6 @@
 //! Black-box harness for keygate: a recording upstream, a wrapper around a real
-//! `keygate serve` process, a raw HTTP/1.1 client and key helpers. Std only,
-//! so the tests depend on nothing but the binary's external behaviour.
+//! `keygate serve` process, a raw HTTP/1.1 client, key helpers and throwaway
+//! PostgreSQL databases; the tests depend on nothing but the binary's external behaviour.
 
 // Each test binary uses a different subset of the harness.
 #![allow(dead_code)]
@@ -1196,4 +1196,54 @@ pub fn with_database(server: &str, name: &str) -> String {
     let scheme_end = base.find("://").map_or(0, |i| i + 3);
     let authority_end = base[scheme_end..].find('/').map_or(base.len(), |i| scheme_end + i);
     format!("{}/{name}{query}", &base[..authority_end])
+}
+
+/// A fresh `<prefix>_*` database on the test PostgreSQL server, dropped (WITH FORCE) on drop.
+/// If the server is unreachable the test fails; it never skips.
+pub struct PgDb {
+    server: String,
+    pub name: String,
+    pub url: String,
+}
+
+impl PgDb {
+    pub fn create(prefix: &str) -> PgDb {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let server = postgres_server();
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let name = format!("{prefix}_{}_{}_{nanos}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        pg_exec(&server, &format!("CREATE DATABASE {name}")).unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL at {server} is unreachable or refused CREATE DATABASE ({e}). These tests need a \
+                 PostgreSQL server: start one or point KEYGATE_TEST_POSTGRES_URL at it."
+            )
+        });
+        let url = with_database(&server, &name);
+        PgDb { server, name, url }
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        if let Err(e) = pg_exec(&self.server, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)) {
+            eprintln!("could not drop test database {}: {e}", self.name);
+        }
+    }
+}
+
+/// Runs one statement on its own connection and runtime (the tests are synchronous).
+pub fn pg_exec(server: &str, sql: &str) -> Result<(), String> {
+    use sqlx::Connection as _;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let work = async {
+            let mut conn = sqlx::PgConnection::connect(server).await?;
+            sqlx::query(sql).execute(&mut conn).await?;
+            conn.close().await
+        };
+        match tokio::time::timeout(Duration::from_secs(15), work).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err("no answer within 15 s".to_owned()),
+        }
+    })
 }
