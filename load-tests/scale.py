@@ -79,7 +79,7 @@ KEY_PREFIX = "kg_live"
 # The vocabulary of admin_queries.py, so that its queries find what they look for:
 # 10,000 owners (skewed), plans 60/30/10 %, statuses 90/8/2 %, names of a service and
 # an environment; tags from its environments, teams and pci.
-from admin_queries import ENVS, OWNERS, PLANS, SERVICES, STATUSES, TEAMS  # noqa: E402
+from admin_queries import ENVS, OWNERS, PLANS, SERVICES, STATUSES, TEAMS, pick  # noqa: E402
 
 SCOPES = '["orders:read"]'
 # Plans of every node's config. The test keys are on `enterprise`, whose limit the
@@ -122,15 +122,6 @@ def checksum(text):
 def make_key(rng):
     head = KEY_PREFIX + "_" + "".join(rng.choices(BASE62, k=32))
     return head + checksum(head)
-
-
-def pick(rng, weighted):
-    x = rng.random()
-    for value, weight in weighted:
-        if x < weight:
-            return value
-        x -= weight
-    return weighted[-1][0]
 
 
 class TestKey:
