@@ -133,6 +133,7 @@ on_both_backends!(
     feed_versions_increase_and_changes_since_returns_exactly_the_missed_changes,
     snapshot_is_consistent_with_the_feed_version,
     snapshot_streamed_while_keys_change_converges_with_the_changes_after_its_version,
+    gateway_rows_give_the_wire_form_of_the_stored_keys,
     change_through_one_connection_is_visible_to_another,
     concurrent_creates_get_distinct_increasing_versions,
     feed_reader_following_concurrent_writers_misses_nothing,
@@ -432,7 +433,14 @@ async fn filtered_pages_visit_every_match_exactly_once(db: TestDb) {
     let filters = [
         KeyFilter { tag: Some("t1".into()), ..Default::default() },
         KeyFilter { tag: Some("t1".into()), status: Some(KeyStatusText::Active), ..Default::default() },
+        // A tag with fewer keys than the owner (10 against 15), then one with more (20).
         KeyFilter { tag: Some("t2".into()), owner: Some("o1".into()), ..Default::default() },
+        KeyFilter {
+            tag: Some("t1".into()),
+            owner: Some("o1".into()),
+            status: Some(KeyStatusText::Active),
+            ..Default::default()
+        },
         KeyFilter {
             tag: Some("t1".into()),
             plan: Some("free".into()),
@@ -945,6 +953,45 @@ async fn snapshot_streamed_while_keys_change_converges_with_the_changes_after_it
     assert_eq!(seen, expected);
     assert_eq!(expected.len(), 29);
     assert!(store.key_count_estimate().await.is_ok());
+}
+
+/// The snapshot reads keys as light rows (`gateway_keys`) and the changes as stored
+/// keys: both must give a gateway the same key, for every field a key can have,
+/// escapes in its text included.
+async fn gateway_rows_give_the_wire_form_of_the_stored_keys(db: TestDb) {
+    use futures_util::TryStreamExt as _;
+    use keygate::control::snapshot::wire_key;
+    let store = &db.store;
+    let mut full = new_key("billing \"prod\" é");
+    full.owner = Some("org-1".into());
+    full.plan = Some("pro".into());
+    full.scopes = vec!["orders:read".into(), "a\\b".into()];
+    full.ip_allowlist = vec!["10.0.0.0/8".into(), "2001:db8::1".into()];
+    full.rate_limit = Some(rate(10, 1, Some(20)));
+    full.quota = Some(QuotaConfig { requests: 1000, per: QuotaPeriod::Month });
+    full.expires_at = Some(datetime!(2031-01-02 03:04:05.678 UTC));
+    full.metadata = json!({"team": "pay\nments", "n": 1, "nested": {"a": [1, 2]}}).as_object().cloned().unwrap();
+    full.tags = vec!["prod".into(), "pci".into()];
+    let full = store.create_key(full, "ops").await.unwrap();
+    let bare = store.create_key(new_key("bare"), "ops").await.unwrap();
+    let mut named_as_id = new_key("");
+    named_as_id.name = named_as_id.id.clone();
+    store.create_key(named_as_id, "ops").await.unwrap();
+    store.revoke_key(&bare.id, "ops").await.unwrap();
+    let mut records = import_records("legacy", 1, 2);
+    records[0].tags = vec!["imported".into()];
+    import(store, vec![records]).await;
+
+    let (_, stored) = store.snapshot().await.unwrap();
+    let rows: Vec<_> = store.gateway_keys().try_collect().await.unwrap();
+    assert_eq!(rows.len(), stored.len());
+    assert_eq!(rows.len(), 5);
+    for row in &rows {
+        let key = stored.iter().find(|k| k.id == row.id()).expect("a row of a stored key");
+        assert_eq!(row.wire().unwrap(), wire_key(key).unwrap(), "{}", key.id);
+    }
+    let full = rows.iter().find(|row| row.id() == full.id).unwrap().wire().unwrap();
+    assert!(full.metadata.is_some() && full.rate_limit.is_some() && full.expires_at_ms.is_some());
 }
 
 async fn change_through_one_connection_is_visible_to_another(db: TestDb) {

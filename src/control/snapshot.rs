@@ -24,7 +24,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use super::model::StoredKey;
-use super::store::{Store, StoreError};
+use super::store::{GatewayKeyRow, Store, StoreError};
 use crate::index::wire::{self, Frame, WireKey, WireQuota, WireRate};
 use crate::key::KeyDigest;
 
@@ -54,6 +54,19 @@ pub fn wire_key(key: &StoredKey) -> Option<WireKey<'_>> {
         tags: key.tags.iter().map(|s| borrowed(s)).collect(),
         imported: key.imported,
     })
+}
+
+/// A stored key in wire form, or `None` (logged) if it cannot be served as stored:
+/// an unusable hash or a hand-edited value. Left out, it is refused like an unknown
+/// key; the other keys are still served.
+pub fn servable(row: &GatewayKeyRow) -> Option<WireKey<'_>> {
+    match row.wire() {
+        Ok(wire) => Some(wire),
+        Err(e) => {
+            tracing::error!(key_id = %row.id(), error = %e, "a stored key cannot be read; it is not served");
+            None
+        }
+    }
 }
 
 /// Where a snapshot starts: the feed version, read before any key.
@@ -158,24 +171,15 @@ impl Spool {
         let mut frame = wire::header().to_vec();
         // The id only ties a gateway's change log to its snapshot file.
         wire::encode_frame(&Frame::Start { version, keys: keys_estimate, id: 0 }, &mut frame);
-        let mut keys = store.all_keys();
-        let mut page: Vec<StoredKey> = Vec::with_capacity(KEYS_PER_FRAME);
+        let mut keys = store.gateway_keys();
+        let mut page: Vec<GatewayKeyRow> = Vec::with_capacity(KEYS_PER_FRAME);
         let mut sent = 0u64;
         loop {
             let next = keys.next().await.transpose().map_err(|e| e.to_string())?;
             let last = next.is_none();
             page.extend(next);
             if page.len() == KEYS_PER_FRAME || (last && !page.is_empty()) {
-                let wire_keys: Vec<WireKey<'_>> = page
-                    .iter()
-                    .filter_map(|key| {
-                        let wire = wire_key(key);
-                        if wire.is_none() {
-                            tracing::error!(key_id = %key.id, "a stored key has an unusable hash; it is not sent to gateways");
-                        }
-                        wire
-                    })
-                    .collect();
+                let wire_keys: Vec<WireKey<'_>> = page.iter().filter_map(servable).collect();
                 sent += wire_keys.len() as u64;
                 wire::encode_frame(&Frame::Keys(wire_keys), &mut frame);
                 page.clear();

@@ -20,6 +20,7 @@
 //! text. The SQL is written once (`ops.rs`) and compiled per backend with concrete
 //! sqlx types; `$N` placeholders work on both.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::str::FromStr;
@@ -33,6 +34,7 @@ use crate::config::{QuotaConfig, RateLimitConfig};
 use crate::control::model::{
     AuditEvent, Change, Granularity, ImportKey, KeyFilter, KeyPatch, KeyStatusText, NewKey, StoredKey, UsageBucket,
 };
+use crate::index::wire::{WireKey, WireQuota, WireRate};
 use crate::key::KeyDigest;
 use crate::usage::UsageRecord;
 
@@ -78,6 +80,14 @@ macro_rules! key_columns {
     () => {
         "id, hash, prefix, masked, name, owner, plan, scopes, ip_allowlist, rate_limit, quota, status, \
          expires_at, metadata, tags, created_at, updated_at, last_used_at, version, imported"
+    };
+}
+
+/// The columns of [`GatewayKeyRow`].
+macro_rules! gateway_key_columns {
+    () => {
+        "id, hash, name, owner, plan, scopes, ip_allowlist, rate_limit, quota, status, expires_at, metadata, \
+         tags, imported"
     };
 }
 
@@ -265,6 +275,14 @@ impl Store {
         match self {
             Store::Sqlite(pool) => sqlite::all_keys(pool),
             Store::Postgres(pool) => postgres::all_keys(pool),
+        }
+    }
+
+    /// [`Store::all_keys`] in the form a gateway needs: what a snapshot reads.
+    pub fn gateway_keys(&self) -> futures_util::stream::BoxStream<'_, Result<GatewayKeyRow>> {
+        match self {
+            Store::Sqlite(pool) => sqlite::gateway_keys(pool),
+            Store::Postgres(pool) => postgres::gateway_keys(pool),
         }
     }
 
@@ -608,6 +626,85 @@ impl KeyRow {
             name: self.name,
             owner: self.owner,
             plan: self.plan,
+        })
+    }
+}
+
+/// What a gateway needs of one key, as stored: a snapshot reads every key in this
+/// form. Fewer columns than [`KeyRow`] and its JSON left as text until [`wire`]
+/// borrows from it, so ten million keys stream without building each as a
+/// [`StoredKey`]. The result is the same as [`crate::control::snapshot::wire_key`]
+/// of the stored key.
+///
+/// [`wire`]: GatewayKeyRow::wire
+#[derive(sqlx::FromRow)]
+pub struct GatewayKeyRow {
+    id: String,
+    hash: String,
+    name: String,
+    owner: Option<String>,
+    plan: Option<String>,
+    scopes: String,
+    ip_allowlist: String,
+    rate_limit: Option<String>,
+    quota: Option<String>,
+    status: String,
+    expires_at: Option<i64>,
+    metadata: String,
+    tags: String,
+    imported: bool,
+}
+
+impl GatewayKeyRow {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The key in wire form, borrowing the row's text. An unusable hash or a stored
+    /// value that does not parse is an error: the key cannot be served as stored.
+    pub fn wire(&self) -> Result<WireKey<'_>> {
+        /// A JSON string, borrowed from the row unless it holds escapes.
+        #[derive(serde::Deserialize)]
+        struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+        fn strings(column: &str) -> Result<Vec<Cow<'_, str>>> {
+            let texts: Vec<Text<'_>> = serde_json::from_str(column).map_err(corrupt)?;
+            Ok(texts.into_iter().map(|t| t.0).collect())
+        }
+        let digest = KeyDigest::parse(&self.hash).map_err(|e| corrupt(format!("hash of {}: {e}", self.id)))?;
+        let status = KeyStatusText::parse(&self.status).ok_or_else(|| corrupt(format!("status {:?}", self.status)))?;
+        // Stored compact by the admin API and the import; checked, never rebuilt.
+        let metadata = match self.metadata.as_str() {
+            "{}" => None,
+            text => {
+                if !text.starts_with('{') {
+                    return Err(corrupt(format!("metadata of {} is no object", self.id)));
+                }
+                serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(corrupt)?;
+                Some(Cow::Borrowed(text))
+            }
+        };
+        Ok(WireKey {
+            digest: digest.0,
+            id: Cow::Borrowed(&self.id),
+            name: (self.name != self.id).then_some(Cow::Borrowed(self.name.as_str())),
+            owner: self.owner.as_deref().map(Cow::Borrowed),
+            plan: self.plan.as_deref().map(Cow::Borrowed),
+            scopes: strings(&self.scopes)?,
+            ip_allowlist: strings(&self.ip_allowlist)?,
+            ip_allowlist_unusable: false,
+            rate_limit: self
+                .rate_limit
+                .as_deref()
+                .map(unjson::<RateLimitConfig>)
+                .transpose()?
+                .as_ref()
+                .map(WireRate::from),
+            quota: self.quota.as_deref().map(unjson::<QuotaConfig>).transpose()?.as_ref().map(WireQuota::from),
+            status: status.into(),
+            expires_at_ms: self.expires_at,
+            metadata,
+            tags: strings(&self.tags)?,
+            imported: self.imported,
         })
     }
 }

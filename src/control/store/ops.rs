@@ -10,7 +10,7 @@ use sqlx::{Connection as _, Pool, QueryBuilder, Transaction};
 use super::{
     conflict_on_unique, corrupt, distinct, from_ms, fts_phrase, import_action, key_from_new, like_pattern, now_ms,
     to_i64, to_u64, trigram_indexable, unjson, AuditEvent, BatchOutcome, BucketSums, Change, Cursor, Dialect,
-    ImportAction, KeyColumns, KeyFilter, KeyPatch, KeyRow, KeyStatusText, NewKey, Result, StoreError, StoredKey,
+    GatewayKeyRow, ImportAction, KeyColumns, KeyFilter, KeyPatch, KeyRow, KeyStatusText, NewKey, Result, StoreError, StoredKey,
     UsageAggregate, UsageRows, FEED_LOCK_KEY,
 };
 use crate::control::model::{ImportKey, KeyChange};
@@ -284,6 +284,27 @@ pub(super) async fn list_keys(
     Ok((keys, next))
 }
 
+/// Entries counted at most when weighing an owner against a tag.
+const DRIVER_PROBE: i64 = 5_000;
+
+/// Whether `owner` has fewer keys than `tag` (each counted up to [`DRIVER_PROBE`] in
+/// its index, well under a millisecond). SQLite keeps no per-value statistics, and
+/// the walk driven by the larger side can read a whole large account or tag for a
+/// page; on a tie the tag drives, as its index carries the owner.
+async fn owner_is_smaller(pool: &Pool<Db>, owner: &str, tag: &str) -> Result<bool> {
+    let owners: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM (SELECT 1 FROM keys WHERE owner = $1 LIMIT $2)")
+        .bind(owner)
+        .bind(DRIVER_PROBE)
+        .fetch_one(pool)
+        .await?;
+    let tagged: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM (SELECT 1 FROM key_tags WHERE tag = $1 LIMIT $2)")
+        .bind(tag)
+        .bind(DRIVER_PROBE)
+        .fetch_one(pool)
+        .await?;
+    Ok(owners < tagged)
+}
+
 /// Up to `take` keys of a listing page, in listing order.
 async fn fetch_page(
     pool: &Pool<Db>,
@@ -297,9 +318,12 @@ async fn fetch_page(
         qb.push(concat!("(SELECT ", key_columns!(), " FROM "));
     }
     // The listing order's columns: (created_at, id) of the key, as key_tags holds them when
-    // its primary key (in that order) drives, else as keys does. On SQLite an owner drives
-    // (see below).
-    let tags_drive = filter.tag.is_some() && !(DIALECT == Dialect::Sqlite && filter.owner.is_some());
+    // its primary key (in that order) drives, else as keys does. On SQLite an owner with
+    // fewer keys than the tag drives (see below).
+    let tags_drive = match (&filter.tag, &filter.owner) {
+        (Some(tag), Some(owner)) if DIALECT == Dialect::Sqlite => !owner_is_smaller(pool, owner, tag).await?,
+        (tag, _) => tag.is_some(),
+    };
     let (created_at_column, id_column) = if let (Some(tag), true) = (&filter.tag, tags_drive) {
         // The other filters on key_tags' copies, tested inside its index. The owner on keys
         // as well: PostgreSQL may then walk a small owner's keys instead of a large tag.
@@ -319,8 +343,8 @@ async fn fetch_page(
     } else {
         // SQLite keeps no statistics to weigh one filter's index against another's. An
         // owner's keys are few in all but the largest accounts: with an owner, its index
-        // drives (a unary + keeps SQLite off the status and plan indexes) and a tag is
-        // looked up per key.
+        // drives (a unary + keeps SQLite off the status and plan indexes) and a tag, when
+        // it has more keys than the owner, is looked up per key.
         let sqlite_owner = DIALECT == Dialect::Sqlite && filter.owner.is_some();
         let other = if sqlite_owner { "+" } else { "" };
         if let Some(tag) = &filter.tag {
@@ -590,6 +614,14 @@ pub(super) fn all_keys(pool: &Pool<Db>) -> futures_util::stream::BoxStream<'_, R
     sqlx::query_as::<_, KeyRow>(concat!("SELECT ", key_columns!(), " FROM keys"))
         .fetch(pool)
         .map(|row| row.map_err(StoreError::from).and_then(KeyRow::into_key))
+        .boxed()
+}
+
+pub(super) fn gateway_keys(pool: &Pool<Db>) -> futures_util::stream::BoxStream<'_, Result<GatewayKeyRow>> {
+    use futures_util::StreamExt as _;
+    sqlx::query_as::<_, GatewayKeyRow>(concat!("SELECT ", gateway_key_columns!(), " FROM keys"))
+        .fetch(pool)
+        .map(|row| row.map_err(StoreError::from))
         .boxed()
 }
 
