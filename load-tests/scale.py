@@ -4,6 +4,8 @@
     load-tests/scale.py --keys 1000000 --gateways 8 --store postgres
     load-tests/scale.py --keys 1000000 --gateways 8 --store sqlite
     load-tests/scale.py --keys 20000 --gateways 2 --keygate target/debug/keygate   # a quick check
+    load-tests/scale.py --keys 10000000 --gateways 4 --readers 4 --keep-workdir --workdir /big
+    load-tests/scale.py --keys 10000000 --gateways 4 --readers 4 --resume /big/keygate-scale-…
 
 One machine, everything on loopback: a control plane on a fresh PostgreSQL database
 (`--store postgres`) or a standalone node on a SQLite file (`--store sqlite`, which
@@ -15,9 +17,11 @@ upstream. In order:
  1. import: writes N keys as NDJSON (a few thousand real keys the script keeps to test
     with, the rest random `sha256:` digests; 10,000 owners, three plans, tags) and
     times `keygate keys import FILE` against the admin API;
- 2. restart storm: starts the G gateways at once, times each from spawn to /readyz 200,
-    and records the control plane's peak resident memory meanwhile (VmHWM, reset
-    first through /proc/<pid>/clear_refs; VmRSS polled as a check);
+ 2. cold starts: one gateway started alone, timed from spawn to /readyz 200; then the
+    restart storm: starts the G gateways (and R plain snapshot readers, --readers) at
+    once, times each from spawn to /readyz 200, and records the control plane's peak
+    resident memory meanwhile (VmHWM, reset first through /proc/<pid>/clear_refs;
+    VmRSS polled as a check);
  3. gateway memory: each gateway's VmRSS once ready and its cache file written,
     against N x the index's own bytes per key (benches/index_scale.rs) plus the base;
  4. revocation: revokes R keys one by one through the admin API and times, for each,
@@ -31,9 +35,10 @@ upstream. In order:
  7. the table: every figure beside the issue's target, "met" or "missed by".
 
 Prints the table and writes it as markdown (--out). Every process started is stopped on
-exit, failure, Ctrl-C or SIGTERM; the work directory (configs, logs, the NDJSON file,
-the cache files) and the PostgreSQL database are removed unless --keep-workdir (a
-failed run keeps the work directory, and says where). Needs a keygate build with
+exit, failure, Ctrl-C or SIGTERM; the work directory (configs, logs, the cache files)
+and the PostgreSQL database are removed unless --keep-workdir (a failed run keeps the
+work directory, and says where). A kept run can be measured again without its import
+(--resume WORKDIR): at 10 M keys the import is most of a run. Needs a keygate build with
 `keys import`, Python 3.9+, and for --store postgres a reachable server and `psql`.
 """
 
@@ -287,6 +292,33 @@ class Poller(threading.Thread):
             self.conn.close()
 
 
+class SnapshotReader(threading.Thread):
+    """Reads `GET /v1/sync/snapshot` to its end, as fast as it comes, and discards it:
+    one more gateway's worth of load on the control plane without a gateway's memory."""
+
+    def __init__(self, port):
+        super().__init__(daemon=True)
+        self.port = port
+        self.took, self.bytes, self.failure = None, 0, None
+
+    def run(self):
+        started = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        try:
+            conn.request("GET", "/v1/sync/snapshot", headers={"authorization": f"Bearer {SYNC_TOKEN}"})
+            response = conn.getresponse()
+            if response.status != 200:
+                self.failure = f"snapshot reader: {response.status} {response.read(500)!r}"
+                return
+            while chunk := response.read(1 << 20):
+                self.bytes += len(chunk)
+            self.took = time.monotonic() - started
+        except (http.client.HTTPException, OSError) as e:
+            self.failure = f"snapshot reader: {type(e).__name__}: {e}"
+        finally:
+            conn.close()
+
+
 def one_request(port, key):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
@@ -364,6 +396,9 @@ class Scale:
         self.database = None
         self.upstream = None
         self.test_keys = []
+        self.revoked = []
+        self.revoked_before = set()
+        self.import_rows = []
         self.string_bytes = 0.0
         self.base_rss = None
         self.cp_label = "control plane" if args.store == "postgres" else "standalone node"
@@ -405,7 +440,7 @@ access_log: off
         control_plane_port = control_plane_port or self.ports["cp_admin"]
         d = {"name": name, "proxy": harness.free_port(), "admin": harness.free_port(),
              "cache": self.workdir / name / "keys.snapshot"}
-        (self.workdir / name).mkdir()
+        (self.workdir / name).mkdir(exist_ok=True)
         d["config"] = self.workdir / f"{name}.yaml"
         d["config"].write_text(f"""mode: gateway
 node_id: {name}
@@ -448,8 +483,39 @@ access_log: off
 
     # ---------------------------------------------------------------- steps
 
+    # ---------------------------------------------------------------- a kept run
+
+    def save_state(self):
+        """What --resume needs of this run: its keys (and database), the import's rows,
+        and the test keys revoked so far."""
+        state = {"keys": self.args.keys, "store": self.args.store, "database": self.database,
+                 "string_bytes": self.string_bytes, "test_keys": [[k.raw, k.id] for k in self.test_keys],
+                 "revoked": sorted(self.revoked_before | {k.id for k in self.revoked}), "import_rows": self.import_rows}
+        (self.workdir / "state.json").write_text(json.dumps(state))
+
+    def load_state(self):
+        path = self.workdir / "state.json"
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            sys.exit(f"--resume: cannot read {path}: {e}")
+        if (state["keys"], state["store"]) != (self.args.keys, self.args.store):
+            sys.exit(f"--resume: that run had --keys {state['keys']} --store {state['store']}")
+        revoked = set(state["revoked"])
+        self.test_keys = [TestKey(raw, key_id) for raw, key_id in state["test_keys"] if key_id not in revoked]
+        self.string_bytes, self.database = state["string_bytes"], state["database"]
+        self.import_rows = state["import_rows"]
+        self.revoked_before = revoked
+        # A new storm starts from nothing: no last-known-good files of the earlier run.
+        for old in self.workdir.glob("gw-*"):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+    # ---------------------------------------------------------------- steps
+
     def setup(self):
-        if self.args.store == "postgres":
+        if self.args.resume:
+            self.load_state()
+        elif self.args.store == "postgres":
             self.database = f"keygate_scale_{os.getpid()}"
             psql(self.args.pg_url, f"DROP DATABASE IF EXISTS {self.database}")
             psql(self.args.pg_url, f"CREATE DATABASE {self.database}")
@@ -491,6 +557,12 @@ store: {{ url: "sqlite://{self.workdir}/empty.db" }}
 
     def import_keys(self):
         args = self.args
+        if args.resume:
+            self.rows += [Row(*cells) for cells in self.import_rows]
+            self.notes.append(f"The keys were imported by an earlier run (--resume); step 1 is that run's. "
+                              f"{len(self.revoked_before)} of its test keys were revoked then.")
+            print(f"import: skipped (--resume); {len(self.test_keys):,} test keys left", flush=True)
+            return
         path = self.workdir / "keys.ndjson"
         started = time.monotonic()
         self.test_keys, self.string_bytes = generate_ndjson(path, args.keys, min(TEST_KEYS, args.keys), args.seed)
@@ -522,7 +594,10 @@ store: {{ url: "sqlite://{self.workdir}/empty.db" }}
         self.rows.append(Row("1", f"`keygate keys import` of {args.keys:,} keys ({mb(size)} of NDJSON)",
                              f"{rate:,.0f} keys/s ({seconds(took)})"))
         self.rows.append(Row("1", f"{self.cp_label} peak resident memory during the import", mb(cp_peak)))
-        self.imported_file = path
+        self.import_rows = [row.cells for row in self.rows if row.cells[0] == "1"]
+        path.unlink()  # gigabytes at 10 M keys
+        if args.keep_workdir:
+            self.save_state()
 
     def check_key_format(self):
         """The generated keys must be keygate's own: `keygate hash-key` agrees."""
@@ -531,6 +606,30 @@ store: {{ url: "sqlite://{self.workdir}/empty.db" }}
                                 timeout=30)
         if result.stdout.strip() != "sha256:" + hashlib.sha256(key.encode()).hexdigest() or result.stderr.strip():
             sys.exit(f"`keygate hash-key` disagrees with the generated key {key}: {result.stdout}{result.stderr}")
+
+    def lone_start(self):
+        """One gateway started alone, before the storm: the cold start a single restart
+        sees, the control plane reading the store for it alone."""
+        args = self.args
+        gw = self.gateway("gw-alone")
+        harness.reset_peak_rss(self.cp.pid)
+        started = time.monotonic()
+        popen = self.start_gateway(gw)
+        harness.wait_http(gw["admin"], "/readyz", timeout=args.ready_timeout, alive=self.children.check_alive,
+                          every=0.02)
+        took = time.monotonic() - started
+        cp_peak = harness.peak_rss_bytes(self.cp.pid)
+        hwm = harness.peak_rss_bytes(popen.pid)
+        self.children.stop(gw["name"])
+        shutil.rmtree(self.workdir / gw["name"], ignore_errors=True)
+        # A change, so that the storm's gateways get a read of their own, not this one's spool.
+        key = self.test_keys[-1]
+        Admin(self.ports["cp_admin"]).call("PATCH", f"/v1/keys/{key.id}", {"name": "scale: after the lone start"})
+        target = cold_start_target("control plane", args.keys)
+        print(f"lone start: one gateway ready in {took:.2f} s; {self.cp_label} peak {mb(cp_peak)}; "
+              f"gateway peak {mb(hwm)}", flush=True)
+        self.rows.append(Row("2", "one gateway started alone, spawn to /readyz 200 (the store read for it alone)",
+                             seconds(took), f"< {seconds(target)}", verdict(took, target, seconds)))
 
     def restart_storm(self):
         args = self.args
@@ -552,16 +651,22 @@ store: {{ url: "sqlite://{self.workdir}/empty.db" }}
                 time.sleep(0.02)
             failures.append(f"{gw['name']} was not ready within {args.ready_timeout} s")
 
+        readers = [SnapshotReader(self.ports["cp_admin"]) for _ in range(args.readers)]
         for gw in self.gateways:
             spawned[gw["name"]] = time.monotonic()
             gw["popen"] = self.start_gateway(gw)
+        for r in readers:
+            r.start()
         threads = [threading.Thread(target=wait_ready, args=(gw,), daemon=True) for gw in self.gateways]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        for r in readers:
+            r.join()
         polled = sampler.stop()
         cp_peak = harness.peak_rss_bytes(self.cp.pid)
+        failures += [r.failure for r in readers if r.failure]
         if failures:
             sys.exit("restart storm: " + "; ".join(failures))
         times = [ready[name] - spawned[name] for name in spawned]
@@ -574,7 +679,18 @@ store: {{ url: "sqlite://{self.workdir}/empty.db" }}
                              f"{seconds(min(times))} / {seconds(statistics.median(times))} / {seconds(max(times))}",
                              f"< {seconds(target)} (cold start from the control plane)",
                              verdict(max(times), target, seconds)))
-        for_eight = "" if args.gateways == 8 else f" (the target is for 8 gateways; {args.gateways} here)"
+        fetching = args.gateways + args.readers
+        if readers:
+            took = [r.took for r in readers]
+            print(f"storm: {len(readers)} snapshot readers done in {min(took):.2f} / {max(took):.2f} s, "
+                  f"{mb(statistics.median(r.bytes for r in readers))} each", flush=True)
+            self.rows.append(Row("2", f"…beside them, {len(readers)} plain readers of `GET /v1/sync/snapshot` "
+                                      "(streamed and discarded), spawn to last byte (min / max)",
+                                 f"{seconds(min(took))} / {seconds(max(took))}, "
+                                 f"{mb(statistics.median(r.bytes for r in readers))} each"))
+        for_eight = "" if fetching == 8 else f" (the target is for 8 at once; {fetching} here)"
+        if readers:
+            for_eight = f" ({args.gateways} gateways + {len(readers)} readers){for_eight}"
         self.rows.append(Row("2", f"{self.cp_label} peak resident memory during the storm (VmHWM; VmRSS polled "
                                   "every 50 ms)",
                              f"{mb(cp_peak)} (polled {mb(polled)}; {mb(cp_before)} before)",
@@ -821,6 +937,12 @@ def main():
                                           "at 10 M keys it needs about 4 GB + 1.3 GB per gateway")
     parser.add_argument("--keep-workdir", action="store_true",
                         help="keep the work directory and the PostgreSQL database afterwards")
+    parser.add_argument("--readers", type=int, default=0,
+                        help="plain snapshot readers started with the gateways in the storm (default 0): "
+                             "8 fetches at once without 8 gateways' memory")
+    parser.add_argument("--resume", metavar="WORKDIR",
+                        help="the work directory of an earlier run with --keep-workdir: its keys (and "
+                             "database) are used again and the import is skipped")
     parser.add_argument("--revocations", type=int, default=50, help="R, keys revoked one by one (default 50)")
     parser.add_argument("--index-bytes-per-key", type=float, default=0,
                         help=f"the index's own memory per key; default: {INDEX_OVERHEAD_PER_KEY} B (the index "
@@ -845,13 +967,19 @@ def main():
     harness.exit_on_signals()
 
     started_at = datetime.datetime.now()
-    workdir = Path(tempfile.mkdtemp(prefix="keygate-scale-", dir=args.workdir))
+    if args.resume:
+        workdir = Path(args.resume).resolve()
+        if not (workdir / "state.json").exists():
+            sys.exit(f"--resume: {workdir} holds no state.json (a run with --keep-workdir writes it)")
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="keygate-scale-", dir=args.workdir))
     run = Scale(args, workdir)
     keep = args.keep_workdir
     try:
         run.setup()
         run.base_memory()
         run.import_keys()
+        run.lone_start()
         run.restart_storm()
         run.gateway_memory()
         run.check_keys_work()
@@ -865,6 +993,8 @@ def main():
         raise
     finally:
         run.cleanup(args.keep_workdir)
+        if args.keep_workdir and (run.import_rows or args.resume):
+            run.save_state()
         run.scan_logs()
         if keep:
             print(f"work directory (configs, logs): {workdir}"
