@@ -165,7 +165,7 @@ fn spec(i: u64) -> Spec {
         id.push(BASE62[(*source % 62) as usize] as char);
         *source /= 62;
     }
-    let allow = (i % 20 == 0).then(|| {
+    let allow = i.is_multiple_of(20).then(|| {
         let ip = std::net::Ipv4Addr::from(0xc633_6400u32.wrapping_add(i as u32)); // from 198.51.100.0 up
         ipnet::IpNet::from(std::net::IpAddr::V4(ip))
     });
@@ -187,7 +187,8 @@ fn spec(i: u64) -> Spec {
             4 => KeyStatus::Revoked,
             _ => KeyStatus::Active,
         },
-        expires_at: (i % 4 == 0)
+        expires_at: i
+            .is_multiple_of(4)
             .then(|| OffsetDateTime::from_unix_timestamp(1_900_000_000 + i as i64).expect("a valid timestamp")),
         team: (i % 25 == 5).then_some("payments"),
         tag: (i % 10 == 6).then_some("prod"),

@@ -27,6 +27,8 @@ pub struct Metrics {
     usage_flush: IntCounterVec,
     pub usage_pending: IntGauge,
     pub usage_dropped: IntCounter,
+    /// Bytes of the usage spool file (`usage.spool`).
+    pub usage_spool_bytes: IntGauge,
     config_reloads: IntCounterVec,
     pub access_log_dropped: IntCounter,
     pub connections_open: IntGauge,
@@ -112,6 +114,8 @@ impl Metrics {
         )?;
         let usage_pending = IntGauge::new("keygate_usage_pending", "Usage records waiting to reach their sinks")?;
         let usage_dropped = IntCounter::new("keygate_usage_dropped_total", "Usage records given up on")?;
+        let usage_spool_bytes =
+            IntGauge::new("keygate_usage_spool_bytes", "Bytes of the spool of usage no sink has acknowledged yet")?;
         let config_reloads =
             IntCounterVec::new(Opts::new("keygate_config_reloads_total", "Config reloads by result"), &["result"])?;
         let access_log_dropped = IntCounter::new(
@@ -130,6 +134,7 @@ impl Metrics {
         registry.register(Box::new(usage_flush.clone()))?;
         registry.register(Box::new(usage_pending.clone()))?;
         registry.register(Box::new(usage_dropped.clone()))?;
+        registry.register(Box::new(usage_spool_bytes.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(access_log_dropped.clone()))?;
         let connections_open =
@@ -157,6 +162,7 @@ impl Metrics {
             usage_flush,
             usage_pending,
             usage_dropped,
+            usage_spool_bytes,
             config_reloads,
             access_log_dropped,
             connections_open,
@@ -248,6 +254,7 @@ mod tests {
             "keygate_usage_flush_total",
             "keygate_usage_pending",
             "keygate_usage_dropped_total",
+            "keygate_usage_spool_bytes",
             "keygate_config_reloads_total",
             "keygate_connections_open",
             "keygate_connections_refused_total",

@@ -140,6 +140,7 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         sinks: config.usage.sinks.clone(),
         node_id: config.node_id.clone(),
         flush_interval: config.usage.flush_interval,
+        usage_spool: config.usage.spool.clone(),
         drain_timeout: config.shutdown_timeout,
         config_path: config_path.to_owned(),
         certificates: config
@@ -283,6 +284,7 @@ struct Maintenance {
     sinks: Vec<SinkConfig>,
     node_id: String,
     flush_interval: Duration,
+    usage_spool: Option<std::path::PathBuf>,
     /// How long SIGTERM waits for requests in flight.
     drain_timeout: Duration,
     /// For SIGHUP: the file to read again, and what is running now.
@@ -306,6 +308,8 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         ("keys", running.keys != new.keys),
         ("access_log", running.access_log != new.access_log),
         ("shutdown_timeout", running.shutdown_timeout != new.shutdown_timeout),
+        ("usage.spool", running.usage.spool != new.usage.spool),
+        ("usage.flush_interval", running.usage.flush_interval != new.usage.flush_interval),
     ] {
         if differs {
             changed.push(name);
@@ -393,6 +397,7 @@ impl BackgroundService for Maintenance {
             self.node_id.clone(),
             self.flush_interval,
             Arc::clone(&self.plane.metrics),
+            self.usage_spool.clone(),
         )
         .spawn();
 

@@ -316,6 +316,11 @@ impl Tally {
         self.classes[class] += 1;
     }
 
+    /// Polling a gateway until a new key works counts one request: the first 200.
+    fn after_the_first_200() -> Tally {
+        Tally { allowed: 1, classes: [1, 0, 0, 0], ..Tally::default() }
+    }
+
     fn send(&mut self, gw: &Node, key: &str, path: &str) -> Response {
         let r = call(gw, key, path);
         self.count(&r);
@@ -1350,4 +1355,104 @@ fn quota_used_before_a_restart_still_counts_after_it() {
     assert_eq!(first.status, 200, "{}", first.text());
     let refused = node.get("/v1/orders/1", &[("x-api-key", &raw)]);
     assert_error(&refused, 429, "quota_exceeded");
+}
+
+// ---------------------------------------------------------------------------
+// Usage that is never lost: the spool across stops and crashes
+// ---------------------------------------------------------------------------
+
+/// `gateway`, with a usage spool in its dir.
+fn spooling_gateway(up: &Upstream, cp: SocketAddr) -> Node {
+    let template = gateway_template(
+        "  cache_file: @DIR@/keys.snapshot\n  max_staleness: 0s\n",
+        "usage:\n  flush_interval: 1s\n  spool: @DIR@/usage.spool\n  sinks: [ { type: control_plane } ]\n",
+    );
+    NodeBuilder::new(&template).var("CP", &cp.to_string()).var("UP", &up.addr()).env("SYNC_TOKEN", SYNC_TOKEN).start()
+}
+
+/// A control plane, a spooling gateway following it, and one key it serves.
+fn spool_setup(up: &Upstream) -> (Node, Node, String, String) {
+    let cp = control_plane(SQLITE_IN_NODE_DIR);
+    let gw = spooling_gateway(up, cp.admin);
+    wait_ready(&gw, EVENTUALLY);
+    let (raw, record) = Api::of(&cp).create(json!({"name": "metered", "scopes": ["orders:read"]}));
+    poll_outcome(&gw, &raw, "/v1/orders/1", "200", PROPAGATION, None);
+    (cp, gw, raw, record["id"].as_str().unwrap().to_owned())
+}
+
+#[test]
+fn usage_held_at_sigterm_while_the_control_plane_is_down_arrives_after_the_next_start() {
+    let up = Upstream::start("api");
+    let (mut cp, mut gw, raw, id) = spool_setup(&up);
+    let mut tally = Tally::after_the_first_200();
+    for _ in 0..5 {
+        tally.send(&gw, &raw, "/v1/orders/1");
+    }
+    wait_usage_totals(&Api::of(&cp), &id, &tally.expected());
+
+    cp.kill();
+    for _ in 0..7 {
+        tally.send(&gw, &raw, "/v1/orders/1");
+    }
+    tally.send(&gw, &raw, "/v1/reports/1");
+    let status = gw.stop().expect("the gateway exits after SIGTERM");
+    assert!(status.success(), "exit {status}\n{}", gw.output());
+    assert!(gw.output().contains("kept in the spool"), "{}", gw.output());
+    assert!(!gw.output().contains("is lost"), "{}", gw.output());
+
+    cp.restart();
+    gw.restart();
+    wait_usage_totals(&Api::of(&cp), &id, &tally.expected());
+    assert_eq!(gw.metric("keygate_usage_dropped_total"), Some(0.0));
+    wait_until(EVENTUALLY, "the spool to be emptied", || {
+        (gw.metric("keygate_usage_spool_bytes") == Some(8.0)).then_some(())
+    });
+}
+
+#[test]
+fn a_control_plane_killed_and_restarted_under_load_counts_every_request_once() {
+    let up = Upstream::start("api");
+    let (mut cp, gw, raw, id) = spool_setup(&up);
+    let mut tally = Tally::after_the_first_200();
+    let started = Instant::now();
+    let mut killed = false;
+    let mut restarted = false;
+    // About six seconds of requests; the control plane is down for the middle two.
+    while started.elapsed() < Duration::from_secs(6) {
+        tally.send(&gw, &raw, "/v1/orders/1");
+        if !killed && started.elapsed() > Duration::from_secs(2) {
+            cp.kill();
+            killed = true;
+        }
+        if !restarted && started.elapsed() > Duration::from_secs(4) {
+            cp.restart();
+            restarted = true;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    wait_usage_totals(&Api::of(&cp), &id, &tally.expected());
+    assert_eq!(gw.metric("keygate_usage_dropped_total"), Some(0.0));
+}
+
+/// `kill -9` loses at most the window still open: every closed window is on disk
+/// before any sink sees it.
+#[test]
+fn a_gateway_killed_with_sigkill_keeps_every_closed_window() {
+    let up = Upstream::start("api");
+    let (mut cp, mut gw, raw, id) = spool_setup(&up);
+    let mut tally = Tally::after_the_first_200();
+    cp.kill();
+    for _ in 0..9 {
+        tally.send(&gw, &raw, "/v1/orders/1");
+    }
+    // Two 1 s windows close with the control plane down: the usage is in the spool only.
+    wait_until(EVENTUALLY, "the spool to hold the closed windows", || {
+        (gw.metric("keygate_usage_spool_bytes").unwrap_or(0.0) > 8.0).then_some(())
+    });
+    thread::sleep(Duration::from_millis(1200));
+    gw.kill();
+
+    cp.restart();
+    gw.restart();
+    wait_usage_totals(&Api::of(&cp), &id, &tally.expected());
 }

@@ -470,6 +470,8 @@ impl Serialize for QuotaConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageConfig {
     pub flush_interval: Duration,
+    /// Where usage no sink has acknowledged yet is kept across restarts.
+    pub spool: Option<PathBuf>,
     pub sinks: Vec<SinkConfig>,
 }
 

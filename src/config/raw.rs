@@ -438,6 +438,7 @@ pub struct RawQuota {
 #[serde(deny_unknown_fields)]
 pub struct RawUsage {
     pub flush_interval: Option<Text>,
+    pub spool: Option<Text>,
     pub sinks: Option<Vec<Parsed<RawSink>>>,
 }
 

@@ -1008,6 +1008,13 @@ fn usage_sink_fields_are_checked() {
 }
 
 #[test]
+fn usage_spool_is_optional_and_never_empty() {
+    assert_eq!(ok("").usage.spool, None);
+    assert_eq!(ok("usage: { spool: data/usage.spool }\n").usage.spool, Some("data/usage.spool".into()));
+    error_at("usage: { spool: \"\" }\n", "usage.spool", "must not be empty");
+}
+
+#[test]
 fn usage_sinks_default_by_mode() {
     assert_eq!(ok("").usage.sinks, vec![SinkConfig::Store]);
     assert!(ok(GATEWAY).usage.sinks.is_empty());

@@ -931,14 +931,15 @@ impl Builder<'_> {
 
     fn usage(&mut self, raw: Option<Parsed<RawUsage>>, mode: Option<Mode>, keys: Option<&KeysConfig>) -> UsageConfig {
         let usage = self.parsed(raw, "usage");
-        let (flush_interval, sinks) = match usage {
-            Some(u) => (u.flush_interval, u.sinks),
-            None => (None, None),
+        let (flush_interval, spool, sinks) = match usage {
+            Some(u) => (u.flush_interval, u.spool, u.sinks),
+            None => (None, None, None),
         };
         let flush_interval = self.duration(flush_interval, "usage.flush_interval", Duration::from_secs(5), false);
+        let spool = self.optional_path(spool, "usage.spool");
         let Some(sinks) = sinks else {
             let sinks = if mode.unwrap_or_default() == Mode::Standalone { vec![SinkConfig::Store] } else { Vec::new() };
-            return UsageConfig { flush_interval, sinks };
+            return UsageConfig { flush_interval, spool, sinks };
         };
         let mut out: Vec<SinkConfig> = Vec::new();
         for (i, item) in sinks.into_iter().enumerate() {
@@ -955,7 +956,7 @@ impl Builder<'_> {
                 }
             }
         }
-        UsageConfig { flush_interval, sinks: out }
+        UsageConfig { flush_interval, spool, sinks: out }
     }
 
     fn sink(&mut self, raw: RawSink, path: &str, mode: Option<Mode>, keys: Option<&KeysConfig>) -> Option<SinkConfig> {

@@ -531,7 +531,7 @@ mod tests {
             .ip_allowlist(vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::1/128".parse().unwrap()])
             .rate_limit(Some(RateLimitConfig { requests: 5, per: Duration::from_millis(1500), burst: Some(9) }))
             .quota(Some(QuotaConfig { requests: 100, per: QuotaPeriod::Month }))
-            .status(if n % 2 == 0 { KeyStatus::Active } else { KeyStatus::Disabled })
+            .status(if n.is_multiple_of(2) { KeyStatus::Active } else { KeyStatus::Disabled })
             .expires_at(Some(time::macros::datetime!(2030-01-02 03:04:05.678 UTC)))
             .metadata(metadata)
             .tags(vec!["a".into(), format!("t{n}")])

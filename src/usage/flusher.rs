@@ -9,11 +9,18 @@
 //! failed, but may still land (a file sink's blocking write cannot be called
 //! back): the flusher keeps the task and, on its next try, waits for that same
 //! write instead of making another, so a late success is taken as delivered.
+//!
+//! A batch holds at most the sink's `max_batch_records`, so a window with a
+//! million active keys goes out as many bounded batches, each with a sequence of
+//! its own. With `usage.spool`, every window and every batch is on disk before a
+//! sink sees it (see `spool`), and the queues come back from there after a restart.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -21,6 +28,7 @@ use tokio::task::JoinHandle;
 use super::counters::UsageCounters;
 use super::record::UsageRecord;
 use super::sink::{SinkError, UsageBatch, UsageSink};
+use super::spool::{QueueView, SentRef, Spool, SpooledQueue};
 use crate::metrics::Metrics;
 
 /// One sink write may take this long before it counts as failed.
@@ -29,11 +37,22 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Pause between delivery rounds during the final flush.
 const FINAL_RETRY_PAUSE: Duration = Duration::from_millis(200);
 
+/// A batch handed to a sink, retried unchanged until it is taken.
+struct InFlight {
+    /// The boot that first sent it: a batch from the spool keeps its earlier boot's.
+    boot_id: Arc<str>,
+    sequence: u64,
+    records: Arc<[UsageRecord]>,
+}
+
 struct SinkQueue {
     /// Names the sink's configuration, to keep its queue across config reloads.
     identity: String,
+    /// The name of this queue in the spool: a digest of `identity`, which may hold
+    /// secrets of the sink's configuration.
+    spool_name: String,
     sink: Arc<dyn UsageSink>,
-    in_flight: Option<(u64, Arc<[UsageRecord]>)>,
+    in_flight: Option<InFlight>,
     /// The write of `in_flight` still under way, if the last try stopped waiting for it.
     writing: Option<JoinHandle<Result<(), SinkError>>>,
     pending: HashMap<String, UsageRecord>,
@@ -42,9 +61,17 @@ struct SinkQueue {
     retry_at: Instant,
 }
 
+/// What every delivery needs besides its queue.
+struct Delivery<'a> {
+    node: &'a str,
+    boot_id: &'a Arc<str>,
+    metrics: &'a Metrics,
+    write_timeout: Duration,
+}
+
 impl SinkQueue {
     fn queued(&self) -> usize {
-        self.in_flight.as_ref().map_or(0, |(_, r)| r.len()) + self.pending.len()
+        self.in_flight.as_ref().map_or(0, |b| b.records.len()) + self.pending.len()
     }
 
     fn add(&mut self, records: &[UsageRecord]) {
@@ -58,23 +85,64 @@ impl SinkQueue {
         }
     }
 
+    /// The next batch: up to the sink's limit, taken out of `pending`.
+    fn take_batch(&mut self) -> Arc<[UsageRecord]> {
+        let limit = self.sink.max_batch_records().max(1);
+        if self.pending.len() <= limit {
+            return self.pending.drain().map(|(_, r)| r).collect();
+        }
+        let keys: Vec<String> = self.pending.keys().take(limit).cloned().collect();
+        keys.iter().filter_map(|key| self.pending.remove(key)).collect()
+    }
+
+    fn view(&self) -> QueueView<'_> {
+        QueueView {
+            sink: &self.spool_name,
+            in_flight: self.in_flight.as_ref().map(|b| SentRef {
+                boot_id: &b.boot_id,
+                sequence: b.sequence,
+                records: &b.records,
+            }),
+            pending: self.pending.values().collect(),
+        }
+    }
+
+    fn backoff(&mut self) -> Duration {
+        self.failures += 1;
+        let backoff = Duration::from_secs(1).saturating_mul(1 << self.failures.min(6)).min(MAX_BACKOFF);
+        self.retry_at = Instant::now() + backoff;
+        backoff
+    }
+
     /// Delivers what it can; stops at the first failure and backs off.
-    async fn deliver(&mut self, node: &str, boot_id: &str, metrics: &Metrics, write_timeout: Duration) {
+    async fn deliver(&mut self, to: &Delivery<'_>, mut spool: Option<&mut Spool>) {
+        let kind = self.sink.kind();
         loop {
             if self.in_flight.is_none() {
                 if self.pending.is_empty() {
                     return;
                 }
-                let records: Arc<[UsageRecord]> = self.pending.drain().map(|(_, r)| r).collect();
+                let records = self.take_batch();
                 self.next_sequence += 1;
-                self.in_flight = Some((self.next_sequence, records));
+                let batch = InFlight { boot_id: Arc::clone(to.boot_id), sequence: self.next_sequence, records };
+                if let Some(spool) = spool.as_deref_mut() {
+                    // Never sent unless the spool knows: else a restart could send it again as new.
+                    if let Err(e) = spool.sent(&self.spool_name, &batch.boot_id, batch.sequence, &batch.records).await {
+                        self.add(&batch.records);
+                        let retry_in = self.backoff();
+                        tracing::error!(sink = kind, error = %e, ?retry_in, "usage spool write failed; usage is kept to retry");
+                        return;
+                    }
+                    to.metrics.usage_spool_bytes.set(spool.bytes() as i64);
+                }
+                self.in_flight = Some(batch);
             }
-            let Some((sequence, records)) = &self.in_flight else { return };
+            let Some(batch) = &self.in_flight else { return };
             let writing = match &mut self.writing {
                 Some(writing) => writing,
-                None => self.writing.insert(spawn_write(&self.sink, node, boot_id, *sequence, records)),
+                None => self.writing.insert(spawn_write(&self.sink, to.node, batch)),
             };
-            let kind = self.sink.kind();
+            let write_timeout = to.write_timeout;
             let result = match tokio::time::timeout(write_timeout, writing).await {
                 Ok(joined) => {
                     self.writing = None;
@@ -87,23 +155,28 @@ impl SinkQueue {
             };
             match result {
                 Ok(()) => {
-                    metrics.usage_flushed(kind, true);
+                    to.metrics.usage_flushed(kind, true);
                     if self.failures > 0 {
                         tracing::info!(sink = kind, "usage sink recovered; pending usage delivered");
+                    }
+                    if let (Some(spool), Some(batch)) = (spool.as_deref_mut(), &self.in_flight) {
+                        // Unsynced: were it lost, the batch is sent once more and dropped as a duplicate.
+                        if let Err(e) = spool.acked(&self.spool_name, &batch.boot_id, batch.sequence).await {
+                            tracing::warn!(sink = kind, error = %e, "usage spool write failed");
+                        }
+                        to.metrics.usage_spool_bytes.set(spool.bytes() as i64);
                     }
                     self.in_flight = None;
                     self.failures = 0;
                 }
                 Err(error) => {
-                    metrics.usage_flushed(kind, false);
-                    self.failures += 1;
-                    let backoff = Duration::from_secs(1).saturating_mul(1 << self.failures.min(6)).min(MAX_BACKOFF);
-                    self.retry_at = Instant::now() + backoff;
+                    to.metrics.usage_flushed(kind, false);
+                    let retry_in = self.backoff();
                     tracing::warn!(
                         sink = kind,
                         failures = self.failures,
                         pending = self.queued(),
-                        retry_in = ?backoff,
+                        ?retry_in,
                         "usage sink failed, keeping its usage to retry: {error}"
                     );
                     return;
@@ -114,14 +187,10 @@ impl SinkQueue {
 }
 
 /// One attempt to write a batch, on a task that finishes whether or not anyone waits.
-fn spawn_write(
-    sink: &Arc<dyn UsageSink>,
-    node: &str,
-    boot_id: &str,
-    sequence: u64,
-    records: &Arc<[UsageRecord]>,
-) -> JoinHandle<Result<(), SinkError>> {
-    let (sink, node, boot_id, records) = (Arc::clone(sink), node.to_owned(), boot_id.to_owned(), Arc::clone(records));
+fn spawn_write(sink: &Arc<dyn UsageSink>, node: &str, batch: &InFlight) -> JoinHandle<Result<(), SinkError>> {
+    let (sink, node, boot_id, records) =
+        (Arc::clone(sink), node.to_owned(), Arc::clone(&batch.boot_id), Arc::clone(&batch.records));
+    let sequence = batch.sequence;
     tokio::spawn(
         async move { sink.write(UsageBatch { node: &node, boot_id: &boot_id, sequence, records: &records }).await },
     )
@@ -130,13 +199,17 @@ fn spawn_write(
 pub struct Flusher {
     counters: Arc<UsageCounters>,
     node: String,
-    boot_id: String,
+    boot_id: Arc<str>,
     interval: Duration,
     sinks: Vec<SinkQueue>,
     metrics: Arc<Metrics>,
     window_start: OffsetDateTime,
     /// `WRITE_TIMEOUT`, shortened by tests.
     write_timeout: Duration,
+    spool_path: Option<PathBuf>,
+    spool: Option<Spool>,
+    /// The spool missed a write: it is rewritten from the queues at the next chance.
+    spool_behind: bool,
 }
 
 /// A sink and the identity of the configuration it was built from.
@@ -171,8 +244,11 @@ impl FlusherHandle {
 }
 
 fn queue(identity: String, sink: Arc<dyn UsageSink>) -> SinkQueue {
+    let digest = Sha256::digest(identity.as_bytes());
+    let spool_name = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
     SinkQueue {
         identity,
+        spool_name,
         sink,
         in_flight: None,
         writing: None,
@@ -184,22 +260,27 @@ fn queue(identity: String, sink: Arc<dyn UsageSink>) -> SinkQueue {
 }
 
 impl Flusher {
+    /// `spool`: where undelivered usage is kept across restarts (`usage.spool`).
     pub fn new(
         counters: Arc<UsageCounters>,
         sinks: Vec<NamedSink>,
         node: String,
         interval: Duration,
         metrics: Arc<Metrics>,
+        spool: Option<PathBuf>,
     ) -> Self {
         Flusher {
             counters,
             node,
-            boot_id: new_boot_id(),
+            boot_id: new_boot_id().into(),
             interval,
             sinks: sinks.into_iter().map(|(identity, sink)| queue(identity, sink)).collect(),
             metrics,
             window_start: OffsetDateTime::now_utc(),
             write_timeout: WRITE_TIMEOUT,
+            spool_path: spool,
+            spool: None,
+            spool_behind: false,
         }
     }
 
@@ -211,6 +292,7 @@ impl Flusher {
     }
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        self.open_spool().await;
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -230,6 +312,76 @@ impl Flusher {
         }
     }
 
+    /// Opens the spool (waiting for a process before this one to let go of it) and
+    /// gives each sink back what it held. Usage counted meanwhile waits in the counters.
+    async fn open_spool(&mut self) {
+        let Some(path) = self.spool_path.clone() else { return };
+        let opened = tokio::task::spawn_blocking(move || Spool::open(&path)).await;
+        let (spool, spooled) = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "usage spool unusable: undelivered usage is kept in memory only");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "usage spool could not be opened: usage is kept in memory only");
+                return;
+            }
+        };
+        self.spool = Some(spool);
+        self.take_back(spooled);
+        // The replayed state as one compact log, without the queues of sinks gone since.
+        self.spool_behind = true;
+        self.settle_spool().await;
+    }
+
+    fn take_back(&mut self, spooled: HashMap<String, SpooledQueue>) {
+        let mut restored = 0;
+        for (name, held) in spooled {
+            let records = held.records();
+            let Some(queue) = self.sinks.iter_mut().find(|q| q.spool_name == name) else {
+                self.metrics.usage_dropped.inc_by(records as u64);
+                tracing::error!(records, "the usage spool holds usage for a sink no longer configured; it is dropped");
+                continue;
+            };
+            queue.in_flight = held.in_flight.map(|batch| InFlight {
+                boot_id: batch.boot_id.into(),
+                sequence: batch.sequence,
+                records: batch.records.into(),
+            });
+            let pending: Vec<UsageRecord> = held.pending.into_values().collect();
+            queue.add(&pending);
+            restored += records;
+        }
+        if restored > 0 {
+            tracing::info!(records = restored, "usage kept in the spool by an earlier run is delivered again");
+        }
+        self.metrics.usage_pending.set(self.queued() as i64);
+    }
+
+    /// Empties the spool when nothing is left to deliver, or rewrites it from the
+    /// queues when it has fallen behind them or grown well beyond them.
+    async fn settle_spool(&mut self) {
+        let Some(spool) = &mut self.spool else { return };
+        let empty = self.sinks.iter().all(|q| q.queued() == 0);
+        let result = if empty && spool.holds_entries() {
+            spool.rewrite(&[]).await
+        } else if self.spool_behind || spool.wants_rewrite() {
+            let views: Vec<QueueView<'_>> = self.sinks.iter().map(SinkQueue::view).collect();
+            spool.rewrite(&views).await
+        } else {
+            Ok(())
+        };
+        match result {
+            Ok(()) => self.spool_behind = false,
+            Err(e) => {
+                self.spool_behind = true;
+                tracing::error!(error = %e, "usage spool rewrite failed; retried after the next window");
+            }
+        }
+        self.metrics.usage_spool_bytes.set(spool.bytes() as i64);
+    }
+
     async fn replace_sinks(&mut self, sinks: Vec<NamedSink>) {
         // What was counted so far goes to the sinks it was counted for.
         self.flush_window(true).await;
@@ -240,8 +392,14 @@ impl Flusher {
                 None => self.sinks.push(queue(identity, sink)),
             }
         }
+        let to = Delivery {
+            node: &self.node,
+            boot_id: &self.boot_id,
+            metrics: &self.metrics,
+            write_timeout: self.write_timeout,
+        };
         for mut removed in old {
-            removed.deliver(&self.node, &self.boot_id, &self.metrics, self.write_timeout).await;
+            removed.deliver(&to, self.spool.as_mut()).await;
             let lost = removed.queued();
             if lost > 0 {
                 self.metrics.usage_dropped.inc_by(lost as u64);
@@ -252,6 +410,9 @@ impl Flusher {
                 );
             }
         }
+        // The removed sinks' queues leave the spool.
+        self.spool_behind = true;
+        self.settle_spool().await;
         self.metrics.usage_pending.set(self.queued() as i64);
     }
 
@@ -259,13 +420,27 @@ impl Flusher {
         let window_end = OffsetDateTime::now_utc();
         let records = self.counters.drain(&self.node, self.window_start, window_end);
         self.window_start = window_end;
+        if let Some(spool) = &mut self.spool {
+            let names: Vec<&str> = self.sinks.iter().map(|q| q.spool_name.as_str()).collect();
+            if let Err(e) = spool.counted(&names, &records).await {
+                self.spool_behind = true;
+                tracing::error!(error = %e, records = records.len(), "usage spool write failed; the window is kept in memory");
+            }
+        }
         let now = Instant::now();
+        let to = Delivery {
+            node: &self.node,
+            boot_id: &self.boot_id,
+            metrics: &self.metrics,
+            write_timeout: self.write_timeout,
+        };
         for queue in &mut self.sinks {
             queue.add(&records);
             if ignore_backoff || now >= queue.retry_at {
-                queue.deliver(&self.node, &self.boot_id, &self.metrics, self.write_timeout).await;
+                queue.deliver(&to, self.spool.as_mut()).await;
             }
         }
+        self.settle_spool().await;
         self.metrics.usage_pending.set(self.queued() as i64);
     }
 
@@ -274,17 +449,26 @@ impl Flusher {
         self.flush_window(true).await;
         while self.queued() > 0 && Instant::now() + FINAL_RETRY_PAUSE < deadline {
             tokio::time::sleep(FINAL_RETRY_PAUSE).await;
+            let to = Delivery {
+                node: &self.node,
+                boot_id: &self.boot_id,
+                metrics: &self.metrics,
+                write_timeout: self.write_timeout,
+            };
             for queue in &mut self.sinks {
-                queue.deliver(&self.node, &self.boot_id, &self.metrics, self.write_timeout).await;
+                queue.deliver(&to, self.spool.as_mut()).await;
             }
         }
-        let lost = self.queued();
-        self.metrics.usage_pending.set(lost as i64);
-        if lost > 0 {
-            self.metrics.usage_dropped.inc_by(lost as u64);
-            tracing::error!(records = lost, "usage could not be delivered before shutdown and is lost");
-        } else {
+        self.settle_spool().await;
+        let left = self.queued();
+        self.metrics.usage_pending.set(left as i64);
+        if left == 0 {
             tracing::info!("usage flushed");
+        } else if self.spool.is_some() && !self.spool_behind {
+            tracing::warn!(records = left, "usage not yet delivered is kept in the spool for the next start");
+        } else {
+            self.metrics.usage_dropped.inc_by(left as u64);
+            tracing::error!(records = left, "usage could not be delivered before shutdown and is lost");
         }
     }
 
@@ -377,6 +561,7 @@ mod tests {
             "node-1".into(),
             Duration::from_secs(5),
             Arc::new(Metrics::new().unwrap()),
+            None,
         );
         (flusher, counters, sink)
     }
@@ -432,6 +617,7 @@ mod tests {
             "node-1".into(),
             Duration::from_secs(5),
             Arc::new(Metrics::new().unwrap()),
+            None,
         );
         flusher.write_timeout = Duration::from_millis(50);
         counters.record("a", &allowed());
@@ -458,6 +644,115 @@ mod tests {
         }
         handle.flush_and_stop(Duration::from_secs(2)).await;
         assert_eq!(delivered(&sink), 10);
+    }
+
+    /// A `RecordingSink` that takes at most three records a batch.
+    struct SmallBatches(Arc<RecordingSink>);
+
+    #[async_trait]
+    impl UsageSink for SmallBatches {
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+
+        fn max_batch_records(&self) -> usize {
+            3
+        }
+
+        async fn write(&self, batch: UsageBatch<'_>) -> Result<(), SinkError> {
+            self.0.write(batch).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_window_larger_than_a_batch_goes_out_as_several_each_with_its_own_sequence() {
+        let counters = Arc::new(UsageCounters::new());
+        let sink = Arc::new(RecordingSink::default());
+        let mut flusher = Flusher::new(
+            Arc::clone(&counters),
+            vec![("test".to_owned(), Arc::new(SmallBatches(Arc::clone(&sink))) as Arc<dyn UsageSink>)],
+            "node-1".into(),
+            Duration::from_secs(5),
+            Arc::new(Metrics::new().unwrap()),
+            None,
+        );
+        for key in 0..10 {
+            counters.record(&format!("k{key}"), &allowed());
+        }
+        flusher.flush_window(false).await;
+        let batches = sink.batches.lock().unwrap().clone();
+        assert_eq!(batches.iter().map(|(_, r)| r.len()).collect::<Vec<_>>(), [3, 3, 3, 1]);
+        assert_eq!(batches.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        let keys: std::collections::BTreeSet<_> = batches.iter().flat_map(|(_, r)| r).map(|r| &r.key_id).collect();
+        assert_eq!(keys.len(), 10);
+    }
+
+    /// A flusher on a spool in `dir`, sending to `sink` as "node-1".
+    fn spooled(dir: &std::path::Path, sink: &Arc<RecordingSink>) -> (Flusher, Arc<UsageCounters>) {
+        let counters = Arc::new(UsageCounters::new());
+        let flusher = Flusher::new(
+            Arc::clone(&counters),
+            vec![("test".to_owned(), Arc::new(SmallBatches(Arc::clone(sink))) as Arc<dyn UsageSink>)],
+            "node-1".into(),
+            Duration::from_secs(5),
+            Arc::new(Metrics::new().unwrap()),
+            Some(dir.join("usage.spool")),
+        );
+        (flusher, counters)
+    }
+
+    #[tokio::test]
+    async fn usage_a_sink_has_not_taken_at_shutdown_is_delivered_after_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Arc::new(RecordingSink::default());
+        sink.down.store(true, Ordering::SeqCst);
+        let (mut flusher, counters) = spooled(dir.path(), &sink);
+        flusher.open_spool().await;
+        for key in 0..5 {
+            counters.record(&format!("k{key}"), &allowed());
+        }
+        counters.record("k0", &allowed());
+        flusher.final_flush(Duration::from_millis(300)).await;
+        assert_eq!(flusher.metrics.usage_dropped.get(), 0, "kept in the spool, not dropped");
+        assert!(flusher.metrics.usage_spool_bytes.get() > 0);
+        drop(flusher);
+
+        sink.down.store(false, Ordering::SeqCst);
+        let (mut next, _) = spooled(dir.path(), &sink);
+        next.open_spool().await;
+        assert_eq!(next.queued(), 5);
+        next.flush_window(false).await;
+        assert_eq!(delivered(&sink), 6);
+        assert_eq!(next.queued(), 0);
+        assert_eq!(std::fs::metadata(dir.path().join("usage.spool")).unwrap().len(), 8, "emptied once delivered");
+    }
+
+    #[tokio::test]
+    async fn a_batch_sent_before_a_crash_is_sent_again_under_its_first_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Arc::new(RecordingSink::default());
+        let (mut flusher, counters) = spooled(dir.path(), &sink);
+        flusher.open_spool().await;
+        for key in 0..4 {
+            counters.record(&format!("k{key}"), &allowed());
+        }
+        // The first batch is sent and taken; the crash comes before its acknowledgement
+        // reaches the spool, which is what cutting the log back to before it does.
+        sink.down.store(true, Ordering::SeqCst);
+        flusher.flush_window(true).await;
+        let spool = dir.path().join("usage.spool");
+        let first_boot = flusher.boot_id.to_string();
+        drop(flusher);
+
+        sink.down.store(false, Ordering::SeqCst);
+        let (mut next, _) = spooled(dir.path(), &sink);
+        next.open_spool().await;
+        assert_ne!(next.boot_id.as_ref(), first_boot);
+        let held = next.sinks[0].in_flight.as_ref().expect("the batch in flight comes back");
+        assert_eq!((held.boot_id.as_ref(), held.sequence), (first_boot.as_str(), 1));
+        next.flush_window(false).await;
+        assert_eq!(delivered(&sink), 4);
+        assert_eq!(std::fs::metadata(&spool).unwrap().len(), 8);
     }
 
     #[tokio::test]

@@ -11,6 +11,7 @@ mod counters;
 mod flusher;
 mod record;
 mod sink;
+mod spool;
 
 pub use counters::{RequestUsage, UsageCounters};
 pub use flusher::{Flusher, FlusherHandle, NamedSink};

@@ -35,8 +35,17 @@ pub trait UsageSink: Send + Sync {
     /// The `sink` label in metrics: `file`, `store`, `control_plane`.
     fn kind(&self) -> &'static str;
 
+    /// The most records one batch may hold: a window with more active keys is sent
+    /// as several batches.
+    fn max_batch_records(&self) -> usize {
+        DEFAULT_MAX_BATCH_RECORDS
+    }
+
     async fn write(&self, batch: UsageBatch<'_>) -> Result<(), SinkError>;
 }
+
+/// Batches of a few megabytes at most (a record is about 300 bytes of JSON).
+pub const DEFAULT_MAX_BATCH_RECORDS: usize = 5_000;
 
 /// JSON lines appended to a file (CONTRACT §8). The file is opened for every
 /// batch, so rotating it away needs no signal.
