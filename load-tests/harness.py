@@ -37,10 +37,18 @@ class Upstream(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _UpstreamServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A proxy killed mid-request resets its connections: expected, not worth a traceback.
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+
 def start_upstream(port):
     """A threaded `Upstream` on 127.0.0.1:port; `.shutdown()` it at the end."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Upstream)
-    server.daemon_threads = True
+    server = _UpstreamServer(("127.0.0.1", port), Upstream)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
