@@ -30,6 +30,8 @@ const MAGIC: [u8; 8] = *b"KGUSAGE1";
 const FRAME_HEAD_LEN: usize = 8;
 /// No entry is larger: a length above it is corruption.
 const MAX_ENTRY: usize = 1 << 30;
+/// Records of a window in one `Counted` entry at most (a few megabytes).
+const RECORDS_PER_ENTRY: usize = 10_000;
 /// The log is rewritten once it is this much larger than its last rewrite…
 const REWRITE_FACTOR: u64 = 4;
 /// …and at least this large.
@@ -240,14 +242,20 @@ impl Spool {
         self.bytes
     }
 
-    /// A closed window's records, for these sinks; on disk when this returns.
+    /// A closed window's records, for these sinks; on disk when this returns. A
+    /// large window is written as several entries, so that encoding it needs a
+    /// bounded buffer, then synced once.
     pub async fn counted(&mut self, sinks: &[&str], records: &[UsageRecord]) -> Result<(), SpoolError> {
         if records.is_empty() || sinks.is_empty() {
             return Ok(());
         }
-        let mut out = Vec::new();
-        encode(&Entry::Counted { sinks, records }, &mut out);
-        self.append(out, true).await
+        let mut chunks = records.chunks(RECORDS_PER_ENTRY).peekable();
+        while let Some(chunk) = chunks.next() {
+            let mut out = Vec::new();
+            encode(&Entry::Counted { sinks, records: chunk }, &mut out);
+            self.append(out, chunks.peek().is_none()).await?;
+        }
+        Ok(())
     }
 
     /// A batch about to be sent; on disk when this returns.
