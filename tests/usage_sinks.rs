@@ -378,6 +378,14 @@ static STREAMS: AtomicU64 = AtomicU64::new(0);
 
 impl TestStream {
     fn create(url: &str, storage: jetstream::stream::StorageType) -> TestStream {
+        Self::create_with(url, storage, async_nats::ConnectOptions::new())
+    }
+
+    fn create_with(
+        url: &str,
+        storage: jetstream::stream::StorageType,
+        options: async_nats::ConnectOptions,
+    ) -> TestStream {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let unique = format!(
             "{}_{}_{}",
@@ -388,7 +396,7 @@ impl TestStream {
         let name = format!("KEYGATE_TEST_{unique}");
         let subject = format!("keygate.test.{unique}.usage");
         let jetstream = runtime.block_on(async {
-            let client = async_nats::connect(url).await.unwrap_or_else(|e| panic!("connect to NATS at {url}: {e}"));
+            let client = options.connect(url).await.unwrap_or_else(|e| panic!("connect to NATS at {url}: {e}"));
             let jetstream = jetstream::new(client);
             jetstream
                 .create_stream(jetstream::stream::Config {
@@ -493,17 +501,27 @@ fn nats_sink_stores_every_request_once_in_jetstream() {
 struct OwnBroker {
     port: u16,
     store: tempfile::TempDir,
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl OwnBroker {
     /// `None` where no `nats-server` is installed.
     fn start() -> Option<OwnBroker> {
+        Self::start_with(&[])
+    }
+
+    fn start_with(args: &[&str]) -> Option<OwnBroker> {
         let installed = Command::new("nats-server").arg("--version").output().is_ok_and(|o| o.status.success());
         if !installed {
             return None;
         }
-        let mut broker = OwnBroker { port: free_port(), store: tempfile::tempdir().unwrap(), child: None };
+        let mut broker = OwnBroker {
+            port: free_port(),
+            store: tempfile::tempdir().unwrap(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            child: None,
+        };
         broker.run();
         Some(broker)
     }
@@ -516,6 +534,7 @@ impl OwnBroker {
         let child = Command::new("nats-server")
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(self.store.path())
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -600,7 +619,11 @@ fn usage_record(key_id: &str, requests: u64) -> keygate::usage::UsageRecord {
 }
 
 fn nats_sink_for(subject: &str) -> keygate::usage::NatsSink {
-    let config = keygate::config::NatsSinkConfig { url: SHARED_NATS.into(), subject: subject.into() };
+    nats_sink_at(SHARED_NATS, subject)
+}
+
+fn nats_sink_at(url: &str, subject: &str) -> keygate::usage::NatsSink {
+    let config = keygate::config::NatsSinkConfig { url: url.into(), subject: subject.into() };
     keygate::usage::NatsSink::new(&config, NODE, Arc::new(Owners))
 }
 
@@ -637,4 +660,23 @@ fn nats_sink_without_a_stream_for_its_subject_says_so() {
     let error = runtime.block_on(nats_sink_for(&subject).write(batch)).expect_err("published without a stream");
     let message = error.to_string();
     assert!(message.contains("no JetStream stream captures the subject") && message.contains(&subject), "{message}");
+}
+
+#[test]
+fn nats_sink_signs_in_with_the_credentials_of_its_url() {
+    use keygate::usage::{UsageBatch, UsageSink};
+    let Some(broker) = OwnBroker::start_with(&["--user", "keygate", "--pass", "p@ss:w0rd"]) else {
+        eprintln!("SKIPPED: no nats-server on this machine to start with a password");
+        return;
+    };
+    let options = async_nats::ConnectOptions::with_user_and_password("keygate".into(), "p@ss:w0rd".into());
+    let stream = TestStream::create_with(&broker.url(), jetstream::stream::StorageType::Memory, options);
+    let records = [usage_record("key_a", 2), usage_record("key_b", 1)];
+    let batch = UsageBatch { node: NODE, boot_id: "boot-1", sequence: 1, records: &records };
+
+    let anonymous = stream.runtime.block_on(nats_sink_at(&broker.url(), &stream.subject).write(batch));
+    assert!(anonymous.is_err(), "the broker let a client without a password publish");
+    let url = format!("nats://keygate:p%40ss%3Aw0rd@127.0.0.1:{}", broker.port);
+    stream.runtime.block_on(nats_sink_at(&url, &stream.subject).write(batch)).unwrap();
+    assert_eq!(stream.ledger().1, 2);
 }

@@ -115,8 +115,8 @@ fn signing_key(secret: &str) -> Vec<u8> {
         .unwrap_or_else(|| secret.as_bytes().to_vec())
 }
 
-/// `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, as Standard Webhooks
-/// (and so `webhooks`) sign, so that one verifier serves both.
+/// `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`: Standard Webhooks, the
+/// scheme the contract sets for `webhooks`, so that one verifier serves both.
 fn signature(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
     // HMAC takes keys of any length; the error case cannot occur.
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {

@@ -63,12 +63,16 @@ impl NatsSink {
             }
             return Ok(context.clone());
         }
-        let client = async_nats::ConnectOptions::new()
-            .name(&self.client_name)
-            .connection_timeout(CONNECT_TIMEOUT)
-            .connect(self.url.as_str())
-            .await
-            .map_err(|e| self.fail(format!("cannot connect: {e}")))?;
+        let server: async_nats::ServerAddr =
+            self.url.parse().map_err(|e| self.fail(format!("not a NATS server address: {e}")))?;
+        let mut options = async_nats::ConnectOptions::new().name(&self.client_name).connection_timeout(CONNECT_TIMEOUT);
+        // The client takes no credentials from the URL itself.
+        match (server.username().map(percent_decoded), server.password().map(percent_decoded)) {
+            (Some(user), Some(password)) => options = options.user_and_password(user, password),
+            (Some(token), None) => options = options.token(token),
+            _ => {}
+        }
+        let client = options.connect(server).await.map_err(|e| self.fail(format!("cannot connect: {e}")))?;
         let context = async_nats::jetstream::new(client.clone());
         *connection = Some((client, context.clone()));
         Ok(context)
@@ -88,6 +92,30 @@ impl NatsSink {
             _ => self.fail(format!("publish to {:?} failed: {error}", self.subject)),
         }
     }
+}
+
+/// `%XX` escapes of URL user info decoded; anything else kept as written.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%').then(|| bytes.get(i + 1..i + 3)).flatten().and_then(|hex| {
+            let mut byte = [0u8];
+            hex::decode_to_slice(hex, &mut byte).ok().map(|()| byte[0])
+        });
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The URL without user info, which may hold a password.
@@ -152,6 +180,13 @@ impl UsageSink for NatsSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_credentials_are_percent_decoded() {
+        assert_eq!(percent_decoded("p%40ss%3Aword"), "p@ss:word");
+        assert_eq!(percent_decoded("100%"), "100%");
+        assert_eq!(percent_decoded("%zz"), "%zz");
+    }
 
     #[test]
     fn error_messages_never_show_a_password() {
