@@ -11,13 +11,13 @@
 //! `duplicate_window`. The sink's acknowledgement is JetStream's publish ack for
 //! every message of the batch; a retry publishes only the records not yet acked.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_trait::async_trait;
 use futures_util::future::join_all;
-use std::sync::Arc;
 use tokio::sync::Mutex;
 
 use super::event::{usage_event, Delivery, KeyOwners, EVENT_CONTENT_TYPE};
