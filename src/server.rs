@@ -29,7 +29,10 @@ use crate::metrics::Metrics;
 use crate::proxy::tls::{load_certified_key, ListenerCertificate};
 use crate::proxy::{DataPlane, Freshness, Gateway, GatewayState, ProxyService, STOP_LINGER};
 use crate::sync::{Follower, KeyFeed, KeysFileSource, LastSync, LocalFeed, QuotaSeedSource, RemoteFeed};
-use crate::usage::{ControlPlaneSink, FileSink, Flusher, FlusherHandle, NamedSink, UsageCounters, UsageSink};
+use crate::usage::{
+    ControlPlaneSink, FileSink, Flusher, FlusherHandle, HttpSink, KeyOwners, NamedSink, NatsSink, UsageCounters,
+    UsageSink,
+};
 
 /// How long a starting gateway waits for its first key snapshot before trying the cache file.
 const SYNC_START_TIMEOUT: Duration = Duration::from_secs(5);
@@ -555,6 +558,13 @@ impl Maintenance {
                     }
                     _ => return Err("usage sink control_plane: keys.control_plane is not configured".into()),
                 },
+                SinkConfig::Http(http) => Arc::new(
+                    HttpSink::new(http, Arc::clone(&self.plane.keys) as Arc<dyn KeyOwners>)
+                        .map_err(|e| e.to_string())?,
+                ),
+                SinkConfig::Nats(nats) => {
+                    Arc::new(NatsSink::new(nats, &self.node_id, Arc::clone(&self.plane.keys) as Arc<dyn KeyOwners>))
+                }
             };
             sinks.push((format!("{sink:?}"), built));
         }

@@ -480,6 +480,84 @@ pub enum SinkConfig {
     Store,
     ControlPlane,
     File { path: PathBuf },
+    Http(HttpSinkConfig),
+    Nats(NatsSinkConfig),
+}
+
+/// `{ type: http, url, format: cloudevents }`: usage events POSTed in batches.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HttpSinkConfig {
+    pub url: String,
+    pub format: EventFormat,
+    /// Events per request, at most.
+    pub batch_size: usize,
+    /// Signs each request (Standard Webhooks, like `webhooks`).
+    pub secret: Option<String>,
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventFormat {
+    CloudEvents,
+}
+
+/// `{ type: nats, url, subject }`: usage events published to JetStream.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsSinkConfig {
+    pub url: String,
+    pub subject: String,
+}
+
+// A sink's `Debug` text is also its identity across config reloads (an unchanged
+// sink keeps its queue). URLs may carry credentials and headers and the secret are
+// credentials: they appear only as a fingerprint, which still changes with them.
+impl fmt::Debug for HttpSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<&[u8]> = vec![self.url.as_bytes(), self.secret.as_deref().unwrap_or_default().as_bytes()];
+        for (name, value) in &self.headers {
+            parts.extend([name.as_str().as_bytes(), value.as_bytes()]);
+        }
+        f.debug_struct("HttpSinkConfig")
+            .field("url", &without_credentials(&self.url))
+            .field("format", &self.format)
+            .field("batch_size", &self.batch_size)
+            .field("headers", &self.headers.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>())
+            .field("fingerprint", &fingerprint(&parts))
+            .finish()
+    }
+}
+
+impl fmt::Debug for NatsSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsSinkConfig")
+            .field("url", &without_credentials(&self.url))
+            .field("subject", &self.subject)
+            .field("fingerprint", &fingerprint(&[self.url.as_bytes()]))
+            .finish()
+    }
+}
+
+/// `scheme://host/path`: no user info, no query.
+fn without_credentials(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    if path.is_empty() {
+        format!("{scheme}://{host}")
+    } else {
+        format!("{scheme}://{host}/{path}")
+    }
+}
+
+fn fingerprint(parts: &[&[u8]]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    hex::encode(&hasher.finalize()[..8])
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -442,12 +442,31 @@ pub struct RawUsage {
     pub sinks: Option<Vec<Parsed<RawSink>>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// No derived `Debug`: `secret` and `headers` hold credentials.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSink {
     #[serde(rename = "type")]
     pub kind: Option<Text>,
     pub path: Option<Text>,
+    pub url: Option<Text>,
+    pub format: Option<Text>,
+    pub batch_size: Option<Num<u32>>,
+    pub secret: Option<Text>,
+    pub headers: Option<Entries<Text>>,
+    pub subject: Option<Text>,
+}
+
+impl fmt::Debug for RawSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawSink")
+            .field("kind", &self.kind)
+            .field("path", &self.path)
+            .field("format", &self.format)
+            .field("batch_size", &self.batch_size)
+            .field("subject", &self.subject)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `off` (or `false`, which YAML 1.1 makes of a bare `off`), or `{ path: ... }`.

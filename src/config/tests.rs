@@ -1022,6 +1022,103 @@ fn usage_sinks_default_by_mode() {
 }
 
 #[test]
+fn usage_http_and_nats_sinks_parse_with_defaults_and_env() {
+    let config = ok(r#"usage:
+  sinks:
+    - { type: http, url: "https://meter.example.com/events", format: cloudevents }
+    - type: http
+      url: "http://127.0.0.1:8123/e"
+      format: cloudevents
+      batch_size: 10000
+      secret: "${env:ORDERS_UPSTREAM_TOKEN}"
+      headers: { Authorization: "Bearer ${env:KEYGATE_SYNC_TOKEN}", x-tenant: t1 }
+    - { type: nats, url: "nats://127.0.0.1:4222", subject: keygate.usage }
+"#);
+    let [SinkConfig::Http(first), SinkConfig::Http(second), SinkConfig::Nats(nats)] = &config.usage.sinks[..] else {
+        panic!("expected two http sinks and a nats sink, got {:?}", config.usage.sinks);
+    };
+    assert_eq!(
+        (first.url.as_str(), first.format, first.batch_size),
+        ("https://meter.example.com/events", EventFormat::CloudEvents, 100)
+    );
+    assert_eq!((first.secret.as_deref(), first.headers.len()), (None, 0));
+    assert_eq!(second.batch_size, 10_000);
+    assert_eq!(second.secret.as_deref(), Some("upstream-secret"));
+    let headers: Vec<(&str, &[u8])> = second.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
+    assert_eq!(headers, [("authorization", &b"Bearer sync-secret"[..]), ("x-tenant", &b"t1"[..])]);
+    assert_eq!((nats.url.as_str(), nats.subject.as_str()), ("nats://127.0.0.1:4222", "keygate.usage"));
+}
+
+#[test]
+fn usage_http_and_nats_sink_problems_are_all_listed() {
+    let all = errors(
+        r#"usage:
+  sinks:
+    - { type: http, url: "ftp://meter", format: json, batch_size: 0, subject: s }
+    - { type: http, url: "https://meter", batch_size: 10001, secret: "whsec_not*base64", headers: { Content-Type: text/plain, webhook-signature: x, "bad name": y } }
+    - { type: nats, url: "http://127.0.0.1:4222", subject: "keygate.*", format: cloudevents }
+    - { type: nats, subject: "a..b" }
+    - { type: nats, url: "nats://127.0.0.1:4222", subject: "has space" }
+    - { type: file, path: u.jsonl, url: "http://x" }
+"#,
+    );
+    let expected = [
+        ("usage.sinks[0].url", "http:// or https://"),
+        ("usage.sinks[0].format", "unknown format \"json\", expected `cloudevents`"),
+        ("usage.sinks[0].batch_size", "between 1 and 10000, found 0"),
+        ("usage.sinks[0].subject", "only a sink of type `nats` takes `subject`"),
+        ("usage.sinks[1].format", "the only format is `cloudevents`"),
+        ("usage.sinks[1].batch_size", "between 1 and 10000, found 10001"),
+        ("usage.sinks[1].secret", "whsec_"),
+        ("usage.sinks[1].headers.Content-Type", "set by the sink"),
+        ("usage.sinks[1].headers.webhook-signature", "set by the sink"),
+        ("usage.sinks[1].headers.bad name", "not a valid header name"),
+        ("usage.sinks[2].url", "nats:// or tls://"),
+        ("usage.sinks[2].subject", "no wildcards"),
+        ("usage.sinks[2].format", "only a sink of type `http` takes `format`"),
+        ("usage.sinks[3].url", "required"),
+        ("usage.sinks[3].subject", "not a subject to publish to"),
+        ("usage.sinks[4].subject", "not a subject to publish to"),
+        ("usage.sinks[5].url", "only a sink of type `http` or `nats` takes `url`"),
+    ];
+    for (path, needle) in expected {
+        assert!(
+            all.iter().any(|e| e.path == path && e.message.contains(needle)),
+            "no error at {path:?} containing {needle:?}; got:\n{}",
+            ConfigErrors(all.clone())
+        );
+    }
+    assert_eq!(all.len(), expected.len(), "unexpected extra errors:\n{}", ConfigErrors(all.clone()));
+}
+
+#[test]
+fn usage_the_same_metering_sink_twice_is_refused() {
+    let sink = "{ type: nats, url: \"nats://127.0.0.1:4222\", subject: keygate.usage }";
+    error_at(&format!("usage: {{ sinks: [{sink}, {sink}] }}\n"), "usage.sinks[1]", "counted twice");
+}
+
+#[test]
+fn usage_sink_debug_hides_credentials_but_changes_with_them() {
+    let http = |secret: &str, header: &str| {
+        let config = ok(&format!(
+            "usage: {{ sinks: [{{ type: http, url: \"https://user:pw@meter.example.com/e?token=qs\", format: cloudevents, secret: {secret}, headers: {{ x-api-key: {header} }} }}] }}\n"
+        ));
+        format!("{:?}", config.usage.sinks[0])
+    };
+    let shown = http("s3cret", "h3ader");
+    for hidden in ["s3cret", "h3ader", "pw", "qs"] {
+        assert!(!shown.contains(hidden), "{hidden} shown in {shown}");
+    }
+    assert!(shown.contains("https://meter.example.com/e") && shown.contains("x-api-key"), "{shown}");
+    assert_ne!(shown, http("other", "h3ader"), "a new secret must make a new sink");
+    assert_ne!(shown, http("s3cret", "other"), "a new header value must make a new sink");
+
+    let nats = ok("usage: { sinks: [{ type: nats, url: \"nats://u:pw@127.0.0.1:4222\", subject: s }] }\n");
+    let shown = format!("{:?}", nats.usage.sinks[0]);
+    assert!(!shown.contains("pw") && shown.contains("nats://127.0.0.1:4222"), "{shown}");
+}
+
+#[test]
 fn access_log_forms() {
     assert_eq!(ok("access_log: off\n").access_log, AccessLogConfig::Off);
     assert_eq!(ok("access_log: false\n").access_log, AccessLogConfig::Off);

@@ -22,12 +22,15 @@ use super::raw::{
 };
 use super::{
     parse_duration, AccessLogConfig, AdminConfig, ClientIpConfig, Config, ConfigError, ConfigErrors,
-    ControlPlaneClientConfig, EscapedSlashes, HealthCheckConfig, HttpConfig, KeyLocation, KeySource, KeysConfig,
-    ListenerConfig, Mode, PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig, RouteAuth, RouteConfig, RouteMatch,
-    SinkConfig, StoreConfig, TlsFiles, TokenConfig, UnderscoreHeaders, UpstreamConfig, UpstreamTlsConfig, UsageConfig,
+    ControlPlaneClientConfig, EscapedSlashes, EventFormat, HealthCheckConfig, HttpConfig, HttpSinkConfig, KeyLocation,
+    KeySource, KeysConfig, ListenerConfig, Mode, NatsSinkConfig, PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig,
+    RouteAuth, RouteConfig, RouteMatch, SinkConfig, StoreConfig, TlsFiles, TokenConfig, UnderscoreHeaders,
+    UpstreamConfig, UpstreamTlsConfig, UsageConfig,
 };
 
 const MISSING: &str = "required field is missing";
+const DEFAULT_SINK_BATCH_SIZE: usize = 100;
+const MAX_SINK_BATCH_SIZE: usize = 10_000;
 
 pub(crate) fn run(text: &str, file: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
     let positions = Positions::build(text);
@@ -847,6 +850,17 @@ impl Builder<'_> {
             "transfer-encoding",
             "upgrade",
         ];
+        self.header_list(raw, path, FORBIDDEN, "is managed by the proxy")
+    }
+
+    /// Header names and values from config, minus those in `forbidden` (refused as `{name} {why}`).
+    fn header_list(
+        &mut self,
+        raw: Option<Entries<Text>>,
+        path: &str,
+        forbidden: &[&str],
+        why: &str,
+    ) -> Vec<(http::HeaderName, http::HeaderValue)> {
         let mut out: Vec<(http::HeaderName, http::HeaderValue)> = Vec::new();
         for (raw_name, Text(value)) in raw.map(|e| e.0).unwrap_or_default() {
             let header_path = join_key(path, &raw_name);
@@ -857,8 +871,8 @@ impl Builder<'_> {
                     continue;
                 }
             };
-            if FORBIDDEN.contains(&name.as_str()) {
-                self.issues.add(&header_path, format!("{name} is managed by the proxy and cannot be set"));
+            if forbidden.contains(&name.as_str()) {
+                self.issues.add(&header_path, format!("{name} {why} and cannot be set"));
                 continue;
             }
             if out.iter().any(|(n, _)| *n == name) {
@@ -961,10 +975,23 @@ impl Builder<'_> {
 
     fn sink(&mut self, raw: RawSink, path: &str, mode: Option<Mode>, keys: Option<&KeysConfig>) -> Option<SinkConfig> {
         let type_path = join_key(path, "type");
-        let kind = self.required(raw.kind, &type_path)?;
-        let path_path = join_key(path, "path");
-        if kind != "file" && raw.path.is_some() {
-            self.issues.add(&path_path, "only a sink of type `file` takes a path");
+        let kind = self.required(raw.kind.clone(), &type_path)?;
+        // Which sink types take each optional field.
+        let fields: [(&str, bool, &[&str]); 7] = [
+            ("path", raw.path.is_some(), &["file"]),
+            ("url", raw.url.is_some(), &["http", "nats"]),
+            ("format", raw.format.is_some(), &["http"]),
+            ("batch_size", raw.batch_size.is_some(), &["http"]),
+            ("secret", raw.secret.is_some(), &["http"]),
+            ("headers", raw.headers.is_some(), &["http"]),
+            ("subject", raw.subject.is_some(), &["nats"]),
+        ];
+        let known = ["store", "control_plane", "file", "http", "nats"].contains(&kind.as_str());
+        for (field, present, takers) in fields {
+            if present && known && !takers.contains(&kind.as_str()) {
+                let takers = takers.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(" or ");
+                self.issues.add(&join_key(path, field), format!("only a sink of type {takers} takes `{field}`"));
+            }
         }
         match kind.as_str() {
             "store" => {
@@ -984,17 +1011,93 @@ impl Builder<'_> {
                 Some(SinkConfig::ControlPlane)
             }
             "file" => {
-                let file = self.required_nonblank(raw.path, &path_path)?;
+                let file = self.required_nonblank(raw.path, &join_key(path, "path"))?;
                 Some(SinkConfig::File { path: PathBuf::from(file) })
             }
+            "http" => self.http_sink(raw, path).map(SinkConfig::Http),
+            "nats" => self.nats_sink(raw, path).map(SinkConfig::Nats),
             other => {
                 self.issues.add(
                     &type_path,
-                    format!("unknown sink type {other:?}, expected `store`, `control_plane` or `file`"),
+                    format!("unknown sink type {other:?}, expected `store`, `control_plane`, `file`, `http` or `nats`"),
                 );
                 None
             }
         }
+    }
+
+    fn http_sink(&mut self, raw: RawSink, path: &str) -> Option<HttpSinkConfig> {
+        /// Headers the sink writes itself: the body's framing and type, and the signature.
+        const SET_BY_THE_SINK: &[&str] = &[
+            "connection",
+            "content-length",
+            "content-type",
+            "host",
+            "transfer-encoding",
+            "webhook-id",
+            "webhook-signature",
+            "webhook-timestamp",
+        ];
+        let url_path = join_key(path, "url");
+        let url = self.required_nonblank(raw.url, &url_path).filter(|url| self.check_http_url(url, &url_path));
+        let format_path = join_key(path, "format");
+        let format = match raw.format {
+            Some(Text(f)) if f == "cloudevents" => Some(EventFormat::CloudEvents),
+            Some(Text(other)) => {
+                self.issues.add(&format_path, format!("unknown format {other:?}, expected `cloudevents`"));
+                None
+            }
+            None => {
+                self.issues.add(&format_path, format!("{MISSING}: the only format is `cloudevents`"));
+                None
+            }
+        };
+        let batch_size = match raw.batch_size {
+            None => DEFAULT_SINK_BATCH_SIZE,
+            Some(raw::Num(n)) if (1..=MAX_SINK_BATCH_SIZE as u32).contains(&n) => n as usize,
+            Some(raw::Num(n)) => {
+                self.issues.add(
+                    &join_key(path, "batch_size"),
+                    format!("must be between 1 and {MAX_SINK_BATCH_SIZE}, found {n}"),
+                );
+                DEFAULT_SINK_BATCH_SIZE
+            }
+        };
+        let secret_path = join_key(path, "secret");
+        let secret = raw.secret.and_then(|secret| self.required_nonblank(Some(secret), &secret_path));
+        if let Some(encoded) = secret.as_deref().and_then(|s| s.strip_prefix("whsec_")) {
+            use base64::Engine;
+            if base64::engine::general_purpose::STANDARD.decode(encoded).is_err() {
+                self.issues.add(&secret_path, "a secret that starts with whsec_ must continue in base64");
+            }
+        }
+        let headers = self.header_list(raw.headers, &join_key(path, "headers"), SET_BY_THE_SINK, "is set by the sink");
+        Some(HttpSinkConfig { url: url?, format: format?, batch_size, secret, headers })
+    }
+
+    fn nats_sink(&mut self, raw: RawSink, path: &str) -> Option<NatsSinkConfig> {
+        let url_path = join_key(path, "url");
+        let url = self.required_nonblank(raw.url, &url_path).filter(|url| {
+            let ok = (url.starts_with("nats://") || url.starts_with("tls://"))
+                && url.parse::<http::Uri>().ok().and_then(|u| u.host().map(|h| !h.is_empty())).unwrap_or(false);
+            if !ok {
+                self.issues.add(&url_path, format!("expected a nats:// or tls:// URL with a host, found {url:?}"));
+            }
+            ok
+        });
+        let subject_path = join_key(path, "subject");
+        let subject = self.required_nonblank(raw.subject, &subject_path).filter(|subject| {
+            let tokens_ok = subject.split('.').all(|token| !token.is_empty() && token != "*" && token != ">");
+            let ok = tokens_ok && !subject.chars().any(char::is_whitespace);
+            if !ok {
+                self.issues.add(
+                    &subject_path,
+                    format!("{subject:?} is not a subject to publish to: dot-separated names, no spaces, no wildcards"),
+                );
+            }
+            ok
+        });
+        Some(NatsSinkConfig { url: url?, subject: subject? })
     }
 
     fn http(&mut self, raw: Option<Parsed<RawHttp>>, key_locations: &[KeyLocation]) -> HttpConfig {

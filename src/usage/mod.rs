@@ -16,4 +16,7 @@ mod spool;
 pub use counters::{RequestUsage, UsageCounters};
 pub use flusher::{Flusher, FlusherHandle, NamedSink};
 pub use record::{add_denied, StatusClasses, UsageRecord};
-pub use sink::{ControlPlaneSink, FileSink, SinkError, UsageBatch, UsageSink};
+pub use sink::{
+    event_id, ControlPlaneSink, FileSink, HttpSink, KeyOwners, NatsSink, SinkError, UsageBatch, UsageEvent, UsageSink,
+    BATCH_CONTENT_TYPE, EVENT_CONTENT_TYPE, EVENT_TYPE,
+};

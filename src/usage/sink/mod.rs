@@ -1,5 +1,7 @@
 //! Where usage goes. Each sink receives whole batches and either takes all of
-//! one or none of it, so a retry never counts anything twice.
+//! one or none of it, so a retry never counts anything twice. The metering
+//! sinks (`http`, `nats`) may take part of a batch; their receivers drop what a
+//! retry repeats by the events' deterministic ids.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -10,6 +12,14 @@ use async_trait::async_trait;
 
 use super::record::UsageRecord;
 use crate::http_client;
+
+mod event;
+mod http;
+mod nats;
+
+pub use event::{event_id, KeyOwners, UsageEvent, EVENT_CONTENT_TYPE, EVENT_TYPE};
+pub use http::{HttpSink, BATCH_CONTENT_TYPE};
+pub use nats::NatsSink;
 
 /// One delivery attempt. `sequence` identifies the batch for receivers that
 /// drop duplicates: a batch that failed is retried with the same sequence and
@@ -32,7 +42,7 @@ pub enum SinkError {
 
 #[async_trait]
 pub trait UsageSink: Send + Sync {
-    /// The `sink` label in metrics: `file`, `store`, `control_plane`.
+    /// The `sink` label in metrics: `file`, `store`, `control_plane`, `http`, `nats`.
     fn kind(&self) -> &'static str;
 
     /// The most records one batch may hold: a window with more active keys is sent
