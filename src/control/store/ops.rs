@@ -1095,7 +1095,7 @@ pub(super) async fn prune_usage_batches(pool: &Pool<Db>, before: i64, chunk: i64
         .await?
         .rows_affected();
         pruned += n;
-        if n < u64::try_from(chunk).unwrap_or(0) || n == 0 {
+        if n == 0 || n < chunk.unsigned_abs() {
             return Ok(pruned);
         }
     }
