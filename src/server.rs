@@ -21,6 +21,7 @@ use crate::admin::{ops_router, OpsState, Readiness};
 use crate::config::{Config, KeySource, Mode, SinkConfig, TokenConfig};
 use crate::control::api::ApiState;
 use crate::control::feed::Feed;
+use crate::control::retention::{self, UsageCompactor};
 use crate::control::store::Store;
 use crate::control::store_sink::StoreSink;
 use crate::index::KeyIndex;
@@ -408,9 +409,21 @@ impl BackgroundService for Maintenance {
         health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut evict_tick = tokio::time::interval(EVICT_EVERY);
         evict_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut compactor = store.map(|store| UsageCompactor::new(Arc::clone(store)));
+        let mut compact_tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + retention::FIRST_PASS_AFTER,
+            retention::COMPACT_EVERY,
+        );
+        compact_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 _ = health_tick.tick() => self.run_due_health_checks(),
+                _ = compact_tick.tick(), if compactor.is_some() => {
+                    let retention = self.applied.lock().unwrap_or_else(|p| p.into_inner()).usage.retention;
+                    if let Some(compactor) = compactor.as_mut() {
+                        compactor.tick(retention);
+                    }
+                }
                 _ = evict_tick.tick() => {
                     self.plane.rates.evict_idle();
                     self.plane.quotas.evict_finished(OffsetDateTime::now_utc());
@@ -481,7 +494,7 @@ impl Maintenance {
     }
 
     /// SIGHUP: the config file is read again. Routes, upstreams, plans, key
-    /// locations, trusted proxies, usage sinks and TLS certificates change in
+    /// locations, trusted proxies, usage sinks, usage retention and TLS certificates change in
     /// place, without dropping a connection; a config with any problem is refused
     /// whole and the running one stays.
     async fn reload(&self, flusher: &FlusherHandle, store: Option<&Arc<Store>>) {

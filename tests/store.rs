@@ -11,12 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keygate::config::{QuotaConfig, QuotaPeriod, RateLimitConfig};
+use keygate::config::{QuotaConfig, QuotaPeriod, RateLimitConfig, UsageRetention};
 use keygate::control::model::{
     key_id_from_hash, new_key_id, Change, Granularity, ImportKey, KeyChange, KeyFilter, KeyPatch, KeyStatusText,
     NewKey, StoredKey,
 };
-use keygate::control::store::{BatchOutcome, Store, StoreError};
+use keygate::control::store::{BatchOutcome, Store, StoreError, UsageCompaction};
 use keygate::key::{self, KeyDigest};
 use keygate::usage::UsageRecord;
 use serde_json::json;
@@ -139,6 +139,10 @@ on_both_backends!(
     feed_reader_following_concurrent_writers_misses_nothing,
     duplicate_usage_batch_is_counted_once,
     usage_rolls_up_minutes_into_hours_and_days_with_totals,
+    gateway_sized_usage_chunks_land_whole_and_a_retried_chunk_counts_once,
+    retention_rolls_up_deletes_and_prunes_keeping_every_kept_total,
+    late_usage_after_a_rollup_is_folded_in_by_a_later_pass,
+    concurrent_compactions_and_uploads_lose_and_double_nothing,
     quota_used_counts_allowed_requests_since,
     audit_is_newest_first_with_actor_names,
     migrations_run_again_on_reconnect_and_data_survives,
@@ -1188,6 +1192,265 @@ async fn usage_rolls_up_minutes_into_hours_and_days_with_totals(db: TestDb) {
     let (none, totals) = store.usage(id, to, from, Granularity::Hour).await.unwrap();
     assert!(none.is_empty());
     assert_eq!(totals.requests, 0);
+}
+
+/// Rows of a usage table, read behind the store's back.
+async fn count_rows(db: &TestDb, table: &str) -> i64 {
+    let sql = format!("SELECT COUNT(*) FROM {table}");
+    if db.url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(&db.url).await.expect("SQLite connection");
+        sqlx::query_scalar(&sql).fetch_one(&mut conn).await.expect("count rows")
+    } else {
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("PostgreSQL connection");
+        sqlx::query_scalar(&sql).fetch_one(&mut conn).await.expect("count rows")
+    }
+}
+
+/// `n` records of distinct keys, all in one window ending at `end`.
+fn chunk_of_keys(prefix: &str, n: usize, end: OffsetDateTime) -> Vec<UsageRecord> {
+    (0..n).map(|i| usage_record(&format!("{prefix}_{i:06}"), end, 1 + (i % 3) as u64, &[("rate_limited", 1)])).collect()
+}
+
+async fn gateway_sized_usage_chunks_land_whole_and_a_retried_chunk_counts_once(db: TestDb) {
+    let store = &db.store;
+    let end = datetime!(2026-03-01 12:00:05 UTC);
+    // A window of 12,000 active keys, sent as a gateway sends it: chunks of at most
+    // 5,000 records, one sequence each. Some keys exist, so last_used_at is written too.
+    let records = chunk_of_keys("key_chunk", 12_000, end);
+    let known: Vec<StoredKey> = {
+        let mut keys = Vec::new();
+        for i in [0usize, 4_999, 5_000, 11_999] {
+            let mut new = new_key("metered");
+            new.id = format!("key_chunk_{i:06}");
+            keys.push(store.create_key(new, "ops").await.unwrap());
+        }
+        keys
+    };
+    for (sequence, chunk) in records.chunks(5_000).enumerate() {
+        assert!(store.ingest_usage("gw-big", "boot-1", sequence as u64 + 1, chunk).await.unwrap());
+    }
+    // The middle chunk's answer was lost: the gateway sends it again.
+    assert!(!store.ingest_usage("gw-big", "boot-1", 2, &records[5_000..10_000]).await.unwrap());
+
+    let expected_allowed: u64 = records.iter().map(|r| r.allowed).sum();
+    let range = (datetime!(2026-03-01 00:00 UTC), datetime!(2026-03-02 00:00 UTC));
+    let mut allowed = 0;
+    let mut denied = 0;
+    for r in records.iter().step_by(997).chain(records.last()) {
+        let (_, totals) = store.usage(&r.key_id, range.0, range.1, Granularity::Day).await.unwrap();
+        assert_eq!((totals.requests, totals.allowed), (r.requests, r.allowed), "{}", r.key_id);
+        assert_eq!(totals.denied, BTreeMap::from([("rate_limited".to_owned(), 1)]), "{}", r.key_id);
+    }
+    for (key_id, n) in store.allowed_since(range.0).await.unwrap() {
+        assert!(key_id.starts_with("key_chunk_"));
+        allowed += n;
+        denied += 1;
+    }
+    assert_eq!(allowed, expected_allowed, "every chunk counted exactly once");
+    assert_eq!(denied, 12_000, "one row of usage per key");
+    assert_eq!(count_rows(&db, "usage_buckets").await, 12_000);
+    assert_eq!(count_rows(&db, "usage_denied").await, 12_000);
+    assert_eq!(count_rows(&db, "usage_batches").await, 3);
+    for key in &known {
+        assert_eq!(store.get_key(&key.id).await.unwrap().unwrap().last_used_at, Some(end), "{}", key.id);
+    }
+}
+
+/// Reference answers of the usage API for `key` over `[from, to)`, one per granularity.
+async fn usage_answers(
+    store: &Store,
+    key: &str,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+) -> Vec<(Vec<keygate::control::model::UsageBucket>, keygate::control::model::UsageBucket)> {
+    let mut out = Vec::new();
+    for granularity in [Granularity::Minute, Granularity::Hour, Granularity::Day] {
+        out.push(store.usage(key, from, to, granularity).await.unwrap());
+    }
+    out
+}
+
+const DAY_SECS: u64 = 86_400;
+
+/// Minutes kept 7 days, hours 30, days 40.
+fn test_retention() -> UsageRetention {
+    UsageRetention {
+        minute: Duration::from_secs(7 * DAY_SECS),
+        hour: Duration::from_secs(30 * DAY_SECS),
+        day: Duration::from_secs(40 * DAY_SECS),
+    }
+}
+
+async fn retention_rolls_up_deletes_and_prunes_keeping_every_kept_total(db: TestDb) {
+    let store = &db.store;
+    let id = "key_ret";
+    // As of `now`: minutes before 02-22 00:00 become hours, hours before 01-30 become
+    // days, days before 01-20 are deleted.
+    let now = datetime!(2026-03-01 00:30 UTC);
+    let records = [
+        usage_record(id, datetime!(2026-01-10 12:00:10 UTC), 1, &[]),
+        usage_record(id, datetime!(2026-01-19 23:59:30 UTC), 2, &[("rate_limited", 9)]),
+        usage_record(id, datetime!(2026-01-20 00:00:30 UTC), 3, &[]),
+        usage_record(id, datetime!(2026-01-25 10:00:05 UTC), 4, &[("rate_limited", 1)]),
+        usage_record(id, datetime!(2026-01-25 10:59:00 UTC), 5, &[]),
+        usage_record(id, datetime!(2026-01-25 13:30:00 UTC), 6, &[("quota_exceeded", 2)]),
+        usage_record(id, datetime!(2026-02-20 10:15:00 UTC), 7, &[("rate_limited", 3)]),
+        usage_record(id, datetime!(2026-02-20 10:45:00 UTC), 8, &[]),
+        usage_record(id, datetime!(2026-02-21 23:59:59 UTC), 9, &[]),
+        usage_record(id, datetime!(2026-02-22 00:10:00 UTC), 10, &[]),
+        usage_record(id, datetime!(2026-02-28 12:34:56 UTC), 11, &[("ip_not_allowed", 1)]),
+        usage_record("key_ret_other", datetime!(2026-02-20 10:15:00 UTC), 100, &[]),
+        usage_record("key_ret_other", datetime!(2026-02-20 10:45:00 UTC), 100, &[]),
+    ];
+    let received = OffsetDateTime::now_utc();
+    assert!(store.ingest_usage("gw-1", "boot", 1, &records).await.unwrap());
+    assert_eq!(count_rows(&db, "usage_buckets").await, 13);
+    let kept = (datetime!(2026-01-20 00:00 UTC), now);
+    let minutes_kept = (datetime!(2026-02-22 00:00 UTC), now);
+    let hours_kept = (datetime!(2026-01-30 00:00 UTC), now);
+    let before = usage_answers(store, id, kept.0, kept.1).await;
+    let minutes_before = store.usage(id, minutes_kept.0, minutes_kept.1, Granularity::Minute).await.unwrap();
+    let hours_before = store.usage(id, hours_kept.0, hours_kept.1, Granularity::Hour).await.unwrap();
+    let other_before = usage_answers(store, "key_ret_other", kept.0, kept.1).await;
+    assert_eq!(before[0].1.allowed, 63);
+
+    let done = store.compact_usage(now, &test_retention()).await.unwrap();
+    assert_eq!(
+        (done.hour_buckets, done.day_buckets, done.deleted_buckets),
+        // Hours: a row per key and ten-minute slice of minutes that are not on the hour
+        // (01-19 23:59, 01-25 10:59 and 13:30, 02-20 10:15 and 10:45 for both keys, 02-21
+        // 23:59). Days: 01-10, 01-19, 01-25 (10:00 and 13:00 in one slice). Deleted: 01-10, 01-19.
+        (8, 3, 2),
+        "{done:?}"
+    );
+
+    // Every granularity answers as before over the range it keeps...
+    let after = usage_answers(store, id, kept.0, kept.1).await;
+    assert_eq!(after[2], before[2], "days over the kept range");
+    assert_eq!(store.usage(id, hours_kept.0, hours_kept.1, Granularity::Hour).await.unwrap(), hours_before);
+    assert_eq!(store.usage(id, minutes_kept.0, minutes_kept.1, Granularity::Minute).await.unwrap(), minutes_before);
+    // ...and the totals of any granularity over the whole kept range are unchanged.
+    for (a, b) in after.iter().zip(&before) {
+        assert_eq!(a.1, b.1);
+    }
+    let other_after = usage_answers(store, "key_ret_other", kept.0, kept.1).await;
+    assert_eq!(other_after[1..], other_before[1..], "hours and days of the other key");
+    assert_eq!(other_after[0].1, other_before[0].1);
+    // Rolled-up minutes answer as one bucket at the start of their hour.
+    let (rolled, _) = store
+        .usage(id, datetime!(2026-02-20 00:00 UTC), datetime!(2026-02-21 00:00 UTC), Granularity::Minute)
+        .await
+        .unwrap();
+    let summary: Vec<_> = rolled.iter().map(|b| (b.start, b.allowed, b.denied.clone())).collect();
+    assert_eq!(summary, [(datetime!(2026-02-20 10:00 UTC), 15, BTreeMap::from([("rate_limited".to_owned(), 3)]))]);
+    // Days before the day retention are gone.
+    let (gone, totals) = store.usage(id, datetime!(2026-01-01 00:00 UTC), kept.0, Granularity::Day).await.unwrap();
+    assert!(gone.is_empty() && totals.requests == 0, "{gone:?}");
+    // Monthly quota seeding reads the rolled-up rows unchanged.
+    assert_eq!(store.quota_used(id, datetime!(2026-02-01 00:00 UTC)).await.unwrap(), 45);
+
+    // One row per kept day (01-20, 01-25), hour (02-20 10h, 02-21 23h) and minute (2), for
+    // the other key one hour; denials: 01-25 (two codes), 02-20 10h, 02-28.
+    assert_eq!(count_rows(&db, "usage_buckets").await, 7);
+    assert_eq!(count_rows(&db, "usage_denied").await, 4);
+
+    // Again: nothing left to do, nothing changes.
+    assert_eq!(store.compact_usage(now, &test_retention()).await.unwrap(), UsageCompaction::default());
+    assert_eq!(usage_answers(store, id, kept.0, kept.1).await, after);
+    assert_eq!(count_rows(&db, "usage_buckets").await, 7);
+
+    // Batch ids are kept for the minute retention (at least a week), then forgotten:
+    // a retry within that age is recognised, one after it would count again.
+    let within = received + time::Duration::days(7) - time::Duration::minutes(1);
+    assert_eq!(store.compact_usage(within, &test_retention()).await.unwrap().pruned_batch_ids, 0);
+    assert!(!store.ingest_usage("gw-1", "boot", 1, &records).await.unwrap(), "still a duplicate");
+    let later = OffsetDateTime::now_utc() + time::Duration::days(7) + time::Duration::minutes(1);
+    assert_eq!(store.compact_usage(later, &test_retention()).await.unwrap().pruned_batch_ids, 1);
+    assert_eq!(count_rows(&db, "usage_batches").await, 0);
+}
+
+async fn late_usage_after_a_rollup_is_folded_in_by_a_later_pass(db: TestDb) {
+    let store = &db.store;
+    let id = "key_late";
+    let now = datetime!(2026-03-01 00:30 UTC);
+    let hour = (datetime!(2026-02-20 10:00 UTC), datetime!(2026-02-20 11:00 UTC));
+    let first = [usage_record(id, datetime!(2026-02-20 10:15:00 UTC), 7, &[("rate_limited", 3)])];
+    assert!(store.ingest_usage("gw-1", "boot", 1, &first).await.unwrap());
+    store.compact_usage(now, &test_retention()).await.unwrap();
+    // A gateway back from a long outage replays its spool: minutes of an hour already
+    // rolled up. They count at once, and the next pass folds them into their hour.
+    let late = [
+        usage_record(id, datetime!(2026-02-20 10:20:00 UTC), 20, &[("rate_limited", 1)]),
+        usage_record(id, datetime!(2026-02-20 10:59:30 UTC), 30, &[]),
+    ];
+    assert!(store.ingest_usage("gw-2", "boot", 1, &late).await.unwrap());
+    let (buckets, totals) = store.usage(id, hour.0, hour.1, Granularity::Hour).await.unwrap();
+    assert_eq!((buckets.len(), totals.allowed, totals.denied["rate_limited"]), (1, 57, 4));
+    assert_eq!(count_rows(&db, "usage_buckets").await, 3);
+    store.compact_usage(now, &test_retention()).await.unwrap();
+    assert_eq!(store.usage(id, hour.0, hour.1, Granularity::Hour).await.unwrap(), (buckets.clone(), totals.clone()));
+    assert_eq!(count_rows(&db, "usage_buckets").await, 1, "the late minutes are folded into their hour");
+    // Once past the hour retention, the day is one day bucket.
+    let later = now + time::Duration::days(30);
+    store.compact_usage(later, &test_retention()).await.unwrap();
+    assert_eq!(count_rows(&db, "usage_buckets").await, 1);
+    assert_eq!(count_rows(&db, "usage_denied").await, 1);
+    let day = (datetime!(2026-02-20 00:00 UTC), datetime!(2026-02-21 00:00 UTC));
+    let (days, day_totals) = store.usage(id, day.0, day.1, Granularity::Day).await.unwrap();
+    assert_eq!((days.len(), day_totals.allowed, day_totals.denied["rate_limited"]), (1, 57, 4));
+    assert_eq!(days[0].start, day.0);
+}
+
+async fn concurrent_compactions_and_uploads_lose_and_double_nothing(db: TestDb) {
+    let second = db.reconnect().await;
+    let store = &db.store;
+    let now = datetime!(2026-03-01 00:30 UTC);
+    // 40 keys, a record a minute for six hours, all old enough to be rolled up into hours.
+    let start = datetime!(2026-02-10 00:00:30 UTC);
+    let uploads: Vec<Vec<UsageRecord>> = (0..36)
+        .map(|slice| {
+            (0..10)
+                .flat_map(|m| {
+                    let end = start + time::Duration::minutes(slice * 10 + m);
+                    (0..40).map(move |k| usage_record(&format!("key_c{k:02}"), end, 1, &[("rate_limited", 1)]))
+                })
+                .collect()
+        })
+        .collect();
+    let expected: u64 = uploads.iter().flatten().map(|r| r.allowed).sum();
+    // Half the uploads are in before the first compaction; the rest race with two compactors.
+    for (i, upload) in uploads[..18].iter().enumerate() {
+        assert!(store.ingest_usage("gw-1", "boot", i as u64, upload).await.unwrap());
+    }
+    let uploader = {
+        let store = second.clone();
+        let rest = uploads[18..].to_vec();
+        tokio::spawn(async move {
+            for (i, upload) in rest.iter().enumerate() {
+                assert!(store.ingest_usage("gw-1", "boot", 18 + i as u64, upload).await.unwrap());
+            }
+        })
+    };
+    let compactor = |store: Store| async move {
+        for _ in 0..5 {
+            store.compact_usage(now, &test_retention()).await.unwrap();
+        }
+    };
+    let (a, b) = tokio::join!(tokio::spawn(compactor(store.clone())), tokio::spawn(compactor(second.clone())));
+    a.unwrap();
+    b.unwrap();
+    uploader.await.unwrap();
+    store.compact_usage(now, &test_retention()).await.unwrap();
+    let range = (datetime!(2026-02-10 00:00 UTC), datetime!(2026-02-11 00:00 UTC));
+    let mut allowed = 0;
+    for k in 0..40 {
+        let (hours, totals) = store.usage(&format!("key_c{k:02}"), range.0, range.1, Granularity::Hour).await.unwrap();
+        assert_eq!(hours.len(), 6);
+        assert_eq!(totals.denied["rate_limited"], totals.allowed);
+        allowed += totals.allowed;
+    }
+    assert_eq!(allowed, expected);
+    assert_eq!(count_rows(&db, "usage_buckets").await, 40 * 6, "every minute folded into its hour");
 }
 
 async fn quota_used_counts_allowed_requests_since(db: TestDb) {

@@ -1,11 +1,11 @@
-//! Durations as config files write them: `250ms`, `5s`, `1m`, `1h`, `30d`, and
-//! compounds such as `1h30m`. Bare numbers are refused: `timeout: 5` could mean
+//! Durations as config files write them: `250ms`, `5s`, `1m`, `1h`, `30d`, `2y`
+//! (a year is 365 days), and compounds such as `1h30m`. Bare numbers are refused: `timeout: 5` could mean
 //! seconds or milliseconds, and guessing wrong fails silently in production.
 
 use std::fmt;
 use std::time::Duration;
 
-const HINT: &str = "write durations like 250ms, 5s, 1m, 1h, 30d or 1h30m";
+const HINT: &str = "write durations like 250ms, 5s, 1m, 1h, 30d, 2y or 1h30m";
 
 /// Why a duration string was refused. `Display` names the input and shows the
 /// expected form, so it can go straight into a config error.
@@ -24,9 +24,10 @@ impl fmt::Display for DurationError {
 impl std::error::Error for DurationError {}
 
 /// Units from largest to smallest, with their length in milliseconds.
-const UNITS: [(&str, u64); 5] = [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)];
+const UNITS: [(&str, u64); 6] =
+    [("y", 365 * 86_400_000), ("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)];
 
-/// Parses `250ms`, `5s`, `1m`, `1h`, `30d` and compounds like `1h30m`.
+/// Parses `250ms`, `5s`, `1m`, `1h`, `30d`, `2y` and compounds like `1h30m`.
 /// Units in a compound go from largest to smallest, each at most once.
 pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     let fail = |reason| DurationError { input: s.to_owned(), reason };
@@ -55,14 +56,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
                 None if last_unit.is_none() => "a bare number has no unit",
                 None => "the last number has no unit",
                 Some(b'.') => "fractions are not supported; use a smaller unit (1500ms, not 1.5s)",
-                Some(_) => "expected a unit (ms, s, m, h or d) after the number",
+                Some(_) => "expected a unit (ms, s, m, h, d or y) after the number",
             }));
         }
         let (unit, after) = after.split_at(letters);
         let index = UNITS
             .iter()
             .position(|(name, _)| *name == unit)
-            .ok_or_else(|| fail("unknown unit (use ms, s, m, h or d)"))?;
+            .ok_or_else(|| fail("unknown unit (use ms, s, m, h, d or y)"))?;
         if last_unit.is_some_and(|last| index <= last) {
             return Err(fail("units must go from largest to smallest, each at most once"));
         }
@@ -121,6 +122,7 @@ mod tests {
         assert_eq!(ok("1m"), Duration::from_secs(60));
         assert_eq!(ok("1h"), Duration::from_secs(3600));
         assert_eq!(ok("30d"), Duration::from_secs(30 * 86_400));
+        assert_eq!(ok("2y"), Duration::from_secs(730 * 86_400));
         assert_eq!(ok(" 5s "), Duration::from_secs(5));
     }
 
@@ -158,11 +160,12 @@ mod tests {
         assert!(err("5 s").contains("unit"));
         assert!(err("99999999999999999999999s").contains("too large"));
         assert!(err("999999999999999d").contains("too large"));
+        assert!(err("1d1y").contains("largest to smallest"));
     }
 
     #[test]
     fn duration_format_round_trips() {
-        for s in ["0s", "250ms", "5s", "1m", "1h30m", "30d", "1d2h3m4s5ms"] {
+        for s in ["0s", "250ms", "5s", "1m", "1h30m", "30d", "2y", "1y30d", "1d2h3m4s5ms"] {
             assert_eq!(format_duration(ok(s)), s);
         }
     }

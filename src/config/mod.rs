@@ -473,6 +473,36 @@ pub struct UsageConfig {
     /// Where usage no sink has acknowledged yet is kept across restarts.
     pub spool: Option<PathBuf>,
     pub sinks: Vec<SinkConfig>,
+    /// Used only by nodes with a store.
+    pub retention: UsageRetention,
+}
+
+/// How long the store keeps usage at each granularity (`usage.retention`): minute
+/// buckets older than `minute` are rolled up into hours, hours older than `hour`
+/// into days, and days older than `day` are deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageRetention {
+    pub minute: Duration,
+    pub hour: Duration,
+    pub day: Duration,
+}
+
+impl Default for UsageRetention {
+    fn default() -> Self {
+        const DAY: u64 = 86_400;
+        UsageRetention {
+            minute: Duration::from_secs(7 * DAY),
+            hour: Duration::from_secs(90 * DAY),
+            day: Duration::from_secs(730 * DAY),
+        }
+    }
+}
+
+impl UsageRetention {
+    /// Rollups work on whole hours: minutes younger than this are never rolled up.
+    pub const MIN_MINUTE: Duration = Duration::from_secs(3600);
+    /// Monthly quotas count usage from the first of the month, which must still be stored.
+    pub const MIN_DAY: Duration = Duration::from_secs(31 * 86_400);
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

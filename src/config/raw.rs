@@ -440,6 +440,16 @@ pub struct RawUsage {
     pub flush_interval: Option<Text>,
     pub spool: Option<Text>,
     pub sinks: Option<Vec<Parsed<RawSink>>>,
+    pub retention: Option<Parsed<RawRetention>>,
+}
+
+/// `{ minute: 7d, hour: 90d, day: 2y }`: how long the store keeps each granularity.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetention {
+    pub minute: Option<Text>,
+    pub hour: Option<Text>,
+    pub day: Option<Text>,
 }
 
 /// No derived `Debug`: `secret` and `headers` hold credentials.

@@ -1119,6 +1119,69 @@ fn usage_sink_debug_hides_credentials_but_changes_with_them() {
 }
 
 #[test]
+fn usage_retention_defaults_and_the_contract_form() {
+    const DAY: u64 = 86_400;
+    let defaults = ok("").usage.retention;
+    assert_eq!(defaults, UsageRetention::default());
+    assert_eq!(
+        (defaults.minute, defaults.hour, defaults.day),
+        (Duration::from_secs(7 * DAY), Duration::from_secs(90 * DAY), Duration::from_secs(730 * DAY))
+    );
+    // CONTRACT §3, on both kinds of node with a store.
+    for mode in ["", "mode: control-plane\nstore: { url: \"postgres://kg@db:5432/kg\" }\n"] {
+        let yaml = format!("{mode}usage:\n  retention: {{ minute: 7d, hour: 90d, day: 2y }}   # store only\n");
+        assert_eq!(ok(&yaml).usage.retention, defaults);
+    }
+    let partial = ok("usage: { retention: { minute: 2d } }\n").usage.retention;
+    assert_eq!((partial.minute, partial.hour), (Duration::from_secs(2 * DAY), defaults.hour));
+    let tight = ok("usage: { retention: { minute: 1h, hour: 1h, day: 31d } }\n").usage.retention;
+    assert_eq!(
+        (tight.minute, tight.hour, tight.day),
+        (Duration::from_secs(3600), Duration::from_secs(3600), Duration::from_secs(31 * DAY))
+    );
+}
+
+#[test]
+fn usage_retention_problems_are_all_listed() {
+    let all = errors("usage: { retention: { minute: 0s, hour: soon, day: 5, week: 1d } }\n");
+    let paths: Vec<&str> = all.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["usage.retention.week"], "an unknown field stops the section before its values are read");
+    let all = errors("usage: { retention: { minute: 0s, hour: soon, day: 5 } }\n");
+    let found: Vec<(&str, &str)> = all.iter().map(|e| (e.path.as_str(), e.message.as_str())).collect();
+    assert_eq!(found.len(), 3, "{found:?}");
+    assert!(found[0].0 == "usage.retention.minute" && found[0].1.contains("greater than 0"), "{found:?}");
+    assert!(found[1].0 == "usage.retention.hour" && found[1].1.contains("invalid duration"), "{found:?}");
+    assert!(found[2].0 == "usage.retention.day" && found[2].1.contains("no unit"), "{found:?}");
+
+    error_at("usage: { retention: { minute: 30m } }\n", "usage.retention.minute", "at least 1h");
+    error_at(
+        "usage: { retention: { minute: 10d, hour: 2d } }\n",
+        "usage.retention.hour",
+        "at least usage.retention.minute (10d)",
+    );
+    error_at(
+        "usage: { retention: { hour: 90d, day: 60d } }\n",
+        "usage.retention.day",
+        "at least usage.retention.hour (90d)",
+    );
+    error_at("usage: { retention: { minute: 1d, hour: 2d, day: 30d } }\n", "usage.retention.day", "monthly quotas");
+    error_at("usage: { retention: 7d }\n", "usage.retention", "");
+    let all = errors("usage: { retention: { minute: 30m, hour: 10m, day: 5m } }\n");
+    let paths: Vec<&str> = all.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["usage.retention.minute", "usage.retention.hour", "usage.retention.day"]);
+}
+
+#[test]
+fn usage_retention_on_a_gateway_is_an_error() {
+    let error = error_at(
+        &format!("{GATEWAY}usage:\n  retention: {{ minute: 7d }}\n"),
+        "usage.retention",
+        "a gateway has no store",
+    );
+    assert_eq!(error.line, Some(9));
+}
+
+#[test]
 fn access_log_forms() {
     assert_eq!(ok("access_log: off\n").access_log, AccessLogConfig::Off);
     assert_eq!(ok("access_log: false\n").access_log, AccessLogConfig::Off);

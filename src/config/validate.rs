@@ -17,15 +17,15 @@ use super::env::{interpolate_tree, key_text, EnvLookup};
 use super::position::{join_index, join_key, Positions};
 use super::raw::{
     self, Entries, NodeError, Parsed, RawAccessLog, RawAdmin, RawConfig, RawHttp, RawKeyLocation, RawKeySource,
-    RawKeys, RawListener, RawMode, RawPlan, RawQuota, RawRateLimit, RawRoute, RawRouteAuth, RawSink, RawToken,
-    RawUpstream, RawUsage, Text, TOP_LEVEL_FIELDS,
+    RawKeys, RawListener, RawMode, RawPlan, RawQuota, RawRateLimit, RawRetention, RawRoute, RawRouteAuth, RawSink,
+    RawToken, RawUpstream, RawUsage, Text, TOP_LEVEL_FIELDS,
 };
 use super::{
-    parse_duration, AccessLogConfig, AdminConfig, ClientIpConfig, Config, ConfigError, ConfigErrors,
+    format_duration, parse_duration, AccessLogConfig, AdminConfig, ClientIpConfig, Config, ConfigError, ConfigErrors,
     ControlPlaneClientConfig, EscapedSlashes, EventFormat, HealthCheckConfig, HttpConfig, HttpSinkConfig, KeyLocation,
     KeySource, KeysConfig, ListenerConfig, Mode, NatsSinkConfig, PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig,
     RouteAuth, RouteConfig, RouteMatch, SinkConfig, StoreConfig, TlsFiles, TokenConfig, UnderscoreHeaders,
-    UpstreamConfig, UpstreamTlsConfig, UsageConfig,
+    UpstreamConfig, UpstreamTlsConfig, UsageConfig, UsageRetention,
 };
 
 const MISSING: &str = "required field is missing";
@@ -945,15 +945,16 @@ impl Builder<'_> {
 
     fn usage(&mut self, raw: Option<Parsed<RawUsage>>, mode: Option<Mode>, keys: Option<&KeysConfig>) -> UsageConfig {
         let usage = self.parsed(raw, "usage");
-        let (flush_interval, spool, sinks) = match usage {
-            Some(u) => (u.flush_interval, u.spool, u.sinks),
-            None => (None, None, None),
+        let (flush_interval, spool, sinks, retention) = match usage {
+            Some(u) => (u.flush_interval, u.spool, u.sinks, u.retention),
+            None => (None, None, None, None),
         };
         let flush_interval = self.duration(flush_interval, "usage.flush_interval", Duration::from_secs(5), false);
         let spool = self.optional_path(spool, "usage.spool");
+        let retention = self.retention(retention, mode);
         let Some(sinks) = sinks else {
             let sinks = if mode.unwrap_or_default() == Mode::Standalone { vec![SinkConfig::Store] } else { Vec::new() };
-            return UsageConfig { flush_interval, spool, sinks };
+            return UsageConfig { flush_interval, spool, sinks, retention };
         };
         let mut out: Vec<SinkConfig> = Vec::new();
         for (i, item) in sinks.into_iter().enumerate() {
@@ -970,7 +971,57 @@ impl Builder<'_> {
                 }
             }
         }
-        UsageConfig { flush_interval, spool, sinks: out }
+        UsageConfig { flush_interval, spool, sinks: out, retention }
+    }
+
+    /// `usage.retention`: each age at least the finer one's, so a rollup never
+    /// reaches buckets younger than those it rolls up into.
+    fn retention(&mut self, raw: Option<Parsed<RawRetention>>, mode: Option<Mode>) -> UsageRetention {
+        let defaults = UsageRetention::default();
+        let Some(raw) = self.parsed(raw, "usage.retention") else {
+            return defaults;
+        };
+        if mode == Some(Mode::Gateway) {
+            self.issues.add(
+                "usage.retention",
+                "a gateway has no store: retention applies where usage is stored (standalone or control-plane)",
+            );
+            return defaults;
+        }
+        let issues_before = self.issues.list.len();
+        let minute = self.duration(raw.minute, "usage.retention.minute", defaults.minute, false);
+        let hour = self.duration(raw.hour, "usage.retention.hour", defaults.hour, false);
+        let day = self.duration(raw.day, "usage.retention.day", defaults.day, false);
+        if self.issues.list.len() > issues_before {
+            // Comparing against a default put in for a bad value would only confuse.
+            return UsageRetention { minute, hour, day };
+        }
+        let shown = format_duration;
+        if minute < UsageRetention::MIN_MINUTE {
+            self.issues.add(
+                "usage.retention.minute",
+                format!(
+                    "must be at least {}: minutes are rolled up a whole hour at a time",
+                    shown(UsageRetention::MIN_MINUTE)
+                ),
+            );
+        }
+        if hour < minute {
+            self.issues
+                .add("usage.retention.hour", format!("must be at least usage.retention.minute ({})", shown(minute)));
+        }
+        if day < hour {
+            self.issues.add("usage.retention.day", format!("must be at least usage.retention.hour ({})", shown(hour)));
+        } else if day < UsageRetention::MIN_DAY {
+            self.issues.add(
+                "usage.retention.day",
+                format!(
+                    "must be at least {}: monthly quotas count the usage stored since the first of the month",
+                    shown(UsageRetention::MIN_DAY)
+                ),
+            );
+        }
+        UsageRetention { minute, hour, day }
     }
 
     fn sink(&mut self, raw: RawSink, path: &str, mode: Option<Mode>, keys: Option<&KeysConfig>) -> Option<SinkConfig> {

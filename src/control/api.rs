@@ -28,6 +28,7 @@ use super::fields::{
 use super::model::{new_key_id, Granularity, KeyFilter, KeyPatch, KeyStatusText, NewKey, StoredKey};
 use super::snapshot::SharedSnapshots;
 use super::store::{Store, StoreError};
+use super::upload::{MAX_UPLOAD_BYTES, MAX_UPLOAD_RECORDS};
 use crate::config::TokenConfig;
 use crate::index::wire;
 use crate::key::{self, KeyDigest};
@@ -81,6 +82,10 @@ pub struct ApiError {
 impl ApiError {
     pub(super) fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
         ApiError { status: StatusCode::BAD_REQUEST, code: "invalid_request", message: format!("{field}: {message}") }
+    }
+
+    fn too_large(message: String) -> Self {
+        ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, code: "payload_too_large", message }
     }
 
     fn not_found(id: &str) -> Self {
@@ -568,14 +573,50 @@ struct UsageUpload {
     records: Vec<UsageRecord>,
 }
 
+/// One chunk of a gateway's usage, counted once per `(node, boot_id, sequence)`.
+/// Bounded by `MAX_UPLOAD_BYTES` and `MAX_UPLOAD_RECORDS` (see `control::upload`).
 async fn sync_usage(
     State(state): State<Arc<ApiState>>,
     _client: SyncClient,
-    body: axum::body::Bytes,
+    headers: HeaderMap,
+    body: axum::body::Body,
 ) -> ApiResult<Json<Value>> {
+    let body = read_upload(&headers, body).await?;
     let upload: UsageUpload = serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e))?;
+    drop(body);
+    if upload.records.len() > MAX_UPLOAD_RECORDS {
+        return Err(ApiError::too_large(format!(
+            "a usage upload holds at most {MAX_UPLOAD_RECORDS} records, this one has {}: send them in chunks, \
+             each with its own sequence",
+            upload.records.len()
+        )));
+    }
     let fresh = state.store.ingest_usage(&upload.node, &upload.boot_id, upload.sequence, &upload.records).await?;
     Ok(Json(json!({"accepted": true, "duplicate": !fresh})))
+}
+
+/// The upload's body, refused as soon as it is known to exceed `MAX_UPLOAD_BYTES`
+/// (by its `Content-Length`, or while it streams in), never cut short.
+async fn read_upload(headers: &HeaderMap, body: axum::body::Body) -> ApiResult<Vec<u8>> {
+    use futures_util::StreamExt as _;
+    let too_large = || {
+        ApiError::too_large(format!("a usage upload is at most {MAX_UPLOAD_BYTES} bytes: send it in smaller chunks"))
+    };
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_UPLOAD_BYTES) {
+        return Err(too_large());
+    }
+    let mut out = Vec::with_capacity(declared.unwrap_or(0));
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::invalid("body", format!("reading the upload failed: {e}")))?;
+        if out.len() + chunk.len() > MAX_UPLOAD_BYTES {
+            return Err(too_large());
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
 }
 
 /// Allowed requests per key in the current UTC day and month, counted from every
@@ -591,6 +632,35 @@ async fn sync_quota_usage(State(state): State<Arc<ApiState>>, _client: SyncClien
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn refused(result: ApiResult<Vec<u8>>) -> Value {
+        let Err(error) = result else { panic!("the upload should be refused") };
+        let response = error.into_response();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let body = axum::body::to_bytes(response.into_body(), 4096).await.unwrap();
+        let json: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["code"], "payload_too_large");
+        json
+    }
+
+    #[tokio::test]
+    async fn an_upload_over_the_byte_limit_is_refused_whole_never_cut() {
+        let at_limit = vec![b' '; MAX_UPLOAD_BYTES];
+        let read = read_upload(&HeaderMap::new(), axum::body::Body::from(at_limit)).await.unwrap();
+        assert_eq!(read.len(), MAX_UPLOAD_BYTES);
+
+        // Streamed without a length, in pieces: refused once the total passes the limit.
+        let pieces = futures_util::stream::iter(
+            (0..17).map(|_| Ok::<_, std::io::Error>(axum::body::Bytes::from(vec![b' '; 1024 * 1024]))),
+        );
+        let json = refused(read_upload(&HeaderMap::new(), axum::body::Body::from_stream(pieces)).await).await;
+        assert!(json["error"]["message"].as_str().unwrap().contains(&MAX_UPLOAD_BYTES.to_string()), "{json}");
+
+        // A declared length over the limit is refused before any byte is read.
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(MAX_UPLOAD_BYTES + 1));
+        refused(read_upload(&headers, axum::body::Body::empty()).await).await;
+    }
 
     #[tokio::test]
     async fn api_errors_are_the_contract_shape_with_client_text_escaped() {

@@ -30,7 +30,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use time::OffsetDateTime;
 
-use crate::config::{QuotaConfig, RateLimitConfig};
+use crate::config::{QuotaConfig, RateLimitConfig, UsageRetention};
 use crate::control::model::{
     AuditEvent, Change, Granularity, ImportKey, KeyFilter, KeyPatch, KeyStatusText, NewKey, StoredKey, UsageBucket,
 };
@@ -61,6 +61,22 @@ pub const MAX_CHANGES_PAGE: u32 = 10_000;
 
 /// Advisory lock taken by every key mutation on PostgreSQL ("kgfeed" + 1).
 const FEED_LOCK_KEY: i64 = 0x6b67_6665_6564_0001;
+/// Advisory lock held by a usage rollup transaction on PostgreSQL ("kgroll" + 1), so
+/// control planes sharing a database take turns instead of racing over one slice.
+const ROLLUP_LOCK_KEY: i64 = 0x6b67_726f_6c6c_0001;
+
+/// Batch ids are kept at least this long, whatever `usage.retention.minute` says: a
+/// gateway that was stopped with unacknowledged uploads in its spool replays them at
+/// its next start, which may be days later, and its replay must still be recognised.
+pub const USAGE_BATCH_IDS_KEPT_AT_LEAST: Duration = Duration::from_secs(7 * 86_400);
+/// Minute buckets folded into hours per transaction: ten minutes of every active key.
+const HOUR_ROLLUP_SLICE_MS: i64 = 10 * 60_000;
+/// Hour buckets folded into days per transaction: six hours of every active key.
+const DAY_ROLLUP_SLICE_MS: i64 = 6 * 3_600_000;
+/// Expired buckets deleted per transaction: one day of every active key.
+const DELETE_SLICE_MS: i64 = 86_400_000;
+/// Batch ids forgotten per statement.
+const BATCH_PRUNE_CHUNK: i64 = 10_000;
 
 /// A connected store. Cloning is cheap (the pools are reference-counted).
 #[derive(Debug, Clone)]
@@ -335,6 +351,40 @@ impl Store {
         rows.into_buckets(from)
     }
 
+    /// Applies `usage.retention` as of `now`: minute buckets older than `minute` are
+    /// rolled up into hours and hours older than `hour` into days (whole hours and
+    /// days, at their start, so a query by hour or day answers as before), days older
+    /// than `day` are deleted, and batch ids are forgotten once a retry of their batch
+    /// is no longer to be expected. Work goes in bounded transactions, so ingestion
+    /// carries on meanwhile; running it again, or on several control planes at
+    /// once, changes nothing more.
+    pub async fn compact_usage(&self, now: OffsetDateTime, retention: &UsageRetention) -> Result<UsageCompaction> {
+        let now = to_ms(now);
+        let ago = |age: Duration| now.saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX));
+        let floor = |ms: i64, width: i64| ms - ms.rem_euclid(width);
+        let (hour, day) = (Granularity::Hour.millis(), Granularity::Day.millis());
+        // A retried batch is one whose answer was lost: its gateway sends it again at
+        // once, or from its spool after a restart. Its id is kept as long as minute
+        // buckets (and at least a week), so a replay within that age counts once.
+        let ids_kept = retention.minute.max(USAGE_BATCH_IDS_KEPT_AT_LEAST);
+        Ok(UsageCompaction {
+            hour_buckets: dispatch!(self.roll_up_usage(
+                "hour",
+                hour,
+                floor(ago(retention.minute), hour),
+                HOUR_ROLLUP_SLICE_MS
+            ))?,
+            day_buckets: dispatch!(self.roll_up_usage(
+                "day",
+                day,
+                floor(ago(retention.hour), day),
+                DAY_ROLLUP_SLICE_MS
+            ))?,
+            deleted_buckets: dispatch!(self.delete_usage_before(floor(ago(retention.day), day), DELETE_SLICE_MS))?,
+            pruned_batch_ids: dispatch!(self.prune_usage_batches(ago(ids_kept), BATCH_PRUNE_CHUNK))?,
+        })
+    }
+
     /// Allowed requests of every key with usage since `since`, for seeding quota
     /// counters after a restart and across gateways.
     pub async fn allowed_since(&self, since: OffsetDateTime) -> Result<Vec<(String, u64)>> {
@@ -345,6 +395,19 @@ impl Store {
     pub async fn quota_used(&self, key_id: &str, since: OffsetDateTime) -> Result<u64> {
         dispatch!(self.quota_used(key_id, to_ms(since)))
     }
+}
+
+/// What one [`Store::compact_usage`] pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct UsageCompaction {
+    /// Hour buckets written or added to by rolling up minutes.
+    pub hour_buckets: u64,
+    /// Day buckets written or added to by rolling up hours.
+    pub day_buckets: u64,
+    /// Buckets older than the day retention, deleted.
+    pub deleted_buckets: u64,
+    /// Batch ids forgotten.
+    pub pruned_batch_ids: u64,
 }
 
 /// A bulk import in progress. Its batches run on one connection whose temporary
@@ -867,6 +930,11 @@ struct UsageAggregate {
 }
 
 impl UsageAggregate {
+    /// The start of the oldest bucket.
+    fn oldest_bucket(&self) -> Option<i64> {
+        self.buckets.keys().map(|(_, start)| *start).min()
+    }
+
     fn of(records: &[UsageRecord]) -> Result<Self> {
         let mut agg = UsageAggregate::default();
         for r in records {

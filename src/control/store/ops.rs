@@ -11,7 +11,7 @@ use super::{
     conflict_on_unique, corrupt, distinct, from_ms, fts_phrase, import_action, key_from_new, like_pattern, now_ms,
     to_i64, to_u64, trigram_indexable, unjson, AuditEvent, BatchOutcome, BucketSums, Change, Cursor, Dialect,
     GatewayKeyRow, ImportAction, KeyColumns, KeyFilter, KeyPatch, KeyRow, KeyStatusText, NewKey, Result, StoreError, StoredKey,
-    UsageAggregate, UsageRows, FEED_LOCK_KEY,
+    UsageAggregate, UsageRows, FEED_LOCK_KEY, ROLLUP_LOCK_KEY,
 };
 use crate::control::model::{ImportKey, KeyChange};
 
@@ -829,6 +829,19 @@ pub(super) async fn ingest_usage(
     batch: &UsageAggregate,
 ) -> Result<bool> {
     let mut tx = begin_usage_write(pool).await?;
+    let late = batch.oldest_bucket().filter(|oldest| *oldest < now_ms() - LATE_USAGE_AGE_MS);
+    if let Some(oldest) = late {
+        // Usage old enough to have been rolled up already (a gateway's spool replayed
+        // after a long stop). A rollup must not fold these buckets while this upload adds
+        // to them, and must look at them again: it resumes from the oldest bucket written.
+        if DIALECT == Dialect::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock_shared($1)").bind(ROLLUP_LOCK_KEY).execute(&mut *tx).await?;
+        }
+        sqlx::query("UPDATE usage_rollups SET done_before = $1 WHERE done_before > $1")
+            .bind(oldest)
+            .execute(&mut *tx)
+            .await?;
+    }
     // The batch id goes in with the counts: both commit or neither does.
     let inserted = sqlx::query(
         "INSERT INTO usage_batches (node, boot_id, sequence, received_at) VALUES ($1, $2, $3, $4) \
@@ -876,17 +889,7 @@ pub(super) async fn ingest_usage(
                 row.push_bind(n);
             }
         });
-        qb.push(
-            " ON CONFLICT (key_id, bucket_start) DO UPDATE SET \
-             requests = usage_buckets.requests + excluded.requests, \
-             allowed = usage_buckets.allowed + excluded.allowed, \
-             s2xx = usage_buckets.s2xx + excluded.s2xx, \
-             s3xx = usage_buckets.s3xx + excluded.s3xx, \
-             s4xx = usage_buckets.s4xx + excluded.s4xx, \
-             s5xx = usage_buckets.s5xx + excluded.s5xx, \
-             bytes_in = usage_buckets.bytes_in + excluded.bytes_in, \
-             bytes_out = usage_buckets.bytes_out + excluded.bytes_out",
-        );
+        qb.push(ADD_TO_BUCKET);
         qb.build().execute(&mut *tx).await?;
     }
 
@@ -900,20 +903,202 @@ pub(super) async fn ingest_usage(
         qb.push_values(rows, |mut row, (key_id, start, code, n)| {
             row.push_bind(key_id).push_bind(start).push_bind(code).push_bind(n);
         });
-        qb.push(" ON CONFLICT (key_id, bucket_start, code) DO UPDATE SET n = usage_denied.n + excluded.n");
+        qb.push(ADD_TO_DENIED);
         qb.build().execute(&mut *tx).await?;
     }
 
     // Not a key change: last_used_at does not go through the feed.
-    for (key_id, at) in &batch.last_used {
-        sqlx::query("UPDATE keys SET last_used_at = $1 WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $1)")
-            .bind(*at)
-            .bind(key_id)
-            .execute(&mut *tx)
-            .await?;
+    let last_used: Vec<(&str, i64)> = batch.last_used.iter().map(|(id, at)| (id.as_str(), *at)).collect();
+    for chunk in last_used.chunks(INSERT_CHUNK) {
+        if DIALECT == Dialect::Postgres {
+            // Uploads from several gateways touch the same keys, and the join below may
+            // visit them in any order: take the row locks in id order first.
+            let mut qb = QueryBuilder::<Db>::new("SELECT id FROM keys WHERE id IN (");
+            let mut ids = qb.separated(", ");
+            for (id, _) in chunk {
+                ids.push_bind(*id);
+            }
+            qb.push(") ORDER BY id FOR UPDATE");
+            qb.build().fetch_all(&mut *tx).await?;
+        }
+        let mut qb = QueryBuilder::<Db>::new("WITH seen (id, at) AS (");
+        qb.push_values(chunk, |mut row, (id, at)| {
+            row.push_bind(*id).push_bind(*at);
+        });
+        qb.push(
+            ") UPDATE keys SET last_used_at = seen.at FROM seen \
+             WHERE keys.id = seen.id AND (keys.last_used_at IS NULL OR keys.last_used_at < seen.at)",
+        );
+        qb.build().execute(&mut *tx).await?;
     }
     tx.commit().await?;
     Ok(true)
+}
+
+/// Buckets at least this old may already have been rolled up: `usage.retention.minute`
+/// is never shorter (`UsageRetention::MIN_MINUTE`).
+const LATE_USAGE_AGE_MS: i64 = 3_600_000;
+
+/// Adds an inserted bucket's counts to the stored one.
+const ADD_TO_BUCKET: &str = " ON CONFLICT (key_id, bucket_start) DO UPDATE SET \
+    requests = usage_buckets.requests + excluded.requests, \
+    allowed = usage_buckets.allowed + excluded.allowed, \
+    s2xx = usage_buckets.s2xx + excluded.s2xx, \
+    s3xx = usage_buckets.s3xx + excluded.s3xx, \
+    s4xx = usage_buckets.s4xx + excluded.s4xx, \
+    s5xx = usage_buckets.s5xx + excluded.s5xx, \
+    bytes_in = usage_buckets.bytes_in + excluded.bytes_in, \
+    bytes_out = usage_buckets.bytes_out + excluded.bytes_out";
+
+const ADD_TO_DENIED: &str = " ON CONFLICT (key_id, bucket_start, code) DO UPDATE SET n = usage_denied.n + excluded.n";
+
+/// Folds the buckets of `[cutoff's past, cutoff)` that are narrower than `width` into
+/// buckets of `width` at the start of their hour or day, `slice` milliseconds of
+/// buckets per transaction, resuming where the last pass of `level` stopped. Returns
+/// how many wider buckets were written (or added to).
+pub(super) async fn roll_up_usage(pool: &Pool<Db>, level: &str, width: i64, cutoff: i64, slice: i64) -> Result<u64> {
+    let mut written = 0;
+    loop {
+        let mut tx = begin_usage_write(pool).await?;
+        if DIALECT == Dialect::Postgres {
+            let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+                .bind(ROLLUP_LOCK_KEY)
+                .fetch_one(&mut *tx)
+                .await?;
+            if !ours {
+                // Another control plane is rolling up, or late usage is being written:
+                // the next pass carries on from the same point.
+                return Ok(written);
+            }
+        }
+        let done: Option<i64> = sqlx::query_scalar("SELECT done_before FROM usage_rollups WHERE level = $1")
+            .bind(level)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let next: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(bucket_start) FROM usage_buckets WHERE bucket_start >= $1 AND bucket_start < $2")
+                .bind(done.unwrap_or(i64::MIN))
+                .bind(cutoff)
+                .fetch_one(&mut *tx)
+                .await?;
+        let end = next.map_or(cutoff, |start| start.saturating_add(slice).min(cutoff));
+        if let Some(start) = next {
+            written += fold_usage(&mut tx, start, end, width).await?;
+        }
+        if done.is_none_or(|done| done < end) {
+            sqlx::query(
+                "INSERT INTO usage_rollups (level, done_before) VALUES ($1, $2) \
+                 ON CONFLICT (level) DO UPDATE SET done_before = excluded.done_before",
+            )
+            .bind(level)
+            .bind(end)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        if next.is_none() {
+            return Ok(written);
+        }
+    }
+}
+
+/// Moves every bucket of `[from, to)` not aligned to `width` into the aligned bucket
+/// that holds it, in `usage_buckets` and `usage_denied`. The aligned bucket is kept
+/// (and added to), so folding again changes nothing.
+async fn fold_usage(conn: &mut Conn, from: i64, to: i64, width: i64) -> Result<u64> {
+    const COUNTS: &str = "requests, allowed, s2xx, s3xx, s4xx, s5xx, bytes_in, bytes_out";
+    const SUMS: &str = "CAST(SUM(requests) AS BIGINT), CAST(SUM(allowed) AS BIGINT), CAST(SUM(s2xx) AS BIGINT), \
+        CAST(SUM(s3xx) AS BIGINT), CAST(SUM(s4xx) AS BIGINT), CAST(SUM(s5xx) AS BIGINT), \
+        CAST(SUM(bytes_in) AS BIGINT), CAST(SUM(bytes_out) AS BIGINT)";
+    const NARROW: &str = "bucket_start >= $1 AND bucket_start < $2 AND bucket_start % $3 <> 0";
+    let statements = match DIALECT {
+        // One statement sums exactly the rows it deletes, so a gateway's late upload that
+        // commits meanwhile is either moved whole or left for the next pass, never lost.
+        Dialect::Postgres => vec![
+            format!(
+                "WITH moved AS (DELETE FROM usage_buckets WHERE {NARROW} RETURNING key_id, bucket_start, {COUNTS}) \
+                 INSERT INTO usage_buckets (key_id, bucket_start, {COUNTS}) \
+                 SELECT key_id, (bucket_start / $3) * $3, {SUMS} FROM moved GROUP BY 1, 2{ADD_TO_BUCKET}"
+            ),
+            format!(
+                "WITH moved AS (DELETE FROM usage_denied WHERE {NARROW} RETURNING key_id, bucket_start, code, n) \
+                 INSERT INTO usage_denied (key_id, bucket_start, code, n) \
+                 SELECT key_id, (bucket_start / $3) * $3, code, CAST(SUM(n) AS BIGINT) FROM moved \
+                 GROUP BY 1, 2, 3{ADD_TO_DENIED}"
+            ),
+        ],
+        // SQLite has no DELETE in WITH; its writers are serialised, so copy then delete.
+        Dialect::Sqlite => vec![
+            format!(
+                "INSERT INTO usage_buckets (key_id, bucket_start, {COUNTS}) \
+                 SELECT key_id, (bucket_start / $3) * $3, {SUMS} FROM usage_buckets WHERE {NARROW} \
+                 GROUP BY 1, 2{ADD_TO_BUCKET}"
+            ),
+            format!("DELETE FROM usage_buckets WHERE {NARROW}"),
+            format!(
+                "INSERT INTO usage_denied (key_id, bucket_start, code, n) \
+                 SELECT key_id, (bucket_start / $3) * $3, code, SUM(n) FROM usage_denied WHERE {NARROW} \
+                 GROUP BY 1, 2, 3{ADD_TO_DENIED}"
+            ),
+            format!("DELETE FROM usage_denied WHERE {NARROW}"),
+        ],
+    };
+    let mut written = 0;
+    for (i, sql) in statements.iter().enumerate() {
+        let affected = sqlx::query(sql).bind(from).bind(to).bind(width).execute(&mut *conn).await?.rows_affected();
+        if i == 0 {
+            written = affected;
+        }
+    }
+    Ok(written)
+}
+
+/// Deletes every bucket that starts before `cutoff`, `slice` milliseconds of buckets
+/// per transaction. Returns how many buckets were deleted.
+pub(super) async fn delete_usage_before(pool: &Pool<Db>, cutoff: i64, slice: i64) -> Result<u64> {
+    let mut deleted = 0;
+    loop {
+        let mut tx = begin_usage_write(pool).await?;
+        let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(bucket_start) FROM usage_buckets WHERE bucket_start < $1")
+            .bind(cutoff)
+            .fetch_one(&mut *tx)
+            .await?;
+        let Some(oldest) = oldest else {
+            // Denials always come with their bucket; this only clears strays.
+            sqlx::query("DELETE FROM usage_denied WHERE bucket_start < $1").bind(cutoff).execute(&mut *tx).await?;
+            tx.commit().await?;
+            return Ok(deleted);
+        };
+        let end = oldest.saturating_add(slice).min(cutoff);
+        deleted += sqlx::query("DELETE FROM usage_buckets WHERE bucket_start < $1")
+            .bind(end)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("DELETE FROM usage_denied WHERE bucket_start < $1").bind(end).execute(&mut *tx).await?;
+        tx.commit().await?;
+    }
+}
+
+/// Forgets the ids of usage batches received before `before`, `chunk` ids per
+/// statement. Returns how many were forgotten.
+pub(super) async fn prune_usage_batches(pool: &Pool<Db>, before: i64, chunk: i64) -> Result<u64> {
+    let mut pruned = 0;
+    loop {
+        let n = sqlx::query(
+            "DELETE FROM usage_batches WHERE (node, boot_id, sequence) IN \
+             (SELECT node, boot_id, sequence FROM usage_batches WHERE received_at < $1 LIMIT $2)",
+        )
+        .bind(before)
+        .bind(chunk)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        pruned += n;
+        if n == 0 || n < chunk.unsigned_abs() {
+            return Ok(pruned);
+        }
+    }
 }
 
 pub(super) async fn usage(pool: &Pool<Db>, key_id: &str, from: i64, to: i64, width: i64) -> Result<UsageRows> {
