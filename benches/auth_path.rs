@@ -78,7 +78,7 @@ fn bench_auth(c: &mut Criterion) {
         let decision = decide(&facts, &snapshot, &limits, OffsetDateTime::now_utc());
         if let Some(key) = &decision.key {
             let request = RequestUsage { denial: decision.denial, status: 200, bytes_in: 0, bytes_out: 0, at_ms: 0 };
-            usage.record(key.id(), &request);
+            usage.record(key.id(), key.owner(), &request);
         }
         decision.denial.is_none()
     };

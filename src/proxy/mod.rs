@@ -398,7 +398,7 @@ impl ProxyHttp for Gateway {
                 bytes_out: session.body_bytes_sent() as u64,
                 at_ms: unix_millis(),
             };
-            plane.usage.record(key.id(), &usage);
+            plane.usage.record(key.id(), key.owner(), &usage);
         }
         if !plane.access_log.enabled() {
             return;

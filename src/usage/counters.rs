@@ -33,6 +33,9 @@ struct KeyUsage {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     last_used_ms: AtomicI64,
+    /// The key's owner when the entry was made: what a metering sink names as the
+    /// events' subject, without a lookup by id in the index.
+    owner: Option<Box<str>>,
 }
 
 #[derive(Default)]
@@ -45,14 +48,17 @@ impl UsageCounters {
         Self::default()
     }
 
-    pub fn record(&self, key_id: &str, usage: &RequestUsage) {
+    pub fn record(&self, key_id: &str, owner: Option<&str>, usage: &RequestUsage) {
         // Counting happens under the shard's read guard, so `drain` (which removes
         // idle entries under the write guard) can never lose an increment.
         if let Some(entry) = self.by_key.get(key_id) {
             entry.add(usage);
             return;
         }
-        self.by_key.entry(KeyId::from(key_id)).or_default().add(usage);
+        self.by_key
+            .entry(KeyId::from(key_id))
+            .or_insert_with(|| KeyUsage { owner: owner.map(Box::from), ..KeyUsage::default() })
+            .add(usage);
     }
 
     /// Takes every count since the last drain, as records for the window
@@ -131,6 +137,7 @@ impl KeyUsage {
             },
             bytes_in: self.bytes_in.swap(0, Ordering::AcqRel),
             bytes_out: self.bytes_out.swap(0, Ordering::AcqRel),
+            owner_at_count: Some(self.owner.as_deref().map(str::to_owned)),
             last_used_at: OffsetDateTime::from_unix_timestamp_nanos(i128::from(last_used_ms) * 1_000_000).ok(),
         })
     }
@@ -152,10 +159,10 @@ mod tests {
     fn drain_returns_each_key_once_with_exact_counts() {
         let counters = UsageCounters::new();
         for _ in 0..3 {
-            counters.record("a", &usage(None, 200));
+            counters.record("a", None, &usage(None, 200));
         }
-        counters.record("a", &usage(Some(Denial::RateLimited { retry_after: 1 }), 429));
-        counters.record("b", &usage(None, 503));
+        counters.record("a", None, &usage(Some(Denial::RateLimited { retry_after: 1 }), 429));
+        counters.record("b", None, &usage(None, 503));
         let mut records = counters.drain("n", START, END);
         records.sort_by(|x, y| x.key_id.cmp(&y.key_id));
         assert_eq!(records.len(), 2);
@@ -170,9 +177,20 @@ mod tests {
     }
 
     #[test]
+    fn a_record_carries_the_owner_its_key_had_when_counted() {
+        let counters = UsageCounters::new();
+        counters.record("a", Some("acme"), &usage(None, 200));
+        counters.record("b", None, &usage(None, 200));
+        let mut records = counters.drain("n", START, END);
+        records.sort_by(|x, y| x.key_id.cmp(&y.key_id));
+        assert_eq!(records[0].owner_at_count, Some(Some("acme".to_owned())));
+        assert_eq!(records[1].owner_at_count, Some(None), "known to have no owner");
+    }
+
+    #[test]
     fn keys_idle_for_a_whole_window_are_forgotten() {
         let counters = UsageCounters::new();
-        counters.record("a", &usage(None, 200));
+        counters.record("a", None, &usage(None, 200));
         counters.drain("n", START, END);
         assert_eq!(counters.active_keys(), 1, "active in the last window: kept");
         counters.drain("n", START, END);
@@ -187,7 +205,7 @@ mod tests {
                 let counters = std::sync::Arc::clone(&counters);
                 std::thread::spawn(move || {
                     for i in 0..20_000 {
-                        counters.record(&format!("k{}", (t + i) % 7), &usage(None, 200));
+                        counters.record(&format!("k{}", (t + i) % 7), None, &usage(None, 200));
                     }
                 })
             })

@@ -573,10 +573,10 @@ mod tests {
     #[tokio::test]
     async fn each_window_is_delivered_once() {
         let (mut flusher, counters, sink) = setup();
-        counters.record("a", &allowed());
-        counters.record("b", &allowed());
+        counters.record("a", None, &allowed());
+        counters.record("b", None, &allowed());
         flusher.flush_window(false).await;
-        counters.record("a", &allowed());
+        counters.record("a", None, &allowed());
         flusher.flush_window(false).await;
         flusher.flush_window(false).await;
         let batches = sink.batches.lock().unwrap().clone();
@@ -590,10 +590,10 @@ mod tests {
     async fn a_failed_batch_is_retried_unchanged_and_later_windows_merge() {
         let (mut flusher, counters, sink) = setup();
         sink.down.store(true, Ordering::SeqCst);
-        counters.record("a", &allowed());
+        counters.record("a", None, &allowed());
         flusher.flush_window(true).await;
-        counters.record("a", &allowed());
-        counters.record("a", &RequestUsage { denial: Some(Denial::KeyRevoked), status: 401, ..allowed() });
+        counters.record("a", None, &allowed());
+        counters.record("a", None, &RequestUsage { denial: Some(Denial::KeyRevoked), status: 401, ..allowed() });
         flusher.flush_window(true).await;
         assert_eq!(flusher.queued(), 2, "one in flight, one merged pending record");
         sink.down.store(false, Ordering::SeqCst);
@@ -620,7 +620,7 @@ mod tests {
             None,
         );
         flusher.write_timeout = Duration::from_millis(50);
-        counters.record("a", &allowed());
+        counters.record("a", None, &allowed());
         // The write is still hanging when the flusher stops waiting; then it finishes.
         flusher.flush_window(true).await;
         assert!(sink.batches.lock().unwrap().is_empty());
@@ -640,7 +640,7 @@ mod tests {
         let (flusher, counters, sink) = setup();
         let handle = flusher.spawn();
         for _ in 0..10 {
-            counters.record("a", &allowed());
+            counters.record("a", None, &allowed());
         }
         handle.flush_and_stop(Duration::from_secs(2)).await;
         assert_eq!(delivered(&sink), 10);
@@ -677,7 +677,7 @@ mod tests {
             None,
         );
         for key in 0..10 {
-            counters.record(&format!("k{key}"), &allowed());
+            counters.record(&format!("k{key}"), None, &allowed());
         }
         flusher.flush_window(false).await;
         let batches = sink.batches.lock().unwrap().clone();
@@ -709,9 +709,9 @@ mod tests {
         let (mut flusher, counters) = spooled(dir.path(), &sink);
         flusher.open_spool().await;
         for key in 0..5 {
-            counters.record(&format!("k{key}"), &allowed());
+            counters.record(&format!("k{key}"), None, &allowed());
         }
-        counters.record("k0", &allowed());
+        counters.record("k0", None, &allowed());
         flusher.final_flush(Duration::from_millis(300)).await;
         assert_eq!(flusher.metrics.usage_dropped.get(), 0, "kept in the spool, not dropped");
         assert!(flusher.metrics.usage_spool_bytes.get() > 0);
@@ -734,7 +734,7 @@ mod tests {
         let (mut flusher, counters) = spooled(dir.path(), &sink);
         flusher.open_spool().await;
         for key in 0..4 {
-            counters.record(&format!("k{key}"), &allowed());
+            counters.record(&format!("k{key}"), None, &allowed());
         }
         // The first batch is sent and taken; the crash comes before its acknowledgement
         // reaches the spool, which is what cutting the log back to before it does.
@@ -759,8 +759,8 @@ mod tests {
     async fn usage_that_cannot_be_delivered_at_shutdown_is_counted_as_dropped() {
         let (mut flusher, counters, sink) = setup();
         sink.down.store(true, Ordering::SeqCst);
-        counters.record("a", &allowed());
-        counters.record("b", &allowed());
+        counters.record("a", None, &allowed());
+        counters.record("b", None, &allowed());
         flusher.final_flush(Duration::from_millis(500)).await;
         assert_eq!(flusher.metrics.usage_dropped.get(), 2);
     }

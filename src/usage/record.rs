@@ -50,6 +50,11 @@ pub struct UsageRecord {
     pub bytes_out: u64,
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_used_at: Option<OffsetDateTime>,
+    /// The key's owner when its requests were counted (`Some(None)`: it had none),
+    /// for the CloudEvents `subject`; `None` where that is not known (a record read
+    /// back from the spool). Not part of the record's line.
+    #[serde(skip)]
+    pub owner_at_count: Option<Option<String>>,
 }
 
 impl UsageRecord {
@@ -64,6 +69,9 @@ impl UsageRecord {
         self.bytes_in += other.bytes_in;
         self.bytes_out += other.bytes_out;
         self.last_used_at = self.last_used_at.max(other.last_used_at);
+        if self.owner_at_count.is_none() {
+            self.owner_at_count.clone_from(&other.owner_at_count);
+        }
     }
 }
 
@@ -85,6 +93,7 @@ mod tests {
             bytes_in: 10,
             bytes_out: 20,
             last_used_at: Some(end),
+            owner_at_count: None,
         }
     }
 

@@ -380,6 +380,7 @@ mod tests {
             bytes_in: 3,
             bytes_out: 4,
             last_used_at: Some(datetime!(2026-01-01 00:00:04 UTC)),
+            owner_at_count: None,
         }
     }
 

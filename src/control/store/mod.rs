@@ -1222,6 +1222,7 @@ mod tests {
             bytes_in: 1,
             bytes_out: 2,
             last_used_at: Some(end),
+            owner_at_count: None,
         };
         let agg = UsageAggregate::of(&[
             record(datetime!(2026-01-01 10:00:05 UTC)),

@@ -22,11 +22,12 @@ pub trait KeyOwners: Send + Sync {
     fn owners_of(&self, key_ids: &HashSet<String>) -> HashMap<String, String>;
 }
 
-/// The gateway's key index is keyed by digest, not id, and a second map by id
-/// would double its memory for millions of keys. So the owners of a batch are
-/// found in one pass over the index, once per batch (see [`Delivery`]). A key
-/// deleted before its usage is delivered has no owner any more: its events name
-/// the key id instead.
+/// For records that do not carry their owner (read back from the spool after a
+/// restart). The gateway's key index is keyed by digest, not id, and a second map
+/// by id would double its memory for millions of keys, so the owners of such a
+/// batch are found in one pass over the index (see [`Delivery`]). A key deleted
+/// before its usage is delivered has no owner any more: its events name the key
+/// id instead.
 impl KeyOwners for KeyIndex {
     fn owners_of(&self, key_ids: &HashSet<String>) -> HashMap<String, String> {
         let snapshot = self.current();
@@ -147,12 +148,26 @@ impl Delivery {
         if let Some(known) = known {
             return Ok(known);
         }
-        let key_ids: HashSet<String> = batch.records.iter().map(|r| r.key_id.clone()).collect();
-        let lookup = Arc::clone(owners);
-        // One pass over the whole index: off the async workers.
-        let found = tokio::task::spawn_blocking(move || lookup.owners_of(&key_ids))
-            .await
-            .map_err(|e| SinkError::Other(format!("the owner lookup stopped: {e}")))?;
+        // Records counted by this process carry their key's owner; only records read
+        // back from the spool need the index.
+        let mut found: HashMap<String, String> = batch
+            .records
+            .iter()
+            .filter_map(|r| match &r.owner_at_count {
+                Some(Some(owner)) => Some((r.key_id.clone(), owner.clone())),
+                _ => None,
+            })
+            .collect();
+        let unknown: HashSet<String> =
+            batch.records.iter().filter(|r| r.owner_at_count.is_none()).map(|r| r.key_id.clone()).collect();
+        if !unknown.is_empty() {
+            let lookup = Arc::clone(owners);
+            // One pass over the whole index: off the async workers.
+            let looked_up = tokio::task::spawn_blocking(move || lookup.owners_of(&unknown))
+                .await
+                .map_err(|e| SinkError::Other(format!("the owner lookup stopped: {e}")))?;
+            found.extend(looked_up);
+        }
         let found = Arc::new(found);
         if let Some(state) = self.lock().as_mut() {
             state.owners = Some(Arc::clone(&found));
@@ -192,6 +207,7 @@ mod tests {
             bytes_in: 1,
             bytes_out: 2,
             last_used_at: None,
+            owner_at_count: None,
         }
     }
 
@@ -284,5 +300,22 @@ mod tests {
         let (found, done) = delivery.start(&batch(&records, 2), &owners).await.unwrap();
         assert_eq!(found["key_1"], "owner-1", "the next batch reused the last one's owners");
         assert!(done.is_empty(), "the next batch started with the last one's acknowledgements");
+    }
+
+    #[tokio::test]
+    async fn records_that_carry_their_owner_need_no_pass_over_the_index() {
+        let lookups = Arc::new(CountingOwners(Default::default()));
+        let owners: Arc<dyn KeyOwners> = Arc::clone(&lookups) as Arc<dyn KeyOwners>;
+        let mut counted = [record("key_1"), record("key_2")];
+        counted[0].owner_at_count = Some(Some("acme".to_owned()));
+        counted[1].owner_at_count = Some(None);
+        let (found, _) = Delivery::default().start(&batch(&counted, 1), &owners).await.unwrap();
+        assert_eq!(*found, HashMap::from([("key_1".to_owned(), "acme".to_owned())]));
+        assert_eq!(lookups.0.load(std::sync::atomic::Ordering::SeqCst), 0, "the index was scanned");
+
+        // Read back from the spool: the owner is looked up.
+        let replayed = [record("key_3")];
+        let (found, _) = Delivery::default().start(&batch(&replayed, 2), &owners).await.unwrap();
+        assert_eq!(found["key_3"], "owner-0");
     }
 }

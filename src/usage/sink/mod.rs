@@ -155,6 +155,11 @@ impl UsageSink for ControlPlaneSink {
         "control_plane"
     }
 
+    /// The control plane's limit per upload.
+    fn max_batch_records(&self) -> usize {
+        crate::control::upload::MAX_UPLOAD_RECORDS
+    }
+
     async fn write(&self, batch: UsageBatch<'_>) -> Result<(), SinkError> {
         let upload =
             Upload { node: batch.node, boot_id: batch.boot_id, sequence: batch.sequence, records: batch.records };
@@ -192,6 +197,7 @@ mod tests {
             bytes_in: 0,
             bytes_out: 0,
             last_used_at: None,
+            owner_at_count: None,
         }
     }
 
