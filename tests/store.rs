@@ -1891,3 +1891,29 @@ fn store_futures_are_send(store: &Store) {
     send(store.ingest_usage("n", "b", 1, &[]));
     send(store.usage("id", OffsetDateTime::UNIX_EPOCH, OffsetDateTime::UNIX_EPOCH, Granularity::Hour));
 }
+
+/// A large import leaves PostgreSQL's statistics current: the listing's plans
+/// depend on them, and autovacuum may be late or off (it is off on the machines
+/// these tests run on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_import_refreshes_postgresql_statistics() {
+    let db = TestDb::postgres().await;
+    let analyzed = || async {
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+        let n: i64 = sqlx::query_scalar("SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'keys'")
+            .fetch_one(&mut conn)
+            .await
+            .expect("pg_stat_user_tables");
+        let _ = conn.close().await;
+        n
+    };
+    let before = analyzed().await;
+    let records = import_records("bulk", 1, 10_000);
+    import(&db.store, records.chunks(1000).map(<[ImportKey]>::to_vec).collect()).await;
+    // The statistics views are updated a moment after the transaction.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while analyzed().await <= before {
+        assert!(std::time::Instant::now() < deadline, "no ANALYZE of keys after importing 10,000 keys");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -668,6 +668,16 @@ pub(super) async fn end_import(conn: &mut Conn) -> Result<()> {
     Ok(())
 }
 
+/// Fresh planner statistics for the tables the listing reads. SQLite keeps none
+/// unless asked, and its listing queries name their plan (`CROSS JOIN`, unary `+`).
+pub(super) async fn refresh_statistics(conn: &mut Conn) -> Result<()> {
+    if DIALECT == Dialect::Postgres {
+        sqlx::query("ANALYZE keys").execute(&mut *conn).await?;
+        sqlx::query("ANALYZE key_tags").execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 pub(super) async fn import_batch(conn: &mut Conn, batch: Vec<ImportKey>, actor: &str) -> Result<BatchOutcome> {
     let mut outcome = BatchOutcome::default();
     let (Some(first_line), Some(last_line)) = (batch.first().map(|r| r.line), batch.last().map(|r| r.line)) else {
