@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::counters::UsageCounters;
-use super::record::UsageRecord;
+use super::record::{merge_by_key, UsageRecord};
 use super::sink::{SinkError, UsageBatch, UsageSink};
 use super::spool::{QueueView, SentRef, Spool, SpooledQueue};
 use crate::metrics::Metrics;
@@ -75,14 +75,7 @@ impl SinkQueue {
     }
 
     fn add(&mut self, records: &[UsageRecord]) {
-        for record in records {
-            match self.pending.get_mut(&record.key_id) {
-                Some(existing) => existing.merge(record),
-                None => {
-                    self.pending.insert(record.key_id.clone(), record.clone());
-                }
-            }
-        }
+        merge_by_key(&mut self.pending, records);
     }
 
     /// The next batch: up to the sink's limit, taken out of `pending`.

@@ -1,6 +1,6 @@
 //! One key's usage over one window: the line format of CONTRACT §8.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -71,6 +71,18 @@ impl UsageRecord {
         self.last_used_at = self.last_used_at.max(other.last_used_at);
         if self.owner_at_count.is_none() {
             self.owner_at_count.clone_from(&other.owner_at_count);
+        }
+    }
+}
+
+/// Merges `records` into `pending`, one record per key.
+pub fn merge_by_key(pending: &mut HashMap<String, UsageRecord>, records: &[UsageRecord]) {
+    for record in records {
+        match pending.get_mut(&record.key_id) {
+            Some(existing) => existing.merge(record),
+            None => {
+                pending.insert(record.key_id.clone(), record.clone());
+            }
         }
     }
 }

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::record::UsageRecord;
+use super::record::{merge_by_key, UsageRecord};
 
 const MAGIC: [u8; 8] = *b"KGUSAGE1";
 const FRAME_HEAD_LEN: usize = 8;
@@ -68,14 +68,7 @@ impl SpooledQueue {
     }
 
     fn add(&mut self, records: &[UsageRecord]) {
-        for record in records {
-            match self.pending.get_mut(&record.key_id) {
-                Some(existing) => existing.merge(record),
-                None => {
-                    self.pending.insert(record.key_id.clone(), record.clone());
-                }
-            }
-        }
+        merge_by_key(&mut self.pending, records);
     }
 }
 

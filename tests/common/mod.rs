@@ -796,14 +796,8 @@ impl Gateway {
     /// Stops the process (SIGTERM, then SIGKILL after 10 s) and returns
     /// everything it wrote to stdout and stderr.
     pub fn stop(mut self) -> String {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            terminate(child);
         }
         self.output()
     }
@@ -865,22 +859,7 @@ impl Gateway {
     /// Like `stop`, but also returns how the process ended: `Some(status)` if it
     /// exited by itself within 10 s of SIGTERM, `None` if it had to be killed.
     pub fn stop_with_status(mut self) -> (Option<std::process::ExitStatus>, String) {
-        let mut exit = None;
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Some(status) = child.try_wait().ok().flatten() {
-                    exit = Some(status);
-                    break;
-                }
-                thread::sleep(Duration::from_millis(50));
-            }
-            if exit.is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
+        let exit = self.child.take().and_then(terminate);
         (exit, self.output())
     }
 }
@@ -1060,18 +1039,7 @@ impl Node {
 
     /// SIGTERM, then SIGKILL after 10 s. `Some(status)` if it exited by itself.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Some(status) = child.try_wait().ok().flatten() {
-                return Some(status);
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        None
+        terminate(self.child.take()?)
     }
 
     /// One request to the proxy listener on a fresh connection.
@@ -1246,4 +1214,19 @@ pub fn pg_exec(server: &str, sql: &str) -> Result<(), String> {
             Err(_) => Err("no answer within 15 s".to_owned()),
         }
     })
+}
+
+/// SIGTERM, then SIGKILL after 10 s. `Some(status)` if the process exited by itself.
+pub fn terminate(mut child: Child) -> Option<std::process::ExitStatus> {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().ok().flatten() {
+            return Some(status);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
 }

@@ -663,54 +663,58 @@ fn conflict_on_unique(e: sqlx::Error, message: &str) -> StoreError {
     }
 }
 
-/// One row of `keys`, as stored.
+/// One row of `keys`, as stored: what a gateway needs, and the rest.
 #[derive(sqlx::FromRow)]
 struct KeyRow {
-    id: String,
-    hash: String,
+    #[sqlx(flatten)]
+    served: GatewayKeyRow,
     prefix: String,
     masked: String,
-    name: String,
-    owner: Option<String>,
-    plan: Option<String>,
-    scopes: String,
-    ip_allowlist: String,
-    rate_limit: Option<String>,
-    quota: Option<String>,
-    status: String,
-    expires_at: Option<i64>,
-    metadata: String,
-    tags: String,
     created_at: i64,
     updated_at: i64,
     last_used_at: Option<i64>,
     version: i64,
-    imported: bool,
 }
 
 impl KeyRow {
     fn into_key(self) -> Result<StoredKey> {
+        let GatewayKeyRow {
+            id,
+            hash,
+            name,
+            owner,
+            plan,
+            scopes,
+            ip_allowlist,
+            rate_limit,
+            quota,
+            status,
+            expires_at,
+            metadata,
+            tags,
+            imported,
+        } = self.served;
         Ok(StoredKey {
-            status: KeyStatusText::parse(&self.status).ok_or_else(|| corrupt(format!("status {:?}", self.status)))?,
-            scopes: unjson(&self.scopes)?,
-            ip_allowlist: unjson(&self.ip_allowlist)?,
-            rate_limit: self.rate_limit.as_deref().map(unjson::<RateLimitConfig>).transpose()?,
-            quota: self.quota.as_deref().map(unjson::<QuotaConfig>).transpose()?,
-            expires_at: self.expires_at.map(from_ms).transpose()?,
-            metadata: unjson(&self.metadata)?,
-            tags: unjson(&self.tags)?,
+            status: KeyStatusText::parse(&status).ok_or_else(|| corrupt(format!("status {status:?}")))?,
+            scopes: unjson(&scopes)?,
+            ip_allowlist: unjson(&ip_allowlist)?,
+            rate_limit: rate_limit.as_deref().map(unjson::<RateLimitConfig>).transpose()?,
+            quota: quota.as_deref().map(unjson::<QuotaConfig>).transpose()?,
+            expires_at: expires_at.map(from_ms).transpose()?,
+            metadata: unjson(&metadata)?,
+            tags: unjson(&tags)?,
             created_at: from_ms(self.created_at)?,
             updated_at: from_ms(self.updated_at)?,
             last_used_at: self.last_used_at.map(from_ms).transpose()?,
             version: to_u64(self.version)?,
-            imported: self.imported,
-            id: self.id,
-            hash: self.hash,
+            imported,
+            id,
+            hash,
             prefix: self.prefix,
             masked: self.masked,
-            name: self.name,
-            owner: self.owner,
-            plan: self.plan,
+            name,
+            owner,
+            plan,
         })
     }
 }
