@@ -6,6 +6,11 @@
 //! - `index`: the in-memory key index and the keys file
 //! - `key`: key format, checksum, hashing
 //! - `sync`: how a gateway's index stays fresh
+//! - `control`: the control plane: admin API, sync feed, snapshots, import, the store
+//! - `limit`: rate limiters and quota counters
+//! - `usage`: usage counters, the flusher, its spool and the sinks
+//! - `metrics`, `access_log`, `admin`: Prometheus metrics, the access log, the health endpoints
+//! - `systemd_notify`: readiness for systemd
 //! - `config`: the config file, validated
 //! - `http_client`: the one HTTP client builder (CLI, gateway to control plane)
 //! - `server`, `cli`: running a node, the command line
