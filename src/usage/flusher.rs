@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::counters::UsageCounters;
-use super::record::{merge_by_key, UsageRecord};
+use super::record::{merge_by_key, merge_owned_by_key, UsageRecord};
 use super::sink::{SinkError, UsageBatch, UsageSink};
 use super::spool::{QueueView, SentRef, Spool, SpooledQueue};
 use crate::metrics::Metrics;
@@ -76,6 +76,11 @@ impl SinkQueue {
 
     fn add(&mut self, records: &[UsageRecord]) {
         merge_by_key(&mut self.pending, records);
+    }
+
+    /// `add`, keeping the records given rather than copies.
+    fn take(&mut self, records: Vec<UsageRecord>) {
+        merge_owned_by_key(&mut self.pending, records);
     }
 
     /// The next batch: up to the sink's limit, taken out of `pending`.
@@ -427,8 +432,16 @@ impl Flusher {
             metrics: &self.metrics,
             write_timeout: self.write_timeout,
         };
-        for queue in &mut self.sinks {
-            queue.add(&records);
+        let mut records = records;
+        let sinks = self.sinks.len();
+        for (i, queue) in self.sinks.iter_mut().enumerate() {
+            // The last sink takes the window's records themselves: a million active keys
+            // are then held once, not twice, while they are delivered.
+            if i + 1 == sinks {
+                queue.take(std::mem::take(&mut records));
+            } else {
+                queue.add(&records);
+            }
             if ignore_backoff || now >= queue.retry_at {
                 queue.deliver(&to, self.spool.as_mut()).await;
             }

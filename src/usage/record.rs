@@ -1,5 +1,6 @@
 //! One key's usage over one window: the line format of CONTRACT §8.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
@@ -78,11 +79,22 @@ impl UsageRecord {
 /// Merges `records` into `pending`, one record per key.
 pub fn merge_by_key(pending: &mut HashMap<String, UsageRecord>, records: &[UsageRecord]) {
     for record in records {
-        match pending.get_mut(&record.key_id) {
-            Some(existing) => existing.merge(record),
-            None => {
-                pending.insert(record.key_id.clone(), record.clone());
-            }
+        merge_one(pending, Cow::Borrowed(record));
+    }
+}
+
+/// `merge_by_key`, keeping the records given rather than copies of them.
+pub fn merge_owned_by_key(pending: &mut HashMap<String, UsageRecord>, records: Vec<UsageRecord>) {
+    for record in records {
+        merge_one(pending, Cow::Owned(record));
+    }
+}
+
+fn merge_one(pending: &mut HashMap<String, UsageRecord>, record: Cow<'_, UsageRecord>) {
+    match pending.get_mut(&record.key_id) {
+        Some(existing) => existing.merge(&record),
+        None => {
+            pending.insert(record.key_id.clone(), record.into_owned());
         }
     }
 }
