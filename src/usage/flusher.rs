@@ -15,7 +15,7 @@
 //! its own. With `usage.spool`, every window and every batch is on disk before a
 //! sink sees it (see `spool`), and the queues come back from there after a restart.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +34,9 @@ use crate::metrics::Metrics;
 /// One sink write may take this long before it counts as failed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Batches taken from a sink's pending usage together (and synced to the spool
+/// together): up to 320,000 records at the default batch size.
+const BATCHES_TAKEN_AT_ONCE: usize = 64;
 /// Pause between delivery rounds during the final flush.
 const FINAL_RETRY_PAUSE: Duration = Duration::from_millis(200);
 
@@ -52,8 +55,11 @@ struct SinkQueue {
     /// secrets of the sink's configuration.
     spool_name: String,
     sink: Arc<dyn UsageSink>,
-    in_flight: Option<InFlight>,
-    /// The write of `in_flight` still under way, if the last try stopped waiting for it.
+    /// Batches taken out of `pending` and on record in the spool, sent one after the
+    /// other (the front one is being sent). Taking several at once costs the spool
+    /// one sync for all of them rather than one each.
+    in_flight: VecDeque<InFlight>,
+    /// The write of the front batch still under way, if the last try stopped waiting for it.
     writing: Option<JoinHandle<Result<(), SinkError>>>,
     pending: HashMap<String, UsageRecord>,
     next_sequence: u64,
@@ -71,7 +77,7 @@ struct Delivery<'a> {
 
 impl SinkQueue {
     fn queued(&self) -> usize {
-        self.in_flight.as_ref().map_or(0, |b| b.records.len()) + self.pending.len()
+        self.in_flight.iter().map(|b| b.records.len()).sum::<usize>() + self.pending.len()
     }
 
     fn add(&mut self, records: &[UsageRecord]) {
@@ -96,11 +102,7 @@ impl SinkQueue {
     fn view(&self) -> QueueView<'_> {
         QueueView {
             sink: &self.spool_name,
-            in_flight: self.in_flight.as_ref().map(|b| SentRef {
-                boot_id: &b.boot_id,
-                sequence: b.sequence,
-                records: &b.records,
-            }),
+            in_flight: self.in_flight.iter().map(InFlight::as_sent).collect(),
             pending: self.pending.values().collect(),
         }
     }
@@ -116,26 +118,36 @@ impl SinkQueue {
     async fn deliver(&mut self, to: &Delivery<'_>, mut spool: Option<&mut Spool>) {
         let kind = self.sink.kind();
         loop {
-            if self.in_flight.is_none() {
+            if self.in_flight.is_empty() {
                 if self.pending.is_empty() {
                     return;
                 }
-                let records = self.take_batch();
-                self.next_sequence += 1;
-                let batch = InFlight { boot_id: Arc::clone(to.boot_id), sequence: self.next_sequence, records };
+                let mut batches = VecDeque::new();
+                while !self.pending.is_empty() && batches.len() < BATCHES_TAKEN_AT_ONCE {
+                    let records = self.take_batch();
+                    self.next_sequence += 1;
+                    batches.push_back(InFlight {
+                        boot_id: Arc::clone(to.boot_id),
+                        sequence: self.next_sequence,
+                        records,
+                    });
+                }
                 if let Some(spool) = spool.as_deref_mut() {
-                    // Never sent unless the spool knows: else a restart could send it again as new.
-                    if let Err(e) = spool.sent(&self.spool_name, &batch.boot_id, batch.sequence, &batch.records).await {
-                        self.add(&batch.records);
+                    // Never sent unless the spool knows: else a restart could send them again as new.
+                    let sent: Vec<SentRef<'_>> = batches.iter().map(InFlight::as_sent).collect();
+                    if let Err(e) = spool.sent(&self.spool_name, &sent).await {
+                        for batch in &batches {
+                            self.add(&batch.records);
+                        }
                         let retry_in = self.backoff();
                         tracing::error!(sink = kind, error = %e, ?retry_in, "usage spool write failed; usage is kept to retry");
                         return;
                     }
                     to.metrics.usage_spool_bytes.set(spool.bytes() as i64);
                 }
-                self.in_flight = Some(batch);
+                self.in_flight = batches;
             }
-            let Some(batch) = &self.in_flight else { return };
+            let Some(batch) = self.in_flight.front() else { return };
             let writing = match &mut self.writing {
                 Some(writing) => writing,
                 None => self.writing.insert(spawn_write(&self.sink, to.node, batch)),
@@ -157,14 +169,14 @@ impl SinkQueue {
                     if self.failures > 0 {
                         tracing::info!(sink = kind, "usage sink recovered; pending usage delivered");
                     }
-                    if let (Some(spool), Some(batch)) = (spool.as_deref_mut(), &self.in_flight) {
+                    if let (Some(spool), Some(batch)) = (spool.as_deref_mut(), self.in_flight.front()) {
                         // Unsynced: were it lost, the batch is sent once more and dropped as a duplicate.
                         if let Err(e) = spool.acked(&self.spool_name, &batch.boot_id, batch.sequence).await {
                             tracing::warn!(sink = kind, error = %e, "usage spool write failed");
                         }
                         to.metrics.usage_spool_bytes.set(spool.bytes() as i64);
                     }
-                    self.in_flight = None;
+                    self.in_flight.pop_front();
                     self.failures = 0;
                 }
                 Err(error) => {
@@ -181,6 +193,12 @@ impl SinkQueue {
                 }
             }
         }
+    }
+}
+
+impl InFlight {
+    fn as_sent(&self) -> SentRef<'_> {
+        SentRef { boot_id: &self.boot_id, sequence: self.sequence, records: &self.records }
     }
 }
 
@@ -248,7 +266,7 @@ fn queue(identity: String, sink: Arc<dyn UsageSink>) -> SinkQueue {
         identity,
         spool_name,
         sink,
-        in_flight: None,
+        in_flight: VecDeque::new(),
         writing: None,
         pending: HashMap::new(),
         next_sequence: 0,
@@ -342,11 +360,15 @@ impl Flusher {
                 tracing::error!(records, "the usage spool holds usage for a sink no longer configured; it is dropped");
                 continue;
             };
-            queue.in_flight = held.in_flight.map(|batch| InFlight {
-                boot_id: batch.boot_id.into(),
-                sequence: batch.sequence,
-                records: batch.records.into(),
-            });
+            queue.in_flight = held
+                .in_flight
+                .into_iter()
+                .map(|batch| InFlight {
+                    boot_id: batch.boot_id.into(),
+                    sequence: batch.sequence,
+                    records: batch.records.into(),
+                })
+                .collect();
             let pending: Vec<UsageRecord> = held.pending.into_values().collect();
             queue.add(&pending);
             restored += records;
@@ -754,8 +776,9 @@ mod tests {
         let (mut next, _) = spooled(dir.path(), &sink);
         next.open_spool().await;
         assert_ne!(next.boot_id.as_ref(), first_boot);
-        let held = next.sinks[0].in_flight.as_ref().expect("the batch in flight comes back");
-        assert_eq!((held.boot_id.as_ref(), held.sequence), (first_boot.as_str(), 1));
+        // Four keys in batches of three: two batches, taken (and spooled) together.
+        let held: Vec<_> = next.sinks[0].in_flight.iter().map(|b| (b.boot_id.to_string(), b.sequence)).collect();
+        assert_eq!(held, [(first_boot.clone(), 1), (first_boot.clone(), 2)], "the batches in flight come back");
         next.flush_window(false).await;
         assert_eq!(delivered(&sink), 4);
         assert_eq!(std::fs::metadata(&spool).unwrap().len(), 8);

@@ -58,13 +58,14 @@ pub struct SentBatch {
 /// One sink's undelivered usage, as the log left it.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct SpooledQueue {
-    pub in_flight: Option<SentBatch>,
+    /// Batches handed to the sink and not acknowledged, in the order they were sent.
+    pub in_flight: Vec<SentBatch>,
     pub pending: HashMap<String, UsageRecord>,
 }
 
 impl SpooledQueue {
     pub fn records(&self) -> usize {
-        self.in_flight.as_ref().map_or(0, |b| b.records.len()) + self.pending.len()
+        self.in_flight.iter().map(|b| b.records.len()).sum::<usize>() + self.pending.len()
     }
 
     fn add(&mut self, records: &[UsageRecord]) {
@@ -83,7 +84,7 @@ pub struct SentRef<'a> {
 /// A sink's queue, borrowed, for a rewrite.
 pub struct QueueView<'a> {
     pub sink: &'a str,
-    pub in_flight: Option<SentRef<'a>>,
+    pub in_flight: Vec<SentRef<'a>>,
     pub pending: Vec<&'a UsageRecord>,
 }
 
@@ -93,7 +94,7 @@ enum Entry<'a> {
     Counted { sinks: &'a [&'a str], records: &'a [UsageRecord] },
     Sent { sink: &'a str, boot_id: &'a str, sequence: u64, records: &'a [UsageRecord] },
     Acked { sink: &'a str, boot_id: &'a str, sequence: u64 },
-    State { sink: &'a str, in_flight: &'a Option<SentRef<'a>>, pending: &'a [&'a UsageRecord] },
+    State { sink: &'a str, in_flight: &'a [SentRef<'a>], pending: &'a [&'a UsageRecord] },
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,7 +102,7 @@ enum OwnedEntry {
     Counted { sinks: Vec<String>, records: Vec<UsageRecord> },
     Sent { sink: String, boot_id: String, sequence: u64, records: Vec<UsageRecord> },
     Acked { sink: String, boot_id: String, sequence: u64 },
-    State { sink: String, in_flight: Option<SentBatch>, pending: Vec<UsageRecord> },
+    State { sink: String, in_flight: Vec<SentBatch>, pending: Vec<UsageRecord> },
 }
 
 fn encode(entry: &Entry<'_>, out: &mut Vec<u8>) {
@@ -157,13 +158,11 @@ fn replay(entries: Vec<OwnedEntry>) -> HashMap<String, SpooledQueue> {
                 for record in &records {
                     queue.pending.remove(&record.key_id);
                 }
-                queue.in_flight = Some(SentBatch { boot_id, sequence, records });
+                queue.in_flight.push(SentBatch { boot_id, sequence, records });
             }
             OwnedEntry::Acked { sink, boot_id, sequence } => {
                 let queue = queues.entry(sink).or_default();
-                if queue.in_flight.as_ref().is_some_and(|b| b.boot_id == boot_id && b.sequence == sequence) {
-                    queue.in_flight = None;
-                }
+                queue.in_flight.retain(|b| !(b.boot_id == boot_id && b.sequence == sequence));
             }
             OwnedEntry::State { sink, in_flight, pending } => {
                 let queue = queues.entry(sink).or_default();
@@ -251,16 +250,13 @@ impl Spool {
         Ok(())
     }
 
-    /// A batch about to be sent; on disk when this returns.
-    pub async fn sent(
-        &mut self,
-        sink: &str,
-        boot_id: &str,
-        sequence: u64,
-        records: &[UsageRecord],
-    ) -> Result<(), SpoolError> {
+    /// Batches about to be sent, in order; on disk (one sync) when this returns.
+    pub async fn sent(&mut self, sink: &str, batches: &[SentRef<'_>]) -> Result<(), SpoolError> {
         let mut out = Vec::new();
-        encode(&Entry::Sent { sink, boot_id, sequence, records }, &mut out);
+        for batch in batches {
+            let entry = Entry::Sent { sink, boot_id: batch.boot_id, sequence: batch.sequence, records: batch.records };
+            encode(&entry, &mut out);
+        }
         self.append(out, true).await
     }
 
@@ -284,7 +280,7 @@ impl Spool {
     pub async fn rewrite(&mut self, queues: &[QueueView<'_>]) -> Result<(), SpoolError> {
         let mut out = MAGIC.to_vec();
         for queue in queues {
-            if queue.in_flight.is_none() && queue.pending.is_empty() {
+            if queue.in_flight.is_empty() && queue.pending.is_empty() {
                 continue;
             }
             let entry = Entry::State { sink: queue.sink, in_flight: &queue.in_flight, pending: &queue.pending };
@@ -381,6 +377,10 @@ mod tests {
         Spool::open(path).unwrap().1
     }
 
+    fn sent_ref(batch: &SentBatch) -> SentRef<'_> {
+        SentRef { boot_id: &batch.boot_id, sequence: batch.sequence, records: &batch.records }
+    }
+
     fn batch(sequence: u64, records: Vec<UsageRecord>) -> SentBatch {
         SentBatch { boot_id: "boot-1".into(), sequence, records }
     }
@@ -393,19 +393,34 @@ mod tests {
         assert!(queues.is_empty());
         spool.counted(&["store", "file"], &[record("a", 1), record("b", 2)]).await.unwrap();
         let sent = batch(1, vec![record("a", 1), record("b", 2)]);
-        spool.sent("store", "boot-1", 1, &sent.records).await.unwrap();
+        spool.sent("store", &[sent_ref(&sent)]).await.unwrap();
         spool.acked("store", "boot-1", 1).await.unwrap();
-        spool.sent("file", "boot-1", 1, &sent.records).await.unwrap();
+        spool.sent("file", &[sent_ref(&sent)]).await.unwrap();
         spool.counted(&["store", "file"], &[record("a", 5)]).await.unwrap();
         drop(spool);
 
         let queues = reopen(&path);
         let store = &queues["store"];
-        assert_eq!(store.in_flight, None);
+        assert!(store.in_flight.is_empty());
         assert_eq!(store.pending["a"].requests, 5);
         let file = &queues["file"];
-        assert_eq!(file.in_flight.as_ref(), Some(&sent), "an unacknowledged batch keeps its identity");
+        assert_eq!(file.in_flight, [sent], "an unacknowledged batch keeps its identity");
         assert_eq!(file.pending.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn batches_sent_together_are_acknowledged_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.spool");
+        let (mut spool, _) = Spool::open(&path).unwrap();
+        spool.counted(&["store"], &[record("a", 1), record("b", 1), record("c", 1)]).await.unwrap();
+        let (first, second) = (batch(1, vec![record("a", 1), record("b", 1)]), batch(2, vec![record("c", 1)]));
+        spool.sent("store", &[sent_ref(&first), sent_ref(&second)]).await.unwrap();
+        spool.acked("store", "boot-1", 1).await.unwrap();
+        drop(spool);
+        let queues = reopen(&path);
+        assert_eq!(queues["store"].in_flight, [second]);
+        assert!(queues["store"].pending.is_empty());
     }
 
     #[tokio::test]
@@ -457,11 +472,11 @@ mod tests {
         }
         let mut queue = SpooledQueue::default();
         queue.add(&[record("a", 190), record("c", 1)]);
-        queue.in_flight = Some(batch(3, vec![record("b", 2)]));
-        let in_flight = queue.in_flight.as_ref().unwrap();
+        queue.in_flight = vec![batch(3, vec![record("b", 2)])];
+        let in_flight = &queue.in_flight[0];
         let view = QueueView {
             sink: "store",
-            in_flight: Some(SentRef { boot_id: &in_flight.boot_id, sequence: 3, records: &in_flight.records }),
+            in_flight: vec![SentRef { boot_id: &in_flight.boot_id, sequence: 3, records: &in_flight.records }],
             pending: queue.pending.values().collect(),
         };
         let before = spool.bytes();
