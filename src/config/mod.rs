@@ -394,6 +394,7 @@ pub struct RateLimitConfig {
     pub requests: u32,
     pub per: Duration,
     pub burst: Option<u32>,
+    pub by: LimitScope,
 }
 
 /// `{ requests: 10000, per: month }`.
@@ -401,6 +402,26 @@ pub struct RateLimitConfig {
 pub struct QuotaConfig {
     pub requests: u64,
     pub per: QuotaPeriod,
+    pub by: LimitScope,
+}
+
+/// Whose budget a limit counts (`by:`): each key's own, or one shared by every
+/// key of the same owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitScope {
+    #[default]
+    Key,
+    Owner,
+}
+
+impl LimitScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitScope::Key => "key",
+            LimitScope::Owner => "owner",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -445,7 +466,7 @@ fn join_messages(errors: &[(String, String)]) -> String {
 impl Serialize for RateLimitConfig {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("RateLimitConfig", 3)?;
+        let mut st = s.serialize_struct("RateLimitConfig", 4)?;
         st.serialize_field("requests", &self.requests)?;
         st.serialize_field("per", &format_duration(self.per))?;
         if let Some(burst) = self.burst {
@@ -453,6 +474,7 @@ impl Serialize for RateLimitConfig {
         } else {
             st.skip_field("burst")?;
         }
+        serialize_scope(&mut st, self.by)?;
         st.end()
     }
 }
@@ -460,10 +482,20 @@ impl Serialize for RateLimitConfig {
 impl Serialize for QuotaConfig {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("QuotaConfig", 2)?;
+        let mut st = s.serialize_struct("QuotaConfig", 3)?;
         st.serialize_field("requests", &self.requests)?;
         st.serialize_field("per", &self.per)?;
+        serialize_scope(&mut st, self.by)?;
         st.end()
+    }
+}
+
+/// `by` is written only when it is not the default, so limits stored before it
+/// existed and limits without it read and compare the same.
+fn serialize_scope<S: serde::ser::SerializeStruct>(st: &mut S, by: LimitScope) -> Result<(), S::Error> {
+    match by {
+        LimitScope::Key => st.skip_field("by"),
+        LimitScope::Owner => st.serialize_field("by", &by),
     }
 }
 

@@ -423,6 +423,8 @@ pub struct RawRateLimit {
     pub requests: Option<Num<u32>>,
     pub per: Option<Text>,
     pub burst: Option<Num<u32>>,
+    /// `key` (default) or `owner`.
+    pub by: Option<Text>,
 }
 
 /// `{ requests: 10000, per: month }`, in plans and in per-key overrides.
@@ -432,6 +434,8 @@ pub struct RawRateLimit {
 pub struct RawQuota {
     pub requests: Option<Num<u64>>,
     pub per: Option<Text>,
+    /// `key` (default) or `owner`.
+    pub by: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -23,9 +23,9 @@ use super::raw::{
 use super::{
     format_duration, parse_duration, AccessLogConfig, AdminConfig, ClientIpConfig, Config, ConfigError, ConfigErrors,
     ControlPlaneClientConfig, EscapedSlashes, EventFormat, HealthCheckConfig, HttpConfig, HttpSinkConfig, KeyLocation,
-    KeySource, KeysConfig, ListenerConfig, Mode, NatsSinkConfig, PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig,
-    RouteAuth, RouteConfig, RouteMatch, SinkConfig, StoreConfig, TlsFiles, TokenConfig, UnderscoreHeaders,
-    UpstreamConfig, UpstreamTlsConfig, UsageConfig, UsageRetention,
+    KeySource, KeysConfig, LimitScope, ListenerConfig, Mode, NatsSinkConfig, PlanConfig, QuotaConfig, QuotaPeriod,
+    RateLimitConfig, RouteAuth, RouteConfig, RouteMatch, SinkConfig, StoreConfig, TlsFiles, TokenConfig,
+    UnderscoreHeaders, UpstreamConfig, UpstreamTlsConfig, UsageConfig, UsageRetention,
 };
 
 const MISSING: &str = "required field is missing";
@@ -1253,8 +1253,9 @@ impl RawRateLimit {
         if self.burst == Some(raw::Num(0)) {
             errors.push((join_key(path, "burst"), "must be at least 1 when given".to_owned()));
         }
+        let by = limit_scope(self.by.as_ref(), &join_key(path, "by"), &mut errors);
         if errors.is_empty() {
-            Ok(RateLimitConfig { requests, per, burst: self.burst.map(|raw::Num(b)| b) })
+            Ok(RateLimitConfig { requests, per, burst: self.burst.map(|raw::Num(b)| b), by })
         } else {
             Err(errors)
         }
@@ -1298,9 +1299,22 @@ impl RawQuota {
                 None
             }
         };
+        let by = limit_scope(self.by.as_ref(), &join_key(path, "by"), &mut errors);
         match per {
-            Some(per) if errors.is_empty() => Ok(QuotaConfig { requests, per }),
+            Some(per) if errors.is_empty() => Ok(QuotaConfig { requests, per, by }),
             _ => Err(errors),
+        }
+    }
+}
+
+/// `by: key | owner`; absent means `key`.
+fn limit_scope(text: Option<&Text>, path: &str, errors: &mut Vec<(String, String)>) -> LimitScope {
+    match text.map(|Text(t)| t.trim()) {
+        None | Some("key") => LimitScope::Key,
+        Some("owner") => LimitScope::Owner,
+        Some(other) => {
+            errors.push((path.to_owned(), format!("unknown limit scope {other:?}, expected `key` or `owner`")));
+            LimitScope::Key
         }
     }
 }

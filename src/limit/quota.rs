@@ -1,4 +1,5 @@
-//! Quotas: requests per UTC calendar day or month, counted per key id.
+//! Quotas: requests per UTC calendar day or month, counted per budget (a key id,
+//! or an owner's budget for `by: owner`).
 //!
 //! A key's period and count share one atomic word (period in the high 24 bits,
 //! count in the low 40), so rolling into a new period and counting are one
@@ -40,7 +41,8 @@ pub struct QuotaExceeded {
 /// by other gateways (from the store's usage).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct UsedElsewhere {
-    /// Period indices (see `period_index`) the maps below belong to.
+    /// Period indices (see `period_index`) the maps below belong to. The maps are
+    /// keyed by budget id (see `budget_id`).
     pub day: u64,
     pub month: u64,
     pub by_day: HashMap<String, u64>,
@@ -234,14 +236,15 @@ impl QuotaCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::LimitScope;
     use time::macros::datetime;
 
     fn daily(requests: u64) -> QuotaConfig {
-        QuotaConfig { requests, per: QuotaPeriod::Day }
+        QuotaConfig { requests, per: QuotaPeriod::Day, by: LimitScope::Key }
     }
 
     fn monthly(requests: u64) -> QuotaConfig {
-        QuotaConfig { requests, per: QuotaPeriod::Month }
+        QuotaConfig { requests, per: QuotaPeriod::Month, by: LimitScope::Key }
     }
 
     #[test]
