@@ -164,6 +164,43 @@ pub struct Config {
     pub usage: UsageConfig,
     pub access_log: AccessLogConfig,
     pub http: HttpConfig,
+    /// Rate limits and quotas shared by every gateway; None: each process on its own.
+    pub fleet_limits: Option<FleetLimitsConfig>,
+}
+
+/// Shortest and longest `fleet_limits.sync_interval`: often enough that the fleet
+/// overshoots a limit by little, seldom enough that the engine's load stays small.
+pub const MIN_FLEET_SYNC_INTERVAL: Duration = Duration::from_millis(100);
+pub const MAX_FLEET_SYNC_INTERVAL: Duration = Duration::from_millis(250);
+pub const DEFAULT_FLEET_SYNC_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The `fleet_limits:` block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetLimitsConfig {
+    pub engine: FleetEngine,
+    pub sync_interval: Duration,
+}
+
+/// Where gateways reconcile their consumption.
+#[derive(Clone, PartialEq, Eq)]
+pub enum FleetEngine {
+    /// Redis or Valkey at `url` (`redis://`, `unix://`).
+    Redis { url: String },
+}
+
+impl FleetEngine {
+    /// For logs: the engine and its address without credentials.
+    pub fn shown(&self) -> String {
+        match self {
+            FleetEngine::Redis { url } => format!("redis {}", without_credentials(url)),
+        }
+    }
+}
+
+impl fmt::Debug for FleetEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -1255,6 +1255,41 @@ fn limits_may_be_shared_by_owner() {
     assert_eq!(quota.by, LimitScope::Owner);
 }
 
+// ---- fleet_limits: limits shared by every gateway ----
+
+#[test]
+fn fleet_limits_take_a_redis_engine_and_a_sync_interval() {
+    assert_eq!(ok(GATEWAY).fleet_limits, None, "absent: each process on its own");
+    let config = ok(&format!("{GATEWAY}fleet_limits: {{ engine: redis, url: redis://127.0.0.1:6379 }}\n"));
+    let fleet = config.fleet_limits.expect("fleet_limits");
+    assert_eq!(fleet.engine, FleetEngine::Redis { url: "redis://127.0.0.1:6379".into() });
+    assert_eq!(fleet.sync_interval, Duration::from_millis(200));
+    let config = ok(&format!(
+        "{GATEWAY}fleet_limits: {{ engine: redis, url: \"redis://:pw@cache:6380/2\", sync_interval: 100ms }}\n"
+    ));
+    let fleet = config.fleet_limits.expect("fleet_limits");
+    assert_eq!(fleet.sync_interval, Duration::from_millis(100));
+    assert!(!format!("{:?}", fleet.engine).contains("pw"), "the password stays out of logs");
+}
+
+#[test]
+fn fleet_limits_errors_name_their_field() {
+    let with = |block: &str| format!("{GATEWAY}fleet_limits: {block}\n");
+    error_at(&with("{ engine: control_plane }"), "fleet_limits.engine", "not available yet");
+    error_at(&with("{ engine: memcached, url: x }"), "fleet_limits.engine", "unknown engine");
+    error_at(&with("{ url: redis://127.0.0.1 }"), "fleet_limits.engine", "required");
+    error_at(&with("{ engine: redis }"), "fleet_limits.url", "required");
+    error_at(&with("{ engine: redis, url: \"http://127.0.0.1\" }"), "fleet_limits.url", "not a Redis URL");
+    for interval in ["50ms", "1s"] {
+        error_at(
+            &with(&format!("{{ engine: redis, url: redis://127.0.0.1, sync_interval: {interval} }}")),
+            "fleet_limits.sync_interval",
+            "from 100ms to 250ms",
+        );
+    }
+    error_at(&with("{ engine: redis, url: redis://127.0.0.1, prefix: x }"), "fleet_limits.prefix", "unknown field");
+}
+
 // ---- http: what every client meets ----
 
 #[test]

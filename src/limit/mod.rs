@@ -5,10 +5,13 @@
 //! reset anyone's budget) and is created on a budget's first request. Idle state
 //! is evicted by the maintenance loop, so memory follows active budgets only.
 
+pub mod fleet;
 mod quota;
 mod rate;
 
-pub use quota::{check_quota, period_start, QuotaCounters, QuotaExceeded, UsedElsewhere, MAX_QUOTA_REQUESTS};
+pub use quota::{
+    check_quota, period_start, QuotaCounters, QuotaDelta, QuotaExceeded, UsedElsewhere, MAX_QUOTA_REQUESTS,
+};
 pub use rate::{check_rate_limit, RateInfo, RateLimited, RateLimiters, MAX_RATE_WINDOW};
 
 use std::borrow::Cow;

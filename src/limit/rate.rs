@@ -50,6 +50,8 @@ pub struct RateLimiters<C: Clock = DefaultClock> {
     by_budget: KeyIdMap<BudgetState>,
     /// Whether allowed requests are counted for a fleet sync.
     counts_unsynced: bool,
+    /// Unix time of `origin` in milliseconds: TATs shared with other gateways are wall-clock times.
+    origin_unix_ms: u64,
 }
 
 impl RateLimiters<DefaultClock> {
@@ -135,7 +137,10 @@ fn reprice(tat: u64, now: u64, from: u64, to: u64) -> u64 {
 impl<C: Clock + Clone> RateLimiters<C> {
     pub fn with_clock(clock: C) -> Self {
         let origin = clock.now();
-        RateLimiters { clock, origin, by_budget: KeyIdMap::default(), counts_unsynced: false }
+        let origin_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+        RateLimiters { clock, origin, by_budget: KeyIdMap::default(), counts_unsynced: false, origin_unix_ms }
     }
 
     /// Takes one request from `budget` under the limit `config`.
@@ -196,12 +201,28 @@ impl<C: Clock + Clone> RateLimiters<C> {
         }
     }
 
-    /// Calls `each` with every budget and the requests allowed in it since the last
-    /// call, which starts them from zero again; budgets with none get 0.
-    pub fn take_unsynced(&self, mut each: impl FnMut(&str, u64)) {
+    /// Calls `each` with every budget, the requests allowed in it since the last
+    /// call (which starts them from zero again; budgets with none get 0), and its
+    /// TAT as a Unix time in milliseconds while that is in the future.
+    pub fn take_unsynced(&self, mut each: impl FnMut(&str, u64, Option<u64>)) {
+        let now = self.elapsed_nanos();
         for entry in self.by_budget.iter() {
-            each(entry.key(), entry.unsynced.swap(0, Ordering::Relaxed));
+            let tat = entry.tat.load(Ordering::Acquire);
+            let tat_unix_ms = (tat > now).then(|| self.origin_unix_ms.saturating_add(tat / 1_000_000));
+            each(entry.key(), entry.unsynced.swap(0, Ordering::Relaxed), tat_unix_ms);
         }
+    }
+
+    /// Takes on the fleet's TAT for `budget` (a Unix time in milliseconds, the
+    /// latest any gateway has reported), plus the cost of `own` requests allowed
+    /// here that it cannot hold yet, where that is later than this one's: how a
+    /// gateway that has just started drawing from a budget learns what the others
+    /// have spent of it.
+    pub fn adopt_tat(&self, budget: &str, tat_unix_ms: u64, own: u64) {
+        let Some(state) = self.by_budget.get(budget) else { return };
+        let fleet = tat_unix_ms.saturating_sub(self.origin_unix_ms).saturating_mul(1_000_000);
+        let cost = own.saturating_mul(state.interval.load(Ordering::Relaxed));
+        state.tat.fetch_max(fleet.max(self.elapsed_nanos()).saturating_add(cost), Ordering::AcqRel);
     }
 
     /// Folds in `requests` that other gateways allowed from `budget` over the last
@@ -369,12 +390,27 @@ mod tests {
             let _ = fleet.check("k", &config);
         }
         let mut taken = Vec::new();
-        fleet.take_unsynced(|budget, n| taken.push((budget.to_owned(), n)));
-        assert_eq!(taken, [("k".to_owned(), 3)], "refused requests are not counted");
-        fleet.take_unsynced(|_, n| assert_eq!(n, 0));
+        fleet.take_unsynced(|budget, n, tat| taken.push((budget.to_owned(), n, tat.is_some())));
+        assert_eq!(taken, [("k".to_owned(), 3, true)], "refused requests are not counted");
+        fleet.take_unsynced(|_, n, _| assert_eq!(n, 0));
         let local = RateLimiters::new();
         let _ = local.check("k", &config);
-        local.take_unsynced(|_, n| assert_eq!(n, 0));
+        local.take_unsynced(|_, n, _| assert_eq!(n, 0));
+    }
+
+    #[test]
+    fn a_later_fleet_tat_is_adopted_and_an_earlier_one_ignored() {
+        let (limiters, _) = limiters();
+        let config = limit(10, 1000, None);
+        assert!(limiters.check("k", &config).is_ok());
+        let mut tat = None;
+        limiters.take_unsynced(|_, _, t| tat = t);
+        let tat = tat.expect("a budget just drawn from has a future TAT");
+        limiters.adopt_tat("k", tat.saturating_sub(5_000), 0);
+        assert_eq!(limiters.check("k", &config).map(|info| info.remaining), Ok(8));
+        // Other gateways have spent 8 of the 10, and this one 2 they do not know of yet.
+        limiters.adopt_tat("k", tat + 700, 2);
+        assert!(limiters.check("k", &config).is_err());
     }
 
     #[test]
