@@ -157,6 +157,12 @@ fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(0))
 }
 
+/// A round that failed after its first `delivered` ops got through.
+struct Undelivered {
+    delivered: usize,
+    error: FleetError,
+}
+
 /// One rate budget in a round: what was taken, and where its answers are.
 struct RateItem {
     budget: KeyId,
@@ -250,11 +256,14 @@ impl<E: CountEngine> FleetSync<E> {
                 metrics.fleet_limits_local_fallback.set(0);
                 self.reachable = Some(true);
             }
-            Err(e) => {
+            Err(Undelivered { delivered, error: e }) => {
                 // Start again from the fleet's TAT once the engine is back.
                 self.rate_budgets.clear();
-                for delta in &quota_deltas {
-                    quotas.return_unsynced(&delta.budget, delta.requests);
+                // Quota counts in a chunk that got through are in the engine; the rest wait.
+                for (i, delta) in quota_deltas.iter().enumerate() {
+                    if quotas_at + i >= delivered {
+                        quotas.return_unsynced(&delta.budget, delta.requests);
+                    }
                 }
                 metrics.fleet_limits_sync_error.inc();
                 if self.reachable != Some(false) {
@@ -270,15 +279,18 @@ impl<E: CountEngine> FleetSync<E> {
         }
     }
 
-    async fn exchange_all(&mut self, ops: &[Op]) -> Result<Vec<Option<u64>>, FleetError> {
+    /// Sends `ops` chunk by chunk (each op stands alone, so where a chunk ends does
+    /// not matter); on failure, says how many ops got through before it.
+    async fn exchange_all(&mut self, ops: &[Op]) -> Result<Vec<Option<u64>>, Undelivered> {
         if ops.is_empty() {
-            return self.exchange_chunk(ops).await;
+            return self.exchange_chunk(ops).await.map_err(|error| Undelivered { delivered: 0, error });
         }
         let mut answers = Vec::with_capacity(ops.len());
-        // A rate budget's ops stay in one chunk only by luck, which does not matter:
-        // each op stands alone, and the answers come back in order.
         for chunk in ops.chunks(OPS_PER_EXCHANGE) {
-            answers.extend(self.exchange_chunk(chunk).await?);
+            match self.exchange_chunk(chunk).await {
+                Ok(chunk_answers) => answers.extend(chunk_answers),
+                Err(error) => return Err(Undelivered { delivered: answers.len(), error }),
+            }
         }
         Ok(answers)
     }
@@ -388,11 +400,19 @@ mod tests {
     struct MemoryEngine {
         counters: Arc<Mutex<HashMap<String, u64>>>,
         away: Arc<std::sync::atomic::AtomicBool>,
+        /// Exchanges answered before the engine goes away by itself.
+        answers_left: Option<usize>,
     }
 
     #[async_trait]
     impl CountEngine for MemoryEngine {
         async fn exchange(&mut self, ops: &[Op]) -> Result<Vec<Option<u64>>, FleetError> {
+            if let Some(left) = self.answers_left.as_mut() {
+                if *left == 0 {
+                    self.away.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                *left = left.saturating_sub(1);
+            }
             if self.away.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(FleetError::Engine("connection refused".into()));
             }
@@ -490,6 +510,25 @@ mod tests {
         let rate_total: u64 =
             counters.iter().filter(|(key, _)| key.starts_with(&format!("{KEY_PREFIX}rate:"))).map(|(_, n)| n).sum();
         assert_eq!(rate_total, 0);
+    }
+
+    #[tokio::test]
+    async fn quota_counts_of_a_chunk_that_got_through_are_not_sent_again() {
+        let engine = MemoryEngine { answers_left: Some(1), ..MemoryEngine::default() };
+        let metrics = Metrics::new().unwrap();
+        let (rates, quotas) = (RateLimiters::for_fleet(), QuotaCounters::for_fleet());
+        let quota = QuotaConfig { requests: 10, per: QuotaPeriod::Day, by: LimitScope::Key };
+        let now = time::OffsetDateTime::now_utc();
+        let budgets = OPS_PER_EXCHANGE + 4;
+        for i in 0..budgets {
+            assert!(quotas.try_consume(&format!("q{i}"), &quota, now).is_ok());
+        }
+        let mut sync = FleetSync::new(engine.clone(), Duration::from_millis(200));
+        sync.round(&rates, &quotas, &metrics).await;
+        assert_eq!(metrics.fleet_limits_sync_error.get(), 1, "the second chunk failed");
+        let waiting: u64 = quotas.take_unsynced().iter().map(|delta| delta.requests).sum();
+        assert_eq!(waiting, 4, "only the undelivered chunk's counts wait for the next round");
+        assert_eq!(engine.counters.lock().unwrap().values().sum::<u64>(), OPS_PER_EXCHANGE as u64);
     }
 
     #[tokio::test]
