@@ -587,8 +587,7 @@ fn header_value(text: &str) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::LimitScope;
-    use crate::config::QuotaPeriod;
+    use crate::config::{LimitScope, QuotaPeriod};
     use std::time::Duration;
 
     #[test]

@@ -214,8 +214,7 @@ pub fn decide<C: Clock + Clone>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::LimitScope;
-    use crate::config::{PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig};
+    use crate::config::{LimitScope, PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig};
     use governor::clock::FakeRelativeClock;
     use std::time::Duration;
     use time::macros::datetime;

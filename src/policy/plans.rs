@@ -34,8 +34,7 @@ impl PlanTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::LimitScope;
-    use crate::config::QuotaPeriod;
+    use crate::config::{LimitScope, QuotaPeriod};
     use std::time::Duration;
 
     fn rate(requests: u32) -> RateLimitConfig {
