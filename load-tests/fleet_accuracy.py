@@ -17,7 +17,7 @@ second for the duration, round-robin over the gateways, in three cases:
               first 100 ms, then nothing; round-robin.
 
 Each case runs on fresh gateways and a fresh key, so no state carries over. A perfect
-limiter allows burst + L x span, span being the time from the first to the last request
+limiter allows burst + floor(L x span), span being the time from the first to the last request
 sent; the table puts the requests allowed (200s) beside that ideal. Any answer other than
 200 or 429 `rate_limited` is counted and reported as an error.
 
@@ -217,7 +217,8 @@ access_log: off
         for i in range(gateways):
             self.children.stop(f"{name}-gw{i}")
         limit = self.args.limit
-        ideal = limit + limit * span
+        # GCRA lets the burst through at once, then one request every 1/L s of the span.
+        ideal = limit + int(limit * span)
         sent = load.allowed + load.limited + sum(load.errors.values())
         row = {
             "gateways": gateways, "case": case, "sent": sent, "offered": sent / span if span else 0.0,
@@ -228,7 +229,7 @@ access_log: off
         }
         self.rows.append(row)
         print(f"{gateways} gateway(s), {case}: sent {sent} ({row['offered']:.0f}/s over {span:.1f} s), "
-              f"allowed {load.allowed}, ideal {ideal:.0f}, error {row['error']:+.1%}"
+              f"allowed {load.allowed}, ideal {ideal}, error {row['error']:+.1%}"
               + (f", other answers {load.errors}" if load.errors else ""), flush=True)
 
     def cleanup(self):
@@ -254,7 +255,7 @@ access_log: off
         for r in self.rows:
             other = ", ".join(f"{k}: {v}" for k, v in sorted(r["other"].items(), key=str)) or "none"
             lines.append(f"| {r['gateways']} | {r['case']} | {r['sent']} | {r['offered']:.0f} | {r['allowed']} | "
-                         f"{r['ideal']:.0f} | {r['error']:+.1%} | {other} | {r['sync_errors']:.0f} |")
+                         f"{r['ideal']} | {r['error']:+.1%} | {other} | {r['sync_errors']:.0f} |")
         short = [r for r in self.rows if r["offered"] < 0.9 * 10 * args.limit and r["case"] != "bursts"]
         if short:
             lines += ["", "The generator fell short of the offered load in some cases (offered/s below 10 x L): "

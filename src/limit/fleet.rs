@@ -216,7 +216,9 @@ impl<E: CountEngine> FleetSync<E> {
                 ops.push(Op::ReadMark { key: tat_key(budget) });
                 ops.len() - 1
             });
-            if let Some(tat) = tat_unix_ms {
+            // Only a gateway that allowed requests moves the budget on; the others' TATs
+            // follow theirs a round later, so an idle one has nothing new to report.
+            if let Some(tat) = tat_unix_ms.filter(|_| delivered > 0) {
                 let until = tat.saturating_add(TAT_GRACE.as_millis() as u64);
                 ops.push(Op::Raise { key: tat_key(budget), to: tat, until });
             }
