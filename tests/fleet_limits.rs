@@ -78,8 +78,9 @@ fn two_gateways_sharing_a_key_allow_its_limit_once_not_twice() {
 
     let allowed = alternate(&[&a, &b], &key, 60, Duration::from_millis(40));
     // Per process this would be 40; the fleet overshoots by what the other gateway
-    // allowed within one sync interval at most.
-    assert!((20..=23).contains(&allowed), "two gateways allowed {allowed} of a fleet limit of 20");
+    // allowed before it heard of the last requests: one sync interval (100 ms, a few
+    // requests at this pace), with room for rounds delayed on a busy machine.
+    assert!((20..=25).contains(&allowed), "two gateways allowed {allowed} of a fleet limit of 20");
     assert_eq!(up.request_count(), allowed);
     for gw in [&a, &b] {
         assert_eq!(fallback(gw), Some(0.0));
@@ -107,7 +108,8 @@ fn keys_of_one_owner_share_a_fleet_budget_across_gateways() {
         }
         thread::sleep(Duration::from_millis(40));
     }
-    assert!((10..=12).contains(&allowed), "one owner's keys on two gateways allowed {allowed} of 10");
+    // Per process (or per key) this would be 20.
+    assert!((10..=14).contains(&allowed), "one owner's keys on two gateways allowed {allowed} of 10");
 }
 
 /// A `redis-server` of the test's own, without persistence, to kill and start again.
