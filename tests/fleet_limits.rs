@@ -259,3 +259,31 @@ fn engine_down_mid_load_fails_no_request_and_limits_hold_locally_until_it_is_bac
         );
     }
 }
+
+#[test]
+fn a_quota_holds_across_gateways() {
+    let up = Upstream::start("api");
+    let key = TestKey::new(&unique_id("fleet_quota"));
+    // All requests in one UTC day.
+    let into_day = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() % 86_400;
+    if into_day > 86_400 - 10 {
+        thread::sleep(Duration::from_secs(86_400 - into_day + 1));
+    }
+    let keys = keys_file(&[key.entry("scopes: [orders:read]\nquota: { requests: 8, per: day }")]);
+    let config = fleet_config(SHARED_REDIS);
+    let (a, b) = (start_gateway(&config, &up, &keys), start_gateway(&config, &up, &keys));
+    let mut allowed = 0;
+    for i in 0..24 {
+        let r = call(if i % 2 == 0 { &a } else { &b }, &key);
+        match r.status {
+            200 => allowed += 1,
+            _ => {
+                assert_error(&r, 429, "quota_exceeded");
+                assert!(r.header("retry-after").is_some(), "429 without Retry-After: {:?}", r.headers);
+            }
+        }
+        thread::sleep(Duration::from_millis(40));
+    }
+    // Per process this would be 16.
+    assert!((8..=11).contains(&allowed), "two gateways allowed {allowed} of a fleet quota of 8");
+}
