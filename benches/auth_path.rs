@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use keygate::config::{KeyLocation, PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig};
+use keygate::config::{KeyLocation, LimitScope, PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig};
 use keygate::index::{KeyRecord, Snapshot};
 use keygate::key::{self, KeyDigest};
 use keygate::limit::{QuotaCounters, RateLimiters};
@@ -36,8 +36,8 @@ fn request(key: &str) -> RequestHeader {
 
 fn plan(requests: u32, per: Duration) -> PlanConfig {
     PlanConfig {
-        rate_limit: Some(RateLimitConfig { requests, per, burst: None }),
-        quota: Some(QuotaConfig { requests: u64::MAX >> 25, per: QuotaPeriod::Month }),
+        rate_limit: Some(RateLimitConfig { requests, per, burst: None, by: LimitScope::Key }),
+        quota: Some(QuotaConfig { requests: u64::MAX >> 25, per: QuotaPeriod::Month, by: LimitScope::Key }),
     }
 }
 

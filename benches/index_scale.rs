@@ -30,7 +30,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, BenchmarkId, Criterion};
-use keygate::config::{QuotaConfig, QuotaPeriod, RateLimitConfig};
+use keygate::config::{LimitScope, QuotaConfig, QuotaPeriod, RateLimitConfig};
 use keygate::index::{KeyIndex, KeyRecord, KeyStatus, Snapshot};
 use keygate::key::KeyDigest;
 use time::OffsetDateTime;
@@ -180,8 +180,13 @@ fn spec(i: u64) -> Spec {
             requests: 10 + (i % 50) as u32,
             per: Duration::from_secs(1),
             burst: None,
+            by: LimitScope::Key,
         }),
-        quota: (i % 100 == 2).then_some(QuotaConfig { requests: 100_000, per: QuotaPeriod::Month }),
+        quota: (i % 100 == 2).then_some(QuotaConfig {
+            requests: 100_000,
+            per: QuotaPeriod::Month,
+            by: LimitScope::Key,
+        }),
         status: match i % 100 {
             3 => KeyStatus::Disabled,
             4 => KeyStatus::Revoked,

@@ -34,6 +34,11 @@ pub struct Metrics {
     pub connections_open: IntGauge,
     pub connections_refused_max: IntCounter,
     pub connections_refused_header_timeout: IntCounter,
+    /// `keygate_fleet_limits_sync_total{result="ok"}` / `{result="error"}`.
+    pub fleet_limits_sync_ok: IntCounter,
+    pub fleet_limits_sync_error: IntCounter,
+    /// 1 while fleet limits are decided on this process's own state alone.
+    pub fleet_limits_local_fallback: IntGauge,
 }
 
 /// Every value of the `outcome` label: `allowed` and each code keygate answers with.
@@ -148,6 +153,19 @@ impl Metrics {
         )?;
         registry.register(Box::new(connections_open.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
+        let fleet_limits_sync = IntCounterVec::new(
+            Opts::new(
+                "keygate_fleet_limits_sync_total",
+                "Exchanges of limit consumption with the fleet engine, by result",
+            ),
+            &["result"],
+        )?;
+        let fleet_limits_local_fallback = IntGauge::new(
+            "keygate_fleet_limits_local_fallback",
+            "1 while fleet limits are decided on this process's own state alone (the engine is away)",
+        )?;
+        registry.register(Box::new(fleet_limits_sync.clone()))?;
+        registry.register(Box::new(fleet_limits_local_fallback.clone()))?;
 
         Ok(Metrics {
             registry,
@@ -168,6 +186,9 @@ impl Metrics {
             connections_open,
             connections_refused_max: connections_refused.with_label_values(&["max_connections"]),
             connections_refused_header_timeout: connections_refused.with_label_values(&["header_timeout"]),
+            fleet_limits_sync_ok: fleet_limits_sync.with_label_values(&["ok"]),
+            fleet_limits_sync_error: fleet_limits_sync.with_label_values(&["error"]),
+            fleet_limits_local_fallback,
         })
     }
 
@@ -258,6 +279,8 @@ mod tests {
             "keygate_config_reloads_total",
             "keygate_connections_open",
             "keygate_connections_refused_total",
+            "keygate_fleet_limits_sync_total",
+            "keygate_fleet_limits_local_fallback",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing from:\n{text}");
         }

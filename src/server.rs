@@ -18,13 +18,14 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::access_log::AccessLog;
 use crate::admin::{ops_router, OpsState, Readiness};
-use crate::config::{Config, KeySource, Mode, SinkConfig, TokenConfig};
+use crate::config::{Config, FleetEngine, FleetLimitsConfig, KeySource, Mode, SinkConfig, TokenConfig};
 use crate::control::api::ApiState;
 use crate::control::feed::Feed;
 use crate::control::retention::{self, UsageCompactor};
 use crate::control::store::Store;
 use crate::control::store_sink::StoreSink;
 use crate::index::KeyIndex;
+use crate::limit::fleet::{FleetSync, RedisEngine};
 use crate::limit::{QuotaCounters, RateLimiters};
 use crate::metrics::Metrics;
 use crate::proxy::tls::{load_certified_key, ListenerCertificate};
@@ -89,11 +90,16 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
 
     let admin_listener = crate::admin::bind(config.admin.address)
         .with_context(|| format!("cannot listen on the admin address {}", config.admin.address))?;
+    let fleet_limits = config.fleet_limits.clone().filter(|_| config.mode != Mode::ControlPlane);
+    let (rates, quotas) = match fleet_limits {
+        Some(_) => (RateLimiters::for_fleet(), QuotaCounters::for_fleet()),
+        None => (RateLimiters::new(), QuotaCounters::new()),
+    };
     let plane = Arc::new(DataPlane {
         state: ArcSwap::from_pointee(GatewayState::build(&config, &metrics)?),
         keys: Arc::clone(&keys),
-        rates: RateLimiters::new(),
-        quotas: QuotaCounters::new(),
+        rates,
+        quotas,
         usage: Arc::new(UsageCounters::new()),
         access_log: AccessLog::start(&config.access_log, metrics.access_log_dropped.clone())
             .context("cannot open the access log")?,
@@ -140,6 +146,7 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
             plans: config.plans.keys().cloned().collect(),
         },
         cache_file: config.keys.cache_file.clone(),
+        fleet_limits,
         admin_listener: std::sync::Mutex::new(Some(admin_listener)),
         sinks: config.usage.sinks.clone(),
         node_id: config.node_id.clone(),
@@ -283,6 +290,8 @@ struct Maintenance {
     store_url: Option<String>,
     api: ApiSettings,
     cache_file: Option<PathBuf>,
+    /// Set on nodes with a proxy whose limits hold across the fleet.
+    fleet_limits: Option<FleetLimitsConfig>,
     /// Bound before Pingora starts so a busy port fails the start; taken once.
     admin_listener: std::sync::Mutex<Option<std::net::TcpListener>>,
     sinks: Vec<SinkConfig>,
@@ -314,6 +323,7 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         ("shutdown_timeout", running.shutdown_timeout != new.shutdown_timeout),
         ("usage.spool", running.usage.spool != new.usage.spool),
         ("usage.flush_interval", running.usage.flush_interval != new.usage.flush_interval),
+        ("fleet_limits", running.fleet_limits != new.fleet_limits),
     ] {
         if differs {
             changed.push(name);
@@ -392,6 +402,10 @@ impl BackgroundService for Maintenance {
             tokio::spawn(Arc::clone(follower).run(shutdown.clone()));
         }
 
+        if let Some(fleet) = &self.fleet_limits {
+            self.start_fleet_sync(fleet, shutdown.clone());
+        }
+
         let store = control.as_ref().map(|(store, _)| store);
         let sinks = self.build_sinks(&self.sinks, store).unwrap_or_else(|e| fatal("usage sinks", e));
         crate::systemd_notify::ready();
@@ -467,6 +481,29 @@ impl Maintenance {
             };
             if let Err(e) = crate::admin::serve(listener, router, stop).await {
                 tracing::error!(error = %e, "the admin server stopped");
+            }
+        });
+    }
+
+    /// Reconciles this node's limit consumption with the fleet's every `sync_interval`.
+    fn start_fleet_sync(&self, fleet: &FleetLimitsConfig, mut shutdown: ShutdownWatch) {
+        let engine = match &fleet.engine {
+            FleetEngine::Redis { url } => {
+                RedisEngine::new(url, fleet.engine.shown()).unwrap_or_else(|e| fatal("fleet_limits.url", e))
+            }
+        };
+        let plane = Arc::clone(&self.plane);
+        let interval = fleet.sync_interval;
+        tracing::info!(engine = %fleet.engine.shown(), ?interval, "fleet limits: rate limits and quotas hold across the fleet");
+        tokio::spawn(async move {
+            let mut sync = FleetSync::new(engine, interval);
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => sync.round(&plane.rates, &plane.quotas, &plane.metrics).await,
+                    _ = shutdown.changed() => return,
+                }
             }
         });
     }

@@ -579,6 +579,7 @@ fn invalid_creates_are_refused(api: &Api) {
         (json!({"name": "x", "expires_at": "next tuesday"}), "expires_at"),
         (json!({"name": "x", "ttl": "soon"}), "ttl"),
         (json!({"name": "x", "rate_limit": {"requests": 10, "per": "fortnight"}}), "rate_limit"),
+        (json!({"name": "x", "quota": {"requests": 10, "per": "day", "by": "team"}}), "quota.by"),
         (json!({"name": "x", "scopes": "orders:read"}), "scopes"),
     ];
     for (body, field) in cases {

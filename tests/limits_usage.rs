@@ -1134,3 +1134,69 @@ fn metrics_count_requests_per_route_and_outcome_without_key_labels() {
         assert!(s.labels.values().all(|v| !ids.contains(&v.as_str()) && !v.starts_with("kg_")), "per-key label: {s:?}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Budgets shared by owner (`by: owner`)
+// ---------------------------------------------------------------------------
+
+/// A keys-file entry like `TestKey::entry`, for `owner` instead of acme.
+fn entry_of(key: &TestKey, owner: &str, fields: &str) -> String {
+    key.entry(fields).replace("owner: acme", &format!("owner: {owner}"))
+}
+
+#[test]
+fn keys_of_one_owner_share_one_rate_limit_and_other_owners_keep_theirs() {
+    let up = Upstream::start("api");
+    let (first, second, other) = (TestKey::new("key_acme_1"), TestKey::new("key_acme_2"), TestKey::new("key_bolt"));
+    let plans = "plans:\n  team: { rate_limit: { requests: 4, per: 1h, by: owner } }\ndefault_plan: team\n";
+    let gw = start(
+        &up,
+        plans,
+        &[
+            first.entry("scopes: [orders:read]"),
+            // Its own limit, the same size, shared the same way: the keys file reads `by` too.
+            second.entry("scopes: [orders:read]\nrate_limit: { requests: 4, per: 1h, by: owner }"),
+            entry_of(&other, "bolt", "scopes: [orders:read]"),
+        ],
+    );
+
+    // Alternating keys of acme spend one budget of 4.
+    for (i, key) in [&first, &second, &first, &second].into_iter().enumerate() {
+        let r = call(&gw, key, "/v1/orders");
+        assert_proxied(&r);
+        assert_eq!(rate_headers(&r).1, 3 - i as u64, "RateLimit-Remaining counts acme's shared budget");
+    }
+    for key in [&first, &second] {
+        assert_rate_limited(&call(&gw, key, "/v1/orders"), 4);
+    }
+    // bolt's key is untouched by acme's traffic.
+    for _ in 0..4 {
+        assert_proxied(&call(&gw, &other, "/v1/orders"));
+    }
+    assert_rate_limited(&call(&gw, &other, "/v1/orders"), 4);
+    assert_eq!(up.request_count(), 8);
+}
+
+#[test]
+fn keys_of_one_owner_share_one_quota() {
+    let up = Upstream::start("api");
+    let (first, second, other) = (TestKey::new("key_acme_1"), TestKey::new("key_acme_2"), TestKey::new("key_bolt"));
+    avoid_window_boundary(secs_to_next_utc_day);
+    let plans = "plans:\n  team: { quota: { requests: 3, per: day, by: owner } }\ndefault_plan: team\n";
+    let gw = start(
+        &up,
+        plans,
+        &[
+            first.entry("scopes: [orders:read]"),
+            second.entry("scopes: [orders:read]"),
+            entry_of(&other, "bolt", "scopes: [orders:read]"),
+        ],
+    );
+    for key in [&first, &second, &first] {
+        assert_proxied(&call(&gw, key, "/v1/orders"));
+    }
+    let before = secs_to_next_utc_day();
+    assert_quota_exceeded(&call(&gw, &second, "/v1/orders"), before, secs_to_next_utc_day);
+    assert_proxied(&call(&gw, &other, "/v1/orders"));
+    assert_eq!(up.request_count(), 4);
+}

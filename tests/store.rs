@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keygate::config::{QuotaConfig, QuotaPeriod, RateLimitConfig, UsageRetention};
+use keygate::config::{LimitScope, QuotaConfig, QuotaPeriod, RateLimitConfig, UsageRetention};
 use keygate::control::model::{
     key_id_from_hash, new_key_id, Change, Granularity, ImportKey, KeyChange, KeyFilter, KeyPatch, KeyStatusText,
     NewKey, StoredKey,
@@ -177,7 +177,7 @@ fn new_key(name: &str) -> NewKey {
 }
 
 fn rate(requests: u32, secs: u64, burst: Option<u32>) -> RateLimitConfig {
-    RateLimitConfig { requests, per: Duration::from_secs(secs), burst }
+    RateLimitConfig { requests, per: Duration::from_secs(secs), burst, by: LimitScope::Key }
 }
 
 async fn all_changes(store: &Store) -> (Vec<Change>, u64) {
@@ -293,7 +293,7 @@ async fn create_get_and_list_with_every_filter(db: TestDb) {
     a.scopes = vec!["orders:*".into()];
     a.ip_allowlist = vec!["10.0.0.0/8".into(), "2001:db8::/32".into()];
     a.rate_limit = Some(rate(10, 1, Some(20)));
-    a.quota = Some(QuotaConfig { requests: 100, per: QuotaPeriod::Month });
+    a.quota = Some(QuotaConfig { requests: 100, per: QuotaPeriod::Month, by: LimitScope::Key });
     a.expires_at = Some(datetime!(2030-01-02 03:04:05.678 UTC));
     a.metadata = json!({"team": "payments", "n": 3}).as_object().unwrap().clone();
     let mut b = new_key("reporting");
@@ -645,7 +645,7 @@ async fn update_sets_clears_and_leaves_fields(db: TestDb) {
     k.plan = Some("free".into());
     k.scopes = vec!["a".into()];
     k.rate_limit = Some(rate(5, 1, None));
-    k.quota = Some(QuotaConfig { requests: 10, per: QuotaPeriod::Day });
+    k.quota = Some(QuotaConfig { requests: 10, per: QuotaPeriod::Day, by: LimitScope::Key });
     k.expires_at = Some(datetime!(2031-01-01 00:00 UTC));
     k.metadata = json!({"x": 1}).as_object().unwrap().clone();
     k.tags = vec!["t".into()];
@@ -972,7 +972,7 @@ async fn gateway_rows_give_the_wire_form_of_the_stored_keys(db: TestDb) {
     full.scopes = vec!["orders:read".into(), "a\\b".into()];
     full.ip_allowlist = vec!["10.0.0.0/8".into(), "2001:db8::1".into()];
     full.rate_limit = Some(rate(10, 1, Some(20)));
-    full.quota = Some(QuotaConfig { requests: 1000, per: QuotaPeriod::Month });
+    full.quota = Some(QuotaConfig { requests: 1000, per: QuotaPeriod::Month, by: LimitScope::Key });
     full.expires_at = Some(datetime!(2031-01-02 03:04:05.678 UTC));
     full.metadata = json!({"team": "pay\nments", "n": 1, "nested": {"a": [1, 2]}}).as_object().cloned().unwrap();
     full.tags = vec!["prod".into(), "pci".into()];

@@ -121,9 +121,15 @@ struct KeyFields {
     /// Burst size for --rate-limit.
     #[arg(long, value_name = "N", requires = "rate_limit", value_parser = clap::value_parser!(u32).range(1..))]
     burst: Option<u32>,
+    /// Whose budget --rate-limit counts: the key's own, or one shared by every key of its owner.
+    #[arg(long, value_name = "key|owner", requires = "rate_limit", value_parser = ["key", "owner"])]
+    rate_limit_by: Option<String>,
     /// The key's own quota, REQUESTS/day or REQUESTS/month.
     #[arg(long, value_name = "REQUESTS/PERIOD", value_parser = parse_quota)]
     quota: Option<QuotaArg>,
+    /// Whose budget --quota counts: the key's own, or one shared by every key of its owner.
+    #[arg(long, value_name = "key|owner", requires = "quota", value_parser = ["key", "owner"])]
+    quota_by: Option<String>,
     /// When the key stops working (RFC 3339, e.g. 2026-01-31T00:00:00Z).
     #[arg(long, value_name = "RFC3339", conflicts_with = "ttl", value_parser = parse_timestamp)]
     expires_at: Option<String>,
@@ -439,13 +445,22 @@ impl KeyFields {
         }
         if let Some(rate) = &self.rate_limit {
             let mut limit = json!({ "requests": rate.requests, "per": rate.per });
-            if let (Some(burst), Some(object)) = (self.burst, limit.as_object_mut()) {
-                object.insert("burst".into(), json!(burst));
+            if let Some(object) = limit.as_object_mut() {
+                if let Some(burst) = self.burst {
+                    object.insert("burst".into(), json!(burst));
+                }
+                if let Some(by) = &self.rate_limit_by {
+                    object.insert("by".into(), json!(by));
+                }
             }
             body.insert("rate_limit".into(), limit);
         }
         if let Some(quota) = &self.quota {
-            body.insert("quota".into(), json!({ "requests": quota.requests, "per": quota.per }));
+            let mut limit = json!({ "requests": quota.requests, "per": quota.per });
+            if let (Some(by), Some(object)) = (&self.quota_by, limit.as_object_mut()) {
+                object.insert("by".into(), json!(by));
+            }
+            body.insert("quota".into(), limit);
         }
         if let Some(at) = &self.expires_at {
             body.insert("expires_at".into(), json!(at));
@@ -1112,6 +1127,14 @@ fn render_record(record: &Value) -> String {
     out
 }
 
+/// `, by owner` for a limit shared by the key's owner; nothing for the default.
+fn shared_by(limit: &Map<String, Value>) -> String {
+    match limit.get("by").and_then(Value::as_str) {
+        Some(by) if by != "key" => format!(", by {by}"),
+        _ => String::new(),
+    }
+}
+
 fn describe_field(name: &str, value: &Value) -> String {
     match (name, value) {
         ("rate_limit", Value::Object(limit)) => {
@@ -1119,10 +1142,10 @@ fn describe_field(name: &str, value: &Value) -> String {
             if let Some(burst) = limit.get("burst").filter(|b| !b.is_null()) {
                 text.push_str(&format!(", burst {}", plain(Some(burst))));
             }
-            clean(&text)
+            clean(&(text + &shared_by(limit)))
         }
         ("quota", Value::Object(quota)) => {
-            clean(&format!("{}/{}", plain(quota.get("requests")), plain(quota.get("per"))))
+            clean(&(format!("{}/{}", plain(quota.get("requests")), plain(quota.get("per"))) + &shared_by(quota)))
         }
         (_, Value::Object(entries)) if entries.values().all(|v| !v.is_object() && !v.is_array()) => {
             clean(&entries.iter().map(|(k, v)| format!("{k}={}", plain(Some(v)))).collect::<Vec<_>>().join(", "))
@@ -1430,6 +1453,8 @@ mod tests {
             "20",
             "--quota",
             "10000/month",
+            "--quota-by",
+            "owner",
             "--ttl",
             "30d",
             "--prefix",
@@ -1452,7 +1477,7 @@ mod tests {
                 "scopes": ["orders:read", "orders:write", "users:*"],
                 "ip_allowlist": ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"],
                 "rate_limit": { "requests": 10, "per": "1s", "burst": 20 },
-                "quota": { "requests": 10000, "per": "month" },
+                "quota": { "requests": 10000, "per": "month", "by": "owner" },
                 "ttl": "30d",
                 "prefix": "kg_test",
                 "metadata": { "team": "core", "ticket": "OPS-1=2" },
@@ -1577,7 +1602,7 @@ mod tests {
             "id": "key_1", "name": "web", "owner": "acme", "plan": null, "status": "active",
             "masked": "kg_live_Ab3d…x9Zq", "prefix": "kg_live", "scopes": ["orders:read", "orders:*"],
             "ip_allowlist": [], "rate_limit": { "requests": 10, "per": "1s", "burst": 20 },
-            "quota": { "requests": 10000, "per": "month" }, "expires_at": "2030-01-31T12:00:00.123+01:00",
+            "quota": { "requests": 10000, "per": "month", "by": "owner" }, "expires_at": "2030-01-31T12:00:00.123+01:00",
             "metadata": { "team": "core" }, "tags": ["prod"], "created_at": "2025-01-01T00:00:00Z",
             "updated_at": "2025-01-01T00:00:00Z", "last_used_at": null, "version": 3,
         })
@@ -1607,7 +1632,7 @@ more keys: run again with --cursor abc (or use --all)
         assert!(lines.contains(&"scopes:       orders:read, orders:*"), "{rendered}");
         assert!(lines.contains(&"ip_allowlist: -"), "{rendered}");
         assert!(lines.contains(&"rate_limit:   10/1s, burst 20"), "{rendered}");
-        assert!(lines.contains(&"quota:        10000/month"), "{rendered}");
+        assert!(lines.contains(&"quota:        10000/month, by owner"), "{rendered}");
         assert!(lines.contains(&"metadata:     team=core"), "{rendered}");
         assert!(lines.contains(&"last_used_at: -"), "{rendered}");
         assert_eq!(lines.last(), Some(&"version:      3"));

@@ -164,6 +164,43 @@ pub struct Config {
     pub usage: UsageConfig,
     pub access_log: AccessLogConfig,
     pub http: HttpConfig,
+    /// Rate limits and quotas shared by every gateway; None: each process on its own.
+    pub fleet_limits: Option<FleetLimitsConfig>,
+}
+
+/// Shortest and longest `fleet_limits.sync_interval`: often enough that the fleet
+/// overshoots a limit by little, seldom enough that the engine's load stays small.
+pub const MIN_FLEET_SYNC_INTERVAL: Duration = Duration::from_millis(100);
+pub const MAX_FLEET_SYNC_INTERVAL: Duration = Duration::from_millis(250);
+pub const DEFAULT_FLEET_SYNC_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The `fleet_limits:` block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetLimitsConfig {
+    pub engine: FleetEngine,
+    pub sync_interval: Duration,
+}
+
+/// Where gateways reconcile their consumption.
+#[derive(Clone, PartialEq, Eq)]
+pub enum FleetEngine {
+    /// Redis or Valkey at `url` (`redis://`, `unix://`).
+    Redis { url: String },
+}
+
+impl FleetEngine {
+    /// For logs: the engine and its address without credentials.
+    pub fn shown(&self) -> String {
+        match self {
+            FleetEngine::Redis { url } => format!("redis {}", without_credentials(url)),
+        }
+    }
+}
+
+impl fmt::Debug for FleetEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -394,6 +431,7 @@ pub struct RateLimitConfig {
     pub requests: u32,
     pub per: Duration,
     pub burst: Option<u32>,
+    pub by: LimitScope,
 }
 
 /// `{ requests: 10000, per: month }`.
@@ -401,6 +439,26 @@ pub struct RateLimitConfig {
 pub struct QuotaConfig {
     pub requests: u64,
     pub per: QuotaPeriod,
+    pub by: LimitScope,
+}
+
+/// Whose budget a limit counts (`by:`): each key's own, or one shared by every
+/// key of the same owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitScope {
+    #[default]
+    Key,
+    Owner,
+}
+
+impl LimitScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitScope::Key => "key",
+            LimitScope::Owner => "owner",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -445,7 +503,7 @@ fn join_messages(errors: &[(String, String)]) -> String {
 impl Serialize for RateLimitConfig {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("RateLimitConfig", 3)?;
+        let mut st = s.serialize_struct("RateLimitConfig", 4)?;
         st.serialize_field("requests", &self.requests)?;
         st.serialize_field("per", &format_duration(self.per))?;
         if let Some(burst) = self.burst {
@@ -453,6 +511,7 @@ impl Serialize for RateLimitConfig {
         } else {
             st.skip_field("burst")?;
         }
+        serialize_scope(&mut st, self.by)?;
         st.end()
     }
 }
@@ -460,10 +519,20 @@ impl Serialize for RateLimitConfig {
 impl Serialize for QuotaConfig {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("QuotaConfig", 2)?;
+        let mut st = s.serialize_struct("QuotaConfig", 3)?;
         st.serialize_field("requests", &self.requests)?;
         st.serialize_field("per", &self.per)?;
+        serialize_scope(&mut st, self.by)?;
         st.end()
+    }
+}
+
+/// `by` is written only when it is not the default, so limits stored before it
+/// existed and limits without it read and compare the same.
+fn serialize_scope<S: serde::ser::SerializeStruct>(st: &mut S, by: LimitScope) -> Result<(), S::Error> {
+    match by {
+        LimitScope::Key => st.skip_field("by"),
+        LimitScope::Owner => st.serialize_field("by", &by),
     }
 }
 

@@ -229,6 +229,7 @@ pub const TOP_LEVEL_FIELDS: &[&str] = &[
     "access_log",
     "shutdown_timeout",
     "http",
+    "fleet_limits",
 ];
 
 /// The whole file. Built only from the known top-level keys (unknown ones are
@@ -255,6 +256,16 @@ pub struct RawConfig {
     /// keygate's own: how long SIGTERM waits for requests in flight.
     pub shutdown_timeout: Option<Parsed<Text>>,
     pub http: Option<Parsed<RawHttp>>,
+    pub fleet_limits: Option<Parsed<RawFleetLimits>>,
+}
+
+/// `{ engine: redis, url: redis://..., sync_interval: 200ms }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleetLimits {
+    pub engine: Option<Text>,
+    pub url: Option<Text>,
+    pub sync_interval: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -423,6 +434,8 @@ pub struct RawRateLimit {
     pub requests: Option<Num<u32>>,
     pub per: Option<Text>,
     pub burst: Option<Num<u32>>,
+    /// `key` (default) or `owner`.
+    pub by: Option<Text>,
 }
 
 /// `{ requests: 10000, per: month }`, in plans and in per-key overrides.
@@ -432,6 +445,8 @@ pub struct RawRateLimit {
 pub struct RawQuota {
     pub requests: Option<Num<u64>>,
     pub per: Option<Text>,
+    /// `key` (default) or `owner`.
+    pub by: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

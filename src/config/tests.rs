@@ -205,8 +205,13 @@ fn contract_example_loads() {
     assert_eq!(
         config.plans["free"],
         PlanConfig {
-            rate_limit: Some(RateLimitConfig { requests: 10, per: Duration::from_secs(1), burst: Some(20) }),
-            quota: Some(QuotaConfig { requests: 10_000, per: QuotaPeriod::Month }),
+            rate_limit: Some(RateLimitConfig {
+                requests: 10,
+                per: Duration::from_secs(1),
+                burst: Some(20),
+                by: LimitScope::Key
+            }),
+            quota: Some(QuotaConfig { requests: 10_000, per: QuotaPeriod::Month, by: LimitScope::Key }),
         }
     );
     assert_eq!(config.plans["pro"].rate_limit.unwrap().burst, None);
@@ -968,7 +973,10 @@ fn plans_may_be_empty() {
     let config =
         ok(&format!("{GATEWAY}plans:\n  unlimited: {{}}\n  daily: {{ quota: {{ requests: \"100\", per: day }} }}\n"));
     assert_eq!(config.plans["unlimited"], PlanConfig::default());
-    assert_eq!(config.plans["daily"].quota, Some(QuotaConfig { requests: 100, per: QuotaPeriod::Day }));
+    assert_eq!(
+        config.plans["daily"].quota,
+        Some(QuotaConfig { requests: 100, per: QuotaPeriod::Day, by: LimitScope::Key })
+    );
 }
 
 #[test]
@@ -1200,7 +1208,7 @@ fn access_log_forms() {
 #[test]
 fn rate_limit_and_quota_deserialize_directly() {
     let rl: RateLimitConfig = serde_norway::from_str("{ requests: 10, per: 1s, burst: 20 }").unwrap();
-    assert_eq!(rl, RateLimitConfig { requests: 10, per: Duration::from_secs(1), burst: Some(20) });
+    assert_eq!(rl, RateLimitConfig { requests: 10, per: Duration::from_secs(1), burst: Some(20), by: LimitScope::Key });
     let q: QuotaConfig = serde_json::from_str(r#"{"requests": 10000, "per": "month"}"#).unwrap();
     assert_eq!(q.per, QuotaPeriod::Month);
     let err = serde_norway::from_str::<RateLimitConfig>("{ requests: 0, per: 5 }").unwrap_err();
@@ -1210,9 +1218,9 @@ fn rate_limit_and_quota_deserialize_directly() {
 
 #[test]
 fn rate_limit_and_quota_serialize_in_config_form() {
-    let rl = RateLimitConfig { requests: 10, per: Duration::from_millis(1500), burst: None };
+    let rl = RateLimitConfig { requests: 10, per: Duration::from_millis(1500), burst: None, by: LimitScope::Key };
     assert_eq!(serde_json::to_string(&rl).unwrap(), r#"{"requests":10,"per":"1s500ms"}"#);
-    let q = QuotaConfig { requests: 5, per: QuotaPeriod::Day };
+    let q = QuotaConfig { requests: 5, per: QuotaPeriod::Day, by: LimitScope::Key };
     assert_eq!(serde_json::to_string(&q).unwrap(), r#"{"requests":5,"per":"day"}"#);
 }
 
@@ -1223,6 +1231,63 @@ fn raw_limits_validate_with_paths() {
         raw.validate("keys[3].rate_limit").unwrap_err(),
         vec![("keys[3].rate_limit.requests".to_owned(), "required field is missing".to_owned())]
     );
+}
+
+#[test]
+fn limits_may_be_shared_by_owner() {
+    let config = ok(&format!(
+        "{GATEWAY}plans:\n  team: {{ rate_limit: {{ requests: 100, per: 1s, by: owner }}, quota: {{ requests: 1000, per: month, by: owner }} }}\n  solo: {{ rate_limit: {{ requests: 5, per: 1s, by: key }} }}\n"
+    ));
+    assert_eq!(config.plans["team"].rate_limit.map(|r| r.by), Some(LimitScope::Owner));
+    assert_eq!(config.plans["team"].quota.map(|q| q.by), Some(LimitScope::Owner));
+    assert_eq!(config.plans["solo"].rate_limit.map(|r| r.by), Some(LimitScope::Key));
+    error_at(
+        &format!("{GATEWAY}plans:\n  team: {{ quota: {{ requests: 10, per: day, by: team }} }}\n"),
+        "plans.team.quota.by",
+        "expected `key` or `owner`",
+    );
+    // Stored and synced limits read `by` back, and write it only when it is not the default.
+    let shared = RateLimitConfig { requests: 10, per: Duration::from_secs(1), burst: None, by: LimitScope::Owner };
+    let text = serde_json::to_string(&shared).unwrap();
+    assert_eq!(text, r#"{"requests":10,"per":"1s","by":"owner"}"#);
+    assert_eq!(serde_json::from_str::<RateLimitConfig>(&text).unwrap(), shared);
+    let quota: QuotaConfig = serde_json::from_str(r#"{"requests": 1, "per": "day", "by": "owner"}"#).unwrap();
+    assert_eq!(quota.by, LimitScope::Owner);
+}
+
+// ---- fleet_limits: limits shared by every gateway ----
+
+#[test]
+fn fleet_limits_take_a_redis_engine_and_a_sync_interval() {
+    assert_eq!(ok(GATEWAY).fleet_limits, None, "absent: each process on its own");
+    let config = ok(&format!("{GATEWAY}fleet_limits: {{ engine: redis, url: redis://127.0.0.1:6379 }}\n"));
+    let fleet = config.fleet_limits.expect("fleet_limits");
+    assert_eq!(fleet.engine, FleetEngine::Redis { url: "redis://127.0.0.1:6379".into() });
+    assert_eq!(fleet.sync_interval, Duration::from_millis(200));
+    let config = ok(&format!(
+        "{GATEWAY}fleet_limits: {{ engine: redis, url: \"redis://:pw@cache:6380/2\", sync_interval: 100ms }}\n"
+    ));
+    let fleet = config.fleet_limits.expect("fleet_limits");
+    assert_eq!(fleet.sync_interval, Duration::from_millis(100));
+    assert!(!format!("{:?}", fleet.engine).contains("pw"), "the password stays out of logs");
+}
+
+#[test]
+fn fleet_limits_errors_name_their_field() {
+    let with = |block: &str| format!("{GATEWAY}fleet_limits: {block}\n");
+    error_at(&with("{ engine: control_plane }"), "fleet_limits.engine", "not available yet");
+    error_at(&with("{ engine: memcached, url: x }"), "fleet_limits.engine", "unknown engine");
+    error_at(&with("{ url: redis://127.0.0.1 }"), "fleet_limits.engine", "required");
+    error_at(&with("{ engine: redis }"), "fleet_limits.url", "required");
+    error_at(&with("{ engine: redis, url: \"http://127.0.0.1\" }"), "fleet_limits.url", "not a Redis URL");
+    for interval in ["50ms", "1s"] {
+        error_at(
+            &with(&format!("{{ engine: redis, url: redis://127.0.0.1, sync_interval: {interval} }}")),
+            "fleet_limits.sync_interval",
+            "from 100ms to 250ms",
+        );
+    }
+    error_at(&with("{ engine: redis, url: redis://127.0.0.1, prefix: x }"), "fleet_limits.prefix", "unknown field");
 }
 
 // ---- http: what every client meets ----

@@ -16,16 +16,16 @@ use sha2::{Digest, Sha256};
 use super::env::{interpolate_tree, key_text, EnvLookup};
 use super::position::{join_index, join_key, Positions};
 use super::raw::{
-    self, Entries, NodeError, Parsed, RawAccessLog, RawAdmin, RawConfig, RawHttp, RawKeyLocation, RawKeySource,
-    RawKeys, RawListener, RawMode, RawPlan, RawQuota, RawRateLimit, RawRetention, RawRoute, RawRouteAuth, RawSink,
-    RawToken, RawUpstream, RawUsage, Text, TOP_LEVEL_FIELDS,
+    self, Entries, NodeError, Parsed, RawAccessLog, RawAdmin, RawConfig, RawFleetLimits, RawHttp, RawKeyLocation,
+    RawKeySource, RawKeys, RawListener, RawMode, RawPlan, RawQuota, RawRateLimit, RawRetention, RawRoute, RawRouteAuth,
+    RawSink, RawToken, RawUpstream, RawUsage, Text, TOP_LEVEL_FIELDS,
 };
 use super::{
     format_duration, parse_duration, AccessLogConfig, AdminConfig, ClientIpConfig, Config, ConfigError, ConfigErrors,
-    ControlPlaneClientConfig, EscapedSlashes, EventFormat, HealthCheckConfig, HttpConfig, HttpSinkConfig, KeyLocation,
-    KeySource, KeysConfig, ListenerConfig, Mode, NatsSinkConfig, PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig,
-    RouteAuth, RouteConfig, RouteMatch, SinkConfig, StoreConfig, TlsFiles, TokenConfig, UnderscoreHeaders,
-    UpstreamConfig, UpstreamTlsConfig, UsageConfig, UsageRetention,
+    ControlPlaneClientConfig, EscapedSlashes, EventFormat, FleetEngine, FleetLimitsConfig, HealthCheckConfig,
+    HttpConfig, HttpSinkConfig, KeyLocation, KeySource, KeysConfig, LimitScope, ListenerConfig, Mode, NatsSinkConfig,
+    PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig, RouteAuth, RouteConfig, RouteMatch, SinkConfig, StoreConfig,
+    TlsFiles, TokenConfig, UnderscoreHeaders, UpstreamConfig, UpstreamTlsConfig, UsageConfig, UsageRetention,
 };
 
 const MISSING: &str = "required field is missing";
@@ -229,6 +229,7 @@ impl Builder<'_> {
         let shutdown_timeout =
             self.duration(shutdown_timeout_text, "shutdown_timeout", super::DEFAULT_SHUTDOWN_TIMEOUT, true);
         let http = self.http(raw.http, &key_locations);
+        let fleet_limits = self.fleet_limits(raw.fleet_limits);
 
         Config {
             mode,
@@ -248,7 +249,58 @@ impl Builder<'_> {
             access_log,
             shutdown_timeout,
             http,
+            fleet_limits,
         }
+    }
+
+    fn fleet_limits(&mut self, raw: Option<Parsed<RawFleetLimits>>) -> Option<FleetLimitsConfig> {
+        let raw = self.parsed(raw, "fleet_limits")?;
+        let interval_text = raw.sync_interval;
+        let sync_interval = self.duration(
+            interval_text.clone(),
+            "fleet_limits.sync_interval",
+            super::DEFAULT_FLEET_SYNC_INTERVAL,
+            false,
+        );
+        if interval_text.is_some()
+            && !(super::MIN_FLEET_SYNC_INTERVAL..=super::MAX_FLEET_SYNC_INTERVAL).contains(&sync_interval)
+        {
+            self.issues.add(
+                "fleet_limits.sync_interval",
+                format!(
+                    "must be from {} to {}",
+                    format_duration(super::MIN_FLEET_SYNC_INTERVAL),
+                    format_duration(super::MAX_FLEET_SYNC_INTERVAL)
+                ),
+            );
+        }
+        let engine = match raw.engine.as_ref().map(|Text(e)| e.trim()) {
+            None => {
+                self.issues.add("fleet_limits.engine", MISSING);
+                return None;
+            }
+            Some("redis") => {
+                let url = self.required(raw.url, "fleet_limits.url")?;
+                if let Err(e) = redis::Client::open(url.as_str()) {
+                    self.issues
+                        .add("fleet_limits.url", format!("not a Redis URL (redis://host:port, unix:///path): {e}"));
+                    return None;
+                }
+                FleetEngine::Redis { url }
+            }
+            Some("control_plane") => {
+                self.issues.add(
+                    "fleet_limits.engine",
+                    "the control_plane engine is not available yet; use `redis` (Redis or Valkey)",
+                );
+                return None;
+            }
+            Some(other) => {
+                self.issues.add("fleet_limits.engine", format!("unknown engine {other:?}, expected `redis`"));
+                return None;
+            }
+        };
+        Some(FleetLimitsConfig { engine, sync_interval })
     }
 
     fn parsed<T>(&mut self, parsed: Option<Parsed<T>>, path: &str) -> Option<T> {
@@ -1253,8 +1305,9 @@ impl RawRateLimit {
         if self.burst == Some(raw::Num(0)) {
             errors.push((join_key(path, "burst"), "must be at least 1 when given".to_owned()));
         }
+        let by = limit_scope(self.by.as_ref(), &join_key(path, "by"), &mut errors);
         if errors.is_empty() {
-            Ok(RateLimitConfig { requests, per, burst: self.burst.map(|raw::Num(b)| b) })
+            Ok(RateLimitConfig { requests, per, burst: self.burst.map(|raw::Num(b)| b), by })
         } else {
             Err(errors)
         }
@@ -1298,9 +1351,22 @@ impl RawQuota {
                 None
             }
         };
+        let by = limit_scope(self.by.as_ref(), &join_key(path, "by"), &mut errors);
         match per {
-            Some(per) if errors.is_empty() => Ok(QuotaConfig { requests, per }),
+            Some(per) if errors.is_empty() => Ok(QuotaConfig { requests, per, by }),
             _ => Err(errors),
+        }
+    }
+}
+
+/// `by: key | owner`; absent means `key`.
+fn limit_scope(text: Option<&Text>, path: &str, errors: &mut Vec<(String, String)>) -> LimitScope {
+    match text.map(|Text(t)| t.trim()) {
+        None | Some("key") => LimitScope::Key,
+        Some("owner") => LimitScope::Owner,
+        Some(other) => {
+            errors.push((path.to_owned(), format!("unknown limit scope {other:?}, expected `key` or `owner`")));
+            LimitScope::Key
         }
     }
 }

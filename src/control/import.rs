@@ -460,8 +460,8 @@ mod tests {
     fn every_field_is_read() {
         let line = json!({
             "hash": hash(2), "id": "kong-1f2e", "name": "legacy", "owner": "acme", "plan": "pro",
-            "scopes": ["orders:*"], "ip_allowlist": ["10.0.0.0/8"], "rate_limit": {"requests": 5, "per": "1s"},
-            "quota": {"requests": 100, "per": "day"}, "expires_at": "2030-01-01T00:00:00Z",
+            "scopes": ["orders:*"], "ip_allowlist": ["10.0.0.0/8"], "rate_limit": {"requests": 5, "per": "1s", "by": "owner"},
+            "quota": {"requests": 100, "per": "day", "by": "owner"}, "expires_at": "2030-01-01T00:00:00Z",
             "metadata": {"from": "kong"}, "tags": ["migrated"], "status": "revoked", "prefix": "sk_live",
             "masked": "sk_live_4eC3…p7dc", "created_at": "2019-05-01T12:00:00Z",
         })
@@ -473,7 +473,8 @@ mod tests {
         assert_eq!(record.prefix.as_deref(), Some("sk_live"));
         assert_eq!(record.masked.as_deref(), Some("sk_live_4eC3…p7dc"));
         assert_eq!(record.created_at, Some(time::macros::datetime!(2019-05-01 12:00 UTC)));
-        assert_eq!(record.rate_limit.map(|r| r.requests), Some(5));
+        assert_eq!(record.rate_limit.map(|r| (r.requests, r.by)), Some((5, crate::config::LimitScope::Owner)));
+        assert_eq!(record.quota.map(|q| q.by), Some(crate::config::LimitScope::Owner));
         assert_eq!(record.metadata["from"], "kong");
     }
 

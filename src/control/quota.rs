@@ -4,12 +4,17 @@ use time::OffsetDateTime;
 
 use super::store::{Store, StoreError};
 use crate::config::QuotaPeriod;
-use crate::limit::{period_start, QuotaCounters, UsedElsewhere};
+use crate::limit::{owner_budget, period_start, QuotaCounters, UsedElsewhere};
 
-/// Allowed requests per key in the current UTC day and month, from stored usage.
+/// Allowed requests per budget (each key, and each owner for quotas shared
+/// `by: owner`) in the current UTC day and month, from stored usage.
 pub async fn used_in_current_periods(store: &Store, now: OffsetDateTime) -> Result<UsedElsewhere, StoreError> {
     let (day, month) = QuotaCounters::periods(now);
-    let by_day = store.allowed_since(period_start(QuotaPeriod::Day, now)).await?.into_iter().collect();
-    let by_month = store.allowed_since(period_start(QuotaPeriod::Month, now)).await?.into_iter().collect();
-    Ok(UsedElsewhere { day, month, by_day, by_month })
+    let mut used = UsedElsewhere { day, month, ..UsedElsewhere::default() };
+    for (period, map) in [(QuotaPeriod::Day, &mut used.by_day), (QuotaPeriod::Month, &mut used.by_month)] {
+        let since = period_start(period, now);
+        map.extend(store.allowed_since(since).await?);
+        map.extend(store.allowed_by_owner_since(since).await?.into_iter().map(|(owner, n)| (owner_budget(&owner), n)));
+    }
+    Ok(used)
 }

@@ -587,7 +587,7 @@ fn header_value(text: &str) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::QuotaPeriod;
+    use crate::config::{LimitScope, QuotaPeriod};
     use std::time::Duration;
 
     #[test]
@@ -700,8 +700,13 @@ mod tests {
             .plan(Some("pro".into()))
             .scopes(vec!["orders:*".into(), "billing:read".into(), "*".into()])
             .ip_allowlist(vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()])
-            .rate_limit(Some(RateLimitConfig { requests: 5, per: Duration::from_secs(1), burst: Some(10) }))
-            .quota(Some(QuotaConfig { requests: 1000, per: QuotaPeriod::Day }))
+            .rate_limit(Some(RateLimitConfig {
+                requests: 5,
+                per: Duration::from_secs(1),
+                burst: Some(10),
+                by: LimitScope::Key,
+            }))
+            .quota(Some(QuotaConfig { requests: 1000, per: QuotaPeriod::Day, by: LimitScope::Key }))
             .status(KeyStatus::Disabled)
             .expires_at(Some(OffsetDateTime::from_unix_timestamp(1_900_000_000).unwrap()))
             .metadata(metadata)
@@ -720,9 +725,9 @@ mod tests {
         assert_eq!(record.ip_allowlist(), ["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse::<IpNet>().unwrap()]);
         assert_eq!(
             record.rate_limit(),
-            Some(&RateLimitConfig { requests: 5, per: Duration::from_secs(1), burst: Some(10) })
+            Some(&RateLimitConfig { requests: 5, per: Duration::from_secs(1), burst: Some(10), by: LimitScope::Key })
         );
-        assert_eq!(record.quota(), Some(&QuotaConfig { requests: 1000, per: QuotaPeriod::Day }));
+        assert_eq!(record.quota(), Some(&QuotaConfig { requests: 1000, per: QuotaPeriod::Day, by: LimitScope::Key }));
         assert_eq!(record.status, KeyStatus::Disabled);
         assert_eq!(record.expires_at(), Some(OffsetDateTime::from_unix_timestamp(1_900_000_000).unwrap()));
         let metadata = record.metadata();
@@ -803,8 +808,9 @@ mod tests {
         let mut other_limit = full_builder().rate_limit(None).build();
         let mut other_allowlist = full_builder().ip_allowlist(vec![]).build();
         let mut other_plan = full_builder().plan(None).build();
-        let mut other_quota =
-            full_builder().quota(Some(QuotaConfig { requests: 1000, per: QuotaPeriod::Month })).build();
+        let mut other_quota = full_builder()
+            .quota(Some(QuotaConfig { requests: 1000, per: QuotaPeriod::Month, by: LimitScope::Key }))
+            .build();
         assert!(!Arc::ptr_eq(a.policy(), b.policy()));
         for record in [
             &mut a,

@@ -20,11 +20,12 @@ use serde::{Deserialize, Serialize};
 
 use super::record::{parse_cidr, KeyRecord, KeyStatus};
 use super::{Snapshot, SnapshotBuilder, SnapshotError};
-use crate::config::{QuotaConfig, QuotaPeriod, RateLimitConfig};
+use crate::config::{LimitScope, QuotaConfig, QuotaPeriod, RateLimitConfig};
 use crate::key::KeyDigest;
 
 pub const MAGIC: [u8; 6] = *b"KGKEYS";
-pub const FORMAT: u16 = 1;
+/// 2: limits carry `by` (key or owner).
+pub const FORMAT: u16 = 2;
 /// The HTTP media type of a streamed key set.
 pub const MEDIA_TYPE: &str = "application/vnd.keygate.keys";
 /// No frame is larger: a length above it is corruption, not a big frame.
@@ -117,12 +118,14 @@ pub struct WireRate {
     pub requests: u32,
     pub per_ms: u64,
     pub burst: Option<u32>,
+    pub by: LimitScope,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireQuota {
     pub requests: u64,
     pub per: QuotaPeriod,
+    pub by: LimitScope,
 }
 
 /// A key set or removed (`key: None`) under a digest.
@@ -139,13 +142,14 @@ impl From<&RateLimitConfig> for WireRate {
             requests: limit.requests,
             per_ms: u64::try_from(limit.per.as_millis()).unwrap_or(u64::MAX),
             burst: limit.burst,
+            by: limit.by,
         }
     }
 }
 
 impl From<&QuotaConfig> for WireQuota {
     fn from(quota: &QuotaConfig) -> Self {
-        WireQuota { requests: quota.requests, per: quota.per }
+        WireQuota { requests: quota.requests, per: quota.per, by: quota.by }
     }
 }
 
@@ -194,8 +198,9 @@ impl<'a> WireKey<'a> {
                 requests: r.requests,
                 per: std::time::Duration::from_millis(r.per_ms),
                 burst: r.burst,
+                by: r.by,
             }))
-            .quota(self.quota.map(|q| QuotaConfig { requests: q.requests, per: q.per }))
+            .quota(self.quota.map(|q| QuotaConfig { requests: q.requests, per: q.per, by: q.by }))
             .status(self.status)
             .expires_at(self.expires_at_ms.and_then(ms_to_time))
             .metadata_json(self.metadata.as_deref().map(str::to_owned))
@@ -529,8 +534,13 @@ mod tests {
             .plan(Some("pro".into()))
             .scopes(vec!["orders:*".into(), "billing:read".into()])
             .ip_allowlist(vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::1/128".parse().unwrap()])
-            .rate_limit(Some(RateLimitConfig { requests: 5, per: Duration::from_millis(1500), burst: Some(9) }))
-            .quota(Some(QuotaConfig { requests: 100, per: QuotaPeriod::Month }))
+            .rate_limit(Some(RateLimitConfig {
+                requests: 5,
+                per: Duration::from_millis(1500),
+                burst: Some(9),
+                by: LimitScope::Owner,
+            }))
+            .quota(Some(QuotaConfig { requests: 100, per: QuotaPeriod::Month, by: LimitScope::Owner }))
             .status(if n.is_multiple_of(2) { KeyStatus::Active } else { KeyStatus::Disabled })
             .expires_at(Some(time::macros::datetime!(2030-01-02 03:04:05.678 UTC)))
             .metadata(metadata)

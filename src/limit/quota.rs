@@ -1,11 +1,12 @@
-//! Quotas: requests per UTC calendar day or month, counted per key id.
+//! Quotas: requests per UTC calendar day or month, counted per budget (a key id,
+//! or an owner's budget for `by: owner`).
 //!
 //! A key's period and count share one atomic word (period in the high 24 bits,
 //! count in the low 40), so rolling into a new period and counting are one
 //! compare-and-swap with no lock.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,16 +41,39 @@ pub struct QuotaExceeded {
 /// by other gateways (from the store's usage).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct UsedElsewhere {
-    /// Period indices (see `period_index`) the maps below belong to.
+    /// Period indices (see `period_index`) the maps below belong to. The maps are
+    /// keyed by budget id (see `budget_id`).
     pub day: u64,
     pub month: u64,
     pub by_day: HashMap<String, u64>,
     pub by_month: HashMap<String, u64>,
 }
 
+/// One budget's quota state.
+struct QuotaCounter {
+    /// Period index in the high bits, count in the low `COUNT_BITS`.
+    word: AtomicU64,
+    /// Whether the period is a month (else a day): names the budget's fleet counter.
+    monthly: AtomicBool,
+    /// Requests counted here that the fleet sync has not taken yet.
+    unsynced: AtomicU64,
+}
+
+/// Requests a fleet sync took from one budget ([`QuotaCounters::take_unsynced`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaDelta {
+    pub budget: KeyId,
+    pub per: QuotaPeriod,
+    /// The period they were counted in (see `period_index`).
+    pub period: u64,
+    pub requests: u64,
+}
+
 #[derive(Default)]
 pub struct QuotaCounters {
-    by_key: KeyIdMap<AtomicU64>,
+    by_key: KeyIdMap<QuotaCounter>,
+    /// Whether counted requests are kept for a fleet sync.
+    counts_unsynced: bool,
     floors: ArcSwap<UsedElsewhere>,
     /// The latest day and month index seen, so that a clock stepped back does not
     /// reopen a period that has ended (see `current_period`).
@@ -96,6 +120,11 @@ pub fn period_end(period: QuotaPeriod, now: OffsetDateTime) -> OffsetDateTime {
 impl QuotaCounters {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Counters whose counted requests a fleet sync takes with [`QuotaCounters::take_unsynced`].
+    pub fn for_fleet() -> Self {
+        QuotaCounters { counts_unsynced: true, ..Self::default() }
     }
 
     /// The period that `now` counts in: the clock's, unless the clock has stepped
@@ -149,14 +178,64 @@ impl QuotaCounters {
                 }
             }
         };
-        if let Some(word) = self.by_key.get(key_id) {
-            return consume(&word);
+        let monthly = quota.per == QuotaPeriod::Month;
+        let count = |counter: &QuotaCounter| {
+            let left = consume(&counter.word)?;
+            if self.counts_unsynced {
+                counter.unsynced.fetch_add(1, Ordering::Relaxed);
+                if counter.monthly.load(Ordering::Relaxed) != monthly {
+                    counter.monthly.store(monthly, Ordering::Relaxed);
+                }
+            }
+            Ok(left)
+        };
+        if let Some(counter) = self.by_key.get(key_id) {
+            return count(&counter);
         }
-        let word = self
-            .by_key
-            .entry(KeyId::from(key_id))
-            .or_insert_with(|| AtomicU64::new((period << COUNT_BITS) | self.floor(key_id, quota.per, period)));
-        consume(&word)
+        let counter = self.by_key.entry(KeyId::from(key_id)).or_insert_with(|| QuotaCounter {
+            word: AtomicU64::new((period << COUNT_BITS) | self.floor(key_id, quota.per, period)),
+            monthly: AtomicBool::new(monthly),
+            unsynced: AtomicU64::new(0),
+        });
+        count(&counter)
+    }
+
+    /// Every budget's requests counted since the last call, which starts them from
+    /// zero again; budgets with none are listed too (with 0), so that a sync also
+    /// learns what the rest of the fleet used of them.
+    pub fn take_unsynced(&self) -> Vec<QuotaDelta> {
+        self.by_key
+            .iter()
+            .map(|entry| {
+                let counter = entry.value();
+                let per = if counter.monthly.load(Ordering::Relaxed) { QuotaPeriod::Month } else { QuotaPeriod::Day };
+                QuotaDelta {
+                    budget: entry.key().clone(),
+                    per,
+                    period: counter.word.load(Ordering::Acquire) >> COUNT_BITS,
+                    requests: counter.unsynced.swap(0, Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// Gives back requests a sync took but could not deliver, for the next one.
+    pub fn return_unsynced(&self, budget: &str, requests: u64) {
+        if let Some(counter) = self.by_key.get(budget) {
+            counter.unsynced.fetch_add(requests, Ordering::Relaxed);
+        }
+    }
+
+    /// The fleet counted `fleet_total` requests (this node's delivered ones among
+    /// them) for `budget` in `period`: with what this node counted since, that is a
+    /// floor for its count. A floor, not an addition, so it never counts a request
+    /// twice, whichever of this and the store's usage (`seed`) came first.
+    pub fn raise_to_fleet(&self, budget: &str, period: u64, fleet_total: u64) {
+        let Some(counter) = self.by_key.get(budget) else { return };
+        let floor = fleet_total.saturating_add(counter.unsynced.load(Ordering::Relaxed)).min(COUNT_MASK);
+        let _ = counter.word.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |current| {
+            (current >> COUNT_BITS == period && current & COUNT_MASK < floor).then_some((period << COUNT_BITS) | floor)
+        });
     }
 
     /// What is known to be used already of `period`, for a counter starting now.
@@ -178,8 +257,8 @@ impl QuotaCounters {
     pub fn seed(&self, used: UsedElsewhere) {
         for (index, map) in [(used.day, &used.by_day), (used.month, &used.by_month)] {
             for (key_id, &n) in map {
-                if let Some(word) = self.by_key.get(key_id.as_str()) {
-                    let _ = word.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |current| {
+                if let Some(counter) = self.by_key.get(key_id.as_str()) {
+                    let _ = counter.word.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |current| {
                         (current >> COUNT_BITS == index && current & COUNT_MASK < n)
                             .then_some((index << COUNT_BITS) | n.min(COUNT_MASK))
                     });
@@ -197,8 +276,8 @@ impl QuotaCounters {
     /// Requests counted for the key in the period containing `now`.
     pub fn used(&self, key_id: &str, period: QuotaPeriod, now: OffsetDateTime) -> u64 {
         let current = self.current_period(period, now);
-        self.by_key.get(key_id).map_or(0, |word| {
-            let value = word.load(Ordering::Relaxed);
+        self.by_key.get(key_id).map_or(0, |counter| {
+            let value = counter.word.load(Ordering::Relaxed);
             if value >> COUNT_BITS == current {
                 value & COUNT_MASK
             } else {
@@ -215,8 +294,8 @@ impl QuotaCounters {
         // A live counter's index equals today's day or this month's index, so it
         // is always kept; a stale one could only match by a coincidence of
         // decades and would merely linger.
-        self.by_key.retain(|_, word| {
-            let index = word.load(Ordering::Relaxed) >> COUNT_BITS;
+        self.by_key.retain(|_, counter| {
+            let index = counter.word.load(Ordering::Relaxed) >> COUNT_BITS;
             index == day || index == month
         });
         before - self.by_key.len()
@@ -234,14 +313,15 @@ impl QuotaCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::LimitScope;
     use time::macros::datetime;
 
     fn daily(requests: u64) -> QuotaConfig {
-        QuotaConfig { requests, per: QuotaPeriod::Day }
+        QuotaConfig { requests, per: QuotaPeriod::Day, by: LimitScope::Key }
     }
 
     fn monthly(requests: u64) -> QuotaConfig {
-        QuotaConfig { requests, per: QuotaPeriod::Month }
+        QuotaConfig { requests, per: QuotaPeriod::Month, by: LimitScope::Key }
     }
 
     #[test]
@@ -332,6 +412,31 @@ mod tests {
         assert_eq!(counters.used("running", QuotaPeriod::Day, now), 8);
         let tomorrow = datetime!(2026-03-11 00:30 UTC);
         assert_eq!(counters.try_consume("other", &daily(10), tomorrow), Ok(9));
+    }
+
+    #[test]
+    fn fleet_totals_are_floors_and_undelivered_requests_come_back() {
+        let counters = QuotaCounters::for_fleet();
+        let now = datetime!(2026-03-10 12:00 UTC);
+        let (day, _) = QuotaCounters::periods(now);
+        for _ in 0..3 {
+            assert!(counters.try_consume("k", &daily(100), now).is_ok());
+        }
+        let taken = counters.take_unsynced();
+        assert_eq!(taken, [QuotaDelta { budget: "k".into(), per: QuotaPeriod::Day, period: day, requests: 3 }]);
+        // Delivered: the fleet has these 3 and 10 from elsewhere; one more came in meanwhile.
+        assert!(counters.try_consume("k", &daily(100), now).is_ok());
+        counters.raise_to_fleet("k", day, 13);
+        assert_eq!(counters.used("k", QuotaPeriod::Day, now), 14);
+        // A lower or repeated total changes nothing: floors do not add up.
+        counters.raise_to_fleet("k", day, 13);
+        counters.raise_to_fleet("k", day - 1, 50);
+        assert_eq!(counters.used("k", QuotaPeriod::Day, now), 14);
+        // Not delivered: the requests wait for the next sync.
+        let pending = counters.take_unsynced()[0].requests;
+        counters.return_unsynced("k", pending);
+        assert_eq!(counters.take_unsynced()[0].requests, 1);
+        assert!(QuotaCounters::new().take_unsynced().is_empty());
     }
 
     #[test]

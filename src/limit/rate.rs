@@ -1,19 +1,21 @@
-//! Rate limits: one GCRA limiter (governor) per key id.
+//! Rate limits: GCRA (the algorithm governor implements), one state word per budget.
+//!
+//! A budget's whole state is its theoretical arrival time (TAT): the budget is
+//! full once the TAT is in the past, and a request is let through unless the TAT
+//! is more than the burst's span ahead of now. Keeping only that word, rather
+//! than a limiter bound to one limit, lets keys with different limits share an
+//! owner's budget (each request is judged by its own key's limit), lets a changed
+//! limit apply to the budget as it stands (no reset), and lets requests allowed
+//! by other gateways be folded in (`absorb`) for fleet limits.
 
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::index::{KeyId, KeyIdMap};
 use governor::clock::{Clock, DefaultClock, Reference};
-use governor::middleware::StateInformationMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
 
 use super::Unenforceable;
 use crate::config::RateLimitConfig;
-
-type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
 
 /// What the `RateLimit-*` response headers report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,23 +34,34 @@ pub struct RateLimited {
     pub retry_after: Duration,
 }
 
-struct KeyLimiter<C: Clock> {
-    config: RateLimitConfig,
-    quota: Quota,
-    limiter: Limiter<C>,
-    /// Clock reading (nanoseconds since the limiters were created) of the last check.
-    last_used: AtomicU64,
+struct BudgetState {
+    /// Theoretical arrival time, nanoseconds since the limiters' origin.
+    tat: AtomicU64,
+    /// Emission interval (nanoseconds) of the limit last applied: what one request
+    /// allowed elsewhere costs when it is folded in.
+    interval: AtomicU64,
+    /// Requests allowed here that the fleet sync has not taken yet.
+    unsynced: AtomicU64,
 }
 
 pub struct RateLimiters<C: Clock = DefaultClock> {
     clock: C,
     origin: C::Instant,
-    by_key: KeyIdMap<KeyLimiter<C>>,
+    by_budget: KeyIdMap<BudgetState>,
+    /// Whether allowed requests are counted for a fleet sync.
+    counts_unsynced: bool,
+    /// Unix time of `origin` in milliseconds: TATs shared with other gateways are wall-clock times.
+    origin_unix_ms: u64,
 }
 
 impl RateLimiters<DefaultClock> {
     pub fn new() -> Self {
         RateLimiters::with_clock(DefaultClock::default())
+    }
+
+    /// Limiters whose allowed requests a fleet sync takes with [`RateLimiters::take_unsynced`].
+    pub fn for_fleet() -> Self {
+        RateLimiters { counts_unsynced: true, ..RateLimiters::new() }
     }
 }
 
@@ -58,14 +71,14 @@ impl Default for RateLimiters<DefaultClock> {
     }
 }
 
-/// The longest a limit may take to refill its whole burst. governor keeps time in
-/// u64 nanoseconds (584 years) from a limiter's creation and adds the burst's span
-/// to it unchecked; a century leaves room for any uptime.
+/// The longest a limit may take to refill its whole burst. Time is kept in u64
+/// nanoseconds (584 years) from the limiters' creation; a century leaves room
+/// for any uptime.
 pub const MAX_RATE_WINDOW: Duration = Duration::from_secs(100 * super::SECONDS_PER_YEAR);
 
 /// Whether the limiter can enforce `config` exactly as written.
 pub fn check_rate_limit(config: &RateLimitConfig) -> Result<(), Unenforceable> {
-    let Some(requests) = NonZeroU32::new(config.requests) else { return Ok(()) };
+    let Some(requests) = std::num::NonZeroU32::new(config.requests) else { return Ok(()) };
     let interval = config.per / requests.get();
     if interval.is_zero() {
         return Err(Unenforceable::RequestsTooFast);
@@ -81,72 +94,168 @@ pub fn check_rate_limit(config: &RateLimitConfig) -> Result<(), Unenforceable> {
     Ok(())
 }
 
-/// `requests` per `per`, in bursts of up to `burst` (default: `requests`). A limit
-/// that `check_rate_limit` refuses (stored before validation refused it) is
-/// clamped to the nearest one the limiter can keep; its headers then report the
-/// clamped burst, which is what is enforced.
-pub fn quota_of(config: &RateLimitConfig) -> Option<Quota> {
-    let requests = NonZeroU32::new(config.requests)?;
-    let interval = (config.per / requests.get()).clamp(Duration::from_nanos(1), MAX_RATE_WINDOW);
-    let longest = u32::try_from(MAX_RATE_WINDOW.as_nanos() / interval.as_nanos()).unwrap_or(u32::MAX);
-    let burst = NonZeroU32::new(config.burst.unwrap_or(config.requests).min(longest))?;
-    Quota::with_period(interval).map(|q| q.allow_burst(burst))
+/// A limit in GCRA terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Gcra {
+    /// Nanoseconds one request costs.
+    interval: u64,
+    /// Requests allowed at once.
+    burst: u32,
+    /// How far ahead of now the TAT may be for a request to pass: the span of
+    /// the burst beyond its first request.
+    tolerance: u64,
+}
+
+impl Gcra {
+    /// `requests` per `per`, in bursts of up to `burst` (default: `requests`). A
+    /// limit that `check_rate_limit` refuses (stored before validation refused
+    /// it) is clamped to the nearest one that can be kept; its headers then
+    /// report the clamped burst, which is what is enforced. None for a zero rate
+    /// or burst, which validation refuses.
+    fn of(config: &RateLimitConfig) -> Option<Gcra> {
+        let requests = std::num::NonZeroU32::new(config.requests)?;
+        let interval = (config.per / requests.get()).clamp(Duration::from_nanos(1), MAX_RATE_WINDOW);
+        let interval = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX);
+        let longest = u32::try_from(MAX_RATE_WINDOW.as_nanos() / u128::from(interval)).unwrap_or(u32::MAX);
+        let burst = config.burst.unwrap_or(config.requests).min(longest);
+        if burst == 0 {
+            return None;
+        }
+        Some(Gcra { interval, burst, tolerance: interval.saturating_mul(u64::from(burst - 1)) })
+    }
+}
+
+/// `tat` with the requests it is ahead of `now` repriced from `from` to `to` nanoseconds each.
+fn reprice(tat: u64, now: u64, from: u64, to: u64) -> u64 {
+    if tat <= now || from == 0 {
+        return tat;
+    }
+    let owed = u128::from(tat - now) * u128::from(to) / u128::from(from);
+    now.saturating_add(u64::try_from(owed).unwrap_or(u64::MAX))
 }
 
 impl<C: Clock + Clone> RateLimiters<C> {
     pub fn with_clock(clock: C) -> Self {
         let origin = clock.now();
-        RateLimiters { clock, origin, by_key: KeyIdMap::default() }
+        let origin_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+        RateLimiters { clock, origin, by_budget: KeyIdMap::default(), counts_unsynced: false, origin_unix_ms }
     }
 
-    /// Takes one request from the key's budget. A key whose limit changed since its
-    /// last request starts over with the new limit.
-    pub fn check(&self, key_id: &str, config: &RateLimitConfig) -> Result<RateInfo, RateLimited> {
-        let now = self.elapsed_nanos();
-        if let Some(entry) = self.by_key.get(key_id) {
-            if entry.config == *config {
-                return entry.check(now);
-            }
-        }
-        let Some(quota) = quota_of(config) else {
-            // Only a zero rate or burst has no quota, and validation refuses both.
+    /// Takes one request from `budget` under the limit `config`.
+    pub fn check(&self, budget: &str, config: &RateLimitConfig) -> Result<RateInfo, RateLimited> {
+        let Some(gcra) = Gcra::of(config) else {
             return Ok(RateInfo { limit: u32::MAX, remaining: u32::MAX, reset: Duration::ZERO });
         };
-        let mut entry = self.by_key.entry(KeyId::from(key_id)).or_insert_with(|| self.new_limiter(*config, quota, now));
-        if entry.config != *config {
-            *entry = self.new_limiter(*config, quota, now);
-        }
-        entry.check(now)
-    }
-
-    fn new_limiter(&self, config: RateLimitConfig, quota: Quota, now: u64) -> KeyLimiter<C> {
-        KeyLimiter {
-            config,
-            quota,
-            limiter: RateLimiter::direct_with_clock(quota, self.clock.clone())
-                .with_middleware::<StateInformationMiddleware>(),
-            last_used: AtomicU64::new(now),
+        let now = self.elapsed_nanos();
+        match self.by_budget.get(budget) {
+            Some(state) => self.check_state(&state, gcra, now),
+            None => {
+                let state = self.by_budget.entry(KeyId::from(budget)).or_insert_with(|| BudgetState {
+                    tat: AtomicU64::new(0),
+                    interval: AtomicU64::new(gcra.interval),
+                    unsynced: AtomicU64::new(0),
+                });
+                self.check_state(&state, gcra, now)
+            }
         }
     }
 
-    /// Drops limiters that have been idle long enough to be full again: a new one
-    /// behaves exactly the same, so nothing is forgotten.
+    fn check_state(&self, state: &BudgetState, gcra: Gcra, now: u64) -> Result<RateInfo, RateLimited> {
+        let applied = state.interval.load(Ordering::Relaxed);
+        // A budget counts requests, not time: under a different limit (changed, or
+        // another key of the same owner) the requests it still owes keep their number.
+        // Only the thread that switches the interval converts the TAT, so it is converted once.
+        if applied != gcra.interval
+            && state.interval.compare_exchange(applied, gcra.interval, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+        {
+            let _ = state.tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some(reprice(tat, now, applied, gcra.interval))
+            });
+        }
+        let limit = gcra.burst;
+        let interval = Duration::from_nanos(gcra.interval);
+        let mut tat = state.tat.load(Ordering::Acquire);
+        loop {
+            let earliest = tat.saturating_sub(gcra.tolerance);
+            if now < earliest {
+                let retry_after = Duration::from_nanos(earliest - now);
+                let reset = retry_after.saturating_add(Duration::from_nanos(gcra.tolerance));
+                return Err(RateLimited { info: RateInfo { limit, remaining: 0, reset }, retry_after });
+            }
+            let next = tat.max(now).saturating_add(gcra.interval);
+            match state.tat.compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    if self.counts_unsynced {
+                        state.unsynced.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let span = gcra.tolerance.saturating_add(gcra.interval);
+                    let left = now.saturating_add(span).saturating_sub(next).min(span);
+                    let remaining = u32::try_from(left / gcra.interval).unwrap_or(u32::MAX);
+                    let reset = interval.saturating_mul(limit.saturating_sub(remaining));
+                    return Ok(RateInfo { limit, remaining, reset });
+                }
+                Err(actual) => tat = actual,
+            }
+        }
+    }
+
+    /// Calls `each` with every budget, the requests allowed in it since the last
+    /// call (which starts them from zero again; budgets with none get 0), and its
+    /// TAT as a Unix time in milliseconds while that is in the future.
+    pub fn take_unsynced(&self, mut each: impl FnMut(&str, u64, Option<u64>)) {
+        let now = self.elapsed_nanos();
+        for entry in self.by_budget.iter() {
+            let tat = entry.tat.load(Ordering::Acquire);
+            let tat_unix_ms = (tat > now).then(|| self.origin_unix_ms.saturating_add(tat / 1_000_000));
+            each(entry.key(), entry.unsynced.swap(0, Ordering::Relaxed), tat_unix_ms);
+        }
+    }
+
+    /// Takes on the fleet's TAT for `budget` (a Unix time in milliseconds, the
+    /// latest any gateway has reported), plus the cost of `own` requests allowed
+    /// here that it cannot hold yet, where that is later than this one's: how a
+    /// gateway that has just started drawing from a budget learns what the others
+    /// have spent of it.
+    pub fn adopt_tat(&self, budget: &str, tat_unix_ms: u64, own: u64) {
+        let Some(state) = self.by_budget.get(budget) else { return };
+        let fleet = tat_unix_ms.saturating_sub(self.origin_unix_ms).saturating_mul(1_000_000);
+        let cost = own.saturating_mul(state.interval.load(Ordering::Relaxed));
+        state.tat.fetch_max(fleet.max(self.elapsed_nanos()).saturating_add(cost), Ordering::AcqRel);
+    }
+
+    /// Folds in `requests` that other gateways allowed from `budget` over the last
+    /// `over`: its TAT moves on by their cost, as if they had arrived here from
+    /// the start of that span. A budget not held here is left alone.
+    pub fn absorb(&self, budget: &str, requests: u64, over: Duration) {
+        if requests == 0 {
+            return;
+        }
+        let Some(state) = self.by_budget.get(budget) else { return };
+        let since = self.elapsed_nanos().saturating_sub(u64::try_from(over.as_nanos()).unwrap_or(u64::MAX));
+        let cost = requests.saturating_mul(state.interval.load(Ordering::Relaxed));
+        let _ = state
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| Some(tat.max(since).saturating_add(cost)));
+    }
+
+    /// Drops budgets that are full again (their TAT has passed) and hold nothing
+    /// a fleet sync has yet to take: a new one behaves exactly the same.
     pub fn evict_idle(&self) -> usize {
         let now = self.elapsed_nanos();
-        let before = self.by_key.len();
-        self.by_key.retain(|_, e| {
-            let idle = now.saturating_sub(e.last_used.load(Ordering::Relaxed));
-            u128::from(idle) <= e.quota.burst_size_replenished_in().as_nanos()
-        });
-        before - self.by_key.len()
+        let before = self.by_budget.len();
+        self.by_budget
+            .retain(|_, state| state.tat.load(Ordering::Acquire) > now || state.unsynced.load(Ordering::Relaxed) > 0);
+        before - self.by_budget.len()
     }
 
     pub fn len(&self) -> usize {
-        self.by_key.len()
+        self.by_budget.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
+        self.by_budget.is_empty()
     }
 
     fn elapsed_nanos(&self) -> u64 {
@@ -155,33 +264,15 @@ impl<C: Clock + Clone> RateLimiters<C> {
     }
 }
 
-impl<C: Clock> KeyLimiter<C> {
-    fn check(&self, now: u64) -> Result<RateInfo, RateLimited> {
-        self.last_used.store(now, Ordering::Relaxed);
-        let limit = self.quota.burst_size().get();
-        let interval = self.quota.replenish_interval();
-        match self.limiter.check() {
-            Ok(snapshot) => {
-                let remaining = snapshot.remaining_burst_capacity();
-                Ok(RateInfo { limit, remaining, reset: interval.saturating_mul(limit.saturating_sub(remaining)) })
-            }
-            Err(not_until) => {
-                let retry_after = not_until.wait_time_from(self.limiter.clock().now());
-                let reset = retry_after.saturating_add(interval.saturating_mul(limit - 1));
-                Err(RateLimited { info: RateInfo { limit, remaining: 0, reset }, retry_after })
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::retry_after_secs;
     use super::*;
+    use crate::config::LimitScope;
     use governor::clock::FakeRelativeClock;
 
     fn limit(requests: u32, per_ms: u64, burst: Option<u32>) -> RateLimitConfig {
-        RateLimitConfig { requests, per: Duration::from_millis(per_ms), burst }
+        RateLimitConfig { requests, per: Duration::from_millis(per_ms), burst, by: LimitScope::Key }
     }
 
     fn limiters() -> (RateLimiters<FakeRelativeClock>, FakeRelativeClock) {
@@ -257,7 +348,69 @@ mod tests {
         let (limiters, _) = limiters();
         assert!(limiters.check("k", &limit(1, 1000, None)).is_ok());
         assert!(limiters.check("k", &limit(1, 1000, None)).is_err());
-        assert!(limiters.check("k", &limit(5, 1000, None)).is_ok());
+        // The one request made counts against the new limit: four of five are left.
+        for left in (0..4).rev() {
+            assert_eq!(limiters.check("k", &limit(5, 1000, None)).map(|info| info.remaining), Ok(left));
+        }
+        assert!(limiters.check("k", &limit(5, 1000, None)).is_err());
+    }
+
+    #[test]
+    fn keys_with_different_limits_sharing_a_budget_cannot_reset_it() {
+        let (limiters, _) = limiters();
+        let (small, large) = (limit(2, 1000, None), limit(4, 1000, None));
+        // Alternating limits spends one budget: 4 requests in all, not 2 + 4.
+        let allowed =
+            (0..10).filter(|i| limiters.check("owner acme", if i % 2 == 0 { &small } else { &large }).is_ok()).count();
+        assert_eq!(allowed, 4, "the large limit's 4, the small one refusing once 2 are spent");
+    }
+
+    #[test]
+    fn requests_allowed_elsewhere_are_folded_in() {
+        let (limiters, clock) = limiters();
+        let config = limit(10, 1000, None);
+        assert!(limiters.check("k", &config).is_ok());
+        limiters.absorb("k", 8, Duration::ZERO);
+        assert!(limiters.check("k", &config).is_ok(), "1 + 8 + 1 = 10");
+        let limited = limiters.check("k", &config).unwrap_err();
+        assert_eq!(limited.retry_after, Duration::from_millis(100));
+        clock.advance(Duration::from_secs(1));
+        // Requests spread over the last second cost from its start: a full budget stays full.
+        limiters.absorb("k", 5, Duration::from_secs(1));
+        assert_eq!(limiters.check("k", &config).map(|info| info.remaining), Ok(4));
+        limiters.absorb("unknown", 5, Duration::ZERO);
+        assert_eq!(limiters.len(), 1, "absorbing creates no budget");
+    }
+
+    #[test]
+    fn unsynced_requests_are_counted_only_for_a_fleet_and_taken_once() {
+        let fleet = RateLimiters::for_fleet();
+        let config = limit(3, 1000, None);
+        for _ in 0..5 {
+            let _ = fleet.check("k", &config);
+        }
+        let mut taken = Vec::new();
+        fleet.take_unsynced(|budget, n, tat| taken.push((budget.to_owned(), n, tat.is_some())));
+        assert_eq!(taken, [("k".to_owned(), 3, true)], "refused requests are not counted");
+        fleet.take_unsynced(|_, n, _| assert_eq!(n, 0));
+        let local = RateLimiters::new();
+        let _ = local.check("k", &config);
+        local.take_unsynced(|_, n, _| assert_eq!(n, 0));
+    }
+
+    #[test]
+    fn a_later_fleet_tat_is_adopted_and_an_earlier_one_ignored() {
+        let (limiters, _) = limiters();
+        let config = limit(10, 1000, None);
+        assert!(limiters.check("k", &config).is_ok());
+        let mut tat = None;
+        limiters.take_unsynced(|_, _, t| tat = t);
+        let tat = tat.expect("a budget just drawn from has a future TAT");
+        limiters.adopt_tat("k", tat.saturating_sub(5_000), 0);
+        assert_eq!(limiters.check("k", &config).map(|info| info.remaining), Ok(8));
+        // Other gateways have spent 8 of the 10, and this one 2 they do not know of yet.
+        limiters.adopt_tat("k", tat + 700, 2);
+        assert!(limiters.check("k", &config).is_err());
     }
 
     #[test]
@@ -286,7 +439,7 @@ mod tests {
         clock.advance(Duration::from_millis(1500));
         assert!(limiters.check("busy", &config).is_ok());
         clock.advance(Duration::from_millis(600));
-        // "idle" was last used 2.1 s ago and refills in 2 s; "busy" 0.6 s ago.
+        // "idle" was full again 1.1 s ago; "busy" is full only in 0.4 s.
         assert_eq!(limiters.evict_idle(), 1);
         assert_eq!(limiters.len(), 1);
         assert!(limiters.check("busy", &config).is_ok());

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use crate::index::{KeyRecord, KeyStatus, Snapshot};
 use crate::key::{self, KeyDigest};
-use crate::limit::{retry_after_secs, QuotaCounters, RateInfo, RateLimiters};
+use crate::limit::{budget_id, retry_after_secs, QuotaCounters, RateInfo, RateLimiters};
 
 pub use client_ip::resolve_client_ip;
 pub use plans::PlanTable;
@@ -190,7 +190,7 @@ pub fn decide<C: Clock + Clone>(
     let (rate_limit, quota) = limits.plans.limits_for(&record);
     let mut rate = None;
     if let Some(rate_limit) = rate_limit {
-        match limits.rates.check(record.id(), rate_limit) {
+        match limits.rates.check(&budget_id(&record, rate_limit.by), rate_limit) {
             Ok(info) => rate = Some(info),
             Err(limited) => {
                 let retry_after = retry_after_secs(limited.retry_after);
@@ -203,7 +203,7 @@ pub fn decide<C: Clock + Clone>(
         }
     }
     if let Some(quota) = quota {
-        if let Err(exceeded) = limits.quotas.try_consume(record.id(), quota, now) {
+        if let Err(exceeded) = limits.quotas.try_consume(&budget_id(&record, quota.by), quota, now) {
             let retry_after = retry_after_secs(exceeded.retry_after);
             return Decision { key: Some(record), rate, denial: Some(Denial::QuotaExceeded { retry_after }) };
         }
@@ -214,7 +214,7 @@ pub fn decide<C: Clock + Clone>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig};
+    use crate::config::{LimitScope, PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig};
     use governor::clock::FakeRelativeClock;
     use std::time::Duration;
     use time::macros::datetime;
@@ -398,8 +398,13 @@ mod tests {
             [(
                 "p".to_owned(),
                 PlanConfig {
-                    rate_limit: Some(RateLimitConfig { requests, per: Duration::from_secs(1), burst: None }),
-                    quota: quota.map(|requests| QuotaConfig { requests, per: QuotaPeriod::Day }),
+                    rate_limit: Some(RateLimitConfig {
+                        requests,
+                        per: Duration::from_secs(1),
+                        burst: None,
+                        by: LimitScope::Key,
+                    }),
+                    quota: quota.map(|requests| QuotaConfig { requests, per: QuotaPeriod::Day, by: LimitScope::Key }),
                 },
             )],
             Some("p".to_owned()),
@@ -440,6 +445,41 @@ mod tests {
         f.rates = RateLimiters::with_clock(FakeRelativeClock::default());
         // Quota exhausted: retry at the next UTC midnight, twelve hours after NOW.
         assert_eq!(check(&f, 0, "10.0.0.1", &[]), Err(Denial::QuotaExceeded { retry_after: 12 * 3600 }));
+    }
+
+    #[test]
+    fn keys_of_one_owner_share_a_budget_by_owner() {
+        let owned = |id: &str, owner: Option<&str>| KeyRecord::builder(id).owner(owner.map(str::to_owned)).build();
+        let mut f = fixture(vec![
+            owned("a1", Some("acme")),
+            owned("a2", Some("acme")),
+            owned("b1", Some("bolt")),
+            owned("lone", None),
+        ]);
+        let shared = PlanConfig {
+            rate_limit: Some(RateLimitConfig {
+                requests: 2,
+                per: Duration::from_secs(1),
+                burst: None,
+                by: LimitScope::Owner,
+            }),
+            quota: Some(QuotaConfig { requests: 3, per: QuotaPeriod::Day, by: LimitScope::Owner }),
+        };
+        f.plans = PlanTable::new([("team".to_owned(), shared)], Some("team".to_owned()));
+        assert!(check(&f, 0, "10.0.0.1", &[]).is_ok());
+        assert!(check(&f, 1, "10.0.0.1", &[]).is_ok());
+        let refused = f.decide(Some(&f.keys[0]), "10.0.0.1", &[]);
+        assert!(matches!(refused.denial, Some(Denial::RateLimited { .. })), "acme's budget of 2 is spent");
+        assert_eq!(refused.rate.map(|r| (r.limit, r.remaining)), Some((2, 0)));
+        assert!(matches!(check(&f, 1, "10.0.0.1", &[]), Err(Denial::RateLimited { .. })));
+        assert!(check(&f, 2, "10.0.0.1", &[]).is_ok(), "another owner has a budget of its own");
+        assert!(check(&f, 3, "10.0.0.1", &[]).is_ok(), "a key without an owner keeps its own");
+        assert_eq!(f.quotas.used(&crate::limit::owner_budget("acme"), QuotaPeriod::Day, NOW), 2);
+        // The quota is shared too: one more for acme, through either key.
+        f.rates = RateLimiters::with_clock(FakeRelativeClock::default());
+        assert!(check(&f, 1, "10.0.0.1", &[]).is_ok());
+        f.rates = RateLimiters::with_clock(FakeRelativeClock::default());
+        assert!(matches!(check(&f, 0, "10.0.0.1", &[]), Err(Denial::QuotaExceeded { .. })));
     }
 
     #[test]

@@ -34,11 +34,11 @@ impl PlanTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::QuotaPeriod;
+    use crate::config::{LimitScope, QuotaPeriod};
     use std::time::Duration;
 
     fn rate(requests: u32) -> RateLimitConfig {
-        RateLimitConfig { requests, per: Duration::from_secs(1), burst: None }
+        RateLimitConfig { requests, per: Duration::from_secs(1), burst: None, by: LimitScope::Key }
     }
 
     fn table() -> PlanTable {
@@ -48,7 +48,7 @@ mod tests {
                     "free".to_owned(),
                     PlanConfig {
                         rate_limit: Some(rate(10)),
-                        quota: Some(QuotaConfig { requests: 100, per: QuotaPeriod::Day }),
+                        quota: Some(QuotaConfig { requests: 100, per: QuotaPeriod::Day, by: LimitScope::Key }),
                     },
                 ),
                 ("pro".to_owned(), PlanConfig { rate_limit: Some(rate(1000)), quota: None }),

@@ -391,6 +391,11 @@ impl Store {
         dispatch!(self.allowed_since(to_ms(since)))
     }
 
+    /// Allowed requests per key owner since `since`, for quotas shared `by: owner`.
+    pub async fn allowed_by_owner_since(&self, since: OffsetDateTime) -> Result<Vec<(String, u64)>> {
+        dispatch!(self.allowed_by_owner_since(to_ms(since)))
+    }
+
     /// Allowed requests of a key since `since` (seeds quota counters after a restart).
     pub async fn quota_used(&self, key_id: &str, since: OffsetDateTime) -> Result<u64> {
         dispatch!(self.quota_used(key_id, to_ms(since)))

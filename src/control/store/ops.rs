@@ -1155,6 +1155,18 @@ pub(super) async fn allowed_since(pool: &Pool<Db>, since: i64) -> Result<Vec<(St
     rows.into_iter().map(|(key_id, allowed)| Ok((key_id, to_u64(allowed)?))).collect()
 }
 
+/// Like `allowed_since`, summed per owner of the key (as the key is now).
+pub(super) async fn allowed_by_owner_since(pool: &Pool<Db>, since: i64) -> Result<Vec<(String, u64)>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT k.owner, CAST(COALESCE(SUM(u.allowed), 0) AS BIGINT) FROM usage_buckets u JOIN keys k ON k.id = u.key_id \
+         WHERE u.bucket_start >= $1 AND k.owner IS NOT NULL AND k.owner <> '' GROUP BY k.owner",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(|(owner, allowed)| Ok((owner, to_u64(allowed)?))).collect()
+}
+
 pub(super) async fn quota_used(pool: &Pool<Db>, key_id: &str, since: i64) -> Result<u64> {
     let used: i64 = sqlx::query_scalar(
         "SELECT CAST(COALESCE(SUM(allowed), 0) AS BIGINT) FROM usage_buckets WHERE key_id = $1 AND bucket_start >= $2",
