@@ -337,11 +337,7 @@ def main():
             shutil.rmtree(workdir, ignore_errors=True)
 
     text = run.report(started_at)
-    print()
-    print(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"written to {out}")
+    harness.publish(text, out)
 
 
 if __name__ == "__main__":

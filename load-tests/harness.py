@@ -248,3 +248,18 @@ def mb(n):
     if n < 1e6:
         return f"{n / 1e3:,.1f} kB"
     return f"{n / 1e6:,.1f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
+
+
+def publish(text, out):
+    """Prints a run's markdown and writes it to `out` (a Path)."""
+    print()
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"written to {out}")
+
+
+def git_describe(repo):
+    """`git describe --always --dirty` of the checkout, or "unknown"."""
+    return subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True,
+                          text=True).stdout.strip() or "unknown"

@@ -881,8 +881,7 @@ store: {{ url: "sqlite://{self.workdir}/empty.db" }}
 
     def report(self, started_at):
         args = self.args
-        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                                text=True).stdout.strip() or "unknown"
+        commit = harness.git_describe(REPO)
         version = subprocess.run([args.keygate, "--version"], capture_output=True, text=True).stdout.strip()
         build = ("debug build: figures not representative" if "/debug/" in args.keygate else
                  "release build" if "/release/" in args.keygate else args.keygate)
@@ -1003,11 +1002,7 @@ def main():
             shutil.rmtree(workdir, ignore_errors=True)
 
     text = run.report(started_at)
-    print()
-    print(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"written to {out}")
+    harness.publish(text, out)
 
 
 if __name__ == "__main__":

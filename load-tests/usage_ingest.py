@@ -247,8 +247,7 @@ store: {{ url: "{self.store_url()}" }}
 
 
 def report(args, results, chunk, body_bytes, started_at):
-    commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = harness.git_describe(REPO)
     version = subprocess.run([args.keygate, "--version"], capture_output=True, text=True).stdout.strip()
     build = ("debug build: figures not representative" if "/debug/" in args.keygate else
              "release build" if "/release/" in args.keygate else args.keygate)
@@ -270,8 +269,8 @@ def report(args, results, chunk, body_bytes, started_at):
             f"| {r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms | {harness.mb(r['peak_rss'])} | {r['cpu_s']:.1f} s |")
     lines += [
         "",
-        f"- At the default `flush_interval` of 5 s, one gateway's window can hold about records/s × 5 s "
-        "active keys before its uploads take longer than the window (one control plane, these uploaders).",
+        "- This is what one control plane takes in from several gateways at once; one gateway sends its "
+        "batches one after the other (`load-tests/usage_window.py` measures a gateway's window).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -328,11 +327,7 @@ def main():
             shutil.rmtree(workdir, ignore_errors=True)
 
     text = report(args, results, chunk, len(bodies[full]), started_at)
-    print()
-    print(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"written to {out}")
+    harness.publish(text, out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -226,8 +225,7 @@ access_log: off
         children.stop_all(timeout=30)
         upstream.shutdown()
 
-    commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = harness.git_describe(REPO)
     command = "load-tests/usage_loss.py " + " ".join(sys.argv[1:])
     lines = [
         "# Usage lost to SIGKILL, with `usage.spool`",
@@ -245,11 +243,7 @@ access_log: off
         f"| counted twice | {'none' if lost >= 0 else f'{-lost:,} more counted than answered'} |",
     ]
     text = "\n".join(lines) + "\n"
-    print()
-    print(text)
-    out = Path(args.out or HERE / "results" / "usage-loss.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    harness.publish(text, Path(args.out or HERE / "results" / "usage-loss.md"))
     shutil.rmtree(workdir, ignore_errors=True)
     if lost < 0:
         sys.exit("more requests counted than answered: a batch was counted twice")
