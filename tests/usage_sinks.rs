@@ -505,6 +505,15 @@ struct OwnBroker {
     child: Option<Child>,
 }
 
+/// The `nats-server` program: on the PATH, or where Debian installs it (`/usr/sbin`,
+/// which a non-root PATH may leave out).
+fn nats_server() -> &'static str {
+    ["nats-server", "/usr/sbin/nats-server", "/usr/local/sbin/nats-server"]
+        .into_iter()
+        .find(|program| Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .expect("nats-server is not installed: these tests start brokers of their own")
+}
+
 impl OwnBroker {
     fn start() -> OwnBroker {
         Self::start_with(&[])
@@ -513,8 +522,6 @@ impl OwnBroker {
     /// Fails where no `nats-server` is installed: this machine kind runs NATS, and a
     /// test that cannot run must not pass.
     fn start_with(args: &[&str]) -> OwnBroker {
-        let installed = Command::new("nats-server").arg("--version").output().is_ok_and(|o| o.status.success());
-        assert!(installed, "nats-server is not installed: these tests start brokers of their own");
         let mut broker = OwnBroker {
             port: free_port(),
             store: tempfile::tempdir().unwrap(),
@@ -530,7 +537,7 @@ impl OwnBroker {
     }
 
     fn run(&mut self) {
-        let child = Command::new("nats-server")
+        let child = Command::new(nats_server())
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(self.store.path())
             .args(&self.args)
