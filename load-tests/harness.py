@@ -263,3 +263,11 @@ def git_describe(repo):
     """`git describe --always --dirty` of the checkout, or "unknown"."""
     return subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True,
                           text=True).stdout.strip() or "unknown"
+
+
+def describe_keygate(keygate, repo):
+    """`keygate 0.1.0 (<commit>, release build)`: what a results table says it measured."""
+    version = subprocess.run([keygate, "--version"], capture_output=True, text=True).stdout.strip() or "keygate"
+    build = ("debug build: figures not representative" if "/debug/" in keygate else
+             "release build" if "/release/" in keygate else keygate)
+    return f"{version} ({git_describe(repo)}, {build})"

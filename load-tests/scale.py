@@ -881,15 +881,11 @@ store: {{ url: "sqlite://{self.workdir}/empty.db" }}
 
     def report(self, started_at):
         args = self.args
-        commit = harness.git_describe(REPO)
-        version = subprocess.run([args.keygate, "--version"], capture_output=True, text=True).stdout.strip()
-        build = ("debug build: figures not representative" if "/debug/" in args.keygate else
-                 "release build" if "/release/" in args.keygate else args.keygate)
         command = "load-tests/scale.py " + " ".join(sys.argv[1:])
         lines = [
             f"# keygate with {args.keys:,} keys: {args.store}, {args.gateways} gateways",
             "",
-            f"`{command}` on {started_at:%Y-%m-%d}; {harness.machine()}; {version} ({commit}, {build}). "
+            f"`{command}` on {started_at:%Y-%m-%d}; {harness.machine()}; {harness.describe_keygate(args.keygate, REPO)}. "
             "Targets: issue #12 point 4, stated at 10 M keys; cold starts scaled to N "
             "(6 and 3 µs per key, the 1 M figures below 1 M keys).",
             "",

@@ -247,15 +247,11 @@ store: {{ url: "{self.store_url()}" }}
 
 
 def report(args, results, chunk, body_bytes, started_at):
-    commit = harness.git_describe(REPO)
-    version = subprocess.run([args.keygate, "--version"], capture_output=True, text=True).stdout.strip()
-    build = ("debug build: figures not representative" if "/debug/" in args.keygate else
-             "release build" if "/release/" in args.keygate else args.keygate)
     command = "load-tests/usage_ingest.py " + " ".join(sys.argv[1:])
     lines = [
         f"# Usage ingestion: {args.records:,} records, windows of {args.keys:,} keys",
         "",
-        f"`{command}` on {started_at:%Y-%m-%d}; {harness.machine()}; {version} ({commit}, {build}). "
+        f"`{command}` on {started_at:%Y-%m-%d}; {harness.machine()}; {harness.describe_keygate(args.keygate, REPO)}. "
         f"Uploads of at most {chunk:,} records ({harness.mb(body_bytes)} "
         f"of JSON per full upload), {args.uploaders} uploaders on keep-alive connections.",
         "",

@@ -220,11 +220,9 @@ access_log: off
             except SystemExit as e:
                 print(f"warning: could not drop {database}: {e}", file=sys.stderr)
 
-    commit = harness.git_describe(REPO)
-    build = "debug build: figures not representative" if "/debug/" in args.keygate else "release build"
     lines = [f"# One usage window with {args.keys:,} active keys: {args.store}", "",
              f"`load-tests/usage_window.py {' '.join(sys.argv[1:])}` on {datetime.date.today()}; "
-             f"{harness.machine()}; {commit} ({build}); flush interval {window:.0f} s.", "",
+             f"{harness.machine()}; {harness.describe_keygate(args.keygate, REPO)}; flush interval {window:.0f} s.", "",
              "| what | measured |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     text = "\n".join(lines) + "\n"
     harness.publish(text, Path(args.out or HERE / "results" / f"usage-window-{args.keys}-{args.store}.md"))
