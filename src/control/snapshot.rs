@@ -1,12 +1,10 @@
 //! The key set a gateway loads at start, streamed page by page from the store.
 //!
-//! The feed version is read first, then the keys by id in pages, each page one
-//! frame of the wire encoding (`index::wire`). Pages are separate queries, not
-//! one long transaction: a slow or vanished gateway then holds no database
-//! connection and no more than the page being sent. A key changed while the
-//! pages are read shows its newer state or its older one, and either way the
-//! gateway's next step, the changes after the version sent, brings it to the
-//! current state.
+//! The feed version is read first, then every key by one statement, read in
+//! pages (`Store::gateway_key_pages`), each page one frame of the wire encoding
+//! (`index::wire`). A key changed while the statement runs shows its newer state
+//! or its older one, and either way the gateway's next step, the changes after
+//! the version sent, brings it to the current state.
 //!
 //! Gateways that ask at about the same time (a fleet restarting) share one read
 //! of the store: the frames are spooled to a temporary file as they are read, and
@@ -84,7 +82,7 @@ impl SnapshotStart {
 }
 
 /// Keys per frame of a snapshot.
-const KEYS_PER_FRAME: usize = 5_000;
+pub const KEYS_PER_FRAME: usize = 5_000;
 /// A finished spool is reused this long after it was started, while the feed has not moved.
 const REUSE_FOR: Duration = Duration::from_secs(300);
 /// What one read of a spool sends at most.
@@ -162,7 +160,7 @@ impl Spool {
         };
     }
 
-    /// The store's keys, one statement streamed into frames of [`KEYS_PER_FRAME`].
+    /// The store's keys, one statement read in pages, each page one frame of up to [`KEYS_PER_FRAME`] keys.
     async fn write_frames(&self, store: &Store, start: SnapshotStart) -> Result<u64, String> {
         let handle = self.file.try_clone().map_err(|e| e.to_string())?;
         let mut file = tokio::fs::File::from_std(handle);
@@ -171,30 +169,25 @@ impl Spool {
         let mut frame = wire::header().to_vec();
         // The id only ties a gateway's change log to its snapshot file.
         wire::encode_frame(&Frame::Start { version, keys: keys_estimate, id: 0 }, &mut frame);
-        let mut keys = store.gateway_keys();
-        let mut page: Vec<GatewayKeyRow> = Vec::with_capacity(KEYS_PER_FRAME);
+        let mut pages = store.gateway_key_pages(KEYS_PER_FRAME);
         let mut sent = 0u64;
         loop {
-            let next = keys.next().await.transpose().map_err(|e| e.to_string())?;
-            let last = next.is_none();
-            page.extend(next);
-            if page.len() == KEYS_PER_FRAME || (last && !page.is_empty()) {
-                let wire_keys: Vec<WireKey<'_>> = page.iter().filter_map(servable).collect();
-                sent += wire_keys.len() as u64;
-                wire::encode_frame(&Frame::Keys(wire_keys), &mut frame);
-                page.clear();
+            let page = pages.next().await.transpose().map_err(|e| e.to_string())?;
+            let last = page.is_none();
+            match page {
+                Some(page) => {
+                    let wire_keys: Vec<WireKey<'_>> = page.iter().filter_map(servable).collect();
+                    sent += wire_keys.len() as u64;
+                    wire::encode_frame(&Frame::Keys(wire_keys), &mut frame);
+                }
+                None => wire::encode_frame(&Frame::End { version, keys: sent }, &mut frame),
             }
-            if last {
-                wire::encode_frame(&Frame::End { version, keys: sent }, &mut frame);
-            }
-            if !frame.is_empty() {
-                // tokio's file hands writes to a blocking thread: flushed, they are in the file for readers.
-                file.write_all(&frame).await.map_err(|e| e.to_string())?;
-                file.flush().await.map_err(|e| e.to_string())?;
-                written += frame.len() as u64;
-                frame.clear();
-                self.progress.send_replace(Progress::Writing(written));
-            }
+            // tokio's file hands writes to a blocking thread: flushed, they are in the file for readers.
+            file.write_all(&frame).await.map_err(|e| e.to_string())?;
+            file.flush().await.map_err(|e| e.to_string())?;
+            written += frame.len() as u64;
+            frame.clear();
+            self.progress.send_replace(Progress::Writing(written));
             if last {
                 return Ok(written);
             }

@@ -117,13 +117,14 @@ impl KeyFeed for LocalFeed {
         let estimate = self.store.key_count_estimate().await.map_err(failed)?;
         let mut builder = SnapshotBuilder::with_capacity(usize::try_from(estimate).unwrap_or(0));
         let mut unusable = UnusableAllowlists::default();
-        let mut keys = self.store.gateway_keys();
-        while let Some(row) = keys.next().await {
-            let row = row.map_err(failed)?;
-            let Some(wire) = crate::control::snapshot::servable(&row) else { continue };
-            unusable.note(&wire);
-            let (digest, record) = wire.to_record();
-            builder.push(digest, record).map_err(|e| FeedError::Store(e.to_string()))?;
+        let mut pages = self.store.gateway_key_pages(crate::control::snapshot::KEYS_PER_FRAME);
+        while let Some(page) = pages.next().await {
+            for row in &page.map_err(failed)? {
+                let Some(wire) = crate::control::snapshot::servable(row) else { continue };
+                unusable.note(&wire);
+                let (digest, record) = wire.to_record();
+                builder.push(digest, record).map_err(|e| FeedError::Store(e.to_string()))?;
+            }
         }
         Ok(LoadedKeys { snapshot: builder.finish(version), unusable })
     }

@@ -22,10 +22,11 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use futures_util::stream::BoxStream;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use time::OffsetDateTime;
@@ -50,6 +51,9 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The snapshot's own read of a SQLite file (see `sqlite_pages`).
+    #[error("database error: {0}")]
+    SqliteRead(#[from] rusqlite::Error),
     #[error("invalid: {0}")]
     Invalid(String),
 }
@@ -81,7 +85,9 @@ const BATCH_PRUNE_CHUNK: i64 = 10_000;
 /// A connected store. Cloning is cheap (the pools are reference-counted).
 #[derive(Debug, Clone)]
 pub enum Store {
-    Sqlite(SqlitePool),
+    /// The pool, and the database's file (none in memory): snapshots read the file
+    /// on a connection of their own (see `sqlite_pages`).
+    Sqlite(SqlitePool, Option<PathBuf>),
     Postgres(PgPool),
 }
 
@@ -128,6 +134,8 @@ mod sqlite {
     include!("ops.rs");
 }
 
+mod sqlite_pages;
+
 mod postgres {
     type Db = sqlx::Postgres;
     const DIALECT: super::Dialect = super::Dialect::Postgres;
@@ -137,7 +145,7 @@ mod postgres {
 macro_rules! dispatch {
     ($self:ident . $method:ident ( $($arg:expr),* )) => {
         match $self {
-            Store::Sqlite(pool) => sqlite::$method(pool, $($arg),*).await,
+            Store::Sqlite(pool, _) => sqlite::$method(pool, $($arg),*).await,
             Store::Postgres(pool) => postgres::$method(pool, $($arg),*).await,
         }
     };
@@ -166,7 +174,7 @@ impl Store {
 
     pub fn backend_name(&self) -> &'static str {
         match self {
-            Store::Sqlite(_) => "sqlite",
+            Store::Sqlite(..) => "sqlite",
             Store::Postgres(_) => "postgres",
         }
     }
@@ -174,7 +182,7 @@ impl Store {
     /// Closes every connection; later calls fail.
     pub async fn close(&self) {
         match self {
-            Store::Sqlite(pool) => pool.close().await,
+            Store::Sqlite(pool, _) => pool.close().await,
             Store::Postgres(pool) => pool.close().await,
         }
     }
@@ -272,7 +280,7 @@ impl Store {
     /// Starts a bulk import on a connection of its own; see [`Import`].
     pub async fn begin_import(&self) -> Result<Import> {
         let (conn, max_connections) = match self {
-            Store::Sqlite(pool) => {
+            Store::Sqlite(pool, _) => {
                 (ImportConn::Sqlite(sqlite::begin_import(pool).await?), pool.options().get_max_connections())
             }
             Store::Postgres(pool) => {
@@ -289,17 +297,21 @@ impl Store {
     /// one connection until the stream is done or dropped.
     pub fn all_keys(&self) -> futures_util::stream::BoxStream<'_, Result<StoredKey>> {
         match self {
-            Store::Sqlite(pool) => sqlite::all_keys(pool),
+            Store::Sqlite(pool, _) => sqlite::all_keys(pool),
             Store::Postgres(pool) => postgres::all_keys(pool),
         }
     }
 
-    /// [`Store::all_keys`] in the form a gateway needs: what a snapshot reads.
-    pub fn gateway_keys(&self) -> futures_util::stream::BoxStream<'_, Result<GatewayKeyRow>> {
-        match self {
-            Store::Sqlite(pool) => sqlite::gateway_keys(pool),
+    /// [`Store::all_keys`] in the form a gateway needs, in pages of up to `page`
+    /// rows: what a snapshot reads.
+    pub fn gateway_key_pages(&self, page: usize) -> BoxStream<'_, Result<Vec<GatewayKeyRow>>> {
+        use futures_util::{StreamExt as _, TryStreamExt as _};
+        let rows = match self {
+            Store::Sqlite(_, Some(file)) => return sqlite_pages::gateway_key_pages(file.clone(), page),
+            Store::Sqlite(pool, None) => sqlite::gateway_keys(pool),
             Store::Postgres(pool) => postgres::gateway_keys(pool),
-        }
+        };
+        rows.try_chunks(page.max(1)).map_err(|e| e.1).boxed()
     }
 
     /// About how many keys there are (PostgreSQL's planner estimate; exact on SQLite).
@@ -586,6 +598,7 @@ async fn connect_sqlite(url: &str) -> Result<Store> {
         .foreign_keys(true)
         .busy_timeout(Duration::from_secs(10))
         .create_if_missing(true);
+    let file = (!memory).then(|| options.get_filename().to_path_buf());
     let pool_options = if memory {
         // Each connection to `:memory:` would be its own database: keep exactly one, forever.
         SqlitePoolOptions::new().max_connections(1).min_connections(1).idle_timeout(None).max_lifetime(None)
@@ -599,7 +612,7 @@ async fn connect_sqlite(url: &str) -> Result<Store> {
     };
     let pool = pool_options.acquire_timeout(Duration::from_secs(10)).connect_with(options).await?;
     sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-    Ok(Store::Sqlite(pool))
+    Ok(Store::Sqlite(pool, file))
 }
 
 fn create_dir(dir: &Path) -> Result<()> {
