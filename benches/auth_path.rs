@@ -10,10 +10,10 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use keygate::config::{KeyLocation, LimitScope, PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig};
 use keygate::index::{KeyRecord, Snapshot};
 use keygate::key::{self, KeyDigest};
-use keygate::limit::{QuotaCounters, RateLimiters};
+use keygate::key_state::KeyStates;
 use keygate::policy::{decide, Limits, PlanTable, RequestFacts};
 use keygate::proxy::find_key;
-use keygate::usage::{RequestUsage, UsageCounters};
+use keygate::usage::RequestUsage;
 use pingora::http::RequestHeader;
 use time::OffsetDateTime;
 
@@ -64,10 +64,8 @@ fn bench_auth(c: &mut Criterion) {
         ],
         None,
     );
-    let rates = RateLimiters::new();
-    let quotas = QuotaCounters::new();
-    let usage = UsageCounters::new();
-    let limits = Limits { plans: &plans, rates: &rates, quotas: &quotas };
+    let states = KeyStates::new();
+    let limits = Limits { plans: &plans, states: &states };
     let locations = locations();
     let required = vec!["orders:read".to_owned()];
     let client: IpAddr = "10.1.2.3".parse().expect("ip");
@@ -76,9 +74,9 @@ fn bench_auth(c: &mut Criterion) {
         let presented = find_key(req, &locations);
         let facts = RequestFacts { presented_key: presented.as_deref(), client_ip: client, required_scopes: &required };
         let decision = decide(&facts, &snapshot, &limits, OffsetDateTime::now_utc());
-        if let Some(key) = &decision.key {
+        if let (Some(key), Some(slot)) = (&decision.key, &decision.usage) {
             let request = RequestUsage { denial: decision.denial, status: 200, bytes_in: 0, bytes_out: 0, at_ms: 0 };
-            usage.record(key.id(), key.owner(), &request);
+            slot.record(key.owner(), &request);
         }
         decision.denial.is_none()
     };

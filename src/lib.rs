@@ -7,6 +7,7 @@
 //! - `key`: key format, checksum, hashing
 //! - `sync`: how a gateway's index stays fresh
 //! - `control`: the control plane: admin API, sync feed, snapshots, import, the store
+//! - `key_state`: each budget's mutable state (rate limit, quota, usage) in one entry
 //! - `limit`: rate limiters and quota counters
 //! - `usage`: usage counters, the flusher, its spool and the sinks
 //! - `metrics`, `access_log`, `admin`: Prometheus metrics, the access log, the health endpoints
@@ -23,6 +24,7 @@ pub mod control;
 pub mod http_client;
 pub mod index;
 pub mod key;
+pub mod key_state;
 pub mod limit;
 pub mod metrics;
 pub mod outcome;

@@ -25,15 +25,14 @@ use crate::control::retention::{self, UsageCompactor};
 use crate::control::store::Store;
 use crate::control::store_sink::StoreSink;
 use crate::index::KeyIndex;
+use crate::key_state::KeyStates;
 use crate::limit::fleet::{FleetSync, RedisEngine};
-use crate::limit::{QuotaCounters, RateLimiters};
 use crate::metrics::Metrics;
 use crate::proxy::tls::{load_certified_key, ListenerCertificate};
 use crate::proxy::{DataPlane, Freshness, Gateway, GatewayState, ProxyService, STOP_LINGER};
 use crate::sync::{Follower, KeyFeed, KeysFileSource, LastSync, LocalFeed, QuotaSeedSource, RemoteFeed};
 use crate::usage::{
-    ControlPlaneSink, FileSink, Flusher, FlusherHandle, HttpSink, KeyOwners, NamedSink, NatsSink, UsageCounters,
-    UsageSink,
+    ControlPlaneSink, FileSink, Flusher, FlusherHandle, HttpSink, KeyOwners, NamedSink, NatsSink, UsageSink,
 };
 
 /// How long a starting gateway waits for its first key snapshot before trying the cache file.
@@ -91,16 +90,14 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     let admin_listener = crate::admin::bind(config.admin.address)
         .with_context(|| format!("cannot listen on the admin address {}", config.admin.address))?;
     let fleet_limits = config.fleet_limits.clone().filter(|_| config.mode != Mode::ControlPlane);
-    let (rates, quotas) = match fleet_limits {
-        Some(_) => (RateLimiters::for_fleet(), QuotaCounters::for_fleet()),
-        None => (RateLimiters::new(), QuotaCounters::new()),
+    let states = match fleet_limits {
+        Some(_) => KeyStates::for_fleet(),
+        None => KeyStates::new(),
     };
     let plane = Arc::new(DataPlane {
         state: ArcSwap::from_pointee(GatewayState::build(&config, &metrics)?),
         keys: Arc::clone(&keys),
-        rates,
-        quotas,
-        usage: Arc::new(UsageCounters::new()),
+        states: Arc::new(states),
         access_log: AccessLog::start(&config.access_log, metrics.access_log_dropped.clone())
             .context("cannot open the access log")?,
         metrics: Arc::clone(&metrics),
@@ -410,7 +407,7 @@ impl BackgroundService for Maintenance {
         let sinks = self.build_sinks(&self.sinks, store).unwrap_or_else(|e| fatal("usage sinks", e));
         crate::systemd_notify::ready();
         let flusher = Flusher::new(
-            Arc::clone(&self.plane.usage),
+            Arc::clone(&self.plane.states),
             sinks,
             self.node_id.clone(),
             self.flush_interval,
@@ -439,8 +436,7 @@ impl BackgroundService for Maintenance {
                     }
                 }
                 _ = evict_tick.tick() => {
-                    self.plane.rates.evict_idle();
-                    self.plane.quotas.evict_finished(OffsetDateTime::now_utc());
+                    self.plane.states.evict_idle(OffsetDateTime::now_utc());
                 }
                 Some(()) = async { match hangup.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
                     self.reload(&flusher, store).await;
@@ -501,7 +497,7 @@ impl Maintenance {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => sync.round(&plane.rates, &plane.quotas, &plane.metrics).await,
+                    _ = tick.tick() => sync.round(&plane.states, &plane.metrics).await,
                     _ = shutdown.changed() => return,
                 }
             }

@@ -4,12 +4,12 @@ use time::OffsetDateTime;
 
 use super::store::{Store, StoreError};
 use crate::config::QuotaPeriod;
-use crate::limit::{owner_budget, period_start, QuotaCounters, UsedElsewhere};
+use crate::limit::{owner_budget, period_start, periods, UsedElsewhere};
 
 /// Allowed requests per budget (each key, and each owner for quotas shared
 /// `by: owner`) in the current UTC day and month, from stored usage.
 pub async fn used_in_current_periods(store: &Store, now: OffsetDateTime) -> Result<UsedElsewhere, StoreError> {
-    let (day, month) = QuotaCounters::periods(now);
+    let (day, month) = periods(now);
     let mut used = UsedElsewhere { day, month, ..UsedElsewhere::default() };
     for (period, map) in [(QuotaPeriod::Day, &mut used.by_day), (QuotaPeriod::Month, &mut used.by_month)] {
         let since = period_start(period, now);

@@ -29,9 +29,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use governor::clock::Clock;
 
-use super::{QuotaCounters, QuotaDelta, RateLimiters};
+use super::QuotaDelta;
 use crate::config::QuotaPeriod;
 use crate::index::KeyId;
+use crate::key_state::KeyStates;
 use crate::metrics::Metrics;
 
 /// Rate counters are kept per epoch of this length, so that none grows for ever
@@ -189,19 +190,14 @@ impl<E: CountEngine> FleetSync<E> {
     }
 
     /// One exchange with the engine; requests never wait on it.
-    pub async fn round<C: Clock + Clone>(
-        &mut self,
-        rates: &RateLimiters<C>,
-        quotas: &QuotaCounters,
-        metrics: &Metrics,
-    ) {
+    pub async fn round<C: Clock + Clone>(&mut self, states: &KeyStates<C>, metrics: &Metrics) {
         let epoch = unix_ms() / EPOCH.as_millis() as u64;
         let since_last = self.last_round.map_or(self.interval, |at| at.elapsed()).min(self.interval * 2);
         self.last_round = Some(Instant::now());
 
         let mut ops = Vec::new();
         let mut rate_items = Vec::new();
-        rates.take_unsynced(|budget, delivered, tat_unix_ms| {
+        states.take_rate_unsynced(|budget, delivered, tat_unix_ms| {
             let is_new = !self.rate_budgets.contains_key(budget);
             let sync = self.rate_budgets.entry(KeyId::from(budget)).or_insert_with(|| RateSync::new(epoch));
             sync.roll(epoch);
@@ -224,7 +220,7 @@ impl<E: CountEngine> FleetSync<E> {
             }
             rate_items.push(RateItem { budget: KeyId::from(budget), delivered, totals_at, mark_at });
         });
-        let quota_deltas = quotas.take_unsynced();
+        let quota_deltas = states.take_quota_unsynced();
         let quotas_at = ops.len();
         ops.extend(quota_deltas.iter().map(|delta| Op::Add {
             key: quota_key(delta),
@@ -238,16 +234,16 @@ impl<E: CountEngine> FleetSync<E> {
                 for item in &rate_items {
                     if let Some(at) = item.mark_at {
                         if let Some(tat) = answers.get(at).copied().flatten() {
-                            rates.adopt_tat(&item.budget, tat, item.delivered);
+                            states.adopt_tat(&item.budget, tat, item.delivered);
                         }
                     }
                     if let Some(sync) = self.rate_budgets.get_mut(&item.budget) {
                         let news = sync.observe(item.delivered, answer(item.totals_at), answer(item.totals_at + 1));
-                        rates.absorb(&item.budget, news, since_last);
+                        states.absorb(&item.budget, news, since_last);
                     }
                 }
                 for (i, delta) in quota_deltas.iter().enumerate() {
-                    quotas.raise_to_fleet(&delta.budget, delta.period, answer(quotas_at + i));
+                    states.raise_to_fleet(&delta.budget, delta.period, answer(quotas_at + i));
                 }
                 let held: HashSet<&KeyId> = rate_items.iter().map(|item| &item.budget).collect();
                 self.rate_budgets.retain(|budget, _| held.contains(budget));
@@ -264,7 +260,7 @@ impl<E: CountEngine> FleetSync<E> {
                 // Quota counts in a chunk that got through are in the engine; the rest wait.
                 for (i, delta) in quota_deltas.iter().enumerate() {
                     if quotas_at + i >= delivered {
-                        quotas.return_unsynced(&delta.budget, delta.requests);
+                        states.return_unsynced(&delta.budget, delta.requests);
                     }
                 }
                 metrics.fleet_limits_sync_error.inc();
@@ -447,8 +443,8 @@ mod tests {
         RateLimitConfig { requests, per: Duration::from_secs(60), burst: None, by: LimitScope::Key }
     }
 
-    fn allowed(rates: &RateLimiters, config: &RateLimitConfig, n: usize) -> usize {
-        (0..n).filter(|_| rates.check("k", config).is_ok()).count()
+    fn allowed(rates: &KeyStates, config: &RateLimitConfig, n: usize) -> usize {
+        (0..n).filter(|_| rates.check_rate("k", config).is_ok()).count()
     }
 
     #[test]
@@ -466,21 +462,20 @@ mod tests {
     async fn two_gateways_share_one_budget() {
         let engine = MemoryEngine::default();
         let metrics = Metrics::new().unwrap();
-        let (a, b) = (RateLimiters::for_fleet(), RateLimiters::for_fleet());
-        let quotas = QuotaCounters::for_fleet();
+        let (a, b) = (KeyStates::for_fleet(), KeyStates::for_fleet());
         let (mut sync_a, mut sync_b) = (
             FleetSync::new(engine.clone(), Duration::from_millis(200)),
             FleetSync::new(engine.clone(), Duration::from_millis(200)),
         );
         let config = limit(10);
         assert_eq!(allowed(&a, &config, 6), 6);
-        sync_a.round(&a, &quotas, &metrics).await;
+        sync_a.round(&a, &metrics).await;
         // B draws from the budget for the first time and takes on A's TAT.
         assert_eq!(allowed(&b, &config, 1), 1);
-        sync_b.round(&b, &quotas, &metrics).await;
+        sync_b.round(&b, &metrics).await;
         assert_eq!(allowed(&b, &config, 10), 3, "6 + 1 spent; 3 left of 10");
-        sync_b.round(&b, &quotas, &metrics).await;
-        sync_a.round(&a, &quotas, &metrics).await;
+        sync_b.round(&b, &metrics).await;
+        sync_a.round(&a, &metrics).await;
         assert_eq!(allowed(&a, &config, 10), 0, "A has folded in B's 4");
         assert_eq!(metrics.fleet_limits_sync_ok.get(), 4);
         assert_eq!(metrics.fleet_limits_local_fallback.get(), 0);
@@ -490,24 +485,23 @@ mod tests {
     async fn an_absent_engine_leaves_each_gateway_its_own_full_limit_and_reports_it() {
         let engine = MemoryEngine::default();
         let metrics = Metrics::new().unwrap();
-        let rates = RateLimiters::for_fleet();
-        let quotas = QuotaCounters::for_fleet();
+        let states = KeyStates::for_fleet();
         let mut sync = FleetSync::new(engine.clone(), Duration::from_millis(200));
         engine.away.store(true, std::sync::atomic::Ordering::Relaxed);
         let quota = QuotaConfig { requests: 100, per: QuotaPeriod::Day, by: LimitScope::Key };
         let now = time::OffsetDateTime::now_utc();
         for _ in 0..3 {
-            assert!(quotas.try_consume("q", &quota, now).is_ok());
+            assert!(states.try_consume("q", &quota, now).is_ok());
         }
-        assert_eq!(allowed(&rates, &limit(5), 9), 5);
-        sync.round(&rates, &quotas, &metrics).await;
+        assert_eq!(allowed(&states, &limit(5), 9), 5);
+        sync.round(&states, &metrics).await;
         assert_eq!((metrics.fleet_limits_local_fallback.get(), metrics.fleet_limits_sync_error.get()), (1, 1));
         // Back: the quota's 3 requests arrive late, the rate limit's do not.
         engine.away.store(false, std::sync::atomic::Ordering::Relaxed);
-        sync.round(&rates, &quotas, &metrics).await;
+        sync.round(&states, &metrics).await;
         assert_eq!(metrics.fleet_limits_local_fallback.get(), 0);
         let counters = engine.counters.lock().unwrap();
-        let (day, _) = QuotaCounters::periods(now);
+        let (day, _) = crate::limit::periods(now);
         assert_eq!(counters.get(&format!("{KEY_PREFIX}quota:day:{day}:q")), Some(&3));
         let rate_total: u64 =
             counters.iter().filter(|(key, _)| key.starts_with(&format!("{KEY_PREFIX}rate:"))).map(|(_, n)| n).sum();
@@ -518,17 +512,17 @@ mod tests {
     async fn quota_counts_of_a_chunk_that_got_through_are_not_sent_again() {
         let engine = MemoryEngine { answers_left: Some(1), ..MemoryEngine::default() };
         let metrics = Metrics::new().unwrap();
-        let (rates, quotas) = (RateLimiters::for_fleet(), QuotaCounters::for_fleet());
+        let states = KeyStates::for_fleet();
         let quota = QuotaConfig { requests: 10, per: QuotaPeriod::Day, by: LimitScope::Key };
         let now = time::OffsetDateTime::now_utc();
         let budgets = OPS_PER_EXCHANGE + 4;
         for i in 0..budgets {
-            assert!(quotas.try_consume(&format!("q{i}"), &quota, now).is_ok());
+            assert!(states.try_consume(&format!("q{i}"), &quota, now).is_ok());
         }
         let mut sync = FleetSync::new(engine.clone(), Duration::from_millis(200));
-        sync.round(&rates, &quotas, &metrics).await;
+        sync.round(&states, &metrics).await;
         assert_eq!(metrics.fleet_limits_sync_error.get(), 1, "the second chunk failed");
-        let waiting: u64 = quotas.take_unsynced().iter().map(|delta| delta.requests).sum();
+        let waiting: u64 = states.take_quota_unsynced().iter().map(|delta| delta.requests).sum();
         assert_eq!(waiting, 4, "only the undelivered chunk's counts wait for the next round");
         assert_eq!(engine.counters.lock().unwrap().values().sum::<u64>(), OPS_PER_EXCHANGE as u64);
     }
@@ -537,8 +531,7 @@ mod tests {
     async fn quotas_count_what_every_gateway_counted() {
         let engine = MemoryEngine::default();
         let metrics = Metrics::new().unwrap();
-        let rates = RateLimiters::for_fleet();
-        let (a, b) = (QuotaCounters::for_fleet(), QuotaCounters::for_fleet());
+        let (a, b) = (KeyStates::for_fleet(), KeyStates::for_fleet());
         let (mut sync_a, mut sync_b) = (
             FleetSync::new(engine.clone(), Duration::from_millis(200)),
             FleetSync::new(engine, Duration::from_millis(200)),
@@ -549,8 +542,8 @@ mod tests {
             assert!(a.try_consume("q", &quota, now).is_ok());
         }
         assert!(b.try_consume("q", &quota, now).is_ok());
-        sync_a.round(&rates, &a, &metrics).await;
-        sync_b.round(&rates, &b, &metrics).await;
+        sync_a.round(&a, &metrics).await;
+        sync_b.round(&b, &metrics).await;
         assert_eq!(b.try_consume("q", &quota, now), Ok(0), "3 + 1 counted, this is the 5th");
         assert!(b.try_consume("q", &quota, now).is_err());
     }

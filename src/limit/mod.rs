@@ -1,4 +1,5 @@
-//! Rate limits and quotas: mutable state kept beside the key index.
+//! Rate limits and quotas: mutable state kept beside the key index, in each
+//! budget's entry of [`crate::key_state::KeyStates`].
 //!
 //! State is keyed by budget: a key's id, or its owner's name for limits with
 //! `by: owner` (see [`budget_id`]). So it survives index swaps (a reload does not
@@ -9,10 +10,10 @@ pub mod fleet;
 mod quota;
 mod rate;
 
-pub use quota::{
-    check_quota, period_start, QuotaCounters, QuotaDelta, QuotaExceeded, UsedElsewhere, MAX_QUOTA_REQUESTS,
-};
-pub use rate::{check_rate_limit, RateInfo, RateLimited, RateLimiters, MAX_RATE_WINDOW};
+pub use quota::{check_quota, period_start, periods, QuotaDelta, QuotaExceeded, UsedElsewhere, MAX_QUOTA_REQUESTS};
+pub(crate) use quota::{QuotaPeriods, QuotaState};
+pub use rate::{check_rate_limit, RateInfo, RateLimited, MAX_RATE_WINDOW};
+pub(crate) use rate::{RateClock, RateState};
 
 use std::borrow::Cow;
 

@@ -10,8 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::index::{KeyId, KeyIdMap};
+use crate::index::KeyId;
+use crate::key_state::{KeyState, KeyStates};
 use arc_swap::ArcSwap;
+use governor::clock::Clock;
 use time::{Date, Month, OffsetDateTime, Time};
 
 use super::Unenforceable;
@@ -49,9 +51,12 @@ pub struct UsedElsewhere {
     pub by_month: HashMap<String, u64>,
 }
 
-/// One budget's quota state.
-struct QuotaCounter {
-    /// Period index in the high bits, count in the low `COUNT_BITS`.
+/// One budget's quota state. All zero is a quota no request has counted in,
+/// which is also what an idle one is reset to.
+#[derive(Default)]
+pub(crate) struct QuotaState {
+    /// Period index in the high bits, count in the low `COUNT_BITS`; 0 until a
+    /// quota counts in the budget, which then starts from the budget's floor.
     word: AtomicU64,
     /// Whether the period is a month (else a day): names the budget's fleet counter.
     monthly: AtomicBool,
@@ -59,7 +64,22 @@ struct QuotaCounter {
     unsynced: AtomicU64,
 }
 
-/// Requests a fleet sync took from one budget ([`QuotaCounters::take_unsynced`]).
+impl QuotaState {
+    /// Counting in a period that is over (neither `day` nor `month`, the current
+    /// indices) and holding nothing the fleet sync has yet to take. A live
+    /// counter's index equals one of them; a stale one could only match by a
+    /// coincidence of decades and would merely linger.
+    pub(crate) fn is_idle(&self, day: u64, month: u64) -> bool {
+        let index = self.word.load(Ordering::Relaxed) >> COUNT_BITS;
+        index != day && index != month && self.unsynced.load(Ordering::Relaxed) == 0
+    }
+
+    fn is_held(&self) -> bool {
+        self.word.load(Ordering::Relaxed) != 0
+    }
+}
+
+/// Requests a fleet sync took from one budget ([`KeyStates::take_quota_unsynced`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuotaDelta {
     pub budget: KeyId,
@@ -69,14 +89,13 @@ pub struct QuotaDelta {
     pub requests: u64,
 }
 
+/// What all quota counters share: the usage counted elsewhere, and the latest
+/// periods seen.
 #[derive(Default)]
-pub struct QuotaCounters {
-    by_key: KeyIdMap<QuotaCounter>,
-    /// Whether counted requests are kept for a fleet sync.
-    counts_unsynced: bool,
+pub(crate) struct QuotaPeriods {
     floors: ArcSwap<UsedElsewhere>,
     /// The latest day and month index seen, so that a clock stepped back does not
-    /// reopen a period that has ended (see `current_period`).
+    /// reopen a period that has ended (see `current`).
     latest_day: AtomicU64,
     latest_month: AtomicU64,
 }
@@ -117,22 +136,13 @@ pub fn period_end(period: QuotaPeriod, now: OffsetDateTime) -> OffsetDateTime {
     }
 }
 
-impl QuotaCounters {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Counters whose counted requests a fleet sync takes with [`QuotaCounters::take_unsynced`].
-    pub fn for_fleet() -> Self {
-        QuotaCounters { counts_unsynced: true, ..Self::default() }
-    }
-
+impl QuotaPeriods {
     /// The period that `now` counts in: the clock's, unless the clock has stepped
     /// back (NTP) from the latest period seen into the one before it. That one has
     /// ended, and counting in it again would hand every key a second budget; so
     /// the latest stays current until the clock catches up. A step back further
     /// than one period is the clock being set, not adjusted, and is followed.
-    fn current_period(&self, per: QuotaPeriod, now: OffsetDateTime) -> u64 {
+    pub(crate) fn current(&self, per: QuotaPeriod, now: OffsetDateTime) -> u64 {
         let index = period_index(per, now);
         let latest = match per {
             QuotaPeriod::Day => &self.latest_day,
@@ -152,62 +162,97 @@ impl QuotaCounters {
         index
     }
 
-    /// Counts one request unless the key has used its quota for this period.
+    /// What is known to be used already of `period`, for a counter starting now.
+    fn floor(&self, budget: &str, per: QuotaPeriod, period: u64) -> u64 {
+        let floors = self.floors.load();
+        let (index, map) = match per {
+            QuotaPeriod::Day => (floors.day, &floors.by_day),
+            QuotaPeriod::Month => (floors.month, &floors.by_month),
+        };
+        if index == period {
+            map.get(budget).copied().unwrap_or(0).min(COUNT_MASK)
+        } else {
+            0
+        }
+    }
+}
+
+/// The day and month indices of `now`, to label seeds.
+pub fn periods(now: OffsetDateTime) -> (u64, u64) {
+    (period_index(QuotaPeriod::Day, now), period_index(QuotaPeriod::Month, now))
+}
+
+impl<C: Clock> KeyStates<C> {
+    /// Counts one request unless `budget` has used its quota for this period.
     /// Returns how many requests are left after this one.
-    pub fn try_consume(&self, key_id: &str, quota: &QuotaConfig, now: OffsetDateTime) -> Result<u64, QuotaExceeded> {
-        let period = self.current_period(quota.per, now);
+    pub fn try_consume(&self, budget: &str, quota: &QuotaConfig, now: OffsetDateTime) -> Result<u64, QuotaExceeded> {
+        self.consume(budget, &self.state(budget), quota, now)
+    }
+
+    /// [`KeyStates::try_consume`] on `budget`'s entry, already looked up.
+    pub(crate) fn consume(
+        &self,
+        budget: &str,
+        state: &KeyState,
+        quota: &QuotaConfig,
+        now: OffsetDateTime,
+    ) -> Result<u64, QuotaExceeded> {
+        let counter = &state.quota;
+        let period = self.periods.current(quota.per, now);
         // Validation refuses larger quotas; one stored before it did is clamped to what can be counted.
         let limit = quota.requests.min(MAX_QUOTA_REQUESTS);
-        let consume = |word: &AtomicU64| -> Result<u64, QuotaExceeded> {
-            let mut current = word.load(Ordering::Relaxed);
-            loop {
-                let used = if current >> COUNT_BITS == period { current & COUNT_MASK } else { 0 };
-                if used >= limit {
-                    let mut end = period_end(quota.per, now);
-                    if period != period_index(quota.per, now) {
-                        // The clock is behind the period counted in: wait for that period's end.
-                        end = period_end(quota.per, end);
-                    }
-                    let retry_after = (end - now).try_into().unwrap_or(Duration::from_secs(1));
-                    return Err(QuotaExceeded { retry_after });
-                }
-                let next = (period << COUNT_BITS) | (used + 1).min(COUNT_MASK);
-                match word.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed) {
-                    Ok(_) => return Ok(limit - used - 1),
-                    Err(actual) => current = actual,
-                }
-            }
-        };
         let monthly = quota.per == QuotaPeriod::Month;
-        let count = |counter: &QuotaCounter| {
-            let left = consume(&counter.word)?;
-            if self.counts_unsynced {
-                counter.unsynced.fetch_add(1, Ordering::Relaxed);
-                if counter.monthly.load(Ordering::Relaxed) != monthly {
-                    counter.monthly.store(monthly, Ordering::Relaxed);
-                }
-            }
-            Ok(left)
-        };
-        if let Some(counter) = self.by_key.get(key_id) {
-            return count(&counter);
+        // Names the fleet counter; set before counting, so that no sync sees a count without it.
+        if counter.monthly.load(Ordering::Relaxed) != monthly {
+            counter.monthly.store(monthly, Ordering::Relaxed);
         }
-        let counter = self.by_key.entry(KeyId::from(key_id)).or_insert_with(|| QuotaCounter {
-            word: AtomicU64::new((period << COUNT_BITS) | self.floor(key_id, quota.per, period)),
-            monthly: AtomicBool::new(monthly),
-            unsynced: AtomicU64::new(0),
-        });
-        count(&counter)
+        let mut current = counter.word.load(Ordering::Relaxed);
+        let left = loop {
+            let used = match current {
+                // A counter's first request: it starts from what is known to be used elsewhere.
+                0 => self.periods.floor(budget, quota.per, period),
+                _ if current >> COUNT_BITS == period => current & COUNT_MASK,
+                _ => 0,
+            };
+            if used >= limit {
+                if current == 0 {
+                    // Refused at its first request: it holds its floor, as a new counter did.
+                    let _ = counter.word.compare_exchange(
+                        0,
+                        (period << COUNT_BITS) | used,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    );
+                }
+                let mut end = period_end(quota.per, now);
+                if period != period_index(quota.per, now) {
+                    // The clock is behind the period counted in: wait for that period's end.
+                    end = period_end(quota.per, end);
+                }
+                let retry_after = (end - now).try_into().unwrap_or(Duration::from_secs(1));
+                return Err(QuotaExceeded { retry_after });
+            }
+            let next = (period << COUNT_BITS) | (used + 1).min(COUNT_MASK);
+            match counter.word.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => break limit - used - 1,
+                Err(actual) => current = actual,
+            }
+        };
+        if self.fleet {
+            counter.unsynced.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(left)
     }
 
     /// Every budget's requests counted since the last call, which starts them from
     /// zero again; budgets with none are listed too (with 0), so that a sync also
     /// learns what the rest of the fleet used of them.
-    pub fn take_unsynced(&self) -> Vec<QuotaDelta> {
-        self.by_key
+    pub fn take_quota_unsynced(&self) -> Vec<QuotaDelta> {
+        self.map
             .iter()
+            .filter(|entry| entry.quota.is_held())
             .map(|entry| {
-                let counter = entry.value();
+                let counter = &entry.quota;
                 let per = if counter.monthly.load(Ordering::Relaxed) { QuotaPeriod::Month } else { QuotaPeriod::Day };
                 QuotaDelta {
                     budget: entry.key().clone(),
@@ -221,8 +266,8 @@ impl QuotaCounters {
 
     /// Gives back requests a sync took but could not deliver, for the next one.
     pub fn return_unsynced(&self, budget: &str, requests: u64) {
-        if let Some(counter) = self.by_key.get(budget) {
-            counter.unsynced.fetch_add(requests, Ordering::Relaxed);
+        if let Some(state) = self.map.get(budget) {
+            state.quota.unsynced.fetch_add(requests, Ordering::Relaxed);
         }
     }
 
@@ -231,82 +276,41 @@ impl QuotaCounters {
     /// floor for its count. A floor, not an addition, so it never counts a request
     /// twice, whichever of this and the store's usage (`seed`) came first.
     pub fn raise_to_fleet(&self, budget: &str, period: u64, fleet_total: u64) {
-        let Some(counter) = self.by_key.get(budget) else { return };
+        let Some(state) = self.map.get(budget) else { return };
+        let counter = &state.quota;
         let floor = fleet_total.saturating_add(counter.unsynced.load(Ordering::Relaxed)).min(COUNT_MASK);
         let _ = counter.word.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |current| {
             (current >> COUNT_BITS == period && current & COUNT_MASK < floor).then_some((period << COUNT_BITS) | floor)
         });
     }
 
-    /// What is known to be used already of `period`, for a counter starting now.
-    fn floor(&self, key_id: &str, per: QuotaPeriod, period: u64) -> u64 {
-        let floors = self.floors.load();
-        let (index, map) = match per {
-            QuotaPeriod::Day => (floors.day, &floors.by_day),
-            QuotaPeriod::Month => (floors.month, &floors.by_month),
-        };
-        if index == period {
-            map.get(key_id).copied().unwrap_or(0).min(COUNT_MASK)
-        } else {
-            0
-        }
-    }
-
     /// Takes in usage counted elsewhere: counters of the same period never fall
-    /// below it, and counters created later start from it.
+    /// below it, and counters started later start from it.
     pub fn seed(&self, used: UsedElsewhere) {
         for (index, map) in [(used.day, &used.by_day), (used.month, &used.by_month)] {
-            for (key_id, &n) in map {
-                if let Some(counter) = self.by_key.get(key_id.as_str()) {
-                    let _ = counter.word.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |current| {
+            for (budget, &n) in map {
+                if let Some(state) = self.map.get(budget.as_str()) {
+                    let _ = state.quota.word.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |current| {
                         (current >> COUNT_BITS == index && current & COUNT_MASK < n)
                             .then_some((index << COUNT_BITS) | n.min(COUNT_MASK))
                     });
                 }
             }
         }
-        self.floors.store(Arc::new(used));
+        self.periods.floors.store(Arc::new(used));
     }
 
-    /// The day and month indices of `now`, to label seeds.
-    pub fn periods(now: OffsetDateTime) -> (u64, u64) {
-        (period_index(QuotaPeriod::Day, now), period_index(QuotaPeriod::Month, now))
-    }
-
-    /// Requests counted for the key in the period containing `now`.
-    pub fn used(&self, key_id: &str, period: QuotaPeriod, now: OffsetDateTime) -> u64 {
-        let current = self.current_period(period, now);
-        self.by_key.get(key_id).map_or(0, |counter| {
-            let value = counter.word.load(Ordering::Relaxed);
+    /// Requests counted for `budget` in the period containing `now`.
+    pub fn used(&self, budget: &str, period: QuotaPeriod, now: OffsetDateTime) -> u64 {
+        let current = self.periods.current(period, now);
+        self.map.get(budget).map_or(0, |state| {
+            let value = state.quota.word.load(Ordering::Relaxed);
             if value >> COUNT_BITS == current {
                 value & COUNT_MASK
             } else {
                 0
             }
         })
-    }
-
-    /// Forgets counters whose period is over.
-    pub fn evict_finished(&self, now: OffsetDateTime) -> usize {
-        let day = self.current_period(QuotaPeriod::Day, now);
-        let month = self.current_period(QuotaPeriod::Month, now);
-        let before = self.by_key.len();
-        // A live counter's index equals today's day or this month's index, so it
-        // is always kept; a stale one could only match by a coincidence of
-        // decades and would merely linger.
-        self.by_key.retain(|_, counter| {
-            let index = counter.word.load(Ordering::Relaxed) >> COUNT_BITS;
-            index == day || index == month
-        });
-        before - self.by_key.len()
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_key.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
     }
 }
 
@@ -326,7 +330,7 @@ mod tests {
 
     #[test]
     fn quota_allows_exactly_its_requests_per_period() {
-        let counters = QuotaCounters::new();
+        let counters = KeyStates::new();
         let now = datetime!(2026-03-10 12:00 UTC);
         assert_eq!(counters.try_consume("k", &daily(3), now), Ok(2));
         assert_eq!(counters.try_consume("k", &daily(3), now), Ok(1));
@@ -338,7 +342,7 @@ mod tests {
 
     #[test]
     fn refused_requests_do_not_consume_quota() {
-        let counters = QuotaCounters::new();
+        let counters = KeyStates::new();
         let now = datetime!(2026-03-10 12:00 UTC);
         assert!(counters.try_consume("k", &daily(1), now).is_ok());
         for _ in 0..5 {
@@ -349,7 +353,7 @@ mod tests {
 
     #[test]
     fn a_new_utc_day_resets_the_count() {
-        let counters = QuotaCounters::new();
+        let counters = KeyStates::new();
         assert!(counters.try_consume("k", &daily(1), datetime!(2026-03-10 23:59:59 UTC)).is_ok());
         assert!(counters.try_consume("k", &daily(1), datetime!(2026-03-10 23:59:59 UTC)).is_err());
         assert!(counters.try_consume("k", &daily(1), datetime!(2026-03-11 00:00 UTC)).is_ok());
@@ -357,7 +361,7 @@ mod tests {
 
     #[test]
     fn monthly_quota_resets_on_the_first_of_the_month() {
-        let counters = QuotaCounters::new();
+        let counters = KeyStates::new();
         let late = datetime!(2026-12-31 18:00 UTC);
         assert!(counters.try_consume("k", &monthly(1), late).is_ok());
         let exceeded = counters.try_consume("k", &monthly(1), late).unwrap_err();
@@ -367,7 +371,7 @@ mod tests {
 
     #[test]
     fn a_clock_stepping_back_over_midnight_keeps_the_current_period() {
-        let counters = QuotaCounters::new();
+        let counters = KeyStates::new();
         assert_eq!(counters.try_consume("k", &daily(2), datetime!(2026-03-11 00:00:05 UTC)), Ok(1));
         // NTP steps the clock back ten seconds, into yesterday.
         let stepped = datetime!(2026-03-10 23:59:55 UTC);
@@ -375,7 +379,7 @@ mod tests {
         let exceeded = counters.try_consume("k", &daily(2), stepped).unwrap_err();
         assert_eq!(exceeded.retry_after, Duration::from_secs(86_405), "until the end of 2026-03-11");
         assert_eq!(counters.used("k", QuotaPeriod::Day, stepped), 2);
-        assert_eq!(counters.evict_finished(stepped), 0);
+        assert_eq!(counters.evict_idle(stepped), 0);
         // A key first seen while the clock is behind counts in the same day.
         assert_eq!(counters.try_consume("fresh", &daily(1), stepped), Ok(0));
         // Back past midnight again: the day's counts were not lost.
@@ -393,9 +397,9 @@ mod tests {
 
     #[test]
     fn usage_counted_elsewhere_is_a_floor_for_new_and_running_counters() {
-        let counters = QuotaCounters::new();
+        let counters = KeyStates::new();
         let now = datetime!(2026-03-10 12:00 UTC);
-        let (day, month) = QuotaCounters::periods(now);
+        let (day, month) = periods(now);
         assert!(counters.try_consume("running", &daily(10), now).is_ok());
         counters.seed(UsedElsewhere {
             day,
@@ -416,13 +420,13 @@ mod tests {
 
     #[test]
     fn fleet_totals_are_floors_and_undelivered_requests_come_back() {
-        let counters = QuotaCounters::for_fleet();
+        let counters = KeyStates::for_fleet();
         let now = datetime!(2026-03-10 12:00 UTC);
-        let (day, _) = QuotaCounters::periods(now);
+        let (day, _) = periods(now);
         for _ in 0..3 {
             assert!(counters.try_consume("k", &daily(100), now).is_ok());
         }
-        let taken = counters.take_unsynced();
+        let taken = counters.take_quota_unsynced();
         assert_eq!(taken, [QuotaDelta { budget: "k".into(), per: QuotaPeriod::Day, period: day, requests: 3 }]);
         // Delivered: the fleet has these 3 and 10 from elsewhere; one more came in meanwhile.
         assert!(counters.try_consume("k", &daily(100), now).is_ok());
@@ -433,19 +437,19 @@ mod tests {
         counters.raise_to_fleet("k", day - 1, 50);
         assert_eq!(counters.used("k", QuotaPeriod::Day, now), 14);
         // Not delivered: the requests wait for the next sync.
-        let pending = counters.take_unsynced()[0].requests;
+        let pending = counters.take_quota_unsynced()[0].requests;
         counters.return_unsynced("k", pending);
-        assert_eq!(counters.take_unsynced()[0].requests, 1);
-        assert!(QuotaCounters::new().take_unsynced().is_empty());
+        assert_eq!(counters.take_quota_unsynced()[0].requests, 1);
+        assert!(KeyStates::new().take_quota_unsynced().is_empty());
     }
 
     #[test]
     fn counters_of_finished_periods_are_evicted() {
-        let counters = QuotaCounters::new();
+        let counters = KeyStates::new();
         assert!(counters.try_consume("old", &daily(5), datetime!(2026-03-09 12:00 UTC)).is_ok());
         assert!(counters.try_consume("today", &daily(5), datetime!(2026-03-10 12:00 UTC)).is_ok());
         assert!(counters.try_consume("month", &monthly(5), datetime!(2026-03-01 12:00 UTC)).is_ok());
-        assert_eq!(counters.evict_finished(datetime!(2026-03-10 13:00 UTC)), 1);
+        assert_eq!(counters.evict_idle(datetime!(2026-03-10 13:00 UTC)), 1);
         assert_eq!(counters.len(), 2);
     }
 }

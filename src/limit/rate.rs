@@ -11,11 +11,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::index::{KeyId, KeyIdMap};
-use governor::clock::{Clock, DefaultClock, Reference};
+use governor::clock::{Clock, Reference};
 
 use super::Unenforceable;
 use crate::config::RateLimitConfig;
+use crate::key_state::KeyStates;
 
 /// What the `RateLimit-*` response headers report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,40 +34,41 @@ pub struct RateLimited {
     pub retry_after: Duration,
 }
 
-struct BudgetState {
-    /// Theoretical arrival time, nanoseconds since the limiters' origin.
+/// One budget's rate state. All zero is a full budget no limit has drawn from,
+/// which is also what an idle one is reset to.
+#[derive(Default)]
+pub(crate) struct RateState {
+    /// Theoretical arrival time, nanoseconds since the clock's origin.
     tat: AtomicU64,
     /// Emission interval (nanoseconds) of the limit last applied: what one request
-    /// allowed elsewhere costs when it is folded in.
+    /// allowed elsewhere costs when it is folded in. 0 until a limit draws from
+    /// the budget, which is how the fleet sync tells budgets from the other entries.
     interval: AtomicU64,
     /// Requests allowed here that the fleet sync has not taken yet.
     unsynced: AtomicU64,
 }
 
-pub struct RateLimiters<C: Clock = DefaultClock> {
+/// The limiters' time: nanoseconds since an origin, which is also known as a Unix
+/// time because TATs shared with other gateways are wall-clock times.
+pub(crate) struct RateClock<C: Clock> {
     clock: C,
     origin: C::Instant,
-    by_budget: KeyIdMap<BudgetState>,
-    /// Whether allowed requests are counted for a fleet sync.
-    counts_unsynced: bool,
-    /// Unix time of `origin` in milliseconds: TATs shared with other gateways are wall-clock times.
+    /// Unix time of `origin` in milliseconds.
     origin_unix_ms: u64,
 }
 
-impl RateLimiters<DefaultClock> {
-    pub fn new() -> Self {
-        RateLimiters::with_clock(DefaultClock::default())
+impl<C: Clock> RateClock<C> {
+    pub(crate) fn new(clock: C) -> Self {
+        let origin = clock.now();
+        let origin_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+        RateClock { clock, origin, origin_unix_ms }
     }
 
-    /// Limiters whose allowed requests a fleet sync takes with [`RateLimiters::take_unsynced`].
-    pub fn for_fleet() -> Self {
-        RateLimiters { counts_unsynced: true, ..RateLimiters::new() }
-    }
-}
-
-impl Default for RateLimiters<DefaultClock> {
-    fn default() -> Self {
-        Self::new()
+    pub(crate) fn now(&self) -> u64 {
+        let elapsed: Duration = self.clock.now().duration_since(self.origin).into();
+        u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
     }
 }
 
@@ -134,49 +135,40 @@ fn reprice(tat: u64, now: u64, from: u64, to: u64) -> u64 {
     now.saturating_add(u64::try_from(owed).unwrap_or(u64::MAX))
 }
 
-impl<C: Clock + Clone> RateLimiters<C> {
-    pub fn with_clock(clock: C) -> Self {
-        let origin = clock.now();
-        let origin_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
-        RateLimiters { clock, origin, by_budget: KeyIdMap::default(), counts_unsynced: false, origin_unix_ms }
-    }
-
-    /// Takes one request from `budget` under the limit `config`.
-    pub fn check(&self, budget: &str, config: &RateLimitConfig) -> Result<RateInfo, RateLimited> {
+impl RateState {
+    /// Takes one request under the limit `config`; `fleet`: count it for the fleet sync.
+    pub(crate) fn check(&self, config: &RateLimitConfig, now: u64, fleet: bool) -> Result<RateInfo, RateLimited> {
         let Some(gcra) = Gcra::of(config) else {
             return Ok(RateInfo { limit: u32::MAX, remaining: u32::MAX, reset: Duration::ZERO });
         };
-        let now = self.elapsed_nanos();
-        match self.by_budget.get(budget) {
-            Some(state) => self.check_state(&state, gcra, now),
-            None => {
-                let state = self.by_budget.entry(KeyId::from(budget)).or_insert_with(|| BudgetState {
-                    tat: AtomicU64::new(0),
-                    interval: AtomicU64::new(gcra.interval),
-                    unsynced: AtomicU64::new(0),
-                });
-                self.check_state(&state, gcra, now)
-            }
-        }
+        self.check_gcra(gcra, now, fleet)
     }
 
-    fn check_state(&self, state: &BudgetState, gcra: Gcra, now: u64) -> Result<RateInfo, RateLimited> {
-        let applied = state.interval.load(Ordering::Relaxed);
+    /// Full again (the TAT has passed) and holding nothing the fleet sync has yet to
+    /// take: a new state behaves exactly the same.
+    pub(crate) fn is_idle(&self, now: u64) -> bool {
+        self.tat.load(Ordering::Acquire) <= now && self.unsynced.load(Ordering::Relaxed) == 0
+    }
+
+    fn is_held(&self) -> bool {
+        self.interval.load(Ordering::Relaxed) != 0
+    }
+
+    fn check_gcra(&self, gcra: Gcra, now: u64, fleet: bool) -> Result<RateInfo, RateLimited> {
+        let applied = self.interval.load(Ordering::Relaxed);
         // A budget counts requests, not time: under a different limit (changed, or
         // another key of the same owner) the requests it still owes keep their number.
         // Only the thread that switches the interval converts the TAT, so it is converted once.
         if applied != gcra.interval
-            && state.interval.compare_exchange(applied, gcra.interval, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+            && self.interval.compare_exchange(applied, gcra.interval, Ordering::AcqRel, Ordering::Relaxed).is_ok()
         {
-            let _ = state.tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+            let _ = self.tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
                 Some(reprice(tat, now, applied, gcra.interval))
             });
         }
         let limit = gcra.burst;
         let interval = Duration::from_nanos(gcra.interval);
-        let mut tat = state.tat.load(Ordering::Acquire);
+        let mut tat = self.tat.load(Ordering::Acquire);
         loop {
             let earliest = tat.saturating_sub(gcra.tolerance);
             if now < earliest {
@@ -185,10 +177,10 @@ impl<C: Clock + Clone> RateLimiters<C> {
                 return Err(RateLimited { info: RateInfo { limit, remaining: 0, reset }, retry_after });
             }
             let next = tat.max(now).saturating_add(gcra.interval);
-            match state.tat.compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire) {
+            match self.tat.compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
-                    if self.counts_unsynced {
-                        state.unsynced.fetch_add(1, Ordering::Relaxed);
+                    if fleet {
+                        self.unsynced.fetch_add(1, Ordering::Relaxed);
                     }
                     let span = gcra.tolerance.saturating_add(gcra.interval);
                     let left = now.saturating_add(span).saturating_sub(next).min(span);
@@ -200,16 +192,25 @@ impl<C: Clock + Clone> RateLimiters<C> {
             }
         }
     }
+}
 
-    /// Calls `each` with every budget, the requests allowed in it since the last
+impl<C: Clock + Clone> KeyStates<C> {
+    /// Takes one request from `budget` under the limit `config`.
+    pub fn check_rate(&self, budget: &str, config: &RateLimitConfig) -> Result<RateInfo, RateLimited> {
+        let now = self.rate_clock.now();
+        self.state(budget).rate.check(config, now, self.fleet)
+    }
+
+    /// Calls `each` with every budget a rate limit draws from, the requests allowed in it since the last
     /// call (which starts them from zero again; budgets with none get 0), and its
     /// TAT as a Unix time in milliseconds while that is in the future.
-    pub fn take_unsynced(&self, mut each: impl FnMut(&str, u64, Option<u64>)) {
-        let now = self.elapsed_nanos();
-        for entry in self.by_budget.iter() {
-            let tat = entry.tat.load(Ordering::Acquire);
-            let tat_unix_ms = (tat > now).then(|| self.origin_unix_ms.saturating_add(tat / 1_000_000));
-            each(entry.key(), entry.unsynced.swap(0, Ordering::Relaxed), tat_unix_ms);
+    pub fn take_rate_unsynced(&self, mut each: impl FnMut(&str, u64, Option<u64>)) {
+        let now = self.rate_clock.now();
+        for entry in self.map.iter().filter(|entry| entry.rate.is_held()) {
+            let rate = &entry.rate;
+            let tat = rate.tat.load(Ordering::Acquire);
+            let tat_unix_ms = (tat > now).then(|| self.rate_clock.origin_unix_ms.saturating_add(tat / 1_000_000));
+            each(entry.key(), rate.unsynced.swap(0, Ordering::Relaxed), tat_unix_ms);
         }
     }
 
@@ -219,10 +220,11 @@ impl<C: Clock + Clone> RateLimiters<C> {
     /// gateway that has just started drawing from a budget learns what the others
     /// have spent of it.
     pub fn adopt_tat(&self, budget: &str, tat_unix_ms: u64, own: u64) {
-        let Some(state) = self.by_budget.get(budget) else { return };
-        let fleet = tat_unix_ms.saturating_sub(self.origin_unix_ms).saturating_mul(1_000_000);
+        let Some(state) = self.map.get(budget).filter(|state| state.rate.is_held()) else { return };
+        let state = &state.rate;
+        let fleet = tat_unix_ms.saturating_sub(self.rate_clock.origin_unix_ms).saturating_mul(1_000_000);
         let cost = own.saturating_mul(state.interval.load(Ordering::Relaxed));
-        state.tat.fetch_max(fleet.max(self.elapsed_nanos()).saturating_add(cost), Ordering::AcqRel);
+        state.tat.fetch_max(fleet.max(self.rate_clock.now()).saturating_add(cost), Ordering::AcqRel);
     }
 
     /// Folds in `requests` that other gateways allowed from `budget` over the last
@@ -232,35 +234,13 @@ impl<C: Clock + Clone> RateLimiters<C> {
         if requests == 0 {
             return;
         }
-        let Some(state) = self.by_budget.get(budget) else { return };
-        let since = self.elapsed_nanos().saturating_sub(u64::try_from(over.as_nanos()).unwrap_or(u64::MAX));
+        let Some(state) = self.map.get(budget).filter(|state| state.rate.is_held()) else { return };
+        let state = &state.rate;
+        let since = self.rate_clock.now().saturating_sub(u64::try_from(over.as_nanos()).unwrap_or(u64::MAX));
         let cost = requests.saturating_mul(state.interval.load(Ordering::Relaxed));
         let _ = state
             .tat
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| Some(tat.max(since).saturating_add(cost)));
-    }
-
-    /// Drops budgets that are full again (their TAT has passed) and hold nothing
-    /// a fleet sync has yet to take: a new one behaves exactly the same.
-    pub fn evict_idle(&self) -> usize {
-        let now = self.elapsed_nanos();
-        let before = self.by_budget.len();
-        self.by_budget
-            .retain(|_, state| state.tat.load(Ordering::Acquire) > now || state.unsynced.load(Ordering::Relaxed) > 0);
-        before - self.by_budget.len()
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_budget.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_budget.is_empty()
-    }
-
-    fn elapsed_nanos(&self) -> u64 {
-        let elapsed: Duration = self.clock.now().duration_since(self.origin).into();
-        u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
     }
 }
 
@@ -275,9 +255,9 @@ mod tests {
         RateLimitConfig { requests, per: Duration::from_millis(per_ms), burst, by: LimitScope::Key }
     }
 
-    fn limiters() -> (RateLimiters<FakeRelativeClock>, FakeRelativeClock) {
+    fn limiters() -> (KeyStates<FakeRelativeClock>, FakeRelativeClock) {
         let clock = FakeRelativeClock::default();
-        (RateLimiters::with_clock(clock.clone()), clock)
+        (KeyStates::with_clock(clock.clone()), clock)
     }
 
     #[test]
@@ -285,11 +265,11 @@ mod tests {
         let (limiters, _) = limiters();
         let config = limit(10, 1000, Some(20));
         for i in 0..20 {
-            let info = limiters.check("k", &config).unwrap_or_else(|_| panic!("request {i} limited"));
+            let info = limiters.check_rate("k", &config).unwrap_or_else(|_| panic!("request {i} limited"));
             assert_eq!(info.limit, 20);
             assert_eq!(info.remaining, 19 - i);
         }
-        let limited = limiters.check("k", &config).unwrap_err();
+        let limited = limiters.check_rate("k", &config).unwrap_err();
         assert_eq!(limited.info.remaining, 0);
         assert_eq!(limited.retry_after, Duration::from_millis(100));
     }
@@ -299,9 +279,9 @@ mod tests {
         let (limiters, _) = limiters();
         let config = limit(3, 1000, None);
         for _ in 0..3 {
-            assert!(limiters.check("k", &config).is_ok());
+            assert!(limiters.check_rate("k", &config).is_ok());
         }
-        let limited = limiters.check("k", &config).unwrap_err();
+        let limited = limiters.check_rate("k", &config).unwrap_err();
         assert_eq!(limited.info.limit, 3);
         assert_eq!(limited.retry_after, Duration::from_nanos(333_333_333));
         assert_eq!(retry_after_secs(limited.retry_after), 1);
@@ -311,26 +291,26 @@ mod tests {
     fn budget_refills_one_request_per_interval() {
         let (limiters, clock) = limiters();
         let config = limit(2, 1000, None);
-        assert!(limiters.check("k", &config).is_ok());
-        assert!(limiters.check("k", &config).is_ok());
-        assert!(limiters.check("k", &config).is_err());
+        assert!(limiters.check_rate("k", &config).is_ok());
+        assert!(limiters.check_rate("k", &config).is_ok());
+        assert!(limiters.check_rate("k", &config).is_err());
         clock.advance(Duration::from_millis(499));
-        assert!(limiters.check("k", &config).is_err());
+        assert!(limiters.check_rate("k", &config).is_err());
         clock.advance(Duration::from_millis(1));
-        assert!(limiters.check("k", &config).is_ok());
-        assert!(limiters.check("k", &config).is_err());
+        assert!(limiters.check_rate("k", &config).is_ok());
+        assert!(limiters.check_rate("k", &config).is_err());
     }
 
     #[test]
     fn reset_is_the_time_until_the_whole_burst_is_back() {
         let (limiters, clock) = limiters();
         let config = limit(4, 1000, None);
-        let first = limiters.check("k", &config).unwrap();
+        let first = limiters.check_rate("k", &config).unwrap();
         assert_eq!((first.remaining, first.reset), (3, Duration::from_millis(250)));
-        let second = limiters.check("k", &config).unwrap();
+        let second = limiters.check_rate("k", &config).unwrap();
         assert_eq!((second.remaining, second.reset), (2, Duration::from_millis(500)));
         clock.advance(Duration::from_millis(500));
-        let third = limiters.check("k", &config).unwrap();
+        let third = limiters.check_rate("k", &config).unwrap();
         assert_eq!((third.remaining, third.reset), (3, Duration::from_millis(250)));
     }
 
@@ -338,21 +318,21 @@ mod tests {
     fn keys_have_separate_budgets() {
         let (limiters, _) = limiters();
         let config = limit(1, 1000, None);
-        assert!(limiters.check("a", &config).is_ok());
-        assert!(limiters.check("a", &config).is_err());
-        assert!(limiters.check("b", &config).is_ok());
+        assert!(limiters.check_rate("a", &config).is_ok());
+        assert!(limiters.check_rate("a", &config).is_err());
+        assert!(limiters.check_rate("b", &config).is_ok());
     }
 
     #[test]
     fn a_changed_limit_takes_effect_at_once() {
         let (limiters, _) = limiters();
-        assert!(limiters.check("k", &limit(1, 1000, None)).is_ok());
-        assert!(limiters.check("k", &limit(1, 1000, None)).is_err());
+        assert!(limiters.check_rate("k", &limit(1, 1000, None)).is_ok());
+        assert!(limiters.check_rate("k", &limit(1, 1000, None)).is_err());
         // The one request made counts against the new limit: four of five are left.
         for left in (0..4).rev() {
-            assert_eq!(limiters.check("k", &limit(5, 1000, None)).map(|info| info.remaining), Ok(left));
+            assert_eq!(limiters.check_rate("k", &limit(5, 1000, None)).map(|info| info.remaining), Ok(left));
         }
-        assert!(limiters.check("k", &limit(5, 1000, None)).is_err());
+        assert!(limiters.check_rate("k", &limit(5, 1000, None)).is_err());
     }
 
     #[test]
@@ -360,8 +340,9 @@ mod tests {
         let (limiters, _) = limiters();
         let (small, large) = (limit(2, 1000, None), limit(4, 1000, None));
         // Alternating limits spends one budget: 4 requests in all, not 2 + 4.
-        let allowed =
-            (0..10).filter(|i| limiters.check("owner acme", if i % 2 == 0 { &small } else { &large }).is_ok()).count();
+        let allowed = (0..10)
+            .filter(|i| limiters.check_rate("owner acme", if i % 2 == 0 { &small } else { &large }).is_ok())
+            .count();
         assert_eq!(allowed, 4, "the large limit's 4, the small one refusing once 2 are spent");
     }
 
@@ -369,48 +350,48 @@ mod tests {
     fn requests_allowed_elsewhere_are_folded_in() {
         let (limiters, clock) = limiters();
         let config = limit(10, 1000, None);
-        assert!(limiters.check("k", &config).is_ok());
+        assert!(limiters.check_rate("k", &config).is_ok());
         limiters.absorb("k", 8, Duration::ZERO);
-        assert!(limiters.check("k", &config).is_ok(), "1 + 8 + 1 = 10");
-        let limited = limiters.check("k", &config).unwrap_err();
+        assert!(limiters.check_rate("k", &config).is_ok(), "1 + 8 + 1 = 10");
+        let limited = limiters.check_rate("k", &config).unwrap_err();
         assert_eq!(limited.retry_after, Duration::from_millis(100));
         clock.advance(Duration::from_secs(1));
         // Requests spread over the last second cost from its start: a full budget stays full.
         limiters.absorb("k", 5, Duration::from_secs(1));
-        assert_eq!(limiters.check("k", &config).map(|info| info.remaining), Ok(4));
+        assert_eq!(limiters.check_rate("k", &config).map(|info| info.remaining), Ok(4));
         limiters.absorb("unknown", 5, Duration::ZERO);
         assert_eq!(limiters.len(), 1, "absorbing creates no budget");
     }
 
     #[test]
     fn unsynced_requests_are_counted_only_for_a_fleet_and_taken_once() {
-        let fleet = RateLimiters::for_fleet();
+        let fleet = KeyStates::for_fleet();
         let config = limit(3, 1000, None);
         for _ in 0..5 {
-            let _ = fleet.check("k", &config);
+            let _ = fleet.check_rate("k", &config);
         }
         let mut taken = Vec::new();
-        fleet.take_unsynced(|budget, n, tat| taken.push((budget.to_owned(), n, tat.is_some())));
+        fleet.take_rate_unsynced(|budget, n, tat| taken.push((budget.to_owned(), n, tat.is_some())));
         assert_eq!(taken, [("k".to_owned(), 3, true)], "refused requests are not counted");
-        fleet.take_unsynced(|_, n, _| assert_eq!(n, 0));
-        let local = RateLimiters::new();
-        let _ = local.check("k", &config);
-        local.take_unsynced(|_, n, _| assert_eq!(n, 0));
+        fleet.take_rate_unsynced(|_, n, _| assert_eq!(n, 0));
+        let local = KeyStates::new();
+        let _ = local.check_rate("k", &config);
+        local.take_rate_unsynced(|_, n, _| assert_eq!(n, 0));
     }
 
     #[test]
     fn a_later_fleet_tat_is_adopted_and_an_earlier_one_ignored() {
         let (limiters, _) = limiters();
         let config = limit(10, 1000, None);
-        assert!(limiters.check("k", &config).is_ok());
+        assert!(limiters.check_rate("k", &config).is_ok());
         let mut tat = None;
-        limiters.take_unsynced(|_, _, t| tat = t);
+        limiters.take_rate_unsynced(|_, _, t| tat = t);
         let tat = tat.expect("a budget just drawn from has a future TAT");
         limiters.adopt_tat("k", tat.saturating_sub(5_000), 0);
-        assert_eq!(limiters.check("k", &config).map(|info| info.remaining), Ok(8));
+        assert_eq!(limiters.check_rate("k", &config).map(|info| info.remaining), Ok(8));
         // Other gateways have spent 8 of the 10, and this one 2 they do not know of yet.
         limiters.adopt_tat("k", tat + 700, 2);
-        assert!(limiters.check("k", &config).is_err());
+        assert!(limiters.check_rate("k", &config).is_err());
     }
 
     #[test]
@@ -418,30 +399,30 @@ mod tests {
         // Accepted before validation bounded it: a burst of 2^32 - 1 minutes.
         let (limiters, _) = limiters();
         let config = limit(1, 60_000, Some(u32::MAX));
-        let first = limiters.check("k", &config).expect("the first request passes");
+        let first = limiters.check_rate("k", &config).expect("the first request passes");
         assert!(first.limit < u32::MAX, "RateLimit-Limit {} is not what is enforced", first.limit);
         assert_eq!(first.remaining, first.limit - 1);
-        let second = limiters.check("k", &config).expect("the burst allows a second request");
+        let second = limiters.check_rate("k", &config).expect("the burst allows a second request");
         assert_eq!(second.remaining, first.limit - 2);
         // A period too long to keep at all is enforced as the longest that can be.
         let config = limit(1, u64::MAX / 2, None);
-        let only = limiters.check("long", &config).expect("the first request passes");
+        let only = limiters.check_rate("long", &config).expect("the first request passes");
         assert_eq!((only.limit, only.remaining), (1, 0));
-        assert!(limiters.check("long", &config).is_err());
+        assert!(limiters.check_rate("long", &config).is_err());
     }
 
     #[test]
     fn only_limiters_idle_until_full_are_evicted() {
         let (limiters, clock) = limiters();
         let config = limit(1, 1000, Some(2));
-        assert!(limiters.check("busy", &config).is_ok());
-        assert!(limiters.check("idle", &config).is_ok());
+        assert!(limiters.check_rate("busy", &config).is_ok());
+        assert!(limiters.check_rate("idle", &config).is_ok());
         clock.advance(Duration::from_millis(1500));
-        assert!(limiters.check("busy", &config).is_ok());
+        assert!(limiters.check_rate("busy", &config).is_ok());
         clock.advance(Duration::from_millis(600));
         // "idle" was full again 1.1 s ago; "busy" is full only in 0.4 s.
-        assert_eq!(limiters.evict_idle(), 1);
+        assert_eq!(limiters.evict_idle(time::OffsetDateTime::now_utc()), 1);
         assert_eq!(limiters.len(), 1);
-        assert!(limiters.check("busy", &config).is_ok());
+        assert!(limiters.check_rate("busy", &config).is_ok());
     }
 }

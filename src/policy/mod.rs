@@ -14,7 +14,8 @@ use time::OffsetDateTime;
 
 use crate::index::{KeyRecord, KeyStatus, Snapshot};
 use crate::key::{self, KeyDigest};
-use crate::limit::{budget_id, retry_after_secs, QuotaCounters, RateInfo, RateLimiters};
+use crate::key_state::{KeyStates, Refusal, UsageSlot};
+use crate::limit::{retry_after_secs, RateInfo};
 
 pub use client_ip::resolve_client_ip;
 pub use plans::PlanTable;
@@ -125,11 +126,10 @@ impl Denial {
     }
 }
 
-/// Per-key mutable state the decision consults and updates.
+/// The limits and the per-key mutable state the decision consults and updates.
 pub struct Limits<'a, C: Clock = DefaultClock> {
     pub plans: &'a PlanTable,
-    pub rates: &'a RateLimiters<C>,
-    pub quotas: &'a QuotaCounters,
+    pub states: &'a KeyStates<C>,
 }
 
 /// The outcome of [`decide`].
@@ -141,11 +141,14 @@ pub struct Decision {
     /// Where a rate limit applies, the state for the `RateLimit-*` headers.
     pub rate: Option<RateInfo>,
     pub denial: Option<Denial>,
+    /// Where the request's usage is counted once it is finished; present with `key`.
+    pub usage: Option<UsageSlot>,
 }
 
 impl Decision {
-    fn deny(key: Option<Arc<KeyRecord>>, denial: Denial) -> Self {
-        Decision { key, rate: None, denial: Some(denial) }
+    fn deny(key: Option<(Arc<KeyRecord>, UsageSlot)>, denial: Denial) -> Self {
+        let (key, usage) = key.unzip();
+        Decision { key, rate: None, denial: Some(denial), usage }
     }
 }
 
@@ -184,31 +187,22 @@ pub fn decide<C: Clock + Clone>(
         KeyStatus::Active => None,
     };
     if let Some(denial) = denial {
-        return Decision::deny(Some(record), denial);
+        let usage = limits.states.usage_slot(record.id());
+        return Decision::deny(Some((record, usage)), denial);
     }
 
     let (rate_limit, quota) = limits.plans.limits_for(&record);
-    let mut rate = None;
-    if let Some(rate_limit) = rate_limit {
-        match limits.rates.check(&budget_id(&record, rate_limit.by), rate_limit) {
-            Ok(info) => rate = Some(info),
-            Err(limited) => {
-                let retry_after = retry_after_secs(limited.retry_after);
-                return Decision {
-                    key: Some(record),
-                    rate: Some(limited.info),
-                    denial: Some(Denial::RateLimited { retry_after }),
-                };
-            }
+    let (verdict, usage) = limits.states.check_limits(&record, rate_limit, quota, now);
+    let (rate, denial) = match verdict {
+        Ok(rate) => (rate, None),
+        Err(Refusal::Rate(limited)) => {
+            (Some(limited.info), Some(Denial::RateLimited { retry_after: retry_after_secs(limited.retry_after) }))
         }
-    }
-    if let Some(quota) = quota {
-        if let Err(exceeded) = limits.quotas.try_consume(&budget_id(&record, quota.by), quota, now) {
-            let retry_after = retry_after_secs(exceeded.retry_after);
-            return Decision { key: Some(record), rate, denial: Some(Denial::QuotaExceeded { retry_after }) };
+        Err(Refusal::Quota { rate, exceeded }) => {
+            (rate, Some(Denial::QuotaExceeded { retry_after: retry_after_secs(exceeded.retry_after) }))
         }
-    }
-    Decision { key: Some(record), rate, denial: None }
+    };
+    Decision { key: Some(record), rate, denial, usage: Some(usage) }
 }
 
 #[cfg(test)]
@@ -225,13 +219,13 @@ mod tests {
         snapshot: Snapshot,
         keys: Vec<String>,
         plans: PlanTable,
-        rates: RateLimiters<FakeRelativeClock>,
-        quotas: QuotaCounters,
+        states: KeyStates<FakeRelativeClock>,
+        clock: FakeRelativeClock,
     }
 
     impl Fixture {
         fn limits(&self) -> Limits<'_, FakeRelativeClock> {
-            Limits { plans: &self.plans, rates: &self.rates, quotas: &self.quotas }
+            Limits { plans: &self.plans, states: &self.states }
         }
 
         fn decide(&self, key: Option<&str>, ip: &str, required: &[&str]) -> Decision {
@@ -244,13 +238,8 @@ mod tests {
     fn fixture(records: Vec<KeyRecord>) -> Fixture {
         let keys: Vec<String> = records.iter().map(|_| key::generate("kg_test").unwrap()).collect();
         let snapshot = Snapshot::build(1, keys.iter().map(|k| KeyDigest::of(k)).zip(records)).unwrap();
-        Fixture {
-            snapshot,
-            keys,
-            plans: PlanTable::default(),
-            rates: RateLimiters::with_clock(FakeRelativeClock::default()),
-            quotas: QuotaCounters::new(),
-        }
+        let clock = FakeRelativeClock::default();
+        Fixture { snapshot, keys, plans: PlanTable::default(), states: KeyStates::with_clock(clock.clone()), clock }
     }
 
     fn facts<'a>(key: Option<&'a str>, ip: &str, scopes: &'a [String]) -> RequestFacts<'a> {
@@ -439,11 +428,11 @@ mod tests {
         f.plans = limited(1, Some(2));
         assert!(check(&f, 0, "10.0.0.1", &[]).is_ok());
         assert!(matches!(check(&f, 0, "10.0.0.1", &[]), Err(Denial::RateLimited { .. })));
-        assert_eq!(f.quotas.used("k", QuotaPeriod::Day, NOW), 1);
-        f.rates = RateLimiters::with_clock(FakeRelativeClock::default());
+        assert_eq!(f.states.used("k", QuotaPeriod::Day, NOW), 1);
+        f.clock.advance(Duration::from_secs(1)); // the rate budget is full again
         assert!(check(&f, 0, "10.0.0.1", &[]).is_ok());
-        f.rates = RateLimiters::with_clock(FakeRelativeClock::default());
-        // Quota exhausted: retry at the next UTC midnight, twelve hours after NOW.
+        f.clock.advance(Duration::from_secs(1)); // the rate budget is full again
+                                                 // Quota exhausted: retry at the next UTC midnight, twelve hours after NOW.
         assert_eq!(check(&f, 0, "10.0.0.1", &[]), Err(Denial::QuotaExceeded { retry_after: 12 * 3600 }));
     }
 
@@ -474,11 +463,11 @@ mod tests {
         assert!(matches!(check(&f, 1, "10.0.0.1", &[]), Err(Denial::RateLimited { .. })));
         assert!(check(&f, 2, "10.0.0.1", &[]).is_ok(), "another owner has a budget of its own");
         assert!(check(&f, 3, "10.0.0.1", &[]).is_ok(), "a key without an owner keeps its own");
-        assert_eq!(f.quotas.used(&crate::limit::owner_budget("acme"), QuotaPeriod::Day, NOW), 2);
+        assert_eq!(f.states.used(&crate::limit::owner_budget("acme"), QuotaPeriod::Day, NOW), 2);
         // The quota is shared too: one more for acme, through either key.
-        f.rates = RateLimiters::with_clock(FakeRelativeClock::default());
+        f.clock.advance(Duration::from_secs(1)); // the rate budget is full again
         assert!(check(&f, 1, "10.0.0.1", &[]).is_ok());
-        f.rates = RateLimiters::with_clock(FakeRelativeClock::default());
+        f.clock.advance(Duration::from_secs(1)); // the rate budget is full again
         assert!(matches!(check(&f, 0, "10.0.0.1", &[]), Err(Denial::QuotaExceeded { .. })));
     }
 

@@ -31,11 +31,12 @@ use time::OffsetDateTime;
 use crate::access_log::{AccessEntry, AccessLog};
 use crate::config::{HttpConfig, KeyLocation, RouteAuth, UnderscoreHeaders};
 use crate::index::{KeyIndex, KeyRecord};
-use crate::limit::{QuotaCounters, RateInfo, RateLimiters};
+use crate::key_state::{KeyStates, UsageSlot};
+use crate::limit::RateInfo;
 use crate::metrics::Metrics;
 use crate::outcome::{new_request_id, Rejection};
 use crate::policy::{decide, resolve_client_ip, Limits, RequestFacts};
-use crate::usage::{RequestUsage, UsageCounters};
+use crate::usage::RequestUsage;
 
 pub use headers::find_key;
 pub use routing::Route;
@@ -63,9 +64,8 @@ mod wire {
 pub struct DataPlane {
     pub state: ArcSwap<GatewayState>,
     pub keys: Arc<KeyIndex>,
-    pub rates: RateLimiters,
-    pub quotas: QuotaCounters,
-    pub usage: Arc<UsageCounters>,
+    /// Each budget's rate limit, quota and usage; the flusher drains the usage.
+    pub states: Arc<KeyStates>,
     pub access_log: AccessLog,
     pub metrics: Arc<Metrics>,
     /// Requests between their first byte and their log line.
@@ -116,6 +116,8 @@ pub struct RequestCtx {
     route: Option<usize>,
     request_id: HeaderValue,
     key: Option<Arc<KeyRecord>>,
+    /// The key's usage entry, held from the decision to the count in `logging`.
+    usage: Option<UsageSlot>,
     rate: Option<RateInfo>,
     upstream_status: Option<u16>,
     peer_ip: Option<IpAddr>,
@@ -172,7 +174,7 @@ impl Gateway {
         if !plane.keys_current() {
             return Verdict::Reject(Rejection::NotReady);
         }
-        let limits = Limits { plans: &state.plans, rates: &plane.rates, quotas: &plane.quotas };
+        let limits = Limits { plans: &state.plans, states: &plane.states };
         let decision = decide(&facts, &plane.keys.load(), &limits, now);
         if let (Some(record), Some(raw)) = (&decision.key, presented.as_deref()) {
             if record.imported() && crate::key::parse(raw).is_err() {
@@ -180,6 +182,7 @@ impl Gateway {
             }
         }
         ctx.key = decision.key;
+        ctx.usage = decision.usage;
         ctx.rate = decision.rate;
         match decision.denial {
             None => Verdict::Proxy,
@@ -200,6 +203,7 @@ impl ProxyHttp for Gateway {
             route: None,
             request_id: HeaderValue::from_static(""),
             key: None,
+            usage: None,
             rate: None,
             upstream_status: None,
             peer_ip: None,
@@ -386,7 +390,7 @@ impl ProxyHttp for Gateway {
         if let (Some(route), Some(upstream_status)) = (route, ctx.upstream_status) {
             route.upstream.metrics.observe(upstream_status);
         }
-        if let Some(key) = &ctx.key {
+        if let (Some(key), Some(slot)) = (&ctx.key, &ctx.usage) {
             let denial = match ctx.rejection {
                 Some(Rejection::Denied(denial)) => Some(denial),
                 _ => None,
@@ -398,7 +402,7 @@ impl ProxyHttp for Gateway {
                 bytes_out: session.body_bytes_sent() as u64,
                 at_ms: unix_millis(),
             };
-            plane.usage.record(key.id(), key.owner(), &usage);
+            slot.record(key.owner(), &usage);
         }
         if !plane.access_log.enabled() {
             return;

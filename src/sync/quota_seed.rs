@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use super::follow::FeedError;
 use crate::control::store::Store;
 use crate::http_client;
-use crate::limit::{QuotaCounters, UsedElsewhere};
+use crate::limit::{periods, UsedElsewhere};
 use crate::proxy::DataPlane;
 
 pub enum QuotaSeedSource {
@@ -63,7 +63,7 @@ impl QuotaSeedSource {
                 }
                 let body: QuotaUsageBody = response.json().await.map_err(|e| FeedError::Transport(e.to_string()))?;
                 let at = OffsetDateTime::parse(&body.at, &Rfc3339).map_err(|e| FeedError::Transport(e.to_string()))?;
-                let (day, month) = QuotaCounters::periods(at);
+                let (day, month) = periods(at);
                 Ok(UsedElsewhere { day, month, by_day: body.by_day, by_month: body.by_month })
             }
         }
@@ -72,7 +72,7 @@ impl QuotaSeedSource {
     /// Seeds the quota counters once; a failure leaves them counting this node's traffic.
     pub async fn seed_once(&self, plane: &DataPlane) {
         match self.fetch().await {
-            Ok(used) => plane.quotas.seed(used),
+            Ok(used) => plane.states.seed(used),
             Err(e) => tracing::warn!(error = %e, "cannot read quota usage; quotas count from this node's traffic"),
         }
     }

@@ -1,10 +1,13 @@
-//! The request-path half of usage: atomics per key id.
+//! The request-path half of usage: atomics in each key's entry of [`KeyStates`].
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::OnceLock;
 
-use crate::index::{KeyId, KeyIdMap};
+use governor::clock::Clock;
 use time::OffsetDateTime;
+
+use crate::key_state::{KeyStates, Sweep};
 
 use super::record::{StatusClasses, UsageRecord};
 use crate::policy::{Denial, DENIAL_KINDS};
@@ -21,10 +24,12 @@ pub struct RequestUsage {
     pub at_ms: i64,
 }
 
+/// One key's usage since the last drain. All zero is what an entry that has not
+/// counted this window holds, and what one idle a whole window is reset to.
 #[derive(Default)]
-struct KeyUsage {
+pub(crate) struct KeyUsage {
     /// Set by every request, cleared by each drain: an entry still clear at the
-    /// next drain sat idle a whole window and is removed.
+    /// next drain sat idle a whole window and starts afresh (or is removed).
     active: AtomicBool,
     allowed: AtomicU64,
     denied: [AtomicU64; DENIAL_KINDS],
@@ -33,59 +38,40 @@ struct KeyUsage {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     last_used_ms: AtomicI64,
-    /// The key's owner when the entry was made: what a metering sink names as the
-    /// events' subject, without a lookup by id in the index.
-    owner: Option<Box<str>>,
+    /// The key's owner when it started counting: what a metering sink names as
+    /// the events' subject, without a lookup by id in the index.
+    owner: OnceLock<Option<Box<str>>>,
 }
 
-#[derive(Default)]
-pub struct UsageCounters {
-    by_key: KeyIdMap<KeyUsage>,
-}
-
-impl UsageCounters {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
+impl<C: Clock> KeyStates<C> {
+    /// Counts a request of `key_id` whose decision did not hold its entry (see [`crate::key_state::UsageSlot`]).
     pub fn record(&self, key_id: &str, owner: Option<&str>, usage: &RequestUsage) {
-        // Counting happens under the shard's read guard, so `drain` (which removes
-        // idle entries under the write guard) can never lose an increment.
-        if let Some(entry) = self.by_key.get(key_id) {
-            entry.add(usage);
-            return;
-        }
-        self.by_key
-            .entry(KeyId::from(key_id))
-            .or_insert_with(|| KeyUsage { owner: owner.map(Box::from), ..KeyUsage::default() })
-            .add(usage);
+        self.state(key_id).usage.add(owner, usage);
     }
 
     /// Takes every count since the last drain, as records for the window
-    /// `[window_start, window_end)`, and forgets keys that had no requests in it.
+    /// `[window_start, window_end)`; forgets keys that had no requests in it
+    /// (entries idle in every part are removed, see [`KeyStates::evict_idle`]).
     pub fn drain(&self, node: &str, window_start: OffsetDateTime, window_end: OffsetDateTime) -> Vec<UsageRecord> {
         let mut records = Vec::new();
-        for entry in self.by_key.iter() {
-            if let Some(record) = entry.value().take(node, entry.key(), window_start, window_end) {
+        for entry in self.map.iter() {
+            if let Some(record) = entry.value().usage.take(node, entry.key(), window_start, window_end) {
                 records.push(record);
             }
         }
         // Under the write guard: a request counted since `take` set `active` again.
-        self.by_key.retain(|_, usage| usage.active.swap(false, Ordering::AcqRel));
+        self.sweep(window_end, Sweep::CloseWindow);
         records
-    }
-
-    /// Keys with counters in memory.
-    pub fn active_keys(&self) -> usize {
-        self.by_key.len()
     }
 }
 
 impl KeyUsage {
-    fn add(&self, usage: &RequestUsage) {
+    pub(crate) fn add(&self, owner: Option<&str>, usage: &RequestUsage) {
+        self.owner.get_or_init(|| owner.map(Box::from));
+        // Release: a drain that takes this outcome also sees the owner set above.
         match usage.denial {
-            None => self.allowed.fetch_add(1, Ordering::Relaxed),
-            Some(denial) => self.denied[denial.index()].fetch_add(1, Ordering::Relaxed),
+            None => self.allowed.fetch_add(1, Ordering::Release),
+            Some(denial) => self.denied[denial.index()].fetch_add(1, Ordering::Release),
         };
         if let Some(slot) = (usage.status / 100).checked_sub(2).and_then(|i| self.status.get(usize::from(i))) {
             slot.fetch_add(1, Ordering::Relaxed);
@@ -94,6 +80,21 @@ impl KeyUsage {
         self.bytes_out.fetch_add(usage.bytes_out, Ordering::Relaxed);
         self.last_used_ms.fetch_max(usage.at_ms, Ordering::Relaxed);
         self.active.store(true, Ordering::Release);
+    }
+
+    /// Ends the window: whether a request was counted since the last call.
+    pub(crate) fn close_window(&self) -> bool {
+        self.active.swap(false, Ordering::AcqRel)
+    }
+
+    pub(crate) fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Nothing counted that a drain has yet to take. (Status and byte counts of a
+    /// request whose outcome the last drain took are not waited for, as before.)
+    pub(crate) fn is_drained(&self) -> bool {
+        self.allowed.load(Ordering::Acquire) == 0 && self.denied.iter().all(|n| n.load(Ordering::Acquire) == 0)
     }
 
     /// Swaps every counter to zero; `None` when there was nothing to take.
@@ -106,6 +107,10 @@ impl KeyUsage {
         window_start: OffsetDateTime,
         window_end: OffsetDateTime,
     ) -> Option<UsageRecord> {
+        // Most entries of a large map count nothing in a window: loads, not swaps, find them.
+        if self.is_drained() {
+            return None;
+        }
         let allowed = self.allowed.swap(0, Ordering::AcqRel);
         let denied: BTreeMap<String, u64> = self
             .denied
@@ -137,7 +142,7 @@ impl KeyUsage {
             },
             bytes_in: self.bytes_in.swap(0, Ordering::AcqRel),
             bytes_out: self.bytes_out.swap(0, Ordering::AcqRel),
-            owner_at_count: Some(self.owner.as_deref().map(str::to_owned)),
+            owner_at_count: Some(self.owner.get().and_then(Option::as_deref).map(str::to_owned)),
             last_used_at: OffsetDateTime::from_unix_timestamp_nanos(i128::from(last_used_ms) * 1_000_000).ok(),
         })
     }
@@ -157,7 +162,7 @@ mod tests {
 
     #[test]
     fn drain_returns_each_key_once_with_exact_counts() {
-        let counters = UsageCounters::new();
+        let counters = KeyStates::new();
         for _ in 0..3 {
             counters.record("a", None, &usage(None, 200));
         }
@@ -178,7 +183,7 @@ mod tests {
 
     #[test]
     fn a_record_carries_the_owner_its_key_had_when_counted() {
-        let counters = UsageCounters::new();
+        let counters = KeyStates::new();
         counters.record("a", Some("acme"), &usage(None, 200));
         counters.record("b", None, &usage(None, 200));
         let mut records = counters.drain("n", START, END);
@@ -189,17 +194,17 @@ mod tests {
 
     #[test]
     fn keys_idle_for_a_whole_window_are_forgotten() {
-        let counters = UsageCounters::new();
+        let counters = KeyStates::new();
         counters.record("a", None, &usage(None, 200));
         counters.drain("n", START, END);
-        assert_eq!(counters.active_keys(), 1, "active in the last window: kept");
+        assert_eq!(counters.len(), 1, "active in the last window: kept");
         counters.drain("n", START, END);
-        assert_eq!(counters.active_keys(), 0, "idle for a window: removed");
+        assert_eq!(counters.len(), 0, "idle for a window: removed");
     }
 
     #[test]
     fn concurrent_counting_loses_nothing_across_drains() {
-        let counters = std::sync::Arc::new(UsageCounters::new());
+        let counters = std::sync::Arc::new(KeyStates::new());
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let counters = std::sync::Arc::clone(&counters);

@@ -1,11 +1,11 @@
 //! Per-key usage: counted on the request path, shipped to sinks in the background.
 //!
-//! The request path only adds to atomics of an entry found by key id (no
-//! allocation once a key has been seen, no lock held beyond a shard read
-//! guard). The flusher swaps the counters to zero every `usage.flush_interval`
+//! The request path only adds to atomics in the key's entry of
+//! [`crate::key_state::KeyStates`], held since the access decision (no lookup,
+//! no allocation once a key has been seen, no lock). The flusher swaps the counters to zero every `usage.flush_interval`
 //! and hands the totals to each sink, which keeps and merges what it could not
-//! deliver. Entries of keys idle for a whole window are removed, so memory
-//! follows active keys, not requests.
+//! deliver. Entries of keys idle for a whole window are reset, or removed when
+//! their limits hold nothing either, so memory follows active keys, not requests.
 
 mod counters;
 mod flusher;
@@ -13,7 +13,8 @@ mod record;
 mod sink;
 mod spool;
 
-pub use counters::{RequestUsage, UsageCounters};
+pub(crate) use counters::KeyUsage;
+pub use counters::RequestUsage;
 pub use flusher::{Flusher, FlusherHandle, NamedSink};
 pub use record::{add_denied, StatusClasses, UsageRecord};
 pub use sink::{
