@@ -26,7 +26,7 @@ use crate::control::store::Store;
 use crate::control::store_sink::StoreSink;
 use crate::index::KeyIndex;
 use crate::key_state::KeyStates;
-use crate::limit::fleet::{FleetSync, RedisEngine};
+use crate::limit::fleet::{FleetSync, FleetSyncTask, RedisEngine};
 use crate::metrics::Metrics;
 use crate::proxy::tls::{load_certified_key, ListenerCertificate};
 use crate::proxy::{DataPlane, Freshness, Gateway, GatewayState, ProxyService, STOP_LINGER};
@@ -399,9 +399,7 @@ impl BackgroundService for Maintenance {
             tokio::spawn(Arc::clone(follower).run(shutdown.clone()));
         }
 
-        if let Some(fleet) = &self.fleet_limits {
-            self.start_fleet_sync(fleet, shutdown.clone());
-        }
+        let fleet_sync = self.fleet_limits.as_ref().map(|fleet| self.start_fleet_sync(fleet));
 
         let store = control.as_ref().map(|(store, _)| store);
         let sinks = self.build_sinks(&self.sinks, store).unwrap_or_else(|e| fatal("usage sinks", e));
@@ -444,7 +442,7 @@ impl BackgroundService for Maintenance {
                 _ = shutdown.changed() => break,
             }
         }
-        self.finish(&flusher, follower.as_ref()).await;
+        self.finish(&flusher, follower.as_ref(), fleet_sync).await;
     }
 }
 
@@ -482,26 +480,15 @@ impl Maintenance {
     }
 
     /// Reconciles this node's limit consumption with the fleet's every `sync_interval`.
-    fn start_fleet_sync(&self, fleet: &FleetLimitsConfig, mut shutdown: ShutdownWatch) {
+    fn start_fleet_sync(&self, fleet: &FleetLimitsConfig) -> FleetSyncTask {
         let engine = match &fleet.engine {
             FleetEngine::Redis { url } => {
                 RedisEngine::new(url, fleet.engine.shown()).unwrap_or_else(|e| fatal("fleet_limits.url", e))
             }
         };
-        let plane = Arc::clone(&self.plane);
         let interval = fleet.sync_interval;
         tracing::info!(engine = %fleet.engine.shown(), ?interval, "fleet limits: rate limits and quotas hold across the fleet");
-        tokio::spawn(async move {
-            let mut sync = FleetSync::new(engine, interval);
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => sync.round(&plane.states, &plane.metrics).await,
-                    _ = shutdown.changed() => return,
-                }
-            }
-        });
+        FleetSync::new(engine, interval).spawn(Arc::clone(&self.plane.states), Arc::clone(&self.plane.metrics))
     }
 
     /// Where quota usage counted elsewhere comes from: this node's store, or the
@@ -629,7 +616,12 @@ impl Maintenance {
     /// Pingora has stopped accepting; wait for open connections (requests in flight,
     /// and connections lingering for a request: see `ProxyService`), flush usage and
     /// the access log, and end the process rather than sit out the grace period.
-    async fn finish(&self, flusher: &FlusherHandle, follower: Option<&Arc<Follower>>) {
+    async fn finish(
+        &self,
+        flusher: &FlusherHandle,
+        follower: Option<&Arc<Follower>>,
+        fleet_sync: Option<FleetSyncTask>,
+    ) {
         crate::systemd_notify::stopping();
         let deadline = Instant::now() + self.drain_timeout;
         // A connection accepted in the last instant is counted once its task starts.
@@ -647,7 +639,12 @@ impl Maintenance {
                 self.drain_timeout
             );
         }
-        flusher.flush_and_stop(FINAL_FLUSH_TIMEOUT).await;
+        let last_round = async {
+            if let Some(fleet_sync) = fleet_sync {
+                fleet_sync.last_round().await;
+            }
+        };
+        tokio::join!(flusher.flush_and_stop(FINAL_FLUSH_TIMEOUT), last_round);
         if let Some(follower) = follower {
             follower.write_cache_now().await;
         }

@@ -287,3 +287,30 @@ fn a_quota_holds_across_gateways() {
     // Per process this would be 16.
     assert!((8..=11).contains(&allowed), "two gateways allowed {allowed} of a fleet quota of 8");
 }
+
+/// A gateway that stops delivers what it counted since its last round: the fleet's
+/// quota counter holds every request it let through, none lost to the timing of
+/// the last round before SIGTERM.
+#[test]
+fn a_stopping_gateway_delivers_the_quota_it_counted_since_its_last_round() {
+    let up = Upstream::start("api");
+    let key = TestKey::new(&unique_id("fleet_stop"));
+    let keys = keys_file(&[key.entry("scopes: [orders:read]\nquota: { requests: 100000, per: day }")]);
+    let config =
+        simple_config(&format!("fleet_limits: {{ engine: redis, url: \"{SHARED_REDIS}\", sync_interval: 250ms }}\n"));
+    let gw = start_gateway(&config, &up, &keys);
+    let day = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() / 86_400;
+    let mut allowed = 0;
+    for _ in 0..20 {
+        assert_eq!(call(&gw, &key).status, 200);
+        allowed += 1;
+    }
+    let (exit, output) = gw.stop_with_status();
+    assert!(exit.is_some_and(|s| s.success()), "the gateway did not stop cleanly:\n{output}");
+
+    let client = redis::Client::open(SHARED_REDIS).expect("redis url");
+    let mut redis = client.get_connection().expect("connect to redis");
+    let counted: Option<u64> =
+        redis::cmd("GET").arg(format!("keygate:fleet:quota:day:{day}:{}", key.id)).query(&mut redis).expect("GET");
+    assert_eq!(counted, Some(allowed), "requests counted by the fleet of the {allowed} let through");
+}

@@ -24,10 +24,12 @@
 //! first round back takes the fleet's TAT again.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use governor::clock::Clock;
+use tokio::sync::oneshot;
 
 use super::QuotaDelta;
 use crate::config::QuotaPeriod;
@@ -174,6 +176,24 @@ struct RateItem {
     mark_at: Option<usize>,
 }
 
+/// The running fleet sync of a node.
+pub struct FleetSyncTask {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FleetSyncTask {
+    /// Stops the rounds after one last, once no request is left to count: a
+    /// gateway that stops delivers what it counted since the previous round.
+    pub async fn last_round(self) {
+        let _ = self.stop.send(());
+        // A round gives up on the engine after EXCHANGE_TIMEOUT per round trip.
+        if tokio::time::timeout(EXCHANGE_TIMEOUT * 4, self.task).await.is_err() {
+            tracing::warn!("fleet limits: the last round did not finish; its counts are lost to the fleet");
+        }
+    }
+}
+
 /// The state of reconciliation with the engine, kept by the one task that runs rounds.
 pub struct FleetSync<E> {
     engine: E,
@@ -187,6 +207,27 @@ pub struct FleetSync<E> {
 impl<E: CountEngine> FleetSync<E> {
     pub fn new(engine: E, interval: Duration) -> Self {
         FleetSync { engine, interval, rate_budgets: HashMap::new(), reachable: None, last_round: None }
+    }
+
+    /// Runs a round every interval until [`FleetSyncTask::last_round`].
+    pub fn spawn(mut self, states: Arc<KeyStates>, metrics: Arc<Metrics>) -> FleetSyncTask
+    where
+        E: 'static,
+    {
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(self.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => self.round(&states, &metrics).await,
+                    _ = &mut stopped => break,
+                }
+            }
+            // What was counted since the last round, quotas above all, reaches the fleet.
+            self.round(&states, &metrics).await;
+        });
+        FleetSyncTask { stop, task }
     }
 
     /// One exchange with the engine; requests never wait on it.
