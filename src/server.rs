@@ -30,7 +30,9 @@ use crate::limit::fleet::{FleetSync, FleetSyncTask, RedisEngine};
 use crate::metrics::Metrics;
 use crate::proxy::tls::{load_certified_key, ListenerCertificate};
 use crate::proxy::{DataPlane, Freshness, Gateway, GatewayState, ProxyService, STOP_LINGER};
-use crate::sync::{Follower, KeyFeed, KeysFileSource, LastSync, LocalFeed, QuotaSeedSource, RemoteFeed};
+use crate::sync::{
+    ControlPlaneEngine, Follower, KeyFeed, KeysFileSource, LastSync, LocalFeed, QuotaSeedSource, RemoteFeed,
+};
 use crate::usage::{
     ControlPlaneSink, FileSink, Flusher, FlusherHandle, HttpSink, KeyOwners, NamedSink, NatsSink, UsageSink,
 };
@@ -467,6 +469,7 @@ impl Maintenance {
                 plans: self.api.plans.clone(),
                 feed: Arc::clone(feed),
                 snapshots: Default::default(),
+                fleet_swept_at: Default::default(),
             })));
         }
         tokio::spawn(async move {
@@ -481,14 +484,22 @@ impl Maintenance {
 
     /// Reconciles this node's limit consumption with the fleet's every `sync_interval`.
     fn start_fleet_sync(&self, fleet: &FleetLimitsConfig) -> FleetSyncTask {
-        let engine = match &fleet.engine {
-            FleetEngine::Redis { url } => {
-                RedisEngine::new(url, fleet.engine.shown()).unwrap_or_else(|e| fatal("fleet_limits.url", e))
-            }
-        };
         let interval = fleet.sync_interval;
         tracing::info!(engine = %fleet.engine.shown(), ?interval, "fleet limits: rate limits and quotas hold across the fleet");
-        FleetSync::new(engine, interval).spawn(Arc::clone(&self.plane.states), Arc::clone(&self.plane.metrics))
+        let (states, metrics) = (Arc::clone(&self.plane.states), Arc::clone(&self.plane.metrics));
+        match (&fleet.engine, &self.key_source) {
+            (FleetEngine::Redis { url }, _) => {
+                let engine =
+                    RedisEngine::new(url, fleet.engine.shown()).unwrap_or_else(|e| fatal("fleet_limits.url", e));
+                FleetSync::new(engine, interval).spawn(states, metrics)
+            }
+            (FleetEngine::ControlPlane, KeySourcePlan::Remote { url, token }) => {
+                let engine = ControlPlaneEngine::new(url, token).unwrap_or_else(|e| fatal("fleet_limits", e));
+                FleetSync::new(engine, interval).spawn(states, metrics)
+            }
+            // Validation refuses it: the engine is the control plane the keys come from.
+            (FleetEngine::ControlPlane, _) => fatal("fleet_limits.engine", "control_plane needs keys.control_plane"),
+        }
     }
 
     /// Where quota usage counted elsewhere comes from: this node's store, or the

@@ -1457,3 +1457,66 @@ fn a_gateway_killed_with_sigkill_keeps_every_closed_window() {
     gw.restart();
     wait_usage_totals(&Api::of(&cp), &id, &tally.expected());
 }
+
+// ---------------------------------------------------------------------------
+// Fleet limits through the control plane (`fleet_limits: { engine: control_plane }`)
+// ---------------------------------------------------------------------------
+
+/// A gateway that reconciles its limits through the control plane it follows.
+fn fleet_gateway(up: &Upstream, cp: SocketAddr) -> Node {
+    let template = gateway_template("", "fleet_limits: { engine: control_plane, sync_interval: 100ms }\n");
+    NodeBuilder::new(&template).var("CP", &cp.to_string()).var("UP", &up.addr()).env("SYNC_TOKEN", SYNC_TOKEN).start()
+}
+
+/// Two gateways share one key's rate limit through the control plane's store; with
+/// the control plane gone they go on deciding alone, say so in the metric, and
+/// reconcile again once it is back.
+#[test]
+fn two_gateways_hold_one_rate_limit_through_the_control_plane_and_decide_alone_without_it() {
+    let up = Upstream::start("api");
+    let mut cp = control_plane_builder(SQLITE_IN_NODE_DIR).start();
+    let (raw, _) = Api::of(&cp).create(json!({
+        "name": "fleet",
+        "scopes": ["orders:read"],
+        "rate_limit": {"requests": 10, "per": "1h"},
+    }));
+    let (a, b) = (fleet_gateway(&up, cp.admin), fleet_gateway(&up, cp.admin));
+    wait_ready(&a, Duration::from_secs(20));
+    wait_ready(&b, Duration::from_secs(20));
+    let call = |gw: &Node| {
+        let r = gw.get("/v1/orders", &[("x-api-key", &raw)]);
+        assert!(matches!(r.status, 200 | 429), "unexpected {}: {}", r.status, r.text());
+        if r.status == 429 {
+            assert!(r.header("retry-after").is_some(), "429 without Retry-After: {:?}", r.headers);
+        }
+        r.status == 200
+    };
+    let mut allowed = 0;
+    for i in 0..30 {
+        allowed += usize::from(call(if i % 2 == 0 { &a } else { &b }));
+        thread::sleep(Duration::from_millis(40));
+    }
+    // Per process this would be 20.
+    assert!((10..=14).contains(&allowed), "two gateways allowed {allowed} of a limit of 10");
+    assert!(a.metric("keygate_fleet_limits_sync_total{result=\"ok\"}").unwrap_or(0.0) > 0.0, "{}", a.output());
+    assert_eq!(a.metric("keygate_fleet_limits_local_fallback"), Some(0.0));
+
+    cp.kill();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while a.metric("keygate_fleet_limits_local_fallback") != Some(1.0) {
+        assert!(Instant::now() < deadline, "no fallback without the control plane:\n{}", a.output());
+        call(&a);
+        thread::sleep(Duration::from_millis(50));
+    }
+    // Still answered from local state: 200 or 429, never an error.
+    for _ in 0..5 {
+        call(&a);
+    }
+
+    cp.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while a.metric("keygate_fleet_limits_local_fallback") != Some(0.0) {
+        assert!(Instant::now() < deadline, "no reconciliation once the control plane is back:\n{}", a.output());
+        thread::sleep(Duration::from_millis(50));
+    }
+}

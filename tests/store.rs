@@ -152,6 +152,7 @@ on_both_backends!(
     feed_pages_never_split_an_import_version,
     a_key_changed_after_import_comes_with_its_later_version,
     an_import_that_stops_midway_keeps_its_batches_and_leaves_no_trace,
+    fleet_counters_answer_as_redis_would,
 );
 
 // ---- helpers ----
@@ -1918,4 +1919,38 @@ async fn a_large_import_refreshes_postgresql_statistics() {
         assert!(std::time::Instant::now() < deadline, "no ANALYZE of keys after importing 10,000 keys");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The control plane's fleet engine (`fleet_limits: { engine: control_plane }`)
+/// answers each op as Redis answers the engine's commands: `INCRBY` + `PEXPIRE`,
+/// `GET`, `ZADD GT` + expiry, `ZSCORE`; an expired counter is absent.
+async fn fleet_counters_answer_as_redis_would(db: TestDb) {
+    use keygate::limit::fleet::Op;
+    let store = &db.store;
+    let hour = Duration::from_secs(3600);
+    let add = |key: &str, by: u64, ttl: Duration| Op::Add { key: key.into(), by, ttl };
+    let read = |key: &str| Op::Read { key: key.into() };
+    let far = 4_000_000_000_000u64;
+    let answers = store
+        .fleet_exchange(&[
+            read("r"),
+            add("r", 3, hour),
+            add("r", 4, hour),
+            read("r"),
+            Op::ReadMark { key: "t".into() },
+            Op::Raise { key: "t".into(), to: 50, until: far },
+            Op::Raise { key: "t".into(), to: 40, until: far },
+            Op::ReadMark { key: "t".into() },
+            add("gone", 5, Duration::ZERO),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(answers, vec![None, Some(3), Some(7), Some(7), None, None, None, Some(50), Some(5)]);
+    // Expired (ttl 0): absent, and an add starts it again.
+    let answers = store.fleet_exchange(&[read("gone"), add("gone", 2, hour), read("r")]).await.unwrap();
+    assert_eq!(answers, vec![None, Some(2), Some(7)]);
+    assert!(store.fleet_exchange(&[]).await.unwrap().is_empty());
+    store.fleet_exchange(&[add("short", 1, Duration::ZERO)]).await.unwrap();
+    assert!(store.sweep_fleet_counters().await.unwrap() >= 1, "the expired counters are swept");
+    assert_eq!(store.fleet_exchange(&[read("r")]).await.unwrap(), vec![Some(7)], "live counters stay");
 }

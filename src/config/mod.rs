@@ -186,6 +186,8 @@ pub struct FleetLimitsConfig {
 pub enum FleetEngine {
     /// Redis or Valkey at `url` (`redis://`, `unix://`).
     Redis { url: String },
+    /// The control plane of `keys.control_plane`, which keeps the counts in its store.
+    ControlPlane,
 }
 
 impl FleetEngine {
@@ -193,6 +195,7 @@ impl FleetEngine {
     pub fn shown(&self) -> String {
         match self {
             FleetEngine::Redis { url } => format!("redis {}", without_credentials(url)),
+            FleetEngine::ControlPlane => "control_plane".to_owned(),
         }
     }
 }

@@ -49,6 +49,17 @@ fn error_at(yaml: &str, path: &str, needle: &str) -> ConfigError {
     }
 }
 
+/// A gateway following a control plane.
+const GATEWAY_FOLLOWING: &str = "\
+mode: gateway
+keys: { control_plane: { url: \"http://cp.internal:9090\", token: t } }
+upstreams:
+  api: { targets: [\"127.0.0.1:8000\"] }
+routes:
+  - name: all
+    upstream: api
+";
+
 /// A gateway that needs no files: the base for rule tests.
 const GATEWAY: &str = "\
 mode: gateway
@@ -1273,9 +1284,22 @@ fn fleet_limits_take_a_redis_engine_and_a_sync_interval() {
 }
 
 #[test]
+fn fleet_limits_through_the_control_plane_use_keys_control_plane() {
+    let config = ok(&format!("{GATEWAY_FOLLOWING}fleet_limits: {{ engine: control_plane, sync_interval: 250ms }}\n"));
+    let fleet = config.fleet_limits.expect("fleet_limits");
+    assert_eq!(fleet.engine, FleetEngine::ControlPlane);
+    assert_eq!(fleet.sync_interval, Duration::from_millis(250));
+}
+
+#[test]
 fn fleet_limits_errors_name_their_field() {
     let with = |block: &str| format!("{GATEWAY}fleet_limits: {block}\n");
-    error_at(&with("{ engine: control_plane }"), "fleet_limits.engine", "not available yet");
+    error_at(&with("{ engine: control_plane }"), "fleet_limits.engine", "needs keys.control_plane");
+    error_at(
+        &format!("{GATEWAY_FOLLOWING}fleet_limits: {{ engine: control_plane, url: redis://127.0.0.1 }}\n"),
+        "fleet_limits.url",
+        "only for `redis`",
+    );
     error_at(&with("{ engine: memcached, url: x }"), "fleet_limits.engine", "unknown engine");
     error_at(&with("{ url: redis://127.0.0.1 }"), "fleet_limits.engine", "required");
     error_at(&with("{ engine: redis }"), "fleet_limits.url", "required");

@@ -229,7 +229,7 @@ impl Builder<'_> {
         let shutdown_timeout =
             self.duration(shutdown_timeout_text, "shutdown_timeout", super::DEFAULT_SHUTDOWN_TIMEOUT, true);
         let http = self.http(raw.http, &key_locations);
-        let fleet_limits = self.fleet_limits(raw.fleet_limits);
+        let fleet_limits = self.fleet_limits(raw.fleet_limits, keys_parsed.then_some(&keys));
 
         Config {
             mode,
@@ -253,7 +253,11 @@ impl Builder<'_> {
         }
     }
 
-    fn fleet_limits(&mut self, raw: Option<Parsed<RawFleetLimits>>) -> Option<FleetLimitsConfig> {
+    fn fleet_limits(
+        &mut self,
+        raw: Option<Parsed<RawFleetLimits>>,
+        keys: Option<&KeysConfig>,
+    ) -> Option<FleetLimitsConfig> {
         let raw = self.parsed(raw, "fleet_limits")?;
         let interval_text = raw.sync_interval;
         let sync_interval = self.duration(
@@ -289,14 +293,24 @@ impl Builder<'_> {
                 FleetEngine::Redis { url }
             }
             Some("control_plane") => {
-                self.issues.add(
-                    "fleet_limits.engine",
-                    "the control_plane engine is not available yet; use `redis` (Redis or Valkey)",
-                );
-                return None;
+                if raw.url.is_some() {
+                    self.issues.add("fleet_limits.url", "only for `redis`: `control_plane` uses keys.control_plane");
+                }
+                // Unknown when `keys` has its own errors, which are reported already.
+                if keys.is_some_and(|keys| keys.control_plane.is_none()) {
+                    self.issues.add(
+                        "fleet_limits.engine",
+                        "`control_plane` needs keys.control_plane (a gateway following a control plane)",
+                    );
+                    return None;
+                }
+                FleetEngine::ControlPlane
             }
             Some(other) => {
-                self.issues.add("fleet_limits.engine", format!("unknown engine {other:?}, expected `redis`"));
+                self.issues.add(
+                    "fleet_limits.engine",
+                    format!("unknown engine {other:?}, expected `redis` or `control_plane`"),
+                );
                 return None;
             }
         };

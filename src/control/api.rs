@@ -33,6 +33,7 @@ use crate::config::TokenConfig;
 use crate::index::wire;
 use crate::key::{self, KeyDigest};
 use crate::outcome::{error_json, new_request_id, APPLICATION_JSON};
+use crate::sync::{FleetAnswers, FleetExchange};
 use crate::usage::UsageRecord;
 
 /// Everything the handlers share.
@@ -44,7 +45,14 @@ pub struct ApiState {
     pub feed: Arc<Feed>,
     /// Snapshots being sent, shared by gateways that ask at the same time.
     pub snapshots: SharedSnapshots,
+    /// When expired fleet counters were last swept (Unix seconds).
+    pub fleet_swept_at: std::sync::atomic::AtomicU64,
 }
+
+/// How often a control plane sweeps expired fleet counters, at most.
+const FLEET_SWEEP_EVERY_SECS: u64 = 60;
+/// Most operations in one fleet exchange: a gateway's round trip (`limit::fleet`).
+const MAX_FLEET_OPS: usize = 4096;
 
 /// Longest a gateway's long poll is held open.
 const MAX_WAIT: Duration = Duration::from_secs(30);
@@ -65,6 +73,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/sync/changes", get(sync_changes))
         .route("/v1/sync/usage", post(sync_usage))
         .route("/v1/sync/quota-usage", get(sync_quota_usage))
+        .route("/v1/sync/fleet", post(sync_fleet))
         .with_state(state)
 }
 
@@ -599,9 +608,8 @@ async fn sync_usage(
 /// (by its `Content-Length`, or while it streams in), never cut short.
 async fn read_upload(headers: &HeaderMap, body: axum::body::Body) -> ApiResult<Vec<u8>> {
     use futures_util::StreamExt as _;
-    let too_large = || {
-        ApiError::too_large(format!("a usage upload is at most {MAX_UPLOAD_BYTES} bytes: send it in smaller chunks"))
-    };
+    let too_large =
+        || ApiError::too_large(format!("an upload is at most {MAX_UPLOAD_BYTES} bytes: send it in smaller chunks"));
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > MAX_UPLOAD_BYTES) {
@@ -627,6 +635,39 @@ async fn sync_quota_usage(State(state): State<Arc<ApiState>>, _client: SyncClien
     let used = super::quota::used_in_current_periods(&state.store, now).await?;
     let at = now.format(&Rfc3339).unwrap_or_default();
     Ok(Json(json!({"at": at, "by_day": used.by_day, "by_month": used.by_month})))
+}
+
+/// One exchange of a gateway's fleet limits (`fleet_limits: { engine: control_plane }`),
+/// applied to the store in one transaction.
+async fn sync_fleet(
+    State(state): State<Arc<ApiState>>,
+    _client: SyncClient,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> ApiResult<Json<FleetAnswers>> {
+    use std::sync::atomic::Ordering;
+    let body = read_upload(&headers, body).await?;
+    let exchange: FleetExchange = serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e))?;
+    if exchange.ops.len() > MAX_FLEET_OPS {
+        return Err(ApiError::too_large(format!(
+            "a fleet exchange holds at most {MAX_FLEET_OPS} operations, this one has {}",
+            exchange.ops.len()
+        )));
+    }
+    let answers = state.store.fleet_exchange(&exchange.ops).await?;
+    let now = OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+    let swept = state.fleet_swept_at.load(Ordering::Relaxed);
+    if now >= swept + FLEET_SWEEP_EVERY_SECS
+        && state.fleet_swept_at.compare_exchange(swept, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    {
+        let store = Arc::clone(&state.store);
+        tokio::spawn(async move {
+            if let Err(e) = store.sweep_fleet_counters().await {
+                tracing::warn!(error = %e, "cannot sweep expired fleet counters");
+            }
+        });
+    }
+    Ok(Json(FleetAnswers { answers }))
 }
 
 #[cfg(test)]

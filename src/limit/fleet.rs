@@ -60,8 +60,10 @@ pub enum FleetError {
     Answer { asked: usize, answered: usize },
 }
 
-/// One operation on the engine's counters.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One operation on the engine's counters. Also the wire form of an exchange with
+/// the control plane (`POST /v1/sync/fleet`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
     /// Adds `by` to a counter that then lives `ttl` more; answers the new total.
     Add { key: String, by: u64, ttl: Duration },
@@ -74,7 +76,16 @@ pub enum Op {
     ReadMark { key: String },
 }
 
-/// Where the fleet's counts meet: Redis or Valkey, or a fake in tests.
+impl Op {
+    /// The counter or mark it works on.
+    pub fn key(&self) -> &str {
+        match self {
+            Op::Add { key, .. } | Op::Read { key } | Op::Raise { key, .. } | Op::ReadMark { key } => key,
+        }
+    }
+}
+
+/// Where the fleet's counts meet: Redis or Valkey, the control plane, or a fake in tests.
 #[async_trait]
 pub trait CountEngine: Send {
     /// Applies `ops` in order; one answer per op (`None` where it answers nothing

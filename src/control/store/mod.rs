@@ -345,6 +345,19 @@ impl Store {
         dispatch!(self.ingest_usage(node, boot_id, sequence, &batch))
     }
 
+    /// One exchange of a gateway's fleet sync (`fleet_limits: { engine: control_plane }`):
+    /// an answer per op, as Redis would give it.
+    pub async fn fleet_exchange(&self, ops: &[crate::limit::fleet::Op]) -> Result<Vec<Option<u64>>> {
+        let now = now_ms();
+        dispatch!(self.fleet_exchange(ops, now))
+    }
+
+    /// Forgets the fleet counters that have expired; how many.
+    pub async fn sweep_fleet_counters(&self) -> Result<u64> {
+        let now = now_ms();
+        dispatch!(self.sweep_fleet_counters(now))
+    }
+
     /// Non-empty buckets of `[from, to)`, ascending, and their totals (with
     /// `start = from`).
     pub async fn usage(
