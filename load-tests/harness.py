@@ -5,6 +5,7 @@ reading a process's memory and CPU from /proc. Python standard library only."""
 import http.client
 import http.server
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,10 +17,27 @@ from pathlib import Path
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+# Ports for the processes a script starts, below Linux's ephemeral range (32768 and up by
+# default): a port the kernel picked as free can be handed out again to an outgoing
+# connection before the process meant to listen on it binds it, which happens when many
+# connections open at once (a restart storm).
+LISTEN_PORTS = range(20000, 32000)
+_taken = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(1000):
+        port = random.choice(LISTEN_PORTS)
+        if port in _taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _taken.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 class Upstream(http.server.BaseHTTPRequestHandler):
