@@ -36,15 +36,11 @@ import threading
 import time
 from pathlib import Path
 
+from harness import free_port
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 KINDS = ("silent", "keep-alive")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:
