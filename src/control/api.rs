@@ -32,6 +32,7 @@ use super::upload::{MAX_UPLOAD_BYTES, MAX_UPLOAD_RECORDS};
 use crate::config::TokenConfig;
 use crate::index::wire;
 use crate::key::{self, KeyDigest};
+use crate::limit::fleet::OPS_PER_EXCHANGE;
 use crate::outcome::{error_json, new_request_id, APPLICATION_JSON};
 use crate::sync::{FleetAnswers, FleetExchange};
 use crate::usage::UsageRecord;
@@ -51,8 +52,6 @@ pub struct ApiState {
 
 /// How often a control plane sweeps expired fleet counters, at most.
 const FLEET_SWEEP_EVERY_SECS: u64 = 60;
-/// Most operations in one fleet exchange: a gateway's round trip (`limit::fleet`).
-const MAX_FLEET_OPS: usize = 4096;
 
 /// Longest a gateway's long poll is held open.
 const MAX_WAIT: Duration = Duration::from_secs(30);
@@ -648,9 +647,9 @@ async fn sync_fleet(
     use std::sync::atomic::Ordering;
     let body = read_upload(&headers, body).await?;
     let exchange: FleetExchange = serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e))?;
-    if exchange.ops.len() > MAX_FLEET_OPS {
+    if exchange.ops.len() > OPS_PER_EXCHANGE {
         return Err(ApiError::too_large(format!(
-            "a fleet exchange holds at most {MAX_FLEET_OPS} operations, this one has {}",
+            "a fleet exchange holds at most {OPS_PER_EXCHANGE} operations, this one has {}",
             exchange.ops.len()
         )));
     }

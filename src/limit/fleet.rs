@@ -47,7 +47,7 @@ const TAT_GRACE: Duration = Duration::from_secs(10);
 /// Longest a round trip may take before the round counts as failed.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Operations per round trip, so that no single pipeline holds the engine long.
-const OPS_PER_EXCHANGE: usize = 4096;
+pub const OPS_PER_EXCHANGE: usize = 4096;
 const KEY_PREFIX: &str = "keygate:fleet:";
 
 #[derive(Debug, thiserror::Error)]
