@@ -85,5 +85,7 @@ pub async fn serve(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY on an admin connection");
         }
     });
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    // The peer's address is shown in `GET /v1/gateways`.
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service).with_graceful_shutdown(shutdown).await
 }

@@ -6,7 +6,8 @@
 //! - `index`: the in-memory key index and the keys file
 //! - `key`: key format, checksum, hashing
 //! - `sync`: how a gateway's index stays fresh
-//! - `control`: the control plane: admin API, sync feed, snapshots, import, the store
+//! - `control`: the control plane: admin API, sync feed, snapshots, import, events and
+//!   webhooks, the store
 //! - `key_state`: each budget's mutable state (rate limit, quota, usage) in one entry
 //! - `limit`: rate limiters and quota counters
 //! - `usage`: usage counters, the flusher, its spool and the sinks
@@ -14,6 +15,7 @@
 //! - `systemd_notify`: readiness for systemd
 //! - `config`: the config file, validated
 //! - `http_client`: the one HTTP client builder (CLI, gateway to control plane)
+//! - `webhook_signature`: Standard Webhooks signing (webhooks, the `http` usage sink)
 //! - `server`, `cli`: running a node, the command line
 
 pub mod access_log;
@@ -34,3 +36,4 @@ pub mod server;
 pub mod sync;
 pub mod systemd_notify;
 pub mod usage;
+pub mod webhook_signature;

@@ -39,6 +39,20 @@ pub struct Metrics {
     pub fleet_limits_sync_error: IntCounter,
     /// 1 while fleet limits are decided on this process's own state alone.
     pub fleet_limits_local_fallback: IntGauge,
+    webhook_deliveries: IntCounterVec,
+    /// Events waiting for delivery, over every webhook this node delivers to.
+    pub webhook_pending: IntGauge,
+}
+
+/// What became of one webhook delivery attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookResult {
+    /// The receiver answered 2xx.
+    Delivered,
+    /// It failed; the event is tried again later.
+    Retry,
+    /// It failed for longer than keygate retries; the event is skipped.
+    GivenUp,
 }
 
 /// Every value of the `outcome` label: `allowed` and each code keygate answers with.
@@ -166,6 +180,17 @@ impl Metrics {
         )?;
         registry.register(Box::new(fleet_limits_sync.clone()))?;
         registry.register(Box::new(fleet_limits_local_fallback.clone()))?;
+        let webhook_deliveries = IntCounterVec::new(
+            Opts::new(
+                "keygate_webhook_deliveries_total",
+                "Webhook delivery attempts by result: delivered, retry (tried again later), given_up",
+            ),
+            &["result"],
+        )?;
+        let webhook_pending =
+            IntGauge::new("keygate_webhook_pending", "Events waiting for delivery to this node's webhooks")?;
+        registry.register(Box::new(webhook_deliveries.clone()))?;
+        registry.register(Box::new(webhook_pending.clone()))?;
 
         Ok(Metrics {
             registry,
@@ -189,6 +214,8 @@ impl Metrics {
             fleet_limits_sync_ok: fleet_limits_sync.with_label_values(&["ok"]),
             fleet_limits_sync_error: fleet_limits_sync.with_label_values(&["error"]),
             fleet_limits_local_fallback,
+            webhook_deliveries,
+            webhook_pending,
         })
     }
 
@@ -206,6 +233,15 @@ impl Metrics {
 
     pub fn usage_flushed(&self, sink: &str, ok: bool) {
         self.usage_flush.with_label_values(&[sink, if ok { "ok" } else { "error" }]).inc();
+    }
+
+    pub fn webhook_delivery(&self, result: WebhookResult) {
+        let label = match result {
+            WebhookResult::Delivered => "delivered",
+            WebhookResult::Retry => "retry",
+            WebhookResult::GivenUp => "given_up",
+        };
+        self.webhook_deliveries.with_label_values(&[label]).inc();
     }
 
     pub fn config_reloaded(&self, ok: bool) {

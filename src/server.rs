@@ -24,6 +24,7 @@ use crate::control::feed::Feed;
 use crate::control::retention::{self, UsageCompactor};
 use crate::control::store::Store;
 use crate::control::store_sink::StoreSink;
+use crate::control::webhooks::{Plans, Webhooks};
 use crate::index::KeyIndex;
 use crate::key_state::KeyStates;
 use crate::limit::fleet::{FleetSync, FleetSyncTask, RedisEngine};
@@ -323,6 +324,7 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         ("usage.spool", running.usage.spool != new.usage.spool),
         ("usage.flush_interval", running.usage.flush_interval != new.usage.flush_interval),
         ("fleet_limits", running.fleet_limits != new.fleet_limits),
+        ("webhooks", running.webhooks != new.webhooks),
     ] {
         if differs {
             changed.push(name);
@@ -356,6 +358,9 @@ impl BackgroundService for Maintenance {
             None => None,
         };
         self.start_admin(control.as_ref(), shutdown.clone());
+        if let Some((store, feed)) = &control {
+            self.start_webhooks(store, feed, shutdown.clone());
+        }
 
         let follower = match &self.key_source {
             KeySourcePlan::File(source) => {
@@ -365,8 +370,8 @@ impl BackgroundService for Maintenance {
                 None
             }
             KeySourcePlan::Remote { url, token } => {
-                let feed =
-                    RemoteFeed::new(url, token).unwrap_or_else(|e| fatal("cannot set up the key sync client", e));
+                let feed = RemoteFeed::new(url, token, &self.node_id)
+                    .unwrap_or_else(|e| fatal("cannot set up the key sync client", e));
                 Some(Arc::new(feed) as Arc<dyn KeyFeed>)
             }
             // A control plane has no proxy, so no index to keep.
@@ -470,6 +475,8 @@ impl Maintenance {
                 feed: Arc::clone(feed),
                 snapshots: Default::default(),
                 fleet_swept_at: Default::default(),
+                gateways: Default::default(),
+                stopping: shutdown.clone(),
             })));
         }
         tokio::spawn(async move {
@@ -480,6 +487,23 @@ impl Maintenance {
                 tracing::error!(error = %e, "the admin server stopped");
             }
         });
+    }
+
+    /// Delivers the event log to `webhooks:` (standalone and control-plane nodes).
+    fn start_webhooks(&self, store: &Arc<Store>, feed: &Arc<Feed>, shutdown: ShutdownWatch) {
+        let (hooks, plans) = {
+            let applied = self.applied.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let plans = Plans { plans: applied.plans.clone(), default_plan: applied.default_plan.clone() };
+            (applied.webhooks.clone(), plans)
+        };
+        if hooks.is_empty() {
+            return;
+        }
+        tracing::info!(receivers = hooks.len(), "webhooks: delivering key events");
+        let metrics = Arc::clone(&self.plane.metrics);
+        let webhooks = Webhooks::new(Arc::clone(store), Arc::clone(feed), metrics, hooks, plans, &self.node_id)
+            .unwrap_or_else(|e| fatal("cannot set up the webhook client", e));
+        tokio::spawn(webhooks.run(shutdown));
     }
 
     /// Reconciles this node's limit consumption with the fleet's every `sync_interval`.

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use keygate::config::{LimitScope, QuotaConfig, QuotaPeriod, RateLimitConfig, UsageRetention};
 use keygate::control::model::{
-    key_id_from_hash, new_key_id, Change, Granularity, ImportKey, KeyChange, KeyFilter, KeyPatch, KeyStatusText,
-    NewKey, StoredKey,
+    key_id_from_hash, new_key_id, Change, Granularity, ImportKey, KeyChange, KeyFilter, KeyOrder, KeyPatch,
+    KeyStatusText, NewKey, StoredKey,
 };
 use keygate::control::store::{BatchOutcome, Store, StoreError, UsageCompaction};
 use keygate::key::{self, KeyDigest};
@@ -153,6 +153,9 @@ on_both_backends!(
     a_key_changed_after_import_comes_with_its_later_version,
     an_import_that_stops_midway_keeps_its_batches_and_leaves_no_trace,
     fleet_counters_answer_as_redis_would,
+    every_key_change_is_one_event_in_commit_order_with_the_record_and_never_the_hash,
+    keys_sorted_by_last_use_page_through_every_key_once,
+    usage_of_a_minute_lists_the_busiest_keys_with_their_denials,
 );
 
 // ---- helpers ----
@@ -632,7 +635,7 @@ async fn duplicate_id_or_hash_is_a_conflict(db: TestDb) {
     // A refused create leaves no trace in the keys, the feed or the audit log.
     assert_eq!(store.get_key(&same_hash.id).await.unwrap(), None);
     assert_eq!(all_changes(store).await.1, before);
-    assert_eq!(store.audit(None, 100).await.unwrap().len(), 1);
+    assert_eq!(store.audit(None, None, 100).await.unwrap().len(), 1);
 
     let mut bad_hash = new_key("bad hash");
     bad_hash.hash = "sha256:nothex".into();
@@ -681,7 +684,7 @@ async fn update_sets_clears_and_leaves_fields(db: TestDb) {
     assert!(updated.version > created.version);
     assert_eq!(store.get_key(&k.id).await.unwrap(), Some(updated.clone()));
 
-    let events = store.audit(Some(&k.id), 10).await.unwrap();
+    let events = store.audit(Some(&k.id), None, 10).await.unwrap();
     assert_eq!(events[0].action, "key.update");
     assert_eq!(events[0].actor, "alice");
     assert_eq!(
@@ -719,7 +722,10 @@ async fn revoked_is_final(db: TestDb) {
     // Revoking again changes nothing and appends nothing.
     assert_eq!(store.revoke_key(&k.id, "ops").await.unwrap(), revoked);
     assert_eq!(all_changes(store).await.1, latest);
-    assert_eq!(store.audit(Some(&k.id), 10).await.unwrap().iter().filter(|e| e.action == "key.revoke").count(), 1);
+    assert_eq!(
+        store.audit(Some(&k.id), None, 10).await.unwrap().iter().filter(|e| e.action == "key.revoke").count(),
+        1
+    );
 
     for patch in [
         KeyPatch { status: Some(KeyStatusText::Active), ..Default::default() },
@@ -779,7 +785,7 @@ async fn rotate_expires_old_key_after_grace_and_creates_a_new_one(db: TestDb) {
         .collect();
     assert_eq!(changed, BTreeSet::from([old.id.clone(), successor.id.clone()]));
 
-    let events = store.audit(Some(&old.id), 10).await.unwrap();
+    let events = store.audit(Some(&old.id), None, 10).await.unwrap();
     assert_eq!(events[0].action, "key.rotate");
     assert_eq!(events[0].actor, "bob");
     assert_eq!(events[0].details, json!({"new_key_id": successor.id}));
@@ -826,7 +832,7 @@ async fn delete_removes_the_key_and_feeds_a_delete(db: TestDb) {
     assert!(from_zero.iter().all(|c| !matches!(&c.change, KeyChange::Upsert(key) if key.id == k.id)));
 
     // The deleted key's audit trail stays.
-    let actions: Vec<_> = store.audit(Some(&k.id), 10).await.unwrap().into_iter().map(|e| e.action).collect();
+    let actions: Vec<_> = store.audit(Some(&k.id), None, 10).await.unwrap().into_iter().map(|e| e.action).collect();
     assert_eq!(actions, ["key.delete", "key.create"]);
     assert!(store.get_key(&keeper.id).await.unwrap().is_some());
 }
@@ -1482,7 +1488,7 @@ async fn audit_is_newest_first_with_actor_names(db: TestDb) {
     store.revoke_key(&b.id, "carol").await.unwrap();
     store.delete_key(&a.id, "alice").await.unwrap();
 
-    let events = store.audit(None, 100).await.unwrap();
+    let events = store.audit(None, None, 100).await.unwrap();
     let trail: Vec<_> = events.iter().map(|e| (e.action.as_str(), e.actor.as_str(), e.key_id.clone())).collect();
     assert_eq!(
         trail,
@@ -1499,10 +1505,118 @@ async fn audit_is_newest_first_with_actor_names(db: TestDb) {
     // The raw key never reaches the audit log; the hash does not either.
     assert!(events.iter().all(|e| !e.details.to_string().contains(&a.hash[7..])));
 
-    let only_b: Vec<_> = store.audit(Some(&b.id), 100).await.unwrap().into_iter().map(|e| e.action).collect();
+    let only_b: Vec<_> = store.audit(Some(&b.id), None, 100).await.unwrap().into_iter().map(|e| e.action).collect();
     assert_eq!(only_b, ["key.revoke", "key.create"]);
-    assert_eq!(store.audit(None, 2).await.unwrap().len(), 2);
-    assert!(matches!(store.audit(None, 0).await, Err(StoreError::Invalid(_))));
+    assert_eq!(store.audit(None, None, 2).await.unwrap().len(), 2);
+    assert!(matches!(store.audit(None, None, 0).await, Err(StoreError::Invalid(_))));
+    let by_bob: Vec<_> = store.audit(None, Some("bob"), 100).await.unwrap().into_iter().map(|e| e.action).collect();
+    assert_eq!(by_bob, ["key.update", "key.create"]);
+    assert_eq!(store.audit(Some(&a.id), Some("bob"), 100).await.unwrap().len(), 1);
+}
+
+async fn every_key_change_is_one_event_in_commit_order_with_the_record_and_never_the_hash(db: TestDb) {
+    let store = &db.store;
+    let before = store.latest_event_id().await.unwrap();
+    let a = store.create_key(new_key("a"), "ops").await.unwrap();
+    store.update_key(&a.id, KeyPatch { plan: Some(Some("pro".into())), ..Default::default() }, "ops").await.unwrap();
+    let disable = KeyPatch { status: Some(KeyStatusText::Disabled), ..Default::default() };
+    store.update_key(&a.id, disable, "ops").await.unwrap();
+    let enable = KeyPatch { status: Some(KeyStatusText::Active), ..Default::default() };
+    store.update_key(&a.id, enable, "ops").await.unwrap();
+    let successor = new_key("a2");
+    store.rotate_key(&a.id, successor.clone(), Duration::from_secs(60), "ops").await.unwrap();
+    store.revoke_key(&a.id, "ops").await.unwrap();
+    store.delete_key(&successor.id, "ops").await.unwrap();
+    // A change that changes nothing is no event.
+    store.update_key(&a.id, KeyPatch::default(), "ops").await.ok();
+
+    let events = store.events_after(before, 100).await.unwrap();
+    let kinds: Vec<_> = events.iter().map(|e| (e.kind.as_str(), e.key_id.clone().unwrap_or_default())).collect();
+    assert_eq!(
+        kinds,
+        [
+            ("key.created", a.id.clone()),
+            ("key.updated", a.id.clone()),
+            ("key.disabled", a.id.clone()),
+            ("key.updated", a.id.clone()),
+            ("key.rotated", a.id.clone()),
+            ("key.revoked", a.id.clone()),
+            ("key.deleted", successor.id.clone()),
+        ]
+    );
+    assert!(events.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(store.latest_event_id().await.unwrap(), events.last().unwrap().id);
+    assert_eq!(events[1].data["fields"], json!(["plan"]));
+    assert_eq!(events[2].data["key"]["status"], "disabled");
+    assert_eq!(events[4].data["successor"]["id"], successor.id.as_str());
+    assert_eq!(events[5].data["key"]["status"], "revoked");
+    assert_eq!(events[6].data["key"]["name"], "a2", "a deleted key's event carries its last record");
+    for event in &events {
+        let text = event.data.to_string();
+        assert!(!text.contains(&a.hash[7..]) && !text.contains(&successor.hash[7..]), "{text}");
+        assert!(event.data["key"].get("hash").is_none() && event.data["key"].get("version").is_none());
+        assert_eq!(event.body()["type"], event.kind.as_str());
+    }
+    // Resuming after an event gives exactly the ones after it.
+    let rest = store.events_after(events[3].id, 100).await.unwrap();
+    assert_eq!(rest.iter().map(|e| e.id).collect::<Vec<_>>(), events[4..].iter().map(|e| e.id).collect::<Vec<_>>());
+    assert_eq!(store.events_after(events[0].id, 2).await.unwrap().len(), 2);
+}
+
+async fn keys_sorted_by_last_use_page_through_every_key_once(db: TestDb) {
+    let store = &db.store;
+    let mut made = Vec::new();
+    for i in 0..7 {
+        made.push(store.create_key(new_key(&format!("k{i}")), "ops").await.unwrap());
+    }
+    let now = OffsetDateTime::now_utc();
+    // k3 used last, then k0, then k5 and k6 at the same moment (ties broken by id); the rest never.
+    let uses = [(3, 30), (0, 20), (5, 10), (6, 10)];
+    let records: Vec<_> = uses
+        .iter()
+        .map(|(i, secs)| usage_record(&made[*i].id, now - time::Duration::seconds(60 - secs), 1, &[]))
+        .collect();
+    assert!(store.ingest_usage("gw-1", "boot", 1, &records).await.unwrap());
+    let filter = KeyFilter { order: KeyOrder::LastUsed, ..Default::default() };
+    let pages = all_pages(store, &filter, 2).await;
+    let order: Vec<StoredKey> = pages.into_iter().flatten().collect();
+    let mut tied = [made[5].id.clone(), made[6].id.clone()];
+    tied.sort();
+    tied.reverse();
+    assert_eq!(ids(&order[..4]), [made[3].id.clone(), made[0].id.clone(), tied[0].clone(), tied[1].clone()]);
+    let mut never: Vec<_> = [1, 2, 4].iter().map(|i| made[*i].id.clone()).collect();
+    never.sort();
+    never.reverse();
+    assert_eq!(ids(&order[4..]), never, "keys never used come last, by id");
+    assert!(order[4..].iter().all(|k| k.last_used_at.is_none()));
+    // Filters hold in this order too.
+    store
+        .update_key(&made[0].id, KeyPatch { plan: Some(Some("pro".into())), ..Default::default() }, "ops")
+        .await
+        .unwrap();
+    let pro = KeyFilter { plan: Some("pro".into()), order: KeyOrder::LastUsed, ..Default::default() };
+    assert_eq!(ids(&all_pages(store, &pro, 1).await.concat()), [made[0].id.clone()]);
+    // A cursor of one order is refused by the other.
+    let (_, next) = store.list_keys(&filter, 1, None).await.unwrap();
+    let created = KeyFilter::default();
+    assert!(matches!(store.list_keys(&created, 1, next.as_deref()).await, Err(StoreError::Invalid(_))));
+}
+
+async fn usage_of_a_minute_lists_the_busiest_keys_with_their_denials(db: TestDb) {
+    let store = &db.store;
+    let end = OffsetDateTime::now_utc().replace_second(30).unwrap().replace_nanosecond(0).unwrap();
+    let records = [
+        usage_record("key_busy", end, 9, &[("rate_limited", 3)]),
+        usage_record("key_quiet", end, 1, &[]),
+        usage_record("key_other_minute", end - time::Duration::minutes(2), 50, &[]),
+    ];
+    assert!(store.ingest_usage("gw-1", "boot", 1, &records).await.unwrap());
+    let minute = millis(end.replace_second(0).unwrap());
+    let ticks = store.usage_of_minute(minute, 10).await.unwrap();
+    assert_eq!(ticks.iter().map(|t| t.key_id.as_str()).collect::<Vec<_>>(), ["key_busy", "key_quiet"]);
+    assert_eq!((ticks[0].requests, ticks[0].allowed, ticks[0].denied["rate_limited"]), (12, 9, 3));
+    assert_eq!(ticks[0].status.s2xx, 9);
+    assert_eq!(store.usage_of_minute(minute, 1).await.unwrap().len(), 1);
 }
 
 async fn migrations_run_again_on_reconnect_and_data_survives(db: TestDb) {
@@ -1574,13 +1688,13 @@ async fn import_is_idempotent_and_updates_changed_keys(db: TestDb) {
     assert_eq!(stored.created_at, datetime!(2019-05-01 12:00 UTC));
     assert_eq!((stored.prefix.as_str(), stored.masked.as_str()), ("", "…"));
     let (_, latest) = all_changes(store).await;
-    let events = store.audit(None, 100).await.unwrap().len();
+    let events = store.audit(None, None, 100).await.unwrap().len();
 
     // The same file again: nothing is written, no version, no audit event.
     let again = import(store, vec![records.clone()]).await;
     assert_eq!(again[0], BatchOutcome { imported: 0, unchanged: 5, errors: vec![], version: None });
     assert_eq!(all_changes(store).await.1, latest);
-    assert_eq!(store.audit(None, 100).await.unwrap().len(), events);
+    assert_eq!(store.audit(None, None, 100).await.unwrap().len(), events);
     assert_eq!(store.get_key(&records[0].id).await.unwrap(), Some(stored.clone()));
 
     // One changed field: that key is rewritten, the others are unchanged.
@@ -1669,7 +1783,7 @@ async fn an_import_batch_is_one_feed_row_that_expands_into_its_keys(db: TestDb) 
     assert_eq!(imported, expected);
 
     // One audit event for the batch, about no single key.
-    let events = store.audit(None, 100).await.unwrap();
+    let events = store.audit(None, None, 100).await.unwrap();
     let imports: Vec<_> = events.iter().filter(|e| e.action == "key.import").collect();
     assert_eq!(imports.len(), 1);
     assert_eq!(imports[0].key_id, None);

@@ -33,7 +33,7 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -166,6 +166,52 @@ pub struct Config {
     pub http: HttpConfig,
     /// Rate limits and quotas shared by every gateway; None: each process on its own.
     pub fleet_limits: Option<FleetLimitsConfig>,
+    /// Sent by the node that holds the store (standalone, control plane).
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// Every event a webhook may subscribe to.
+pub const WEBHOOK_EVENTS: &[&str] = &[
+    "key.created",
+    "key.updated",
+    "key.disabled",
+    "key.revoked",
+    "key.rotated",
+    "key.deleted",
+    "keys.imported",
+    "key.expiring",
+    "quota.threshold",
+];
+
+/// `webhooks[].expiring_lead` when absent.
+pub const DEFAULT_EXPIRING_LEAD: Duration = Duration::from_secs(7 * 86_400);
+
+/// One `webhooks:` entry.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    pub url: String,
+    /// Signs every delivery (Standard Webhooks: `whsec_` and base64, or any text).
+    pub secret: String,
+    /// The events sent; `None`: every one.
+    pub events: Option<BTreeSet<String>>,
+    /// How long before a key's `expires_at` its `key.expiring` is sent.
+    pub expiring_lead: Duration,
+}
+
+impl WebhookConfig {
+    pub fn wants(&self, event: &str) -> bool {
+        self.events.as_ref().is_none_or(|events| events.contains(event))
+    }
+}
+
+impl fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &self.url)
+            .field("events", &self.events)
+            .field("expiring_lead", &self.expiring_lead)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Shortest and longest `fleet_limits.sync_interval`: often enough that the fleet
@@ -302,11 +348,36 @@ pub struct AdminConfig {
 pub struct TokenConfig {
     pub name: String,
     pub sha256: [u8; 32],
+    pub role: TokenRole,
+}
+
+/// What an admin token may do. Sync tokens are always `Admin` here: their role is
+/// the sync feed's, and `role:` is refused on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TokenRole {
+    /// Every admin API call.
+    #[default]
+    Admin,
+    /// Lists, records, usage, audit and events; a change gets 403 `forbidden`.
+    Read,
+}
+
+impl TokenRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRole::Admin => "admin",
+            TokenRole::Read => "read",
+        }
+    }
 }
 
 impl fmt::Debug for TokenConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenConfig").field("name", &self.name).field("sha256", &hex::encode(self.sha256)).finish()
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("sha256", &hex::encode(self.sha256))
+            .field("role", &self.role)
+            .finish()
     }
 }
 

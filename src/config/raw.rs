@@ -230,6 +230,7 @@ pub const TOP_LEVEL_FIELDS: &[&str] = &[
     "shutdown_timeout",
     "http",
     "fleet_limits",
+    "webhooks",
 ];
 
 /// The whole file. Built only from the known top-level keys (unknown ones are
@@ -257,6 +258,17 @@ pub struct RawConfig {
     pub shutdown_timeout: Option<Parsed<Text>>,
     pub http: Option<Parsed<RawHttp>>,
     pub fleet_limits: Option<Parsed<RawFleetLimits>>,
+    pub webhooks: Option<Parsed<Vec<Parsed<RawWebhook>>>>,
+}
+
+/// One `webhooks:` entry. No `Debug`: `secret` is a secret.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub url: Option<Text>,
+    pub secret: Option<Text>,
+    pub events: Option<Vec<Text>>,
+    pub expiring_lead: Option<Text>,
 }
 
 /// `{ engine: redis, url: redis://..., sync_interval: 200ms }`.
@@ -315,6 +327,7 @@ pub struct RawToken {
     pub name: Option<Text>,
     pub hash: Option<Text>,
     pub token: Option<Text>,
+    pub role: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -15,6 +15,7 @@ fn env(name: &str) -> Option<String> {
         "HOST" => Some("cp.internal".to_owned()),
         "PORT" => Some("9090".to_owned()),
         "THREADS" => Some("3".to_owned()),
+        "KEYGATE_WEBHOOK_SECRET" => Some("whsec_aGk=".to_owned()),
         _ => None,
     }
 }
@@ -82,7 +83,8 @@ listeners:
 admin:
   address: 127.0.0.1:9090         # admin API, /healthz, /readyz, /metrics
   tokens:                         # admin bearer tokens (store them as sha256:... hashes or ${env:...})
-    - { name: ops, hash: "sha256:..." }
+    - { name: ops, hash: "sha256:..." }                 # role: admin (default) | read
+    - { name: dashboard, hash: "sha256:...", role: read }
   sync_tokens:                    # tokens that gateways use for the sync feed and usage upload
     - { name: edge, hash: "sha256:..." }
 store:
@@ -121,6 +123,11 @@ plans:
   free: { rate_limit: { requests: 10, per: 1s, burst: 20 }, quota: { requests: 10000, per: month } }
   pro:  { rate_limit: { requests: 1000, per: 1s } }
 default_plan: free
+webhooks:                         # control-plane and standalone nodes
+  - url: https://hooks.example.com/keygate
+    secret: "${env:KEYGATE_WEBHOOK_SECRET}"
+    events: [key.created, key.revoked, key.expiring, quota.threshold]   # absent: every event
+    expiring_lead: 7d
 usage:
   flush_interval: 5s
   sinks:
@@ -163,8 +170,9 @@ impl TlsDir {
 /// the TLS files under /etc, which a test machine does not have.
 fn contract_example(tls: &TlsDir) -> String {
     CONTRACT_EXAMPLE
-        .replacen("sha256:...\" }\n  sync", &format!("{OPS_HASH}\" }}\n  sync"), 1)
-        .replacen("sha256:...\" }", &format!("{EDGE_HASH}\" }}"), 1)
+        .replacen("\"sha256:...\" }", &format!("\"{OPS_HASH}\" }}"), 1)
+        .replacen("\"sha256:...\", role", &format!("\"{EDGE_HASH}\", role"), 1)
+        .replacen("\"sha256:...\" }", &format!("\"{EDGE_HASH}\" }}"), 1)
         .replace("/etc/keygate/tls/cert.pem", &tls.cert())
         .replace("/etc/keygate/tls/key.pem", &tls.key())
 }
@@ -183,6 +191,8 @@ fn contract_example_loads() {
     assert_eq!(config.admin.address.to_string(), "127.0.0.1:9090");
     assert_eq!(config.admin.tokens[0].name, "ops");
     assert_eq!(hex::encode(config.admin.tokens[0].sha256), OPS_HASH.trim_start_matches("sha256:"));
+    assert_eq!(config.admin.tokens[0].role, TokenRole::Admin);
+    assert_eq!((config.admin.tokens[1].name.as_str(), config.admin.tokens[1].role), ("dashboard", TokenRole::Read));
     assert_eq!(config.admin.sync_tokens[0].name, "edge");
     assert_eq!(config.store.url, "sqlite://data/keygate.db");
     assert_eq!(config.keys.source, KeySource::Store);
@@ -229,6 +239,11 @@ fn contract_example_loads() {
     assert_eq!(config.default_plan.as_deref(), Some("free"));
     assert_eq!(config.usage.flush_interval, Duration::from_secs(5));
     assert_eq!(config.usage.sinks, vec![SinkConfig::Store, SinkConfig::File { path: "data/usage.jsonl".into() }]);
+    let hook = &config.webhooks[0];
+    assert_eq!((hook.url.as_str(), hook.secret.as_str()), ("https://hooks.example.com/keygate", "whsec_aGk="));
+    assert_eq!(hook.expiring_lead, Duration::from_secs(7 * 86_400));
+    assert!(hook.wants("key.revoked") && hook.wants("quota.threshold") && !hook.wants("key.updated"));
+    assert!(!format!("{config:?}").contains("whsec_aGk="), "the secret must not show in Debug");
     assert_eq!(config.access_log, AccessLogConfig::Stdout);
 }
 
@@ -614,6 +629,61 @@ fn admin_token_hash_must_be_sha256_hex() {
             "sha256:<64 hex digits>",
         );
     }
+}
+
+#[test]
+fn webhooks_are_checked_entry_by_entry() {
+    let config = ok("webhooks:\n  - { url: \"http://127.0.0.1:9/h\", secret: s }\n");
+    assert!(config.webhooks[0].events.is_none() && config.webhooks[0].wants("key.updated"));
+    assert_eq!(config.webhooks[0].expiring_lead, DEFAULT_EXPIRING_LEAD);
+    let e = errors(
+        "webhooks:\n  - { url: ftp://x, secret: s }\n  - { url: \"https://h/x\" }\n  \
+         - { url: \"https://h/y\", secret: \"whsec_***\", events: [key.created, key.exploded], expiring_lead: 400d }\n  \
+         - { url: \"https://h/z\", secret: s, events: [] }\n  - { url: \"https://h/z\", secret: s, color: red }\n",
+    );
+    let at = |path: &str, needle: &str| {
+        assert!(e.iter().any(|e| e.path == path && e.message.contains(needle)), "no {path}: {needle} in {e:?}")
+    };
+    at("webhooks[0].url", "http:// or https://");
+    at("webhooks[1].secret", "required");
+    at("webhooks[2].secret", "base64");
+    at("webhooks[2].events[1]", "unknown event \"key.exploded\"");
+    at("webhooks[2].expiring_lead", "at most");
+    at("webhooks[3].events", "at least one event");
+    at("webhooks[4].color", "unknown field");
+    error_at(
+        "webhooks:\n  - { url: \"https://h/x\", secret: s }\n  - { url: \"https://h/x\", secret: t }\n",
+        "webhooks[1].url",
+        "already a webhook",
+    );
+    error_at(
+        "mode: gateway\nkeys: { source: file, file: k.yaml }\nwebhooks:\n  - { url: \"https://h/x\", secret: s }\n",
+        "webhooks",
+        "control plane",
+    );
+}
+
+#[test]
+fn a_document_that_is_not_a_mapping_is_refused_at_line_one() {
+    for text in ["|#", "- a\n- b\n", "just text\n"] {
+        let e = errors(text);
+        assert_eq!((e[0].path.as_str(), e[0].line), ("", Some(1)), "{text:?}: {e:?}");
+        assert!(e[0].message.contains("must be a mapping"), "{text:?}: {e:?}");
+    }
+}
+
+#[test]
+fn token_roles_are_admin_or_read_and_only_on_admin_tokens() {
+    error_at(
+        &format!("admin:\n  tokens:\n    - {{ name: a, hash: \"{OPS_HASH}\", role: owner }}\n"),
+        "admin.tokens[0].role",
+        "is not admin or read",
+    );
+    error_at(
+        &format!("admin:\n  sync_tokens:\n    - {{ name: a, hash: \"{OPS_HASH}\", role: read }}\n"),
+        "admin.sync_tokens[0].role",
+        "only admin.tokens have a role",
+    );
 }
 
 #[test]

@@ -25,8 +25,11 @@ use super::{
     ControlPlaneClientConfig, EscapedSlashes, EventFormat, FleetEngine, FleetLimitsConfig, HealthCheckConfig,
     HttpConfig, HttpSinkConfig, KeyLocation, KeySource, KeysConfig, LimitScope, ListenerConfig, Mode, NatsSinkConfig,
     PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig, RouteAuth, RouteConfig, RouteMatch, SinkConfig, StoreConfig,
-    TlsFiles, TokenConfig, UnderscoreHeaders, UpstreamConfig, UpstreamTlsConfig, UsageConfig, UsageRetention,
+    TlsFiles, TokenConfig, TokenRole, UnderscoreHeaders, UpstreamConfig, UpstreamTlsConfig, UsageConfig,
+    UsageRetention,
 };
+
+mod webhooks;
 
 const MISSING: &str = "required field is missing";
 const DEFAULT_SINK_BATCH_SIZE: usize = 100;
@@ -135,6 +138,8 @@ impl Issues {
         let mut errors: Vec<ConfigError> = Vec::with_capacity(self.list.len());
         for issue in self.list {
             let at = if issue.at_key { positions.key(&issue.path) } else { positions.value(&issue.path) };
+            // The whole document is at fault (a block scalar has no position of its own).
+            let at = at.or_else(|| issue.path.is_empty().then_some((1, 1)));
             let error = ConfigError {
                 file: file.to_owned(),
                 path: issue.path,
@@ -230,6 +235,7 @@ impl Builder<'_> {
             self.duration(shutdown_timeout_text, "shutdown_timeout", super::DEFAULT_SHUTDOWN_TIMEOUT, true);
         let http = self.http(raw.http, &key_locations);
         let fleet_limits = self.fleet_limits(raw.fleet_limits, keys_parsed.then_some(&keys));
+        let webhooks = self.webhooks(raw.webhooks, known_mode);
 
         Config {
             mode,
@@ -250,6 +256,7 @@ impl Builder<'_> {
             shutdown_timeout,
             http,
             fleet_limits,
+            webhooks,
         }
     }
 
@@ -515,8 +522,23 @@ impl Builder<'_> {
                     None
                 }
             };
-            if let (Some(name), Some(sha256)) = (name, sha256) {
-                out.push(TokenConfig { name, sha256 });
+            let role = match (token.role, list) {
+                (None, _) => Some(TokenRole::Admin),
+                (Some(Text(role)), "admin.tokens") => match role.as_str() {
+                    "admin" => Some(TokenRole::Admin),
+                    "read" => Some(TokenRole::Read),
+                    other => {
+                        self.issues.add(&join_key(&path, "role"), format!("{other:?} is not admin or read"));
+                        None
+                    }
+                },
+                (Some(_), _) => {
+                    self.issues.add(&join_key(&path, "role"), "only admin.tokens have a role");
+                    None
+                }
+            };
+            if let (Some(name), Some(sha256), Some(role)) = (name, sha256, role) {
+                out.push(TokenConfig { name, sha256, role });
             }
         }
         out
@@ -605,6 +627,19 @@ impl Builder<'_> {
             }
         }
         (KeysConfig { source, control_plane, file, cache_file, max_staleness }, parsed)
+    }
+
+    /// A Standard Webhooks secret: any text, or `whsec_` and base64.
+    fn signing_secret(&mut self, raw: Option<Text>, path: &str) -> Option<String> {
+        let secret = self.required_nonblank(raw, path)?;
+        if let Some(encoded) = secret.strip_prefix("whsec_") {
+            use base64::Engine;
+            if base64::engine::general_purpose::STANDARD.decode(encoded).is_err() {
+                self.issues.add(path, "a secret that starts with whsec_ must continue in base64");
+                return None;
+            }
+        }
+        Some(secret)
     }
 
     fn has_issue(&self, path: &str) -> bool {
@@ -1180,14 +1215,7 @@ impl Builder<'_> {
                 DEFAULT_SINK_BATCH_SIZE
             }
         };
-        let secret_path = join_key(path, "secret");
-        let secret = raw.secret.and_then(|secret| self.required_nonblank(Some(secret), &secret_path));
-        if let Some(encoded) = secret.as_deref().and_then(|s| s.strip_prefix("whsec_")) {
-            use base64::Engine;
-            if base64::engine::general_purpose::STANDARD.decode(encoded).is_err() {
-                self.issues.add(&secret_path, "a secret that starts with whsec_ must continue in base64");
-            }
-        }
+        let secret = raw.secret.and_then(|secret| self.signing_secret(Some(secret), &join_key(path, "secret")));
         let headers = self.header_list(raw.headers, &join_key(path, "headers"), SET_BY_THE_SINK, "is set by the sink");
         Some(HttpSinkConfig { url: url?, format: format?, batch_size, secret, headers })
     }

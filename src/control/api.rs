@@ -5,10 +5,11 @@
 //! name of the token that made it.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -25,11 +26,12 @@ use super::fields::{
     duration, expiry_from_ttl, ip_allowlist, metadata, quota, rate_limit, scopes, string_field, string_list, timestamp,
     FieldError,
 };
-use super::model::{new_key_id, Granularity, KeyFilter, KeyPatch, KeyStatusText, NewKey, StoredKey};
+use super::gateways::GatewayRegistry;
+use super::model::{new_key_id, Granularity, KeyFilter, KeyOrder, KeyPatch, KeyStatusText, NewKey, StoredKey};
 use super::snapshot::SharedSnapshots;
 use super::store::{Store, StoreError};
 use super::upload::{MAX_UPLOAD_BYTES, MAX_UPLOAD_RECORDS};
-use crate::config::TokenConfig;
+use crate::config::{TokenConfig, TokenRole};
 use crate::index::wire;
 use crate::key::{self, KeyDigest};
 use crate::limit::fleet::OPS_PER_EXCHANGE;
@@ -48,11 +50,17 @@ pub struct ApiState {
     pub snapshots: SharedSnapshots,
     /// When expired fleet counters were last swept (Unix seconds).
     pub fleet_swept_at: std::sync::atomic::AtomicU64,
+    /// The gateways following this control plane, from their polls.
+    pub gateways: GatewayRegistry,
+    /// Turns true when the node stops: open event streams end.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// How often a control plane sweeps expired fleet counters, at most.
 const FLEET_SWEEP_EVERY_SECS: u64 = 60;
 
+/// A gateway's node id is shown up to this many characters.
+const MAX_NODE_ID_CHARS: usize = 128;
 /// Longest a gateway's long poll is held open.
 const MAX_WAIT: Duration = Duration::from_secs(30);
 const DEFAULT_PAGE: u32 = 50;
@@ -68,6 +76,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/keys/{id}/rotate", post(rotate_key))
         .route("/v1/keys/{id}/usage", get(key_usage))
         .route("/v1/audit", get(audit))
+        .route("/v1/events", get(super::events::stream_events))
+        .route("/v1/gateways", get(list_gateways))
+        .route("/v1/whoami", get(whoami))
         .route("/v1/sync/snapshot", get(sync_snapshot))
         .route("/v1/sync/changes", get(sync_changes))
         .route("/v1/sync/usage", post(sync_usage))
@@ -88,7 +99,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub(super) fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
+    pub(crate) fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
         ApiError { status: StatusCode::BAD_REQUEST, code: "invalid_request", message: format!("{field}: {message}") }
     }
 
@@ -98,6 +109,14 @@ impl ApiError {
 
     fn not_found(id: &str) -> Self {
         ApiError { status: StatusCode::NOT_FOUND, code: "not_found", message: format!("no key {id}") }
+    }
+
+    fn forbidden() -> Self {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            code: "forbidden",
+            message: "this token may only read: changes need a token with role admin".into(),
+        }
     }
 
     fn unauthorized(message: &str) -> Self {
@@ -148,8 +167,10 @@ type ApiResult<T> = Result<T, ApiError>;
 // Authentication
 // ---------------------------------------------------------------------------
 
-/// The admin token's name, for the audit log.
+/// A token that may change things (`role: admin`); its name goes in the audit log.
 pub struct Admin(pub String);
+/// Any admin-list token, `role: read` included: enough to look.
+pub struct Reader(pub String, pub TokenRole);
 /// A gateway holding a sync token.
 pub struct SyncClient(#[allow(dead_code)] pub String);
 
@@ -160,26 +181,37 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Compares digests in constant time, so response timing says nothing about tokens.
-fn token_name<'a>(tokens: &'a [TokenConfig], presented: &str) -> Option<&'a str> {
+fn find_token<'a>(tokens: &'a [TokenConfig], presented: &str) -> Option<&'a TokenConfig> {
     let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
     let mut found = None;
     for token in tokens {
         let difference = token.sha256.iter().zip(digest.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
         if difference == 0 {
-            found = Some(token.name.as_str());
+            found = Some(token);
         }
     }
     found
+}
+
+impl FromRequestParts<Arc<ApiState>> for Reader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<ApiState>) -> Result<Self, Self::Rejection> {
+        let token = bearer(&parts.headers).ok_or_else(|| ApiError::unauthorized("an admin token is required"))?;
+        find_token(&state.admin_tokens, token)
+            .map(|token| Reader(token.name.clone(), token.role))
+            .ok_or_else(|| ApiError::unauthorized("the admin token is not valid"))
+    }
 }
 
 impl FromRequestParts<Arc<ApiState>> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<ApiState>) -> Result<Self, Self::Rejection> {
-        let token = bearer(&parts.headers).ok_or_else(|| ApiError::unauthorized("an admin token is required"))?;
-        token_name(&state.admin_tokens, token)
-            .map(|name| Admin(name.to_owned()))
-            .ok_or_else(|| ApiError::unauthorized("the admin token is not valid"))
+        match Reader::from_request_parts(parts, state).await? {
+            Reader(name, TokenRole::Admin) => Ok(Admin(name)),
+            Reader(_, TokenRole::Read) => Err(ApiError::forbidden()),
+        }
     }
 }
 
@@ -188,8 +220,8 @@ impl FromRequestParts<Arc<ApiState>> for SyncClient {
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<ApiState>) -> Result<Self, Self::Rejection> {
         let token = bearer(&parts.headers).ok_or_else(|| ApiError::unauthorized("a sync token is required"))?;
-        token_name(&state.sync_tokens, token)
-            .map(|name| SyncClient(name.to_owned()))
+        find_token(&state.sync_tokens, token)
+            .map(|token| SyncClient(token.name.clone()))
             .ok_or_else(|| ApiError::unauthorized("the sync token is not valid"))
     }
 }
@@ -231,16 +263,6 @@ fn status(value: &Value) -> ApiResult<KeyStatusText> {
         Some("revoked") => Err(ApiError::invalid("status", "revoke a key with POST /v1/keys/{id}/revoke")),
         _ => Err(ApiError::invalid("status", "must be \"active\" or \"disabled\"")),
     }
-}
-
-/// The record as the admin API shows it: every field but the hash.
-fn public_record(key: &StoredKey) -> Value {
-    let mut value = serde_json::to_value(key).unwrap_or(Value::Null);
-    if let Value::Object(map) = &mut value {
-        map.remove("hash");
-        map.remove("version");
-    }
-    value
 }
 
 // ---------------------------------------------------------------------------
@@ -312,7 +334,7 @@ async fn create_key(
     };
     let record = state.store.create_key(new, &actor).await?;
     state.feed.poke();
-    Ok((StatusCode::CREATED, Json(json!({"key": raw, "record": public_record(&record)}))).into_response())
+    Ok((StatusCode::CREATED, Json(json!({"key": raw, "record": record.public_json()}))).into_response())
 }
 
 #[derive(Deserialize)]
@@ -324,11 +346,12 @@ struct ListQuery {
     q: Option<String>,
     limit: Option<String>,
     cursor: Option<String>,
+    sort: Option<String>,
 }
 
 async fn list_keys(
     State(state): State<Arc<ApiState>>,
-    _admin: Admin,
+    _reader: Reader,
     Query(query): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
     let status = match query.status.as_deref() {
@@ -347,8 +370,14 @@ async fn list_keys(
             _ => return Err(ApiError::invalid("limit", format!("must be a number from 1 to {MAX_PAGE}"))),
         },
     };
+    let order = match query.sort.as_deref() {
+        None | Some("") | Some("created") => KeyOrder::Created,
+        Some("last_used") => KeyOrder::LastUsed,
+        Some(other) => return Err(ApiError::invalid("sort", format!("{other:?} is not created or last_used"))),
+    };
     let non_empty = |v: Option<String>| v.filter(|s| !s.is_empty());
     let filter = KeyFilter {
+        order,
         owner: non_empty(query.owner),
         status,
         plan: non_empty(query.plan),
@@ -360,12 +389,16 @@ async fn list_keys(
         StoreError::Invalid(message) => ApiError::invalid("cursor", message),
         other => other.into(),
     })?;
-    Ok(Json(json!({"keys": keys.iter().map(public_record).collect::<Vec<_>>(), "next_cursor": next_cursor})))
+    Ok(Json(json!({"keys": keys.iter().map(StoredKey::public_json).collect::<Vec<_>>(), "next_cursor": next_cursor})))
 }
 
-async fn get_key(State(state): State<Arc<ApiState>>, _admin: Admin, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn get_key(
+    State(state): State<Arc<ApiState>>,
+    _reader: Reader,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     let key = state.store.get_key(&id).await?.ok_or_else(|| ApiError::not_found(&id))?;
-    Ok(Json(public_record(&key)))
+    Ok(Json(key.public_json()))
 }
 
 async fn update_key(
@@ -405,7 +438,7 @@ async fn update_key(
     }
     let key = state.store.update_key(&id, patch, &actor).await.map_err(|e| not_found_as(e, &id))?;
     state.feed.poke();
-    Ok(Json(public_record(&key)))
+    Ok(Json(key.public_json()))
 }
 
 fn not_found_as(e: StoreError, id: &str) -> ApiError {
@@ -422,7 +455,7 @@ async fn revoke_key(
 ) -> ApiResult<Json<Value>> {
     let key = state.store.revoke_key(&id, &actor).await.map_err(|e| not_found_as(e, &id))?;
     state.feed.poke();
-    Ok(Json(public_record(&key)))
+    Ok(Json(key.public_json()))
 }
 
 async fn rotate_key(
@@ -457,7 +490,7 @@ async fn rotate_key(
     };
     let (_, created) = state.store.rotate_key(&id, new, grace, &actor).await.map_err(|e| not_found_as(e, &id))?;
     state.feed.poke();
-    Ok((StatusCode::CREATED, Json(json!({"key": raw, "record": public_record(&created)}))).into_response())
+    Ok((StatusCode::CREATED, Json(json!({"key": raw, "record": created.public_json()}))).into_response())
 }
 
 async fn delete_key(
@@ -479,7 +512,7 @@ struct UsageQuery {
 
 async fn key_usage(
     State(state): State<Arc<ApiState>>,
-    _admin: Admin,
+    _reader: Reader,
     Path(id): Path<String>,
     Query(query): Query<UsageQuery>,
 ) -> ApiResult<Json<Value>> {
@@ -508,12 +541,13 @@ async fn key_usage(
 #[derive(Deserialize)]
 struct AuditQuery {
     key_id: Option<String>,
+    actor: Option<String>,
     limit: Option<String>,
 }
 
 async fn audit(
     State(state): State<Arc<ApiState>>,
-    _admin: Admin,
+    _reader: Reader,
     Query(query): Query<AuditQuery>,
 ) -> ApiResult<Json<Value>> {
     let limit = match query.limit.as_deref() {
@@ -523,8 +557,25 @@ async fn audit(
             _ => return Err(ApiError::invalid("limit", format!("must be a number from 1 to {MAX_PAGE}"))),
         },
     };
-    let events = state.store.audit(query.key_id.as_deref().filter(|s| !s.is_empty()), limit).await?;
+    fn present(v: Option<&str>) -> Option<&str> {
+        v.filter(|s| !s.is_empty())
+    }
+    let events = state.store.audit(present(query.key_id.as_deref()), present(query.actor.as_deref()), limit).await?;
     Ok(Json(json!({"events": events})))
+}
+
+// ---------------------------------------------------------------------------
+// The caller and the fleet
+// ---------------------------------------------------------------------------
+
+/// The token's name and role, so a console shows only what the token may do.
+async fn whoami(Reader(name, role): Reader) -> Json<Value> {
+    Json(json!({"name": name, "role": role.as_str()}))
+}
+
+async fn list_gateways(State(state): State<Arc<ApiState>>, _reader: Reader) -> Json<Value> {
+    let latest = state.feed.latest();
+    Json(json!({"gateways": state.gateways.list(latest), "version": latest}))
 }
 
 // ---------------------------------------------------------------------------
@@ -544,6 +595,8 @@ async fn sync_snapshot(State(state): State<Arc<ApiState>>, _client: SyncClient) 
 #[derive(Deserialize)]
 struct ChangesQuery {
     since: u64,
+    /// The polling gateway's node id, for `GET /v1/gateways`.
+    node: Option<String>,
     /// How long to hold the request open when nothing has changed, in milliseconds.
     wait_ms: Option<u64>,
 }
@@ -554,8 +607,13 @@ struct ChangesQuery {
 async fn sync_changes(
     State(state): State<Arc<ApiState>>,
     _client: SyncClient,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<ChangesQuery>,
 ) -> ApiResult<Json<Value>> {
+    let _open = query.node.as_deref().filter(|n| !n.is_empty()).map(|node| {
+        let node: String = node.chars().take(MAX_NODE_ID_CHARS).collect();
+        state.gateways.poll_started(&node, query.since, Some(peer))
+    });
     let wait = Duration::from_millis(query.wait_ms.unwrap_or(0)).min(MAX_WAIT);
     let mut latest = state.feed.subscribe();
     let deadline = tokio::time::Instant::now() + wait;

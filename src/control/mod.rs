@@ -2,11 +2,14 @@ pub mod model;
 pub mod store;
 
 pub mod api;
+pub mod events;
 pub mod feed;
 pub mod fields;
+pub mod gateways;
 pub mod import;
 pub mod quota;
 pub mod retention;
 pub mod snapshot;
 pub mod store_sink;
 pub mod upload;
+pub mod webhooks;

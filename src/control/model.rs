@@ -194,6 +194,17 @@ pub struct KeyFilter {
     pub tag: Option<String>,
     /// Case-insensitive substring of name, owner, id or masked.
     pub q: Option<String>,
+    pub order: KeyOrder,
+}
+
+/// The listing's order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KeyOrder {
+    /// Newest first.
+    #[default]
+    Created,
+    /// Most recently used first; keys never used last.
+    LastUsed,
 }
 
 /// One entry of the sync feed: `{"op":"upsert","key":{..}}` or
@@ -251,6 +262,50 @@ impl<'de> Deserialize<'de> for KeyChange {
 pub struct Change {
     pub version: u64,
     pub change: KeyChange,
+}
+
+impl StoredKey {
+    /// The record as the admin API, events and webhooks show it: every field but the
+    /// hash and the feed version.
+    pub fn public_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        if let serde_json::Value::Object(map) = &mut value {
+            map.remove("hash");
+            map.remove("version");
+        }
+        value
+    }
+}
+
+/// One entry of the event log (`GET /v1/events`, webhooks), written in the
+/// transaction of the change it tells of.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    /// Increasing in commit order, across every control plane on one database.
+    pub id: u64,
+    pub at: OffsetDateTime,
+    /// `key.created`, `key.revoked`, …
+    pub kind: String,
+    pub key_id: Option<String>,
+    pub data: serde_json::Value,
+}
+
+impl StoredEvent {
+    /// The body every consumer gets: `{"type", "timestamp", "data"}`.
+    pub fn body(&self) -> serde_json::Value {
+        let timestamp = self.at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        serde_json::json!({ "type": self.kind, "timestamp": timestamp, "data": self.data })
+    }
+}
+
+/// One key's counts in one minute, for the live `usage` events.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UsageTick {
+    pub key_id: String,
+    pub requests: u64,
+    pub allowed: u64,
+    pub denied: BTreeMap<String, u64>,
+    pub status: StatusCounts,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

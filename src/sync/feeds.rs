@@ -21,19 +21,28 @@ pub struct RemoteFeed {
     client: reqwest::Client,
     base_url: String,
     token: String,
+    /// This node's id: the control plane lists its gateways by it.
+    node: String,
 }
 
 impl RemoteFeed {
-    pub fn new(base_url: &str, token: &str) -> Result<Self, FeedError> {
+    pub fn new(base_url: &str, token: &str, node_id: &str) -> Result<Self, FeedError> {
         let client = http_client::build(http_client::GATEWAY_AGENT, http_client::CONTROL_PLANE_CONNECT, None)
             .map_err(|e| FeedError::Transport(e.to_string()))?;
-        Ok(RemoteFeed { client, base_url: base_url.trim_end_matches('/').to_owned(), token: token.to_owned() })
+        let (base_url, token, node) = (base_url.trim_end_matches('/').to_owned(), token.to_owned(), node_id.to_owned());
+        Ok(RemoteFeed { client, base_url, token, node })
     }
 
-    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str, timeout: Duration) -> Result<T, FeedError> {
+    async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<T, FeedError> {
         let response = self
             .client
             .get(format!("{}{path}", self.base_url))
+            .query(query)
             .bearer_auth(&self.token)
             .timeout(timeout)
             .send()
@@ -90,8 +99,9 @@ impl KeyFeed for RemoteFeed {
     }
 
     async fn changes(&self, since: u64, wait: Duration) -> Result<ChangeBatch, FeedError> {
-        let path = format!("/v1/sync/changes?since={since}&wait_ms={}", wait.as_millis());
-        self.get(&path, wait + Duration::from_secs(10)).await
+        let (since, wait_ms) = (since.to_string(), wait.as_millis().to_string());
+        let query = [("since", since.as_str()), ("wait_ms", wait_ms.as_str()), ("node", self.node.as_str())];
+        self.get("/v1/sync/changes", &query, wait + Duration::from_secs(10)).await
     }
 }
 

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod standard_webhooks;
+
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 

@@ -33,7 +33,8 @@ use time::OffsetDateTime;
 
 use crate::config::{QuotaConfig, RateLimitConfig, UsageRetention};
 use crate::control::model::{
-    AuditEvent, Change, Granularity, ImportKey, KeyFilter, KeyPatch, KeyStatusText, NewKey, StoredKey, UsageBucket,
+    AuditEvent, Change, Granularity, ImportKey, KeyFilter, KeyOrder, KeyPatch, KeyStatusText, NewKey, StoredKey,
+    UsageBucket,
 };
 use crate::index::wire::{WireKey, WireQuota, WireRate};
 use crate::key::KeyDigest;
@@ -132,6 +133,7 @@ mod sqlite {
     type Db = sqlx::Sqlite;
     const DIALECT: super::Dialect = super::Dialect::Sqlite;
     include!("ops.rs");
+    include!("event_ops.rs");
 }
 
 mod sqlite_pages;
@@ -140,6 +142,7 @@ mod postgres {
     type Db = sqlx::Postgres;
     const DIALECT: super::Dialect = super::Dialect::Postgres;
     include!("ops.rs");
+    include!("event_ops.rs");
 }
 
 macro_rules! dispatch {
@@ -150,6 +153,9 @@ macro_rules! dispatch {
         }
     };
 }
+
+mod event_log;
+pub use event_log::WebhookCursor;
 
 impl Store {
     /// Opens `sqlite://path/to/file.db` (created with its directory if missing),
@@ -212,7 +218,7 @@ impl Store {
         if !(1..=MAX_PAGE).contains(&limit) {
             return Err(StoreError::Invalid(format!("limit must be between 1 and {MAX_PAGE}")));
         }
-        let after = cursor.map(decode_cursor).transpose()?;
+        let after = cursor.map(|c| decode_cursor(c, filter.order)).transpose()?;
         dispatch!(self.list_keys(filter, limit, after))
     }
 
@@ -248,11 +254,11 @@ impl Store {
     }
 
     /// Audit events, newest first, of one key or of all.
-    pub async fn audit(&self, key_id: Option<&str>, limit: u32) -> Result<Vec<AuditEvent>> {
+    pub async fn audit(&self, key_id: Option<&str>, actor: Option<&str>, limit: u32) -> Result<Vec<AuditEvent>> {
         if !(1..=MAX_PAGE).contains(&limit) {
             return Err(StoreError::Invalid(format!("limit must be between 1 and {MAX_PAGE}")));
         }
-        dispatch!(self.audit(key_id, limit))
+        dispatch!(self.audit(key_id, actor, limit))
     }
 
     /// Changes with a version above `version`, oldest first, and the latest
@@ -914,15 +920,23 @@ fn apply_patch(key: &StoredKey, patch: KeyPatch) -> (StoredKey, Vec<&'static str
 /// Position after the last key of a page: (created_at ms, id).
 type Cursor = (i64, String);
 
-/// Hex of `created_at_ms:id`: opaque to clients, trivial to check.
-fn encode_cursor(key: &StoredKey) -> String {
-    hex::encode(format!("{}:{}", to_ms(key.created_at), key.id))
+/// Hex of `created_at_ms:id` (`used:last_used_ms:id` in last-use order): opaque to
+/// clients, trivial to check.
+fn encode_cursor(key: &StoredKey, order: KeyOrder) -> String {
+    match order {
+        KeyOrder::Created => hex::encode(format!("{}:{}", to_ms(key.created_at), key.id)),
+        KeyOrder::LastUsed => hex::encode(format!("used:{}:{}", key.last_used_at.map_or(0, to_ms), key.id)),
+    }
 }
 
-fn decode_cursor(text: &str) -> Result<Cursor> {
+fn decode_cursor(text: &str, order: KeyOrder) -> Result<Cursor> {
     let invalid = || StoreError::Invalid("cursor: not a cursor returned by this listing".into());
     let bytes = hex::decode(text).map_err(|_| invalid())?;
     let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let text = match order {
+        KeyOrder::Created => text.as_str(),
+        KeyOrder::LastUsed => text.strip_prefix("used:").ok_or_else(invalid)?,
+    };
     let (ms, id) = text.split_once(':').ok_or_else(invalid)?;
     let ms = ms.parse::<i64>().map_err(|_| invalid())?;
     if id.is_empty() {
@@ -1215,11 +1229,16 @@ mod tests {
     #[test]
     fn cursor_round_trips_and_rejects_garbage() {
         let k = key();
-        let cursor = encode_cursor(&k);
-        assert_eq!(decode_cursor(&cursor).unwrap(), (1_700_000_000_000, "key_a".to_owned()));
+        let cursor = encode_cursor(&k, KeyOrder::Created);
+        assert_eq!(decode_cursor(&cursor, KeyOrder::Created).unwrap(), (1_700_000_000_000, "key_a".to_owned()));
+        assert!(matches!(decode_cursor(&cursor, KeyOrder::LastUsed), Err(StoreError::Invalid(_))));
         for bad in ["", "zz", &hex::encode("no-colon"), &hex::encode("x:key_a"), &hex::encode("12:")] {
-            assert!(matches!(decode_cursor(bad), Err(StoreError::Invalid(_))), "{bad}");
+            assert!(matches!(decode_cursor(bad, KeyOrder::Created), Err(StoreError::Invalid(_))), "{bad}");
         }
+        let used = StoredKey { last_used_at: Some(k.created_at + time::Duration::SECOND), ..key() };
+        let cursor = encode_cursor(&used, KeyOrder::LastUsed);
+        assert_eq!(decode_cursor(&cursor, KeyOrder::LastUsed).unwrap(), (1_700_000_001_000, "key_a".to_owned()));
+        assert_eq!(decode_cursor(&encode_cursor(&k, KeyOrder::LastUsed), KeyOrder::LastUsed).unwrap().0, 0);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use sqlx::{Connection as _, Pool, QueryBuilder, Transaction};
 use super::{
     conflict_on_unique, corrupt, distinct, from_ms, fts_phrase, import_action, key_from_new, like_pattern, now_ms,
     to_i64, to_u64, trigram_indexable, unjson, AuditEvent, BatchOutcome, BucketSums, Change, Cursor, Dialect,
-    GatewayKeyRow, ImportAction, KeyColumns, KeyFilter, KeyPatch, KeyRow, KeyStatusText, NewKey, Result, StoreError, StoredKey,
+    GatewayKeyRow, ImportAction, KeyColumns, KeyFilter, KeyOrder, KeyPatch, KeyRow, KeyStatusText, NewKey, Result, StoreError, StoredKey,
     UsageAggregate, UsageRows, FEED_LOCK_KEY, ROLLUP_LOCK_KEY,
 };
 use crate::control::model::{ImportKey, KeyChange};
@@ -228,6 +228,7 @@ pub(super) async fn create_key(pool: &Pool<Db>, new: NewKey, actor: &str) -> Res
     let mut tx = begin_key_write(pool).await?;
     let details = serde_json::json!({ "name": new.name, "masked": new.masked });
     let key = insert_key(&mut tx, new, now, actor, details).await?;
+    append_key_event(&mut tx, now, "key.created", &key, serde_json::json!({})).await?;
     tx.commit().await?;
     Ok(key)
 }
@@ -281,7 +282,7 @@ pub(super) async fn list_keys(
     }
     let more = rows.len() > limit as usize;
     let keys = rows.into_iter().take(limit as usize).map(KeyRow::into_key).collect::<Result<Vec<_>>>()?;
-    let next = if more { keys.last().map(super::encode_cursor) } else { None };
+    let next = if more { keys.last().map(|key| super::encode_cursor(key, filter.order)) } else { None };
     Ok((keys, next))
 }
 
@@ -320,12 +321,14 @@ async fn fetch_page(
     }
     // The listing order's columns: (created_at, id) of the key, as key_tags holds them when
     // its primary key (in that order) drives, else as keys does. On SQLite an owner with
-    // fewer keys than the tag drives (see below).
+    // fewer keys than the tag drives (see below). In last-use order keys drives: key_tags
+    // holds a copy of the creation time, not of the last use.
     let tags_drive = match (&filter.tag, &filter.owner) {
+        _ if filter.order == KeyOrder::LastUsed => false,
         (Some(tag), Some(owner)) if DIALECT == Dialect::Sqlite => !owner_is_smaller(pool, owner, tag).await?,
         (tag, _) => tag.is_some(),
     };
-    let (created_at_column, id_column) = if let (Some(tag), true) = (&filter.tag, tags_drive) {
+    let (order_column, id_column) = if let (Some(tag), true) = (&filter.tag, tags_drive) {
         // The other filters on key_tags' copies, tested inside its index. The owner on keys
         // as well: PostgreSQL may then walk a small owner's keys instead of a large tag.
         // CROSS JOIN: SQLite keeps key_tags as the outer loop; PostgreSQL plans freely.
@@ -362,18 +365,22 @@ async fn fetch_page(
         if let Some(plan) = &filter.plan {
             qb.push(format_args!(" AND {other}plan = ")).push_bind(plan);
         }
-        ("keys.created_at", "keys.id")
+        match filter.order {
+            KeyOrder::Created => ("keys.created_at", "keys.id"),
+            // The exact expression of `keys_last_used_idx`.
+            KeyOrder::LastUsed => ("COALESCE(keys.last_used_at, 0)", "keys.id"),
+        }
     };
     if let Some((created_at, id)) = after {
         // A row value: the index range starts at the cursor, no earlier row is read.
-        qb.push(format_args!(" AND ({created_at_column}, {id_column}) < ("))
+        qb.push(format_args!(" AND ({order_column}, {id_column}) < ("))
             .push_bind(*created_at)
             .push(", ")
             .push_bind(id.clone())
             .push(")");
     }
     if let Search::Newest(n) = search {
-        qb.push(format_args!(" ORDER BY {created_at_column} DESC, {id_column} DESC LIMIT ")).push_bind(n);
+        qb.push(format_args!(" ORDER BY {order_column} DESC, {id_column} DESC LIMIT ")).push_bind(n);
         qb.push(") AS newest WHERE 1 = 1");
     }
     if let Some(q) = filter.q.as_deref().filter(|q| !q.is_empty()) {
@@ -408,11 +415,12 @@ async fn fetch_page(
             qb.push(")");
         }
     }
-    let (created_at_column, id_column) = match search {
-        Search::Newest(_) => ("created_at", "id"),
-        Search::Indexed => (created_at_column, id_column),
+    let (order_column, id_column) = match (search, filter.order) {
+        (Search::Newest(_), KeyOrder::Created) => ("created_at", "id"),
+        (Search::Newest(_), KeyOrder::LastUsed) => ("COALESCE(last_used_at, 0)", "id"),
+        (Search::Indexed, _) => (order_column, id_column),
     };
-    qb.push(format_args!(" ORDER BY {created_at_column} DESC, {id_column} DESC LIMIT ")).push_bind(take);
+    qb.push(format_args!(" ORDER BY {order_column} DESC, {id_column} DESC LIMIT ")).push_bind(take);
     // Not a prepared statement kept for reuse: PostgreSQL would in time plan it once for
     // every value, and the right index differs between a common tag and a rare one.
     Ok(qb.build_query_as().persistent(false).fetch_all(pool).await?)
@@ -430,6 +438,9 @@ pub(super) async fn update_key(pool: &Pool<Db>, id: &str, patch: KeyPatch, actor
     }
     let now = now_ms();
     let key = write_key(&mut tx, &next, now).await?;
+    let disabled = current.status != KeyStatusText::Disabled && key.status == KeyStatusText::Disabled;
+    let kind = if disabled { "key.disabled" } else { "key.updated" };
+    append_key_event(&mut tx, now, kind, &key, serde_json::json!({ "fields": changed })).await?;
     append_audit(&mut tx, now, actor, "key.update", id, serde_json::json!({ "fields": changed })).await?;
     tx.commit().await?;
     Ok(key)
@@ -444,6 +455,7 @@ pub(super) async fn revoke_key(pool: &Pool<Db>, id: &str, actor: &str) -> Result
     let now = now_ms();
     key.status = KeyStatusText::Revoked;
     let key = write_key(&mut tx, &key, now).await?;
+    append_key_event(&mut tx, now, "key.revoked", &key, serde_json::json!({})).await?;
     append_audit(&mut tx, now, actor, "key.revoke", id, serde_json::json!({})).await?;
     tx.commit().await?;
     Ok(key)
@@ -471,6 +483,8 @@ pub(super) async fn rotate_key(
     let new_id = new.id.clone();
     let new_key = insert_key(&mut tx, new, now, actor, created_details).await?;
     let old = write_key(&mut tx, &old, now).await?;
+    let successor = serde_json::json!({ "successor": new_key.public_json() });
+    append_key_event(&mut tx, now, "key.rotated", &old, successor).await?;
     append_audit(&mut tx, now, actor, "key.rotate", id, serde_json::json!({ "new_key_id": new_id })).await?;
     tx.commit().await?;
     Ok((old, new_key))
@@ -482,16 +496,25 @@ pub(super) async fn delete_key(pool: &Pool<Db>, id: &str, actor: &str) -> Result
     let now = now_ms();
     sqlx::query("DELETE FROM keys WHERE id = $1").bind(id).execute(&mut *tx).await?;
     append_change(&mut tx, Some(&key.id), Some(&key.hash), "delete", now).await?;
+    append_key_event(&mut tx, now, "key.deleted", &key, serde_json::json!({})).await?;
     append_audit(&mut tx, now, actor, "key.delete", id, serde_json::json!({ "name": key.name, "masked": key.masked }))
         .await?;
     tx.commit().await?;
     Ok(())
 }
 
-pub(super) async fn audit(pool: &Pool<Db>, key_id: Option<&str>, limit: u32) -> Result<Vec<super::AuditEvent>> {
-    let mut qb = QueryBuilder::<Db>::new("SELECT id, at, actor, action, key_id, details FROM audit_log");
+pub(super) async fn audit(
+    pool: &Pool<Db>,
+    key_id: Option<&str>,
+    actor: Option<&str>,
+    limit: u32,
+) -> Result<Vec<super::AuditEvent>> {
+    let mut qb = QueryBuilder::<Db>::new("SELECT id, at, actor, action, key_id, details FROM audit_log WHERE 1 = 1");
     if let Some(key_id) = key_id {
-        qb.push(" WHERE key_id = ").push_bind(key_id);
+        qb.push(" AND key_id = ").push_bind(key_id);
+    }
+    if let Some(actor) = actor {
+        qb.push(" AND actor = ").push_bind(actor);
     }
     qb.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(limit));
     let rows: Vec<(i64, i64, String, String, Option<String>, String)> = qb.build_query_as().fetch_all(pool).await?;
@@ -734,7 +757,9 @@ pub(super) async fn import_batch(conn: &mut Conn, batch: Vec<ImportKey>, actor: 
             "first_line": first_line,
             "last_line": last_line,
         });
-        append_audit_event(&mut tx, now, actor, "key.import", None, details).await?;
+        append_audit_event(&mut tx, now, actor, "key.import", None, details.clone()).await?;
+        // One event per batch, like the feed: an import of millions floods no subscriber.
+        append_event(&mut tx, now, "keys.imported", None, &details).await?;
         outcome.imported = writes.len() as u64;
         outcome.version = Some(to_u64(version)?);
     }

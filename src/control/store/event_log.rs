@@ -1,0 +1,103 @@
+//! The event log: what `GET /v1/events` streams and webhooks deliver. Events are
+//! written by the key mutations themselves (`event_ops.rs`), in their transaction.
+
+use std::collections::HashMap;
+
+use super::{postgres, sqlite, Result, Store};
+use crate::control::model::{StoredEvent, StoredKey, UsageTick};
+
+/// A webhook receiver's place in the log: every event up to `delivered_through` is
+/// done; `failing_since` (Unix ms) when the next one has been failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WebhookCursor {
+    pub delivered_through: u64,
+    pub failing_since: Option<i64>,
+}
+
+fn id(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Up to `limit` events after `after`, oldest first.
+    pub async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<StoredEvent>> {
+        dispatch!(self.events_after(id(after), i64::from(limit)))
+    }
+
+    /// The newest event's id (0 when there is none).
+    pub async fn latest_event_id(&self) -> Result<u64> {
+        dispatch!(self.latest_event_id())
+    }
+
+    /// The busiest `limit` keys of the minute starting at `minute_start_ms`.
+    pub async fn usage_of_minute(&self, minute_start_ms: i64, limit: u32) -> Result<Vec<UsageTick>> {
+        dispatch!(self.usage_of_minute(minute_start_ms, i64::from(limit)))
+    }
+
+    /// Appends the event unless `mark` (name, subject, period) was marked before; `true`
+    /// when this call appended it.
+    pub async fn append_event_once(
+        &self,
+        mark: (&str, &str, i64),
+        kind: &str,
+        key_id: Option<&str>,
+        data: &serde_json::Value,
+    ) -> Result<bool> {
+        dispatch!(self.append_event_once(mark, kind, key_id, data))
+    }
+
+    /// Up to `limit` active keys expiring in `(after_ms, until_ms]` that `mark` has not
+    /// marked for that expiry yet, soonest first.
+    pub async fn expiring_keys(&self, mark: &str, after_ms: i64, until_ms: i64, limit: u32) -> Result<Vec<StoredKey>> {
+        dispatch!(self.expiring_keys(mark, after_ms, until_ms, i64::from(limit)))
+    }
+
+    /// Ids of keys with usage in a minute starting at or after `since_ms`.
+    pub async fn keys_used_since(&self, since_ms: i64) -> Result<Vec<String>> {
+        dispatch!(self.keys_used_since(since_ms))
+    }
+
+    /// The stored keys among `ids` (absent ones are left out), in no order.
+    pub async fn keys_by_id(&self, ids: &[String]) -> Result<Vec<StoredKey>> {
+        dispatch!(self.keys_by_id(ids))
+    }
+
+    /// Allowed requests since `since_ms` of each key in `subjects`, or (`by_owner`) of
+    /// each owner in `subjects` over all their keys.
+    pub async fn allowed_since_of(
+        &self,
+        subjects: &[String],
+        by_owner: bool,
+        since_ms: i64,
+    ) -> Result<HashMap<String, u64>> {
+        dispatch!(self.allowed_since_of(subjects, by_owner, since_ms))
+    }
+
+    /// Takes or renews the lease on delivering to `url` until `until_ms`; `None` while
+    /// another owner holds it. A receiver seen for the first time starts after the
+    /// newest event.
+    pub async fn webhook_lease(
+        &self,
+        url: &str,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<Option<WebhookCursor>> {
+        let held = dispatch!(self.webhook_lease(url, owner, now_ms, until_ms))?;
+        Ok(held.map(|(delivered_through, failing_since)| WebhookCursor { delivered_through, failing_since }))
+    }
+
+    /// Records the receiver's new place; `false` when `owner` no longer holds the lease.
+    pub async fn webhook_advance(&self, url: &str, owner: &str, cursor: WebhookCursor) -> Result<bool> {
+        dispatch!(self.webhook_advance(url, owner, id(cursor.delivered_through), cursor.failing_since))
+    }
+
+    pub async fn webhook_release(&self, url: &str, owner: &str) -> Result<()> {
+        dispatch!(self.webhook_release(url, owner))
+    }
+
+    /// Events after `after` of `kinds` (`None`: all), counted up to `cap`.
+    pub async fn count_events_after(&self, after: u64, kinds: Option<&[String]>, cap: u32) -> Result<u64> {
+        dispatch!(self.count_events_after(id(after), kinds, i64::from(cap)))
+    }
+}
