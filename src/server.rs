@@ -471,6 +471,7 @@ impl Maintenance {
                 snapshots: Default::default(),
                 fleet_swept_at: Default::default(),
             })));
+            router = router.merge(crate::console::router());
         }
         tokio::spawn(async move {
             let stop = async move {
