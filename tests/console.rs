@@ -1,8 +1,9 @@
 //! The web console (`GET /ui`) in a real headless Chromium, driven through
 //! WebDriver, against a real `keygate serve` standalone node (SQLite, a real
 //! upstream, usage flushed every second): signing in, creating a key and seeing
-//! it once, search, live updates between two browsers, the usage chart after
-//! real traffic, and a read-only token.
+//! it once, search, editing, disabling, rotating and deleting, live updates
+//! between two browsers, the usage chart after real traffic, the fleet page, and
+//! a read-only token.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`scripts/setup.sh
 //! --with-postgres` installs them); without them every test here fails, saying so.
@@ -128,8 +129,8 @@ fn signing_in_creating_a_key_shows_it_once_and_search_finds_it() {
     browser.wait_text("form.signin .error", "that the token is not valid", |t| t.contains("not valid"));
     assert_eq!(browser.exec("return sessionStorage.length;", vec![]), json!(0));
 
-    browser.fill("form.signin input[name=token]", ADMIN_TOKEN);
-    browser.click("form.signin button[type=submit]");
+    // Enter submits: the form works from the keyboard.
+    browser.fill("form.signin input[name=token]", &format!("{ADMIN_TOKEN}{}", &*fantoccini::key::Key::Enter));
     browser.wait_for(PATIENCE, "the five keys", |b| {
         (b.count("table.keys-table tbody tr[data-key-id]") == 5).then_some(())
     });
@@ -245,6 +246,83 @@ fn signing_in_creating_a_key_shows_it_once_and_search_finds_it() {
     browser.click("#signout");
     browser.wait("form.signin");
     assert_eq!(browser.exec("return sessionStorage.length;", vec![]), json!(0));
+}
+
+#[test]
+fn a_key_is_edited_disabled_rotated_and_deleted_from_its_page() {
+    let _turn = turn();
+    let up = Upstream::start("orders");
+    let node = node(&up, "");
+    let (_, record) = create_key(
+        &node,
+        json!({"name": "editable", "scopes": ["orders:read"], "tags": ["old"], "rate_limit": {"requests": 5, "per": "1s"}}),
+    );
+    let id = record["id"].as_str().unwrap().to_owned();
+    let key_path = format!("/v1/keys/{id}");
+    let stored = |field: &str| admin_json("GET", node.admin, &key_path, Some(ADMIN_TOKEN), None).2[field].clone();
+
+    let browser = Browser::start("editor");
+    sign_in(&browser, &node, ADMIN_TOKEN);
+    browser.route(&format!("#/keys/{id}"));
+    browser.wait_text(".key-detail h1", "the key", |t| t == "editable");
+
+    // The API's own message names a field it refuses.
+    browser.click("details.edit > summary");
+    browser.fill("details.edit textarea[name=ip_allowlist]", "10.0.0.0/33");
+    browser.click("details.edit button[type=submit]");
+    browser.wait_text("details.edit .error", "the API's error message", |t| t.contains("ip_allowlist[0]"));
+    // Only what changed is sent; an emptied rate limit is cleared.
+    browser.fill("details.edit textarea[name=ip_allowlist]", "");
+    browser.fill("details.edit input[name=tags]", "new, shiny");
+    browser.fill("details.edit textarea[name=scopes]", "orders:*");
+    browser.fill("details.edit input[name='rate_limit.requests']", "");
+    browser.click("details.edit button[type=submit]");
+    browser.wait_text("dl.record", "the saved tags", |t| t.contains("shiny"));
+    assert_eq!(stored("tags"), json!(["new", "shiny"]));
+    assert_eq!(stored("scopes"), json!(["orders:*"]));
+    assert_eq!(stored("rate_limit"), Value::Null);
+    assert_eq!(stored("name"), "editable");
+
+    browser.click("button.disable-key");
+    browser.wait_text(".key-detail .title-row .badge", "disabled", |t| t == "disabled");
+    assert_eq!(stored("status"), "disabled");
+    browser.click("button.enable-key");
+    browser.wait_text(".key-detail .title-row .badge", "active", |t| t == "active");
+    assert_eq!(stored("status"), "active");
+
+    // Rotation: the successor is shown once; the old key now ends with its grace period.
+    browser.click("button.rotate-key");
+    browser.choose("dialog[open] select[name=grace_period]", "1h");
+    browser.click("dialog[open] button:last-child");
+    let successor = browser.wait_for(PATIENCE, "the successor key, shown once", |b| {
+        let value = b.find_now(".secret-panel input.secret").map(|_| b.prop(".secret-panel input.secret", "value"))?;
+        (!value.is_empty()).then_some(value)
+    });
+    assert!(browser.text(".secret-panel").contains("keeps working for 1h"));
+    let expires = stored("expires_at");
+    let expires =
+        time::OffsetDateTime::parse(expires.as_str().unwrap(), &time::format_description::well_known::Rfc3339).unwrap();
+    let left = expires - time::OffsetDateTime::now_utc();
+    assert!(left > time::Duration::minutes(55) && left <= time::Duration::hours(1), "{left}");
+    wait_until(EVENTUALLY, "the successor to be served", || {
+        (node.get("/v1/orders/1", &[("Authorization", &format!("Bearer {successor}"))]).status == 200).then_some(())
+    });
+
+    // Deleting asks first: Escape and Cancel keep the key, the button deletes it.
+    browser.click("button.delete-key");
+    browser.wait("dialog[open]");
+    browser.press_escape();
+    browser.wait_gone("dialog[open]");
+    browser.click("button.delete-key");
+    browser.click("dialog[open] button.secondary");
+    browser.wait_gone("dialog[open]");
+    assert_eq!(admin_json("GET", node.admin, &key_path, Some(ADMIN_TOKEN), None).0, 200);
+    browser.click("button.delete-key");
+    browser.click("dialog[open] button.danger");
+    browser.wait("table.keys-table");
+    browser.wait_for(PATIENCE, "the deleted key to leave the list", |b| (!b.visible_now(&row(&id))).then_some(()));
+    assert_eq!(admin_json("GET", node.admin, &key_path, Some(ADMIN_TOKEN), None).0, 404);
+    assert_no_console_error(&browser);
 }
 
 #[test]

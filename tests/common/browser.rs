@@ -242,6 +242,13 @@ impl Browser {
             .unwrap_or_else(|e| panic!("[{}] typing into {css}: {e}", self.label));
     }
 
+    /// Presses Escape in the focused element (closes an open `<dialog>`).
+    pub fn press_escape(&self) {
+        self.runtime
+            .block_on(async { self.client().active_element().await?.send_keys(&fantoccini::key::Key::Escape).await })
+            .unwrap_or_else(|e| panic!("[{}] pressing Escape: {e}", self.label));
+    }
+
     /// Chooses the option with `value` in the select matching `css`.
     pub fn choose(&self, css: &str, value: &str) {
         let el = self.wait(css);
