@@ -84,6 +84,7 @@ function signedIn(me) {
   document.body.dataset.role = me.role;
   who.textContent = me.name ? `${me.name} (${me.role})` : me.role;
   nav.hidden = false;
+  live.hidden = false;
   signoutButton.hidden = false;
   for (const link of nav.querySelectorAll('[data-write]')) link.hidden = !session.canWrite();
   startStream();
@@ -104,6 +105,7 @@ function signOut(message) {
   delete document.body.dataset.role;
   who.textContent = '';
   nav.hidden = true;
+  live.hidden = true;
   signoutButton.hidden = true;
   setLive('offline');
   notify(message || null, message ? 'error' : 'info');

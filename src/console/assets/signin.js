@@ -12,7 +12,7 @@ export function render({main, signedIn}) {
   const form = h('form', {class: 'signin card', 'aria-labelledby': 'signin-title', novalidate: true},
     h('h1', {id: 'signin-title'}, 'Sign in to keygate'),
     h('p', {}, 'Use an admin token from this node\'s ', h('code', {}, 'admin.tokens'), '. ',
-      'It is kept in this browser tab\'s session storage only, and cleared when you sign out or close the browser.'),
+      'It is kept in this tab\'s session storage only, and forgotten when you sign out or close the tab.'),
     field('Admin token', input),
     error,
     h('div', {class: 'actions'}, submit));
