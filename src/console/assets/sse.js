@@ -105,6 +105,8 @@ export class EventStream {
   constructor({url, token, onEvent, onState, onUnauthorized}) {
     Object.assign(this, {url, token, onEvent, onState, onUnauthorized});
     this.lastId = '';
+    // The server's `retry:` advice, in milliseconds; backoff never goes below it.
+    this.retry = null;
     this.stopped = true;
     this.controller = null;
     this.wake = null;
