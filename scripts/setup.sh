@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing keygate needs on a fresh Debian machine:
 # cmake (Pingora's zlib-ng) and, for the test suite, a PostgreSQL server on
-# 127.0.0.1:5432 that user `postgres` can use without a password.
+# 127.0.0.1:5432 that user `postgres` can use without a password, and Chromium
+# with chromedriver for the web console's browser tests.
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -23,12 +24,20 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-# PostgreSQL and systemd-analyze (the unit checks) are only needed by the tests
+# PostgreSQL, systemd-analyze (the unit checks) and a headless Chromium with its
+# WebDriver (the console tests) are only needed by the tests
 # (scripts/test.sh passes --with-postgres).
 [ "${1:-}" = "--with-postgres" ] || exit 0
 if ! command -v systemd-analyze >/dev/null 2>&1; then
   echo "installing: systemd (for systemd-analyze)" >&2
   apt_install systemd
+fi
+browser=()
+command -v chromium >/dev/null 2>&1 || browser+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || browser+=(chromium-driver)
+if [ ${#browser[@]} -gt 0 ]; then
+  echo "installing: ${browser[*]} (for the console tests)" >&2
+  apt_install "${browser[@]}"
 fi
 pg_up() { command -v pg_isready >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432; }
 if ! pg_up; then

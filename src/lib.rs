@@ -8,6 +8,7 @@
 //! - `sync`: how a gateway's index stays fresh
 //! - `control`: the control plane: admin API, sync feed, snapshots, import, events and
 //!   webhooks, the store
+//! - `console`: the web console at `/ui`, a static app that uses only the admin API
 //! - `key_state`: each budget's mutable state (rate limit, quota, usage) in one entry
 //! - `limit`: rate limiters and quota counters
 //! - `usage`: usage counters, the flusher, its spool and the sinks
@@ -22,6 +23,7 @@ pub mod access_log;
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod http_client;
 pub mod index;

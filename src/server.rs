@@ -478,6 +478,7 @@ impl Maintenance {
                 gateways: Default::default(),
                 stopping: shutdown.clone(),
             })));
+            router = router.merge(crate::console::router());
         }
         tokio::spawn(async move {
             let stop = async move {

@@ -5,6 +5,9 @@
 // Each test binary uses a different subset of the harness.
 #![allow(dead_code)]
 
+/// A headless Chromium through WebDriver, for tests/console.rs.
+pub mod browser;
+
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
