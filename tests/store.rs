@@ -155,6 +155,7 @@ on_both_backends!(
     fleet_counters_answer_as_redis_would,
     every_key_change_is_one_event_in_commit_order_with_the_record_and_never_the_hash,
     keys_sorted_by_last_use_page_through_every_key_once,
+    old_events_are_forgotten_once_every_webhook_receiver_has_passed_them,
     usage_of_a_minute_lists_the_busiest_keys_with_their_denials,
 );
 
@@ -1561,6 +1562,36 @@ async fn every_key_change_is_one_event_in_commit_order_with_the_record_and_never
     let rest = store.events_after(events[3].id, 100).await.unwrap();
     assert_eq!(rest.iter().map(|e| e.id).collect::<Vec<_>>(), events[4..].iter().map(|e| e.id).collect::<Vec<_>>());
     assert_eq!(store.events_after(events[0].id, 2).await.unwrap().len(), 2);
+}
+
+async fn old_events_are_forgotten_once_every_webhook_receiver_has_passed_them(db: TestDb) {
+    let store = &db.store;
+    let now = millis(OffsetDateTime::now_utc());
+    let day = 86_400_000;
+    let a = store.create_key(new_key("a"), "ops").await.unwrap();
+    // A receiver seen now starts after the first event, with a lease for 40 days.
+    let cursor = store.webhook_lease("https://h/x", "cp-1", now, now + 40 * day).await.unwrap().unwrap();
+    assert_eq!(cursor.delivered_through, store.latest_event_id().await.unwrap());
+    assert_eq!(store.webhook_lease("https://h/x", "cp-2", now, now + day).await.unwrap(), None, "leased to cp-1");
+    store.revoke_key(&a.id, "ops").await.unwrap();
+    store.delete_key(&a.id, "ops").await.unwrap();
+    let all = store.events_after(0, 100).await.unwrap();
+    assert_eq!(all.len(), 3);
+    assert!(store.append_event_once(("test", "s", now - 70 * day), "key.expiring", None, &json!({})).await.unwrap());
+    assert!(!store.append_event_once(("test", "s", now - 70 * day), "key.expiring", None, &json!({})).await.unwrap());
+
+    // Nothing is old yet.
+    assert_eq!(store.prune_event_log(now).await.unwrap(), 0);
+    // 31 days on, the receiver still holds every event after its place.
+    assert_eq!(store.prune_event_log(now + 31 * day).await.unwrap(), 1);
+    assert_eq!(store.events_after(0, 100).await.unwrap()[0].id, all[1].id);
+    let through = store.latest_event_id().await.unwrap();
+    let moved = keygate::control::store::WebhookCursor { delivered_through: through, failing_since: None };
+    assert!(store.webhook_advance("https://h/x", "cp-1", moved).await.unwrap());
+    assert!(!store.webhook_advance("https://h/x", "cp-2", moved).await.unwrap(), "cp-2 holds no lease");
+    assert_eq!(store.prune_event_log(now + 31 * day).await.unwrap(), 3);
+    // The once-only mark of a period long over is gone: the event could be sent again.
+    assert!(store.append_event_once(("test", "s", now - 70 * day), "key.expiring", None, &json!({})).await.unwrap());
 }
 
 async fn keys_sorted_by_last_use_page_through_every_key_once(db: TestDb) {

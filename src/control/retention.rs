@@ -1,4 +1,5 @@
-//! Applies `usage.retention` in the background on every node with a store: a pass
+//! Applies `usage.retention` (and the event log's own retention, see
+//! `store::EVENTS_KEPT`) in the background on every node with a store: a pass
 //! shortly after the start, then one every [`COMPACT_EVERY`]. A pass works in
 //! bounded transactions (see [`Store::compact_usage`]), so ingestion and queries
 //! carry on meanwhile; several control planes on one database take turns.
@@ -48,6 +49,12 @@ impl UsageCompactor {
                     "usage retention applied"
                 ),
                 Err(e) => tracing::warn!(error = %e, "usage retention pass failed; the next pass carries on"),
+            }
+            let now_ms = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+            match store.prune_event_log(now_ms).await {
+                Ok(0) => {}
+                Ok(deleted) => tracing::info!(deleted, "old events forgotten"),
+                Err(e) => tracing::warn!(error = %e, "pruning the event log failed; the next pass carries on"),
             }
         }));
     }

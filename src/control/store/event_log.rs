@@ -2,6 +2,7 @@
 //! written by the key mutations themselves (`event_ops.rs`), in their transaction.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use super::{postgres, sqlite, Result, Store};
 use crate::control::model::{StoredEvent, StoredKey, UsageTick};
@@ -13,6 +14,14 @@ pub struct WebhookCursor {
     pub delivered_through: u64,
     pub failing_since: Option<i64>,
 }
+
+/// How long the event log keeps an event (longer while a webhook receiver still needs
+/// it): a client resuming `GET /v1/events` from further back misses events.
+pub const EVENTS_KEPT: Duration = Duration::from_secs(30 * 86_400);
+/// Once-only marks outlive their period (a day or month of quota, an expiry) by this.
+const MARKS_KEPT: Duration = Duration::from_secs(62 * 86_400);
+/// Events deleted per statement.
+const PRUNE_CHUNK: i64 = 10_000;
 
 fn id(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -94,6 +103,20 @@ impl Store {
 
     pub async fn webhook_release(&self, url: &str, owner: &str) -> Result<()> {
         dispatch!(self.webhook_release(url, owner))
+    }
+
+    /// Forgets events older than `EVENTS_KEPT` that every webhook receiver has passed,
+    /// and once-only marks of periods long over, a bounded chunk at a time.
+    pub async fn prune_event_log(&self, now_ms: i64) -> Result<u64> {
+        let ago = |age: Duration| now_ms.saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX));
+        let mut deleted = 0;
+        loop {
+            let n = dispatch!(self.prune_event_log(ago(EVENTS_KEPT), ago(MARKS_KEPT), PRUNE_CHUNK))?;
+            deleted += n;
+            if n < PRUNE_CHUNK as u64 {
+                return Ok(deleted);
+            }
+        }
     }
 
     /// Events after `after` of `kinds` (`None`: all), counted up to `cap`.

@@ -282,3 +282,22 @@ pub(super) async fn count_events_after(
     let n: i64 = qb.build_query_scalar().fetch_one(pool).await?;
     to_u64(n)
 }
+
+/// Deletes up to `chunk` events written before `before` that every webhook receiver has
+/// passed, and marks of periods that ended before `marks_before`. Returns the events
+/// deleted. A receiver no node has leased since `before` (one taken out of the config)
+/// holds nothing back.
+pub(super) async fn prune_event_log(pool: &Pool<Db>, before: i64, marks_before: i64, chunk: i64) -> Result<u64> {
+    let deleted = sqlx::query(
+        "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < $1 \
+         AND id <= COALESCE((SELECT MIN(delivered_through) FROM webhook_cursors WHERE lease_until >= $1), id) \
+         ORDER BY id LIMIT $2)",
+    )
+    .bind(before)
+    .bind(chunk)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    sqlx::query("DELETE FROM event_marks WHERE period < $1").bind(marks_before).execute(pool).await?;
+    Ok(deleted)
+}

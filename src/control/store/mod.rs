@@ -155,7 +155,7 @@ macro_rules! dispatch {
 }
 
 mod event_log;
-pub use event_log::WebhookCursor;
+pub use event_log::{WebhookCursor, EVENTS_KEPT};
 
 impl Store {
     /// Opens `sqlite://path/to/file.db` (created with its directory if missing),
