@@ -27,16 +27,17 @@ use super::fields::{
     FieldError,
 };
 use super::gateways::GatewayRegistry;
-use super::model::{new_key_id, Granularity, KeyFilter, KeyOrder, KeyPatch, KeyStatusText, NewKey, StoredKey};
+use super::model::{
+    new_key_id, ChangeBatch, Granularity, KeyFilter, KeyOrder, KeyPatch, KeyStatusText, NewKey, StoredKey,
+};
 use super::snapshot::SharedSnapshots;
 use super::store::{Store, StoreError};
 use super::upload::{MAX_UPLOAD_BYTES, MAX_UPLOAD_RECORDS};
 use crate::config::{TokenConfig, TokenRole};
 use crate::index::wire;
 use crate::key::{self, KeyDigest};
-use crate::limit::fleet::OPS_PER_EXCHANGE;
+use crate::limit::fleet::{FleetAnswers, FleetExchange, OPS_PER_EXCHANGE};
 use crate::outcome::{error_json, new_request_id, APPLICATION_JSON};
-use crate::sync::{FleetAnswers, FleetExchange};
 use crate::usage::UsageRecord;
 
 /// Everything the handlers share.
@@ -601,34 +602,19 @@ struct ChangesQuery {
     wait_ms: Option<u64>,
 }
 
-/// Long poll: answers at once when changes after `since` exist, else when one
-/// arrives or `wait_ms` passes. `reset: true` tells a gateway ahead of this
-/// store (a restored database) to start over from a snapshot.
+/// The long poll of `Feed::changes_after`, and the gateway's place for `GET /v1/gateways`.
 async fn sync_changes(
     State(state): State<Arc<ApiState>>,
     _client: SyncClient,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<ChangesQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ChangeBatch>> {
     let _open = query.node.as_deref().filter(|n| !n.is_empty()).map(|node| {
         let node: String = node.chars().take(MAX_NODE_ID_CHARS).collect();
         state.gateways.poll_started(&node, query.since, Some(peer))
     });
     let wait = Duration::from_millis(query.wait_ms.unwrap_or(0)).min(MAX_WAIT);
-    let mut latest = state.feed.subscribe();
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let (changes, version) = state.store.changes_since(query.since, 1000).await?;
-        if version < query.since {
-            return Ok(Json(json!({"version": version, "changes": [], "reset": true})));
-        }
-        if !changes.is_empty() || tokio::time::Instant::now() >= deadline {
-            let reached = changes.last().map_or(query.since, |c| c.version);
-            return Ok(Json(json!({"version": reached, "changes": changes, "reset": false})));
-        }
-        // Woken by a newer version, or by the deadline.
-        let _ = tokio::time::timeout_at(deadline, latest.wait_for(|v| *v > query.since)).await;
-    }
+    Ok(Json(state.feed.changes_after(&state.store, query.since, wait).await?))
 }
 
 #[derive(Deserialize)]

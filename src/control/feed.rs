@@ -10,7 +10,11 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
-use super::store::Store;
+use super::model::ChangeBatch;
+use super::store::{Store, StoreError};
+
+/// Changes per long-poll answer, about (an import batch is never split).
+const CHANGES_PER_ANSWER: u32 = 1000;
 
 /// How often the database is asked for the latest version when nothing pokes.
 const POLL_EVERY: Duration = Duration::from_millis(100);
@@ -36,6 +40,26 @@ impl Feed {
 
     pub fn latest(&self) -> u64 {
         *self.latest.borrow()
+    }
+
+    /// Long poll: the changes after `since` as soon as there are any, else an empty batch
+    /// once `wait` passes. `reset` tells a follower ahead of this store (a restored
+    /// database) to start over from a snapshot.
+    pub async fn changes_after(&self, store: &Store, since: u64, wait: Duration) -> Result<ChangeBatch, StoreError> {
+        let mut latest = self.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let (changes, version) = store.changes_since(since, CHANGES_PER_ANSWER).await?;
+            if version < since {
+                return Ok(ChangeBatch { version, changes: Vec::new(), reset: true });
+            }
+            if !changes.is_empty() || tokio::time::Instant::now() >= deadline {
+                let reached = changes.last().map_or(since, |c| c.version);
+                return Ok(ChangeBatch { version: reached, changes, reset: false });
+            }
+            // Woken by a newer version, or by the deadline.
+            let _ = tokio::time::timeout_at(deadline, latest.wait_for(|v| *v > since)).await;
+        }
     }
 
     /// Follows the store's latest version until `shutdown` fires.

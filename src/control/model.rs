@@ -70,6 +70,16 @@ impl From<KeyStatusText> for KeyStatus {
     }
 }
 
+/// One answer of the change feed (`GET /v1/sync/changes`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChangeBatch {
+    pub version: u64,
+    pub changes: Vec<Change>,
+    /// The feed is behind this gateway (its database was restored): start over.
+    #[serde(default)]
+    pub reset: bool,
+}
+
 /// One key as the store keeps it. Timestamps have millisecond precision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredKey {

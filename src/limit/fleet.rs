@@ -48,6 +48,18 @@ const TAT_GRACE: Duration = Duration::from_secs(10);
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Operations per round trip, so that no single pipeline holds the engine long.
 pub const OPS_PER_EXCHANGE: usize = 4096;
+
+/// The body of `POST /v1/sync/fleet` (`engine: control_plane`): one exchange's ops.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct FleetExchange {
+    pub ops: Vec<Op>,
+}
+
+/// Its answer: one value per op, `null` where the op answers nothing or finds nothing.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct FleetAnswers {
+    pub answers: Vec<Option<u64>>,
+}
 const KEY_PREFIX: &str = "keygate:fleet:";
 
 #[derive(Debug, thiserror::Error)]

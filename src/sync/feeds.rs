@@ -140,19 +140,6 @@ impl KeyFeed for LocalFeed {
     }
 
     async fn changes(&self, since: u64, wait: Duration) -> Result<ChangeBatch, FeedError> {
-        let mut latest = self.feed.subscribe();
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let (changes, version) =
-                self.store.changes_since(since, 1000).await.map_err(|e| FeedError::Store(e.to_string()))?;
-            if version < since {
-                return Ok(ChangeBatch { version, changes: Vec::new(), reset: true });
-            }
-            if !changes.is_empty() || tokio::time::Instant::now() >= deadline {
-                let reached = changes.last().map_or(since, |c| c.version);
-                return Ok(ChangeBatch { version: reached, changes, reset: false });
-            }
-            let _ = tokio::time::timeout_at(deadline, latest.wait_for(|v| *v > since)).await;
-        }
+        self.feed.changes_after(&self.store, since, wait).await.map_err(|e| FeedError::Store(e.to_string()))
     }
 }

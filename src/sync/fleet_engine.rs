@@ -6,19 +6,7 @@
 use async_trait::async_trait;
 
 use crate::http_client;
-use crate::limit::fleet::{CountEngine, FleetError, Op, EXCHANGE_TIMEOUT};
-
-/// The body of `POST /v1/sync/fleet`.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct FleetExchange {
-    pub ops: Vec<Op>,
-}
-
-/// Its answer: one value per op, `null` where the op answers nothing or finds nothing.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct FleetAnswers {
-    pub answers: Vec<Option<u64>>,
-}
+use crate::limit::fleet::{CountEngine, FleetAnswers, FleetError, FleetExchange, Op, EXCHANGE_TIMEOUT};
 
 pub struct ControlPlaneEngine {
     client: reqwest::Client,

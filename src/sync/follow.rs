@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::cache_file::{CacheError, LastKnownGood};
@@ -48,15 +47,7 @@ pub enum FeedError {
     Behind,
 }
 
-/// One answer of the change feed.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ChangeBatch {
-    pub version: u64,
-    pub changes: Vec<Change>,
-    /// The feed is behind this gateway (its database was restored): start over.
-    #[serde(default)]
-    pub reset: bool,
-}
+pub use crate::control::model::ChangeBatch;
 
 /// A whole key set, loaded and checked.
 pub struct LoadedKeys {

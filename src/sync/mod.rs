@@ -10,7 +10,7 @@ mod quota_seed;
 
 pub use cache_file::{CacheError, LastKnownGood, LoadedCache};
 pub use feeds::{LocalFeed, RemoteFeed};
-pub use fleet_engine::{ControlPlaneEngine, FleetAnswers, FleetExchange};
+pub use fleet_engine::ControlPlaneEngine;
 pub use follow::{record_from_stored, ChangeBatch, FeedError, Follower, KeyFeed, LoadedKeys, LONG_POLL};
 pub use keys_file::KeysFileSource;
 pub use last_sync::LastSync;

@@ -371,10 +371,15 @@ async fn fetch_page(
             KeyOrder::LastUsed => ("COALESCE(keys.last_used_at, 0)", "keys.id"),
         }
     };
-    if let Some((created_at, id)) = after {
+    if let Some((at, id)) = after {
+        // SQLite takes no range from a row value on an expression index (last-use order):
+        // the plain bound on its first column gives it one.
+        if filter.order == KeyOrder::LastUsed {
+            qb.push(format_args!(" AND {order_column} <= ")).push_bind(*at);
+        }
         // A row value: the index range starts at the cursor, no earlier row is read.
         qb.push(format_args!(" AND ({order_column}, {id_column}) < ("))
-            .push_bind(*created_at)
+            .push_bind(*at)
             .push(", ")
             .push_bind(id.clone())
             .push(")");
