@@ -253,8 +253,15 @@ def matches(key, params):
     return True
 
 
-def position(key):
-    """Where a key sorts in the listing: (created_at, id)."""
+EPOCH = datetime.datetime.fromtimestamp(0, datetime.timezone.utc)
+
+
+def position(key, params):
+    """Where a key sorts in the listing: (created_at, id), or in last-use order
+    (last_used_at, never used as the epoch, id)."""
+    if params.get("sort") == "last_used":
+        used = key.get("last_used_at")
+        return (datetime.datetime.fromisoformat(used) if used else EPOCH), key["id"]
     return datetime.datetime.fromisoformat(key["created_at"]), key["id"]
 
 
@@ -263,9 +270,9 @@ def check_page(page, params):
     for key in keys:
         if not matches(key, params):
             sys.exit(f"key {key['id']} does not match {params}")
-    order = [position(k) for k in keys]
+    order = [position(k, params) for k in keys]
     if order != sorted(order, reverse=True):
-        sys.exit(f"page for {params} is not newest first")
+        sys.exit(f"page for {params} is not in listing order")
 
 
 def queries(admin):
@@ -297,6 +304,8 @@ def queries(admin):
         ("q 5 chars, rare (zzqxv)", {"q": "zzqxv"}),
         ("q 2 chars (ab)", {"q": "ab"}),
         ("q + status=revoked", {"q": "billing", "status": "revoked"}),
+        ("sort=last_used", {"sort": "last_used"}),
+        ("sort=last_used + status=active", {"sort": "last_used", "status": "active"}),
     ]
 
 
@@ -314,7 +323,7 @@ def cmd_measure(args):
             if page["next_cursor"]:
                 second, took2 = admin.list({**params, "cursor": page["next_cursor"]})
                 check_page(second, params)
-                if second["keys"] and position(second["keys"][0]) >= position(page["keys"][-1]):
+                if second["keys"] and position(second["keys"][0], params) >= position(page["keys"][-1], params):
                     sys.exit(f"page 2 of {params} does not follow page 1")
                 page2.append(took2)
         row = {
