@@ -88,6 +88,7 @@ pub fn routes() -> Vec<Route<Arc<ApiState>>> {
         Route::new(Method::GET, "/v1/events", super::events::stream_events),
         Route::new(Method::GET, "/v1/gateways", list_gateways),
         Route::new(Method::GET, "/v1/whoami", whoami),
+        Route::new(Method::GET, "/v1/openapi.json", super::openapi::document),
         Route::new(Method::GET, "/v1/sync/snapshot", sync_snapshot),
         Route::new(Method::GET, "/v1/sync/changes", sync_changes),
         Route::new(Method::POST, "/v1/sync/usage", sync_usage),
