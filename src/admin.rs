@@ -3,9 +3,10 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::handler::Handler;
+use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{MethodFilter, MethodRouter};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde_json::json;
@@ -29,12 +30,42 @@ pub struct OpsState {
     pub metrics: Arc<Metrics>,
 }
 
+/// One method on one path of the admin address, with its handler. Routers are built
+/// from tables of these, so the routes a node serves are a value that tests compare
+/// with the OpenAPI document (`control::openapi`).
+pub struct Route<S> {
+    pub method: Method,
+    pub path: &'static str,
+    pub handler: MethodRouter<S>,
+}
+
+impl<S: Clone + Send + Sync + 'static> Route<S> {
+    /// `handler` for `method` on `path`; a `GET` also answers `HEAD`, as axum's `get` does.
+    ///
+    /// # Panics
+    /// On a method axum cannot route by (an extension method): tables name standard ones.
+    pub fn new<H: Handler<T, S>, T: 'static>(method: Method, path: &'static str, handler: H) -> Self {
+        let filter = MethodFilter::try_from(method.clone()).expect("routes use standard HTTP methods");
+        Route { method, path, handler: axum::routing::on(filter, handler) }
+    }
+}
+
+/// A router serving exactly `routes` (methods on one path merge, as `.get(..).post(..)` would).
+pub fn router_of<S: Clone + Send + Sync + 'static>(routes: Vec<Route<S>>) -> Router<S> {
+    routes.into_iter().fold(Router::new(), |router, route| router.route(route.path, route.handler))
+}
+
+/// `/healthz`, `/readyz` and `/metrics`: no token, on every node.
+pub fn ops_routes() -> Vec<Route<OpsState>> {
+    vec![
+        Route::new(Method::GET, "/healthz", healthz),
+        Route::new(Method::GET, "/readyz", readyz),
+        Route::new(Method::GET, "/metrics", metrics),
+    ]
+}
+
 pub fn ops_router(state: OpsState) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(state)
+    router_of(ops_routes()).with_state(state)
 }
 
 async fn healthz() -> Json<serde_json::Value> {

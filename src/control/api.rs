@@ -11,9 +11,8 @@ use std::time::Duration;
 
 use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -33,6 +32,7 @@ use super::model::{
 use super::snapshot::SharedSnapshots;
 use super::store::{Store, StoreError};
 use super::upload::{MAX_UPLOAD_BYTES, MAX_UPLOAD_RECORDS};
+use crate::admin::Route;
 use crate::config::{TokenConfig, TokenRole};
 use crate::index::wire;
 use crate::key::{self, KeyDigest};
@@ -69,23 +69,33 @@ const MAX_PAGE: u32 = 1000;
 const DEFAULT_GRACE: &str = "24h";
 
 pub fn router(state: Arc<ApiState>) -> Router {
-    Router::new()
-        .route("/v1/keys", post(create_key).get(list_keys))
-        .route("/v1/keys/import", post(super::import::import_keys))
-        .route("/v1/keys/{id}", get(get_key).patch(update_key).delete(delete_key))
-        .route("/v1/keys/{id}/revoke", post(revoke_key))
-        .route("/v1/keys/{id}/rotate", post(rotate_key))
-        .route("/v1/keys/{id}/usage", get(key_usage))
-        .route("/v1/audit", get(audit))
-        .route("/v1/events", get(super::events::stream_events))
-        .route("/v1/gateways", get(list_gateways))
-        .route("/v1/whoami", get(whoami))
-        .route("/v1/sync/snapshot", get(sync_snapshot))
-        .route("/v1/sync/changes", get(sync_changes))
-        .route("/v1/sync/usage", post(sync_usage))
-        .route("/v1/sync/quota-usage", get(sync_quota_usage))
-        .route("/v1/sync/fleet", post(sync_fleet))
-        .with_state(state)
+    crate::admin::router_of(routes()).with_state(state)
+}
+
+/// Every route of the admin API: `router` serves exactly these, and the OpenAPI
+/// document (`control::openapi`) is tested against them.
+pub fn routes() -> Vec<Route<Arc<ApiState>>> {
+    vec![
+        Route::new(Method::POST, "/v1/keys", create_key),
+        Route::new(Method::GET, "/v1/keys", list_keys),
+        Route::new(Method::POST, "/v1/keys/import", super::import::import_keys),
+        Route::new(Method::GET, "/v1/keys/{id}", get_key),
+        Route::new(Method::PATCH, "/v1/keys/{id}", update_key),
+        Route::new(Method::DELETE, "/v1/keys/{id}", delete_key),
+        Route::new(Method::POST, "/v1/keys/{id}/revoke", revoke_key),
+        Route::new(Method::POST, "/v1/keys/{id}/rotate", rotate_key),
+        Route::new(Method::GET, "/v1/keys/{id}/usage", key_usage),
+        Route::new(Method::GET, "/v1/audit", audit),
+        Route::new(Method::GET, "/v1/events", super::events::stream_events),
+        Route::new(Method::GET, "/v1/gateways", list_gateways),
+        Route::new(Method::GET, "/v1/whoami", whoami),
+        Route::new(Method::GET, "/v1/openapi.json", super::openapi::document),
+        Route::new(Method::GET, "/v1/sync/snapshot", sync_snapshot),
+        Route::new(Method::GET, "/v1/sync/changes", sync_changes),
+        Route::new(Method::POST, "/v1/sync/usage", sync_usage),
+        Route::new(Method::GET, "/v1/sync/quota-usage", sync_quota_usage),
+        Route::new(Method::POST, "/v1/sync/fleet", sync_fleet),
+    ]
 }
 
 // ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ pub mod feed;
 pub mod fields;
 pub mod gateways;
 pub mod import;
+pub mod openapi;
 pub mod quota;
 pub mod retention;
 pub mod snapshot;
