@@ -80,14 +80,31 @@ async fn readyz(State(state): State<OpsState>) -> Response {
     if ready {
         Json(json!({"status": "ready"})).into_response()
     } else {
-        let request_id = new_request_id();
-        let body = error_json("not_ready", "keys are not loaded yet", request_id.to_str().unwrap_or(""));
-        (StatusCode::SERVICE_UNAVAILABLE, [(header::CONTENT_TYPE, APPLICATION_JSON)], body).into_response()
+        error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "keys are not loaded yet")
     }
 }
 
 async fn metrics(State(state): State<OpsState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
+}
+
+/// An error in the contract's JSON shape, with its `X-Request-Id`.
+fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    let request_id = new_request_id();
+    let body = error_json(code, message, request_id.to_str().unwrap_or(""));
+    let mut response = (status, [(header::CONTENT_TYPE, APPLICATION_JSON)], body).into_response();
+    response.headers_mut().insert("x-request-id", request_id);
+    response
+}
+
+/// Answers an unknown path or a method a path does not take in the contract's error
+/// shape, as every other error of the admin address.
+pub fn with_json_fallbacks(router: Router) -> Router {
+    router
+        .fallback(|| async { error_response(StatusCode::NOT_FOUND, "not_found", "no such path on the admin address") })
+        .method_not_allowed_fallback(|| async {
+            error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this path does not take that method")
+        })
 }
 
 /// Binds the admin address with `SO_REUSEPORT`, so a process started with

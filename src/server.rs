@@ -480,6 +480,7 @@ impl Maintenance {
             })));
             router = router.merge(crate::console::router());
         }
+        let router = crate::admin::with_json_fallbacks(router);
         tokio::spawn(async move {
             let stop = async move {
                 let _ = shutdown.changed().await;

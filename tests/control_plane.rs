@@ -1522,3 +1522,30 @@ fn two_gateways_hold_one_rate_limit_through_the_control_plane_and_decide_alone_w
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn every_admin_error_is_the_contract_json_even_for_paths_methods_and_queries_axum_refuses() {
+    let up = Upstream::start("up");
+    let node = standalone(&up, SQLITE_IN_NODE_DIR);
+    let api = Api::of(&node);
+    for (method, path, token, status, code) in [
+        ("GET", "/v1/nothing-here", Some(ADMIN_TOKEN), 404, "not_found"),
+        ("GET", "/no/such/path", None, 404, "not_found"),
+        ("DELETE", "/v1/audit", Some(ADMIN_TOKEN), 405, "method_not_allowed"),
+        ("GET", "/v1/keys?owner=a&owner=b", Some(ADMIN_TOKEN), 400, "invalid_request"),
+        ("GET", "/v1/sync/changes?since=soon", Some(SYNC_TOKEN), 400, "invalid_request"),
+    ] {
+        let r = admin_request(method, node.admin, path, token, None);
+        assert_eq!(r.status, status, "{method} {path}: {} {}", r.status, r.text());
+        assert_error(&r, status, code);
+        assert!(r.header("x-request-id").is_some(), "{method} {path} has no X-Request-Id");
+    }
+    let r = admin_request("DELETE", node.admin, "/v1/audit", Some(ADMIN_TOKEN), None);
+    assert!(r.header("allow").is_some_and(|allow| allow.contains("GET")), "405 without Allow: {:?}", r.headers);
+    // A body past the admin API's limit is refused as too large, not as malformed.
+    let huge = json!({"name": "x".repeat(3 << 20)});
+    let r = admin_request("POST", node.admin, "/v1/keys", Some(ADMIN_TOKEN), Some(&huge));
+    assert_error(&r, 413, "payload_too_large");
+    // `expires_at` and `ttl` together are refused on create as on update, null or not.
+    api.invalid("POST", "/v1/keys", Some(json!({"name": "n", "expires_at": null, "ttl": "1d"})), "ttl");
+}

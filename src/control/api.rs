@@ -237,6 +237,20 @@ impl FromRequestParts<Arc<ApiState>> for SyncClient {
     }
 }
 
+/// Query parameters, with a 400 in the contract's shape instead of axum's plain-text rejection.
+struct ApiQuery<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(query)) => Ok(ApiQuery(query)),
+            Err(e) => Err(ApiError::invalid("query", e.body_text())),
+        }
+    }
+}
+
 /// A JSON object body, with a 400 naming the problem instead of axum's plain-text rejection.
 struct JsonObject(Map<String, Value>);
 
@@ -244,8 +258,13 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for JsonObject {
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes =
-            axum::body::Bytes::from_request(req, state).await.map_err(|e| ApiError::invalid("body", e.body_text()))?;
+        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::too_large(format!("body: {}", e.body_text()))
+            } else {
+                ApiError::invalid("body", e.body_text())
+            }
+        })?;
         if bytes.is_empty() {
             return Ok(JsonObject(Map::new()));
         }
@@ -313,7 +332,7 @@ async fn create_key(
     }
     let field = |name: &str| body.get(name).filter(|v| !v.is_null());
     let name = string_field("name", field("name").ok_or_else(|| ApiError::invalid("name", "is required"))?)?;
-    if field("expires_at").is_some() && field("ttl").is_some() {
+    if body.contains_key("expires_at") && body.contains_key("ttl") {
         return Err(ApiError::invalid("ttl", "give either expires_at or ttl, not both"));
     }
     let expires_at = match (field("expires_at"), field("ttl")) {
@@ -363,7 +382,7 @@ struct ListQuery {
 async fn list_keys(
     State(state): State<Arc<ApiState>>,
     _reader: Reader,
-    Query(query): Query<ListQuery>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<Value>> {
     let status = match query.status.as_deref() {
         None | Some("") => None,
@@ -525,7 +544,7 @@ async fn key_usage(
     State(state): State<Arc<ApiState>>,
     _reader: Reader,
     Path(id): Path<String>,
-    Query(query): Query<UsageQuery>,
+    ApiQuery(query): ApiQuery<UsageQuery>,
 ) -> ApiResult<Json<Value>> {
     state.store.get_key(&id).await?.ok_or_else(|| ApiError::not_found(&id))?;
     let to = match query.to.as_deref().filter(|s| !s.is_empty()) {
@@ -559,7 +578,7 @@ struct AuditQuery {
 async fn audit(
     State(state): State<Arc<ApiState>>,
     _reader: Reader,
-    Query(query): Query<AuditQuery>,
+    ApiQuery(query): ApiQuery<AuditQuery>,
 ) -> ApiResult<Json<Value>> {
     let limit = match query.limit.as_deref() {
         None | Some("") => 100,
@@ -617,7 +636,7 @@ async fn sync_changes(
     State(state): State<Arc<ApiState>>,
     _client: SyncClient,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Query(query): Query<ChangesQuery>,
+    ApiQuery(query): ApiQuery<ChangesQuery>,
 ) -> ApiResult<Json<ChangeBatch>> {
     let _open = query.node.as_deref().filter(|n| !n.is_empty()).map(|node| {
         let node: String = node.chars().take(MAX_NODE_ID_CHARS).collect();

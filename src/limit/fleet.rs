@@ -79,7 +79,7 @@ pub enum FleetError {
 pub enum Op {
     /// Adds `by` to a counter that then lives `ttl` more; answers the new total.
     Add { key: String, by: u64, ttl: Duration },
-    /// Answers a counter's value (0 when there is none).
+    /// Answers a counter's value (none when there is no counter: the caller counts it as 0).
     Read { key: String },
     /// Raises a high-water mark to `to` (never lowers it), kept until `until`
     /// (Unix milliseconds) at least; answers nothing.
