@@ -36,6 +36,9 @@ pub struct KeysFileSource {
     metrics: Arc<Metrics>,
     version: AtomicU64,
     reload_requested: Arc<Notify>,
+    /// The file as it was when last read: the watcher compares with this, so a change
+    /// made before the watcher started is not taken for the version already loaded.
+    loaded: std::sync::Mutex<Option<Fingerprint>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +77,7 @@ impl KeysFileSource {
             metrics,
             version: AtomicU64::new(0),
             reload_requested: Arc::new(Notify::new()),
+            loaded: std::sync::Mutex::new(None),
         }
     }
 
@@ -101,6 +105,9 @@ impl KeysFileSource {
     }
 
     fn load_and_publish(&self) -> Result<usize, KeysFileLoadError> {
+        // Taken before reading: a change during the read shows at the next look.
+        let seen = fingerprint(&self.path);
+        *self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = seen;
         let records = load_keys_file(&self.path, &self.plans.load()).map_err(KeysFileLoadError::Invalid)?;
         let version = self.version.load(Ordering::Relaxed) + 1;
         let snapshot = Snapshot::build(version, records)?;
@@ -113,7 +120,6 @@ impl KeysFileSource {
     /// Follows the file until `shutdown` fires.
     pub async fn watch(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let _watcher = self.start_inotify();
-        let mut last_seen = fingerprint(&self.path);
         loop {
             let woken = tokio::select! {
                 _ = self.reload_requested.notified() => true,
@@ -124,10 +130,9 @@ impl KeysFileSource {
                 tokio::time::sleep(SETTLE_DELAY).await;
             }
             let current = fingerprint(&self.path);
-            if !woken && current == last_seen {
+            if !woken && current == *self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) {
                 continue;
             }
-            last_seen = current;
             match self.reload() {
                 Ok(count) => {
                     tracing::info!(file = %self.path.display(), keys = count, "keys file reloaded")
@@ -162,5 +167,39 @@ impl KeysFileSource {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY_HASH: &str = "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+
+    #[tokio::test]
+    async fn a_file_replaced_before_the_watcher_starts_is_still_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.yaml");
+        std::fs::write(&path, "keys: []\n").unwrap();
+        let index = Arc::new(KeyIndex::default());
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let source = Arc::new(KeysFileSource::new(path.clone(), BTreeMap::new(), Arc::clone(&index), metrics));
+        assert_eq!(source.reload().unwrap(), 0);
+        // Replaced by a rename between the first load and the watcher's start.
+        let next = dir.path().join("keys.yaml.new");
+        std::fs::write(&next, format!("keys:\n  - {{ id: key_a, name: a, hash: \"{KEY_HASH}\" }}\n")).unwrap();
+        std::fs::rename(&next, &path).unwrap();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let watching = tokio::spawn({
+            let source = Arc::clone(&source);
+            async move { source.watch(stopped).await }
+        });
+        let deadline = tokio::time::Instant::now() + POLL_INTERVAL * 3;
+        while index.load().len() != 1 {
+            assert!(tokio::time::Instant::now() < deadline, "the replaced file was never loaded");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = stop.send(true);
+        watching.await.unwrap();
     }
 }
