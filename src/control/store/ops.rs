@@ -350,9 +350,12 @@ async fn fetch_page(
         // SQLite keeps no statistics to weigh one filter's index against another's. An
         // owner's keys are few in all but the largest accounts: with an owner, its index
         // drives (a unary + keeps SQLite off the status and plan indexes) and a tag, when
-        // it has more keys than the owner, is looked up per key.
+        // it has more keys than the owner, is looked up per key. In last-use order the
+        // status and plan indexes are kept out too: they would sort every match (seconds
+        // at millions), where walking the last-use index finds a page of them at once.
         let sqlite_owner = DIALECT == Dialect::Sqlite && filter.owner.is_some();
-        let other = if sqlite_owner { "+" } else { "" };
+        let sqlite_last_used = DIALECT == Dialect::Sqlite && filter.order == KeyOrder::LastUsed;
+        let other = if sqlite_owner || sqlite_last_used { "+" } else { "" };
         if let Some(tag) = &filter.tag {
             qb.push("keys CROSS JOIN key_tags WHERE key_tags.key_id = keys.id AND key_tags.tag = ").push_bind(tag);
         } else {
