@@ -6,14 +6,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::mpsc;
+use std::net::SocketAddr;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use common::sse::EventStream;
 use common::*;
 
 const ADMIN_TOKEN: &str = "kg-test-admin-token-5d1e7a";
@@ -84,160 +83,14 @@ fn create(node: &Node, name: &str) -> (String, Value) {
     (v["key"].as_str().expect("raw key").to_owned(), v["record"].clone())
 }
 
-// ---------------------------------------------------------------------------
-// A Server-Sent Events client over a plain socket
-// ---------------------------------------------------------------------------
-
-#[derive(Debug, Clone)]
-struct SseEvent {
-    id: Option<String>,
-    kind: String,
-    data: Value,
-}
-
-/// One open `GET /v1/events`; events arrive on a channel read by `next`.
-struct EventStream {
-    events: mpsc::Receiver<SseEvent>,
-    socket: TcpStream,
-}
-
-impl EventStream {
-    fn open(addr: SocketAddr, token: &str, last_event_id: Option<&str>) -> EventStream {
-        let mut socket = TcpStream::connect(addr).expect("connect to the admin address");
-        let mut head = format!("GET /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n");
-        if let Some(id) = last_event_id {
-            head.push_str(&format!("Last-Event-ID: {id}\r\n"));
-        }
-        head.push_str("Accept: text/event-stream\r\n\r\n");
-        socket.write_all(head.as_bytes()).expect("send the request");
-        let mut reader = BufReader::new(socket.try_clone().expect("clone the socket"));
-        let mut status = String::new();
-        reader.read_line(&mut status).expect("status line");
-        assert!(status.starts_with("HTTP/1.1 200"), "GET /v1/events answered {status:?}");
-        let mut chunked = false;
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line).expect("header line");
-            let lower = line.to_ascii_lowercase();
-            if lower.starts_with("content-type:") {
-                assert!(lower.contains("text/event-stream"), "{line}");
-            }
-            chunked |= lower.starts_with("transfer-encoding:") && lower.contains("chunked");
-            if line == "\r\n" {
-                break;
-            }
-        }
-        let (sender, events) = mpsc::channel();
-        thread::spawn(move || read_events(reader, chunked, sender));
-        EventStream { events, socket }
-    }
-
-    /// The next event that is not a usage tick, within `within`.
-    #[track_caller]
-    fn next_change(&self, within: Duration) -> SseEvent {
-        self.next_matching(within, |e| e.kind != "usage")
-    }
-
-    #[track_caller]
-    fn next_matching(&self, within: Duration, wanted: impl Fn(&SseEvent) -> bool) -> SseEvent {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.events.recv_timeout(left) {
-                Ok(event) if wanted(&event) => return event,
-                Ok(_) => {}
-                Err(e) => panic!("no matching event within {within:?}: {e}"),
-            }
-        }
-    }
-
-    /// Whether another change event arrives within `within`.
-    fn quiet_for(&self, within: Duration) -> Option<SseEvent> {
-        let deadline = Instant::now() + within;
-        while let Ok(event) = self.events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            if event.kind != "usage" {
-                return Some(event);
-            }
-        }
-        None
-    }
-}
-
-impl Drop for EventStream {
-    fn drop(&mut self) {
-        let _ = self.socket.shutdown(std::net::Shutdown::Both);
-    }
-}
-
-/// Decodes the body (chunked or not) and parses `id:`, `event:` and `data:` lines,
-/// one event per blank line; comments (`:`) are keep-alives.
-fn read_events(mut reader: BufReader<TcpStream>, chunked: bool, sender: mpsc::Sender<SseEvent>) {
-    let mut body = Vec::new();
-    let mut pending = String::new();
-    loop {
-        let bytes = if chunked {
-            let mut size = String::new();
-            if reader.read_line(&mut size).unwrap_or(0) == 0 {
-                return;
-            }
-            let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return };
-            if n == 0 {
-                return;
-            }
-            let mut chunk = vec![0; n + 2];
-            if reader.read_exact(&mut chunk).is_err() {
-                return;
-            }
-            chunk.truncate(n);
-            chunk
-        } else {
-            let mut chunk = vec![0; 4096];
-            match reader.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => chunk[..n].to_vec(),
-            }
-        };
-        body.extend_from_slice(&bytes);
-        while let Some(end) = body.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = body.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_owned();
-            if line.is_empty() {
-                if !pending.is_empty() {
-                    if let Some(event) = parse_event(&pending) {
-                        if sender.send(event).is_err() {
-                            return;
-                        }
-                    }
-                    pending.clear();
-                }
-            } else {
-                pending.push_str(&line);
-                pending.push('\n');
-            }
-        }
-    }
-}
-
-fn parse_event(block: &str) -> Option<SseEvent> {
-    let (mut id, mut kind, mut data) = (None, String::from("message"), String::new());
-    for line in block.lines() {
-        if line.starts_with(':') {
-            continue;
-        }
-        let (field, value) = line.split_once(':').unwrap_or((line, ""));
-        let value = value.strip_prefix(' ').unwrap_or(value);
-        match field {
-            "id" => id = Some(value.to_owned()),
-            "event" => kind = value.to_owned(),
-            "data" => data.push_str(value),
-            _ => {}
-        }
-    }
-    if data.is_empty() {
-        return None;
-    }
-    let data = serde_json::from_str(&data).unwrap_or_else(|e| panic!("event data is not JSON ({e}): {data}"));
-    Some(SseEvent { id, kind, data })
+/// `GET /v1/events`, which must answer 200 with an event stream.
+#[track_caller]
+fn open_stream(addr: SocketAddr, token: &str, last_event_id: Option<&str>) -> EventStream {
+    let stream = EventStream::open(addr, token, last_event_id);
+    assert_eq!(stream.status, 200, "GET /v1/events answered {}", stream.status);
+    let media_type = stream.header("content-type").unwrap_or_default();
+    assert!(media_type.contains("text/event-stream"), "GET /v1/events is {media_type:?}");
+    stream
 }
 
 const WITHIN: Duration = Duration::from_secs(5);
@@ -261,7 +114,7 @@ fn a_read_token_may_look_at_everything_and_is_forbidden_every_change() {
     call(&node, READ_TOKEN, "GET", &format!("/v1/keys/{id}/usage"), None, 200);
     call(&node, READ_TOKEN, "GET", &format!("/v1/audit?key_id={id}"), None, 200);
     call(&node, READ_TOKEN, "GET", "/v1/gateways", None, 200);
-    drop(EventStream::open(node.admin, READ_TOKEN, None));
+    drop(open_stream(node.admin, READ_TOKEN, None));
 
     let changes: [(&str, String, Option<Value>); 7] = [
         ("POST", "/v1/keys".into(), Some(json!({"name": "sneaky"}))),
@@ -291,7 +144,7 @@ fn a_read_token_may_look_at_everything_and_is_forbidden_every_change() {
 fn key_changes_stream_as_events_in_order_and_resume_after_the_last_event_id() {
     let up = Upstream::start("up");
     let node = standalone(&up);
-    let stream = EventStream::open(node.admin, READ_TOKEN, None);
+    let stream = open_stream(node.admin, READ_TOKEN, None);
 
     let (raw, record) = create(&node, "streamed");
     let id = record["id"].as_str().unwrap().to_owned();
@@ -330,7 +183,7 @@ fn key_changes_stream_as_events_in_order_and_resume_after_the_last_event_id() {
     drop(stream);
 
     // A reconnect with the id of the third event replays exactly the ones after it.
-    let resumed = EventStream::open(node.admin, ADMIN_TOKEN, seen[2].id.as_deref());
+    let resumed = open_stream(node.admin, ADMIN_TOKEN, seen[2].id.as_deref());
     for event in &seen[3..] {
         let again = resumed.next_change(WITHIN);
         assert_eq!((again.id.as_deref(), again.kind.as_str()), (event.id.as_deref(), event.kind.as_str()));
@@ -345,7 +198,7 @@ fn a_change_made_through_another_control_plane_on_one_postgres_reaches_the_strea
     let db = PgDb::create("keygate_events");
     let first = control_plane(&db.url);
     let second = control_plane(&db.url);
-    let stream = EventStream::open(first.admin, ADMIN_TOKEN, None);
+    let stream = open_stream(first.admin, ADMIN_TOKEN, None);
     let (_, record) = create(&second, "elsewhere");
     let event = stream.next_change(WITHIN);
     assert_eq!((event.kind.as_str(), &event.data["data"]["key"]["id"]), ("key.created", &record["id"]));
@@ -356,7 +209,7 @@ fn usage_ticks_carry_the_counts_of_keys_in_use() {
     let up = Upstream::start("up");
     let node = standalone(&up);
     let (raw, record) = create(&node, "busy");
-    let stream = EventStream::open(node.admin, READ_TOKEN, None);
+    let stream = open_stream(node.admin, READ_TOKEN, None);
     let auth = format!("Bearer {raw}");
     // A tick counts the current minute: keep the three requests inside one.
     let second = time::OffsetDateTime::now_utc().second();

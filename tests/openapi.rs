@@ -11,10 +11,9 @@ mod common;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,7 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use common::sse::EventStream;
 use common::*;
 
 const ADMIN_TOKEN: &str = "kg-test-admin-token-0a5e2f";
@@ -243,99 +243,14 @@ fn rfc3339(at: OffsetDateTime) -> String {
 // Server-Sent Events
 // ---------------------------------------------------------------------------
 
-struct SseEvent {
-    id: Option<String>,
-    kind: String,
-    data: Value,
-}
-
-/// Opens `GET /v1/events` from `last_event_id`, checks the answer's head against the
-/// document and returns the events as they arrive.
-fn open_events(spec: &Spec, admin: SocketAddr, last_event_id: &str) -> (TcpStream, mpsc::Receiver<SseEvent>) {
-    let mut socket = TcpStream::connect(admin).expect("connect to the admin address");
-    socket.set_read_timeout(Some(Duration::from_secs(30))).expect("a read timeout");
-    let head = format!(
-        "GET /v1/events HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {READ_TOKEN}\r\n\
-         Last-Event-ID: {last_event_id}\r\nAccept: text/event-stream\r\n\r\n"
-    );
-    socket.write_all(head.as_bytes()).expect("send the request");
-    let mut reader = BufReader::new(socket.try_clone().expect("clone the socket"));
-    let mut status = String::new();
-    reader.read_line(&mut status).expect("a status line");
-    let code: u16 = status.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status");
-    let mut headers = Vec::new();
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("a header line");
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        let (name, value) = line.split_once(':').expect("a header");
-        headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
-    }
-    let chunked = headers.iter().any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
-    spec.check("GET", "/v1/events", &Response { status: code, headers, body: Vec::new() });
-    assert_eq!(code, 200);
-    let (sender, events) = mpsc::channel();
-    thread::spawn(move || read_events(reader, chunked, sender));
-    (socket, events)
-}
-
-/// Decodes the body (chunked or not) into events, one per blank line; `:` lines are keep-alives.
-fn read_events(mut reader: BufReader<TcpStream>, chunked: bool, sender: mpsc::Sender<SseEvent>) {
-    let mut body = Vec::new();
-    let mut block = String::new();
-    loop {
-        let bytes = if chunked {
-            let mut size = String::new();
-            if reader.read_line(&mut size).unwrap_or(0) == 0 {
-                return;
-            }
-            let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return };
-            let mut chunk = vec![0; n + 2];
-            if n == 0 || reader.read_exact(&mut chunk).is_err() {
-                return;
-            }
-            chunk.truncate(n);
-            chunk
-        } else {
-            let mut chunk = vec![0; 4096];
-            match reader.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => chunk[..n].to_vec(),
-            }
-        };
-        body.extend_from_slice(&bytes);
-        while let Some(end) = body.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = body.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_owned();
-            if !line.is_empty() {
-                block.push_str(&line);
-                block.push('\n');
-                continue;
-            }
-            let (mut id, mut kind, mut data) = (None, String::from("message"), String::new());
-            for line in block.lines().filter(|l| !l.starts_with(':')) {
-                let (field, value) = line.split_once(':').unwrap_or((line, ""));
-                let value = value.strip_prefix(' ').unwrap_or(value);
-                match field {
-                    "id" => id = Some(value.to_owned()),
-                    "event" => kind = value.to_owned(),
-                    "data" => data.push_str(value),
-                    _ => {}
-                }
-            }
-            block.clear();
-            if data.is_empty() {
-                continue;
-            }
-            let data = serde_json::from_str(&data).unwrap_or_else(|e| panic!("event data is not JSON ({e}): {data}"));
-            if sender.send(SseEvent { id, kind, data }).is_err() {
-                return;
-            }
-        }
-    }
+/// Opens `GET /v1/events` from `last_event_id` and checks the answer's head against
+/// the document.
+fn open_events(spec: &Spec, admin: SocketAddr, last_event_id: &str) -> EventStream {
+    let stream = EventStream::open(admin, READ_TOKEN, Some(last_event_id));
+    let head = Response { status: stream.status, headers: stream.headers.clone(), body: Vec::new() };
+    spec.check("GET", "/v1/events", &head);
+    assert_eq!(stream.status, 200);
+    stream
 }
 
 /// Requests through the proxy with `key` every 300 ms until dropped, so that the
@@ -723,7 +638,7 @@ fn every_operation_answers_as_the_openapi_document_says() {
         .clone();
     assert!(data_schema.is_object(), "GET /v1/events names no schema for its events' data");
     let _traffic = Traffic::start(node.listen, traffic_raw);
-    let (socket, events) = open_events(&spec, node.admin, "0");
+    let stream = open_events(&spec, node.admin, "0");
     let wanted: BTreeSet<&str> = BTreeSet::from([
         "key.created",
         "key.updated",
@@ -738,13 +653,14 @@ fn every_operation_answers_as_the_openapi_document_says() {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !wanted.iter().all(|k| kinds.contains(*k)) {
         let left = deadline.saturating_duration_since(Instant::now());
-        let event = events.recv_timeout(left).unwrap_or_else(|_| panic!("events seen: {kinds:?}, wanted {wanted:?}"));
+        let event =
+            stream.events.recv_timeout(left).unwrap_or_else(|_| panic!("events seen: {kinds:?}, wanted {wanted:?}"));
         spec.validate(&data_schema, &event.data, &format!("event {}", event.kind));
         assert_eq!(event.data["type"], event.kind.as_str(), "the SSE event name is the event's type");
         assert_eq!(event.id.is_some(), event.kind != "usage", "key events carry an id, usage events none");
         kinds.insert(event.kind);
     }
-    let _ = socket.shutdown(std::net::Shutdown::Both);
+    drop(stream);
 
     // Every documented operation was called, and every error status the admin API uses was met.
     let seen = spec.seen.borrow();

@@ -36,21 +36,11 @@ struct ReceiverState {
     refusing: AtomicBool,
 }
 
-struct Receiver {
-    url: String,
-    state: Arc<ReceiverState>,
-    _runtime: tokio::runtime::Runtime,
-}
+type Receiver = common::standard_webhooks::Receiver<ReceiverState>;
 
 impl Receiver {
     fn start() -> Receiver {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let state = Arc::new(ReceiverState::default());
-        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-        let url = format!("http://{}/hooks", listener.local_addr().unwrap());
-        let app = axum::Router::new().route("/hooks", axum::routing::post(receive)).with_state(Arc::clone(&state));
-        runtime.spawn(async move { axum::serve(listener, app).await });
-        Receiver { url, state, _runtime: runtime }
+        Receiver::listen("/hooks", receive)
     }
 
     fn refuse(&self, refusing: bool) {

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod sse;
 pub mod standard_webhooks;
 
 /// The binary under test.

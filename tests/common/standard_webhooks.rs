@@ -30,3 +30,33 @@ pub fn verify_signature(secret: &str, id: &str, timestamp: &str, signature: &str
         Err(format!("webhook-signature {signature:?}, expected {expected:?}"))
     }
 }
+
+/// An HTTP receiver on a free port of 127.0.0.1 that answers `POST path` with
+/// `handler`, sharing `state` with the test; it runs on a runtime of its own (the tests
+/// are synchronous) as long as it lives.
+pub struct Receiver<S> {
+    pub url: String,
+    pub state: std::sync::Arc<S>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl<S: Default + Send + Sync + 'static> Receiver<S> {
+    pub fn listen<H, T>(path: &str, handler: H) -> Receiver<S>
+    where
+        H: axum::handler::Handler<T, std::sync::Arc<S>>,
+        T: 'static,
+    {
+        let state = std::sync::Arc::new(S::default());
+        let app =
+            axum::Router::new().route(path, axum::routing::post(handler)).with_state(std::sync::Arc::clone(&state));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime for the receiver");
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind the receiver");
+        let url = format!("http://{}{path}", listener.local_addr().expect("the receiver's address"));
+        runtime.spawn(async move { axum::serve(listener, app).await });
+        Receiver { url, state, _runtime: runtime }
+    }
+}
