@@ -1566,13 +1566,18 @@ async fn every_key_change_is_one_event_in_commit_order_with_the_record_and_never
 
 async fn old_events_are_forgotten_once_every_webhook_receiver_has_passed_them(db: TestDb) {
     let store = &db.store;
-    let now = millis(OffsetDateTime::now_utc());
-    let day = 86_400_000;
+    let now = OffsetDateTime::now_utc();
+    let day = time::Duration::DAY;
     let a = store.create_key(new_key("a"), "ops").await.unwrap();
     // A receiver seen now starts after the first event, with a lease for 40 days.
-    let cursor = store.webhook_lease("https://h/x", "cp-1", now, now + 40 * day).await.unwrap().unwrap();
+    let cursor =
+        store.webhook_lease("https://h/x", "cp-1", now, Duration::from_secs(40 * 86_400)).await.unwrap().unwrap();
     assert_eq!(cursor.delivered_through, store.latest_event_id().await.unwrap());
-    assert_eq!(store.webhook_lease("https://h/x", "cp-2", now, now + day).await.unwrap(), None, "leased to cp-1");
+    assert_eq!(
+        store.webhook_lease("https://h/x", "cp-2", now, Duration::from_secs(86_400)).await.unwrap(),
+        None,
+        "leased to cp-1"
+    );
     store.revoke_key(&a.id, "ops").await.unwrap();
     store.delete_key(&a.id, "ops").await.unwrap();
     let all = store.events_after(0, 100).await.unwrap();
@@ -1642,7 +1647,7 @@ async fn usage_of_a_minute_lists_the_busiest_keys_with_their_denials(db: TestDb)
         usage_record("key_other_minute", end - time::Duration::minutes(2), 50, &[]),
     ];
     assert!(store.ingest_usage("gw-1", "boot", 1, &records).await.unwrap());
-    let minute = millis(end.replace_second(0).unwrap());
+    let minute = end.replace_second(0).unwrap();
     let ticks = store.usage_of_minute(minute, 10).await.unwrap();
     assert_eq!(ticks.iter().map(|t| t.key_id.as_str()).collect::<Vec<_>>(), ["key_busy", "key_quiet"]);
     assert_eq!((ticks[0].requests, ticks[0].allowed, ticks[0].denied["rate_limited"]), (12, 9, 3));

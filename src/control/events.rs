@@ -111,8 +111,7 @@ async fn send_events_after(
 /// in it; `false` once the client is gone.
 async fn send_usage(store: &Store, sender: &mpsc::Sender<Event>) -> bool {
     let now = OffsetDateTime::now_utc();
-    let now_ms = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
-    let minute = now_ms - now_ms.rem_euclid(60_000);
+    let minute = minute_start(now);
     let keys = match store.usage_of_minute(minute, USAGE_TICK_KEYS).await {
         Ok(keys) => keys,
         Err(e) => {
@@ -123,11 +122,13 @@ async fn send_usage(store: &Store, sender: &mpsc::Sender<Event>) -> bool {
     if keys.is_empty() {
         return true;
     }
-    let timestamp = now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
-    let window_start = OffsetDateTime::from_unix_timestamp(minute / 1000)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_default();
+    let rfc3339 = |t: OffsetDateTime| t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+    let (timestamp, window_start) = (rfc3339(now), rfc3339(minute));
     let body = json!({"type": "usage", "timestamp": timestamp, "data": {"window_start": window_start, "keys": keys}});
     sender.send(Event::default().event("usage").data(body.to_string())).await.is_ok()
+}
+
+/// The start of `t`'s minute: usage is counted in minute buckets.
+pub(super) fn minute_start(t: OffsetDateTime) -> OffsetDateTime {
+    t.replace_time(time::Time::from_hms(t.hour(), t.minute(), 0).unwrap_or(time::Time::MIDNIGHT))
 }

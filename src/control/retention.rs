@@ -50,8 +50,7 @@ impl UsageCompactor {
                 ),
                 Err(e) => tracing::warn!(error = %e, "usage retention pass failed; the next pass carries on"),
             }
-            let now_ms = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-            match store.prune_event_log(now_ms).await {
+            match store.prune_event_log(OffsetDateTime::now_utc()).await {
                 Ok(0) => {}
                 Ok(deleted) => tracing::info!(deleted, "old events forgotten"),
                 Err(e) => tracing::warn!(error = %e, "pruning the event log failed; the next pass carries on"),

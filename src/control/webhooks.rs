@@ -19,6 +19,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::events::minute_start;
 use super::feed::Feed;
 use super::model::{StoredEvent, StoredKey};
 use super::store::{Store, StoreError, WebhookCursor};
@@ -163,9 +164,7 @@ impl Webhooks {
     }
 
     async fn lease(&self, hook: &WebhookConfig) -> Option<WebhookCursor> {
-        let now = now_ms();
-        let until = now.saturating_add(LEASE.as_millis() as i64);
-        match self.store.webhook_lease(&hook.url, &self.owner, now, until).await {
+        match self.store.webhook_lease(&hook.url, &self.owner, OffsetDateTime::now_utc(), LEASE).await {
             Ok(cursor) => cursor,
             Err(e) => {
                 tracing::warn!(url = %hook.url, error = %e, "cannot read a webhook's place in the event log");
@@ -231,7 +230,7 @@ impl Webhooks {
         hook: &WebhookConfig,
         key: &[u8],
         event: &StoredEvent,
-        failing_since: Option<i64>,
+        failing_since: Option<OffsetDateTime>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Attempt {
         let id = format!("evt_{}", event.id);
@@ -255,9 +254,9 @@ impl Webhooks {
             Ok(response) => format!("HTTP {}", response.status()),
             Err(e) => e.to_string(),
         };
-        let now = now_ms();
+        let now = OffsetDateTime::now_utc();
         let since = failing_since.unwrap_or(now);
-        let failing_for = Duration::from_millis(u64::try_from(now - since).unwrap_or(0));
+        let failing_for = Duration::try_from(now - since).unwrap_or(Duration::ZERO);
         if failing_for >= GIVE_UP_AFTER {
             tracing::error!(url = %hook.url, event = %id, kind = %event.kind, %error,
                 "webhook event given up after failing for {}", format_duration(GIVE_UP_AFTER));
@@ -296,15 +295,15 @@ impl Webhooks {
 
     async fn scan(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         // Usage of the minute before the first scan may already have crossed a threshold.
-        let mut used_since = now_ms() - 120_000;
+        let mut used_since = OffsetDateTime::now_utc() - time::Duration::minutes(2);
         loop {
-            let started = now_ms();
+            let started = OffsetDateTime::now_utc();
             if let Err(e) = self.scan_expiring(started).await {
                 tracing::warn!(error = %e, "cannot look for expiring keys");
             }
             match self.scan_quotas(used_since).await {
                 // The next scan looks again at this minute: usage arrives late by a flush.
-                Ok(()) => used_since = started - started.rem_euclid(60_000) - 60_000,
+                Ok(()) => used_since = minute_start(started) - time::Duration::MINUTE,
                 Err(e) => tracing::warn!(error = %e, "cannot look for quota thresholds"),
             }
             tokio::select! {
@@ -315,17 +314,17 @@ impl Webhooks {
     }
 
     /// One `key.expiring` per key, expiry and lead, when the key enters the lead time.
-    async fn scan_expiring(&self, now: i64) -> Result<(), StoreError> {
+    async fn scan_expiring(&self, now: OffsetDateTime) -> Result<(), StoreError> {
         let leads: BTreeSet<Duration> =
             self.hooks.iter().filter(|h| h.wants("key.expiring")).map(|h| h.expiring_lead).collect();
         for lead in leads {
             let lead_text = format_duration(lead);
             let mark = format!("key.expiring/{lead_text}");
-            let until = now.saturating_add(i64::try_from(lead.as_millis()).unwrap_or(i64::MAX));
+            let until = now.saturating_add(time::Duration::try_from(lead).unwrap_or(time::Duration::MAX));
             for key in self.store.expiring_keys(&mark, now, until, EXPIRING_PER_SCAN).await? {
                 let Some(expires_at) = key.expires_at else { continue };
                 let data = serde_json::json!({ "key": key.public_json(), "lead": lead_text });
-                let mark = (mark.as_str(), key.id.as_str(), ms(expires_at));
+                let mark = (mark.as_str(), key.id.as_str(), expires_at);
                 self.store.append_event_once(mark, "key.expiring", Some(&key.id), &data).await?;
             }
         }
@@ -334,7 +333,7 @@ impl Webhooks {
 
     /// One `quota.threshold` per budget, threshold and period, for the budgets of the
     /// keys used since `used_since` (only they can have crossed one).
-    async fn scan_quotas(&self, used_since: i64) -> Result<(), StoreError> {
+    async fn scan_quotas(&self, used_since: OffsetDateTime) -> Result<(), StoreError> {
         let used = self.store.keys_used_since(used_since).await?;
         if used.is_empty() {
             return Ok(());
@@ -359,7 +358,7 @@ impl Webhooks {
             let Some((quota, _)) = subjects.values().next() else { continue };
             let start = period_start(quota.per, now);
             let names: Vec<String> = subjects.keys().cloned().collect();
-            let counts = self.store.allowed_since_of(&names, scope == LimitScope::Owner, ms(start)).await?;
+            let counts = self.store.allowed_since_of(&names, scope == LimitScope::Owner, start).await?;
             for (subject, (quota, key)) in &subjects {
                 let used = counts.get(subject).copied().unwrap_or(0);
                 for threshold in QUOTA_THRESHOLDS {
@@ -377,7 +376,7 @@ impl Webhooks {
                         "period_start": start.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
                     });
                     let mark_name = format!("quota.threshold/{}/{threshold}", scope.as_str());
-                    let mark = (mark_name.as_str(), subject.as_str(), ms(start));
+                    let mark = (mark_name.as_str(), subject.as_str(), start);
                     self.store.append_event_once(mark, "quota.threshold", Some(&key.id), &data).await?;
                 }
             }
@@ -402,9 +401,9 @@ enum Idle {
 
 enum Attempt {
     Done(WebhookResult),
-    /// Failing since `since` (Unix ms); try again after `wait`.
+    /// Failing since `since`; try again after `wait`.
     Failed {
-        since: i64,
+        since: OffsetDateTime,
         wait: Duration,
     },
     Stopped,
@@ -414,14 +413,6 @@ enum Attempt {
 fn backoff(failing_for: Duration) -> Duration {
     let seconds = failing_for.as_secs().max(1).next_power_of_two();
     Duration::from_secs(seconds).min(MAX_BACKOFF)
-}
-
-fn now_ms() -> i64 {
-    ms(OffsetDateTime::now_utc())
-}
-
-fn ms(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
