@@ -23,7 +23,7 @@ use super::events::minute_start;
 use super::feed::Feed;
 use super::model::{StoredEvent, StoredKey};
 use super::store::{Store, StoreError, WebhookCursor};
-use crate::config::{format_duration, LimitScope, PlanConfig, QuotaConfig, WebhookConfig};
+use crate::config::{format_duration, LimitScope, PlanConfig, QuotaConfig, QuotaPeriod, WebhookConfig};
 use crate::http_client;
 use crate::limit::period_start;
 use crate::metrics::{Metrics, WebhookResult};
@@ -339,7 +339,7 @@ impl Webhooks {
             return Ok(());
         }
         let now = OffsetDateTime::now_utc();
-        let mut budgets: HashMap<(LimitScope, &'static str), Budgets> = HashMap::new();
+        let mut budgets: HashMap<(LimitScope, QuotaPeriod), Budgets> = HashMap::new();
         for chunk in used.chunks(1000) {
             for key in self.store.keys_by_id(chunk).await? {
                 let Some(quota) = self.plans.quota_of(&key) else { continue };
@@ -351,12 +351,11 @@ impl Webhooks {
                     },
                 };
                 let scope = if key.owner.is_none() { LimitScope::Key } else { quota.by };
-                budgets.entry((scope, quota.per.as_str())).or_default().insert(subject, (quota, key));
+                budgets.entry((scope, quota.per)).or_default().insert(subject, (quota, key));
             }
         }
-        for ((scope, _), subjects) in budgets {
-            let Some((quota, _)) = subjects.values().next() else { continue };
-            let start = period_start(quota.per, now);
+        for ((scope, period), subjects) in budgets {
+            let start = period_start(period, now);
             let names: Vec<String> = subjects.keys().cloned().collect();
             let counts = self.store.allowed_since_of(&names, scope == LimitScope::Owner, start).await?;
             for (subject, (quota, key)) in &subjects {
