@@ -125,6 +125,7 @@ on_both_backends!(
     filtered_pages_visit_every_match_exactly_once,
     tag_index_follows_create_update_rotate_revoke_and_delete,
     q_finds_what_a_plain_substring_search_finds,
+    q_with_common_and_rare_trigrams_finds_exactly_the_substring_matches,
     duplicate_id_or_hash_is_a_conflict,
     update_sets_clears_and_leaves_fields,
     revoked_is_final,
@@ -199,6 +200,43 @@ fn assert_strictly_increasing(versions: &[u64]) {
 
 fn ids(keys: &[StoredKey]) -> Vec<String> {
     keys.iter().map(|k| k.id.clone()).collect()
+}
+
+/// Needles made of trigrams that every key holds and of rarer ones: SQLite's search asks
+/// its index only for the rarer ones, and the answer must still be the exact substring
+/// matches, page after page.
+async fn q_with_common_and_rare_trigrams_finds_exactly_the_substring_matches(db: TestDb) {
+    let store = &db.store;
+    for i in 0..400 {
+        let mut k = new_key(&format!("svc-{i:04} {}", ["prod", "staging"][i % 2]));
+        k.owner = Some(format!("org-{:05}", i % 40));
+        store.create_key(k, "ops").await.unwrap();
+    }
+    let all = everything(store).await;
+    for needle in [
+        "org-00017",
+        "ORG-0001",
+        "org-",
+        "org",
+        "rg-00039",
+        "-0003",
+        "00017",
+        "svc-0123",
+        "svc-01",
+        "c-0399 st",
+        "0399 prod",
+        "g-00017x",
+        "c-00017",
+        "17 prod",
+        "org-00017 svc",
+    ] {
+        let filter = KeyFilter { q: Some(needle.into()), ..Default::default() };
+        let expected: Vec<_> = all.iter().filter(|k| selects(&filter, k)).map(|k| k.id.clone()).collect();
+        for limit in [7, 1000] {
+            let found = all_pages(store, &filter, limit).await.concat();
+            assert_eq!(ids(&found), expected, "q={needle:?} limit={limit}");
+        }
+    }
 }
 
 /// Every page of a listing, following cursors.

@@ -10,7 +10,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Connection as _, Pool, QueryBuilder, Transaction};
 
 use super::{
-    conflict_on_unique, corrupt, distinct, from_ms, fts_phrase, import_action, key_from_new, like_pattern, now_ms,
+    conflict_on_unique, corrupt, distinct, from_ms, fts_phrase, fts_rare_trigrams, fts_trigrams, import_action, key_from_new, like_pattern, now_ms,
     to_i64, to_u64, trigram_indexable, unjson, AuditEvent, BatchOutcome, BucketSums, Change, Cursor, Dialect,
     GatewayKeyRow, ImportAction, KeyColumns, KeyFilter, KeyOrder, KeyPatch, KeyRow, KeyStatusText, NewKey, Result, StoreError, StoredKey,
     UsageAggregate, UsageRows, FEED_LOCK_KEY, ROLLUP_LOCK_KEY,
@@ -309,6 +309,42 @@ async fn owner_is_smaller(pool: &Pool<Db>, owner: &str, tag: &str) -> Result<boo
     Ok(owners < tagged)
 }
 
+/// Keys, the newest by rowid, in which SQLite's search counts a needle's trigrams.
+const FTS_SAMPLE: i64 = 10_000;
+
+/// The FTS5 query that finds candidates for `needle` on SQLite's trigram index: the
+/// needle's rarest trigrams (see [`fts_rare_trigrams`]) as counted among the newest
+/// [`FTS_SAMPLE`] keys, or the whole needle as a phrase when every trigram is common.
+/// A count reads at most the sample's part of the trigram's list (FTS5 seeks to a rowid),
+/// well under a millisecond each, where the phrase of a common needle reads whole lists.
+async fn fts_match(pool: &Pool<Db>, needle: &str) -> Result<Option<String>> {
+    let Some(phrase) = fts_phrase(needle) else { return Ok(None) };
+    let trigrams = fts_trigrams(needle);
+    if trigrams.len() < 2 {
+        return Ok(Some(phrase));
+    }
+    let (first, sampled): (i64, i64) =
+        sqlx::query_as(concat!(
+            "WITH sample AS (SELECT COALESCE(MAX(rowid), 0) - $1 AS after FROM keys) ",
+            "SELECT after, (SELECT COUNT(*) FROM keys WHERE rowid > after) FROM sample"
+        ))
+        .bind(FTS_SAMPLE)
+        .fetch_one(pool)
+        .await?;
+    let mut counted = Vec::with_capacity(trigrams.len());
+    for trigram in trigrams {
+        let term = fts_phrase(&trigram).unwrap_or_default();
+        let count: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM keys_search WHERE keys_search MATCH $1 AND rowid > $2")
+                .bind(term)
+                .bind(first)
+                .fetch_one(pool)
+                .await?;
+        counted.push((trigram, count.max(0) as u64));
+    }
+    Ok(Some(fts_rare_trigrams(&counted, sampled.max(0) as u64).unwrap_or(phrase)))
+}
+
 /// Up to `take` keys of a listing page, in listing order.
 async fn fetch_page(
     pool: &Pool<Db>,
@@ -317,6 +353,11 @@ async fn fetch_page(
     take: i64,
     search: Search,
 ) -> Result<Vec<KeyRow>> {
+    let needle = filter.q.as_deref().filter(|q| !q.is_empty());
+    let mut fts = match (DIALECT, search, needle) {
+        (Dialect::Sqlite, Search::Indexed, Some(q)) => fts_match(pool, q).await?,
+        _ => None,
+    };
     let mut qb = QueryBuilder::<Db>::new(concat!("SELECT ", key_columns!(), " FROM "));
     if let Search::Newest(_) = search {
         qb.push(concat!("(SELECT ", key_columns!(), " FROM "));
@@ -393,7 +434,7 @@ async fn fetch_page(
         qb.push(format_args!(" ORDER BY {order_column} DESC, {id_column} DESC LIMIT ")).push_bind(n);
         qb.push(") AS newest WHERE 1 = 1");
     }
-    if let Some(q) = filter.q.as_deref().filter(|q| !q.is_empty()) {
+    if let Some(q) = needle {
         let pattern = like_pattern(q);
         let exact = match (DIALECT, search) {
             (_, Search::Newest(_)) => false,
@@ -406,9 +447,9 @@ async fn fetch_page(
             (Dialect::Postgres, Search::Indexed) => false,
             // Candidates from the FTS5 trigram index, then the exact test below.
             (Dialect::Sqlite, Search::Indexed) => {
-                if let Some(phrase) = fts_phrase(q) {
+                if let Some(fts) = fts.take() {
                     qb.push(" AND keys.rowid IN (SELECT rowid FROM keys_search WHERE keys_search MATCH ")
-                        .push_bind(phrase)
+                        .push_bind(fts)
                         .push(")");
                 }
                 false

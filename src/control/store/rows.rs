@@ -326,7 +326,54 @@ pub(super) fn trigram_indexable(needle: &str) -> bool {
 /// `None` when it is shorter than a trigram and the index cannot answer.
 pub(super) fn fts_phrase(needle: &str) -> Option<String> {
     let needle = needle.to_lowercase();
-    (needle.chars().count() >= 3).then(|| format!("\"{}\"", needle.replace('"', "\"\"")))
+    (needle.chars().count() >= 3).then(|| fts_string(&needle))
+}
+
+/// `text` as one FTS5 string (quoted: the query syntax's characters lose their meaning).
+fn fts_string(text: &str) -> String {
+    format!("\"{}\"", text.replace('"', "\"\""))
+}
+
+/// Trigrams of a needle probed at most for their frequency: a longer needle is rare
+/// enough on a few of them.
+pub(super) const FTS_PROBED_TRIGRAMS: usize = 12;
+
+/// The distinct trigrams of `needle` (lower case, as FTS5's trigram tokenizer folds),
+/// in order of first appearance, at most [`FTS_PROBED_TRIGRAMS`].
+pub(super) fn fts_trigrams(needle: &str) -> Vec<String> {
+    let chars: Vec<char> = needle.to_lowercase().chars().collect();
+    let mut trigrams: Vec<String> = Vec::new();
+    for window in chars.windows(3) {
+        let trigram: String = window.iter().collect();
+        if !trigrams.contains(&trigram) {
+            trigrams.push(trigram);
+        }
+        if trigrams.len() == FTS_PROBED_TRIGRAMS {
+            break;
+        }
+    }
+    trigrams
+}
+
+/// A trigram found in more than one key in this many of the sample is too common to
+/// narrow a search.
+const FTS_COMMON_SHARE: u64 = 20;
+/// Trigrams combined in one search: the rarest, which bound the candidates.
+const FTS_RAREST_USED: usize = 3;
+
+/// The FTS5 query for a needle from its trigrams and how many keys of a sample of
+/// `sampled` keys hold each: the rarest few, all of which a key holding the needle
+/// holds (candidates for the exact test), or `None` when every one is common.
+///
+/// FTS5 answers a phrase by reading the position lists of all its trigrams, and a
+/// trigram that every key holds (`org` of `org-09999`) costs a read of the whole
+/// index; a needle with rarer trigrams needs none of it.
+pub(super) fn fts_rare_trigrams(counted: &[(String, u64)], sampled: u64) -> Option<String> {
+    let mut rare: Vec<&(String, u64)> =
+        counted.iter().filter(|(_, count)| count.saturating_mul(FTS_COMMON_SHARE) <= sampled).collect();
+    rare.sort_by_key(|(_, count)| *count);
+    let terms: Vec<String> = rare.iter().take(FTS_RAREST_USED).map(|(trigram, _)| fts_string(trigram)).collect();
+    (!terms.is_empty()).then(|| terms.join(" AND "))
 }
 
 // ---- usage ----

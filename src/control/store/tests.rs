@@ -144,6 +144,31 @@ fn fts_phrase_quotes_and_needs_a_trigram() {
 }
 
 #[test]
+fn fts_trigrams_are_distinct_lower_case_and_bounded() {
+    assert_eq!(fts_trigrams("Org-0999"), ["org", "rg-", "g-0", "-09", "099", "999"]);
+    assert_eq!(fts_trigrams("aaaa"), ["aaa"]);
+    assert_eq!(fts_trigrams("ab"), Vec::<String>::new());
+    assert_eq!(fts_trigrams("ééé"), ["ééé"]);
+    let long: String = ('a'..='z').collect();
+    assert_eq!(fts_trigrams(&long).len(), FTS_PROBED_TRIGRAMS);
+}
+
+#[test]
+fn fts_search_uses_only_the_rarest_trigrams() {
+    let counted = |pairs: &[(&str, u64)]| pairs.iter().map(|(t, n)| (t.to_string(), *n)).collect::<Vec<_>>();
+    // Of org-09999 in 10,000 sampled keys: org, rg-, g-0 in every key.
+    let org = counted(&[("org", 10_000), ("rg-", 10_000), ("g-0", 9_000), ("-09", 120), ("099", 40), ("999", 41)]);
+    assert_eq!(fts_rare_trigrams(&org, 10_000).as_deref(), Some("\"099\" AND \"999\" AND \"-09\""));
+    // At most one key in 20 of the sample is still rare; more is common.
+    let edge = counted(&[("abc", 500), ("bcd", 501)]);
+    assert_eq!(fts_rare_trigrams(&edge, 10_000).as_deref(), Some("\"abc\""));
+    assert_eq!(fts_rare_trigrams(&counted(&[("org", 10_000), ("rg-", 10_000)]), 10_000), None);
+    // A trigram no sampled key holds is the rarest; quotes are doubled.
+    let quoted = counted(&[("a\"b", 0), ("\"bc", 3)]);
+    assert_eq!(fts_rare_trigrams(&quoted, 100).as_deref(), Some("\"a\"\"b\" AND \"\"\"bc\""));
+}
+
+#[test]
 fn patch_reports_only_fields_that_change() {
     let k = key();
     let (next, changed) = apply_patch(
