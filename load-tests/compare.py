@@ -344,9 +344,11 @@ def start_everything(s: Setup) -> None:
             sys.exit(f"port {port} ({name}) is already in use on 127.0.0.1; choose another --port-base")
     for d in ("upstream-tmp", "nginx-njs-tmp"):
         (w / d).mkdir(exist_ok=True)
-    (w / "keys.js").write_text((HERE / "keys.js").read_text())
+    for js in ("keys.js", "echo.js"):
+        (w / js).write_text((HERE / js).read_text())
     common = {"DIR": w, "UPSTREAM_PORT": p["upstream"], "RATE": NEVER_REACHED_RATE}
-    up_conf = render("nginx-upstream.conf.tmpl", w / "nginx-upstream.conf", {**common, "PORT": p["upstream"]})
+    up_conf = render("nginx-upstream.conf.tmpl", w / "nginx-upstream.conf",
+                     {**common, "PORT": p["upstream"], "NJS_MODULE": NJS_MODULE})
     kg_conf = render("keygate.yaml.tmpl", w / "keygate.yaml",
                      {**common, "PORT": p["keygate"], "ADMIN_PORT": p["keygate-admin"]})
     ha_conf = render("haproxy.cfg.tmpl", w / "haproxy.cfg", {**common, "PORT": p["haproxy"]})

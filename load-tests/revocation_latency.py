@@ -103,7 +103,10 @@ def route_outcomes(admin_port, route="orders"):
 def start_upstream_nginx(children, nginx, workdir, port, cpus):
     """The upstream of compare.py: one nginx worker answering 200, from its template."""
     text = (HERE / "nginx-upstream.conf.tmpl").read_text()
-    for name, value in {"DIR": workdir, "PORT": port}.items():
+    # Its echo mode (compare.py's equivalence check) is njs: the module and echo.js.
+    (workdir / "echo.js").write_text((HERE / "echo.js").read_text())
+    values = {"DIR": workdir, "PORT": port, "NJS_MODULE": "/usr/lib/nginx/modules/ngx_http_js_module.so"}
+    for name, value in values.items():
         text = text.replace(f"@@{name}@@", str(value))
     left = sorted(set(re.findall(r"@@[A-Z_]+@@", text)))
     if left:
