@@ -5,9 +5,11 @@ Normally started by `load-tests/run.sh`, which installs the tools and builds key
 first. See load-tests/README.md for what each scenario is and how the numbers are made.
 
 Steps: generate keys -> write configs into a work directory -> start the upstream and
-the three proxies (each pinned with taskset) -> check that every proxy answers
-200/401/403/429 where it should -> run wrk rounds, every scenario once per round
-(A B C D E ... A B C D E ...) -> print medians and ratios, write CSV, JSON and a PNG.
+the proxies (each pinned with taskset) -> check that HAProxy and nginx send the upstream
+the same request and the client the same answer as keygate (the upstream echoes what it
+received) -> check that every proxy answers 200/401/403/429 where it should -> run wrk
+rounds, every scenario once per round (A B C D E ... A B C D E ...) -> print medians and
+ratios, write CSV, JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NJS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"
-# Every proxy started, each pinned to the proxy CPU; "pingora" is the floor of (f).
-PROXIES = ("keygate", "haproxy", "nginx-njs", "pingora")
+# Every proxy started, each pinned to the proxy CPU; "pingora" is the floor of (f),
+# "haproxy-minimal" the minimal HAProxy configuration of (g), kept for reference.
+PROXIES = ("keygate", "haproxy", "nginx-njs", "pingora", "haproxy-minimal")
+# Scenario id -> the proxy process it talks to, for the peers compared with keygate (c).
+PEER_PROXY = {"d": "haproxy", "e": "nginx-njs", "g": "haproxy-minimal"}
 
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 KEY_PREFIX = "kg_bench"
@@ -69,13 +74,43 @@ def sha256_hex(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+# Owners, plans and scopes of the benchmark keys, so that every identity header has
+# something to carry: 300 owners in turn, every 500th key without an owner; every fourth
+# key on plan `pro` (the same rate as the default `bench`), the others on the default
+# plan; scopes in three sets, each holding the route's orders:read.
+OWNERS = 300
+DEFAULT_PLAN = "bench"
+SCOPE_SETS = (["orders:read"], ["orders:read", "orders:write"], ["orders:read", "reports:read"])
+# Rate limit (requests per second, burst the same) of each plan.
+PLAN_RATES = {"bench": NEVER_REACHED_RATE, "pro": NEVER_REACHED_RATE, "limited": 1}
+
+
+@dataclass
+class KeyRecord:
+    id: str
+    raw: str
+    owner: str | None
+    plan: str | None  # None: keygate's default_plan
+    scopes: list[str]
+    cidr: str
+
+    @property
+    def plan_header(self) -> str:
+        """What keygate sends as X-Keygate-Plan: the key's plan, else the default plan."""
+        return self.plan or DEFAULT_PLAN
+
+    @property
+    def rate(self) -> int:
+        return PLAN_RATES[self.plan_header]
+
+
 @dataclass
 class Keys:
-    valid: list[str]  # key_00000 ... : scope orders:read, allowlist 127.0.0.0/8, plan bench
+    valid: list[str]  # key_00000 ... : orders:read (and more), allowlist 127.0.0.0/8, owners and plans
     unknown: list[str]  # well-formed, right checksum, in no keys file
     noscope: str  # key_noscope: scope orders:write only -> 403
     wrongip: str  # key_wrongip: allowlist 10.0.0.0/8 -> 403 from 127.0.0.1
-    limited: str  # key_limited: 1 request/s -> 429
+    limited: str  # key_limited: plan limited, 1 request/s -> 429
 
     @staticmethod
     def generate(count: int, seed: int) -> "Keys":
@@ -84,14 +119,19 @@ class Keys:
         unknown = [make_key(rng) for _ in range(count)]
         return Keys(valid, unknown, make_key(rng), make_key(rng), make_key(rng))
 
-    def records(self):
-        """(id, raw key, scopes, allowlist CIDR, plan) for every key a proxy knows."""
+    def records(self) -> list[KeyRecord]:
+        """Every key a proxy knows, with what keygate knows of it."""
         width = max(5, len(str(len(self.valid) - 1)))
+        out = []
         for i, key in enumerate(self.valid):
-            yield f"key_{i:0{width}d}", key, ["orders:read"], "127.0.0.0/8", None
-        yield "key_noscope", self.noscope, ["orders:write"], "127.0.0.0/8", None
-        yield "key_wrongip", self.wrongip, ["orders:read"], "10.0.0.0/8", None
-        yield "key_limited", self.limited, ["orders:read"], "127.0.0.0/8", "limited"
+            owner = None if i % 500 == 499 else f"org-{i % OWNERS:03d}"
+            plan = "pro" if i % 4 == 0 else None
+            out.append(KeyRecord(f"key_{i:0{width}d}", key, owner, plan, SCOPE_SETS[i % len(SCOPE_SETS)],
+                                 "127.0.0.0/8"))
+        out.append(KeyRecord("key_noscope", self.noscope, "org-noscope", None, ["orders:write"], "127.0.0.0/8"))
+        out.append(KeyRecord("key_wrongip", self.wrongip, "org-wrongip", None, ["orders:read"], "10.0.0.0/8"))
+        out.append(KeyRecord("key_limited", self.limited, "org-limited", "limited", ["orders:read"], "127.0.0.0/8"))
+        return out
 
 
 def verify_keys_with_keygate(keygate: Path, keys: Keys) -> None:
@@ -118,30 +158,43 @@ def write_key_files(work: Path, keys: Keys) -> None:
     (work / "keys-unknown.txt").write_text("\n".join(keys.unknown) + "\n")
     (work / "keys-limited.txt").write_text(keys.limited + "\n")
 
-    kg, hk, ha, hs, hl, nk, na, ns = [], [], [], [], [], [], [], []
-    kg.append("keys:")
-    for kid, raw, scopes, cidr, plan in keys.records():
-        digest = sha256_hex(raw)
-        kg.append(f"  - id: {kid}")
+    files: dict[str, list[str]] = {name: [] for name in (
+        "keygate-keys.yaml", "haproxy-keys.map", "haproxy-keys-minimal.map", "haproxy-allow.map",
+        "haproxy-scopes.map", "haproxy-limits.map", "nginx-keys.map", "nginx-owners.map", "nginx-plans.map",
+        "nginx-scope-headers.map", "nginx-limits.map", "nginx-remaining.map", "nginx-allow.map", "nginx-scopes.map")}
+    f = files
+    f["keygate-keys.yaml"].append("keys:")
+    for r in keys.records():
+        digest = sha256_hex(r.raw)
+        kg = f["keygate-keys.yaml"]
+        kg.append(f"  - id: {r.id}")
         kg.append(f'    hash: "sha256:{digest}"')
-        kg.append(f"    scopes: [{', '.join(json.dumps(s) for s in scopes)}]")
-        kg.append(f'    ip_allowlist: ["{cidr}"]')
-        if plan:
-            kg.append(f"    plan: {plan}")
-        net = cidr.split("/")[0]
-        # HAProxy's `hex` converter prints upper case; the map holds what it prints.
-        hk.append(f"{digest.upper()} {kid}")
-        ha.append(f"{kid}|{net} 1")
-        hs.extend(f"{kid}|{s} 1" for s in scopes)
-        nk.append(f"{digest} {kid};")
-        na.append(f'"{kid}|{net}" 1;')
-        ns.extend(f'"{kid}|{s}" 1;' for s in scopes)
-        if plan == "limited":
-            hl.append(f"{kid} 1")
-    files = {
-        "keygate-keys.yaml": kg, "haproxy-keys.map": hk, "haproxy-allow.map": ha, "haproxy-scopes.map": hs,
-        "haproxy-limits.map": hl, "nginx-keys.map": nk, "nginx-allow.map": na, "nginx-scopes.map": ns,
-    }
+        if r.owner:
+            kg.append(f"    owner: {r.owner}")
+        if r.plan:
+            kg.append(f"    plan: {r.plan}")
+        kg.append(f"    scopes: [{', '.join(json.dumps(s) for s in r.scopes)}]")
+        kg.append(f'    ip_allowlist: ["{r.cidr}"]')
+        net = r.cidr.split("/")[0]
+        scopes_header = " ".join(r.scopes)
+        # HAProxy's `hex` converter prints upper case; the map holds what it prints. One
+        # lookup gives the whole record, "<id>|<owner>|<plan>|<scopes>", as keygate's index does.
+        f["haproxy-keys.map"].append(f"{digest.upper()} {r.id}|{r.owner or ''}|{r.plan_header}|{scopes_header}")
+        f["haproxy-keys-minimal.map"].append(f"{digest.upper()} {r.id}")
+        f["haproxy-allow.map"].append(f"{r.id}|{net} 1")
+        f["haproxy-scopes.map"].extend(f"{r.id}|{s} 1" for s in r.scopes)
+        f["nginx-keys.map"].append(f"{digest} {r.id};")
+        if r.owner:
+            f["nginx-owners.map"].append(f'{r.id} "{r.owner}";')
+        f["nginx-plans.map"].append(f'{r.id} "{r.plan_header}";')
+        f["nginx-scope-headers.map"].append(f'{r.id} "{scopes_header}";')
+        f["nginx-allow.map"].append(f'"{r.id}|{net}" 1;')
+        f["nginx-scopes.map"].extend(f'"{r.id}|{s}" 1;' for s in r.scopes)
+        if r.rate != NEVER_REACHED_RATE:
+            f["haproxy-limits.map"].append(f"{r.id} {r.rate}")
+            f["nginx-limits.map"].append(f"{r.id} {r.rate};")
+    # nginx cannot subtract: what RateLimit-Remaining says after one request, per limit.
+    f["nginx-remaining.map"] = [f"{rate} {rate - 1};" for rate in sorted(set(PLAN_RATES.values()))]
     for name, lines in files.items():
         (work / name).write_text("\n".join(lines) + "\n")
 
@@ -304,6 +357,7 @@ def scenarios(denials: str) -> list[Scenario]:
         Scenario("d", "(d) HAProxy equivalent", "haproxy", "/v1/orders", "valid", 200),
         Scenario("e", "(e) nginx + njs equivalent", "nginx-njs", "/v1/orders", "valid", 200),
         Scenario("f", "(f) bare Pingora, no auth (floor)", "pingora", "/v1/orders", "valid", 200),
+        Scenario("g", "(g) HAProxy minimal (reference)", "haproxy-minimal", "/v1/orders", "valid", 200),
     ]
     peers = {"none": [], "keygate": ["c"], "all": ["c", "d", "e"]}[denials]
     names = {"c": "keygate", "d": "HAProxy", "e": "nginx + njs"}
@@ -352,6 +406,7 @@ def start_everything(s: Setup) -> None:
     kg_conf = render("keygate.yaml.tmpl", w / "keygate.yaml",
                      {**common, "PORT": p["keygate"], "ADMIN_PORT": p["keygate-admin"]})
     ha_conf = render("haproxy.cfg.tmpl", w / "haproxy.cfg", {**common, "PORT": p["haproxy"]})
+    hm_conf = render("haproxy-minimal.cfg.tmpl", w / "haproxy-minimal.cfg", {**common, "PORT": p["haproxy-minimal"]})
     ng_conf = render("nginx-njs.conf.tmpl", w / "nginx-njs.conf",
                      {**common, "PORT": p["nginx-njs"], "NJS_MODULE": NJS_MODULE})
 
@@ -360,6 +415,7 @@ def start_everything(s: Setup) -> None:
         ["nginx", "-t", "-q", "-p", str(w), "-c", str(up_conf)],
         ["nginx", "-t", "-q", "-p", str(w), "-c", str(ng_conf)],
         ["haproxy", "-c", "-q", "-f", str(ha_conf)],
+        ["haproxy", "-c", "-q", "-f", str(hm_conf)],
         [str(a.keygate), "check-config", "-c", str(kg_conf)],
     ]
     for cmd in checks:
@@ -374,6 +430,8 @@ def start_everything(s: Setup) -> None:
     os.environ["KEYGATE_LOG"] = env_log
     s.running["keygate"] = s.procs.start("keygate", [str(a.keygate), "serve", "-c", str(kg_conf)], a.proxy_cpus)
     s.running["haproxy"] = s.procs.start("haproxy", ["haproxy", "-db", "-f", str(ha_conf)], a.proxy_cpus)
+    s.running["haproxy-minimal"] = s.procs.start("haproxy-minimal", ["haproxy", "-db", "-f", str(hm_conf)],
+                                                 a.proxy_cpus)
     s.running["nginx-njs"] = s.procs.start("nginx-njs", ["nginx", "-p", str(w), "-c", str(ng_conf)], a.proxy_cpus)
     s.running["pingora"] = s.procs.start(
         "pingora", [str(a.pingora), f"127.0.0.1:{p['pingora']}", f"127.0.0.1:{p['upstream']}"], a.proxy_cpus)
@@ -395,7 +453,7 @@ def check_answers(s: Setup) -> None:
         ("key allowlisted for 10.0.0.0/8 only", k.wrongip, 403),
     ]
     rows, failed = [], False
-    for name in ("keygate", "haproxy", "nginx-njs"):
+    for name in ("keygate", "haproxy", "nginx-njs", "haproxy-minimal"):
         for what, key, want in cases:
             got = http_get(p[name], "/v1/orders", key)
             rows.append((name, what, want, got))
@@ -415,7 +473,257 @@ def check_answers(s: Setup) -> None:
             print("  check: %-9s %-38s want %s got %s" % row)
     if failed:
         sys.exit("the proxies do not answer as expected: see the checks above and the logs in " + str(s.work))
-    print(f"checks: all {len(rows)} answers as expected (200 / 401 / 403 / 429) on keygate, HAProxy, nginx + njs")
+    print(f"checks: all {len(rows)} answers as expected (200 / 401 / 403 / 429) on keygate, HAProxy, nginx + njs "
+          f"and the minimal HAProxy")
+
+
+# --------------------------------------------------------------------------- equivalence
+
+# The host every check request names, so that the Host header does not carry the port of
+# the proxy it went through.
+CHECK_HOST = "api.bench.test"
+GENERATED_ID = re.compile(r"^[0-9a-f]{32}$")
+VALID_ID = re.compile(r"^[!-~]{1,128}$")
+# Forged headers: every spelling of what keygate sets, which it drops before it sets its own.
+FORGED = {
+    "X-Keygate-Key-Id": "key_forged", "X-Keygate-Owner": "org-forged", "X-Keygate-Plan": "forged",
+    "X-Keygate-Scopes": "*", "X_Keygate_Key_Id": "key_forged", "X-Forwarded-For": "203.0.113.7",
+    "X_Forwarded_For": "203.0.113.8", "X_Request_Id": "forged-id", "X-Custom_Name": "underscored",
+}
+
+# Differences a peer cannot avoid, each stated in load-tests/README.md. Every one that
+# shows up is printed; any other difference fails the check.
+# (peer, case kind or "*" for every case, "upstream"/"response", header) -> why
+STATED: dict[tuple[str, str, str, str], str] = {
+    ("d", "*", "response", "connection"):
+        "HAProxy sends no Connection header on HTTP/1.1 answers it keeps open (keep-alive is the default)",
+    ("e", "forged-other", "upstream", "x-keygate-admin"):
+        "nginx cannot drop headers by prefix: an X-Keygate-* name other than the four it sets passes",
+    ("e", "denial", "response", "server"): "nginx adds Server to the answers it writes itself",
+}
+
+
+@dataclass
+class Case:
+    name: str
+    kind: str  # proxied / plain / forged-other / denial
+    key: str | None
+    headers: dict[str, str] = field(default_factory=dict)
+    echo: bool = True
+    repeat: int = 1  # sent this many times in a row: the last answer is compared, the others too
+
+
+@dataclass
+class Seen:
+    """One answer: the client's view and, for echoed requests, the upstream's."""
+    status: int
+    response: list[tuple[str, str]]  # lower-case names, in order
+    body: bytes
+    upstream: dict | None  # the echo: method, target, version, headers
+
+
+def check_request(port: int, case: Case) -> Seen:
+    headers = {"Host": CHECK_HOST, **case.headers}
+    if case.key is not None:
+        headers["x-api-key"] = case.key
+    if case.echo:
+        headers["x-echo"] = "1"
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/v1/orders?page=2", headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        response = [(k.lower(), v) for k, v in resp.getheaders()]
+    finally:
+        conn.close()
+    upstream = None
+    if case.echo and resp.status == 200:
+        try:
+            upstream = json.loads(body)
+        except ValueError:
+            upstream = {"unreadable echo": body[:200].decode("latin-1")}
+    return Seen(resp.status, response, body, upstream)
+
+
+def equivalence_cases(keys: Keys) -> list[Case]:
+    records = keys.records()
+    used: set[str] = set()
+
+    def pick(pred) -> KeyRecord:
+        # Away from the keys that wait_ready and check_answers use; each case a fresh key,
+        # so that every proxy's rate state for it starts full.
+        for r in records[100:len(keys.valid)]:
+            if r.raw not in used and pred(r):
+                used.add(r.raw)
+                return r
+        raise SystemExit("no benchmark key fits an equivalence case")
+
+    owned = pick(lambda r: r.owner and r.plan is None and len(r.scopes) == 1)
+    pro = pick(lambda r: r.owner and r.plan == "pro" and len(r.scopes) == 2)
+    ownerless = pick(lambda r: r.owner is None)
+    given_id = "client-req-0001.a/b:c"
+    quoted_id = 'id-with-"quote"-and-\\'
+    return [
+        Case("valid key, owner, default plan, one scope", "proxied", owned.raw),
+        Case("valid key, plan pro, two scopes", "proxied", pro.raw),
+        Case("valid key without an owner", "proxied", ownerless.raw),
+        Case("valid key, echo off (what the benchmark gets)", "plain", pick(bool).raw, echo=False),
+        Case("valid X-Request-Id given", "proxied", pick(bool).raw, {"X-Request-Id": given_id}),
+        Case("X-Request-Id of 129 characters (replaced)", "proxied", pick(bool).raw, {"X-Request-Id": "r" * 129}),
+        Case("X-Request-Id with a space (replaced)", "proxied", pick(bool).raw, {"X-Request-Id": "a b"}),
+        Case("forged identity headers, X-Forwarded-For, `_` names", "proxied", pick(bool).raw, dict(FORGED)),
+        Case("forged X-Keygate-Admin", "forged-other", pick(bool).raw, {"X-Keygate-Admin": "1"}),
+        Case("no key -> 401", "denial", None, echo=False),
+        Case("unknown key, X-Request-Id with quote and backslash -> 401", "denial", keys.unknown[7],
+             {"X-Request-Id": quoted_id}, echo=False),
+        Case("empty key header -> 401", "denial", "", echo=False),
+        Case("key without the scope -> 403", "denial", keys.noscope, echo=False),
+        Case("key allowlisted for 10.0.0.0/8 only -> 403", "denial", keys.wrongip, echo=False),
+        Case("1 request/s key, twice: 200 then 429", "denial", keys.limited, echo=False, repeat=2),
+    ]
+
+
+def normalize(case: Case, seen: Seen, problems: list[str]) -> dict:
+    """What must be equal between proxies: generated request ids and dates become
+    placeholders, after checking that each is well-formed and the same both ways."""
+    sent_id = case.headers.get("X-Request-Id")
+    kept = sent_id is not None and VALID_ID.match(sent_id) is not None
+
+    def rid(value: str, where: str) -> str:
+        if kept:
+            if value != sent_id:
+                problems.append(f"{where}: X-Request-Id {value!r}, not the valid one sent ({sent_id!r})")
+            return value
+        if not GENERATED_ID.match(value):
+            problems.append(f"{where}: generated X-Request-Id {value!r} is not 32 lower-case hex digits")
+        return "<generated>"
+
+    response = []
+    ids = []
+    for name, value in seen.response:
+        if name == "x-request-id":
+            ids.append(value)
+            value = rid(value, "response")
+        elif name == "date":
+            value = "<date>"
+        elif name == "content-length" and seen.upstream is not None:
+            value = "<length of the echo>"
+        response.append((name, value))
+    if not ids:
+        problems.append("response: no X-Request-Id")
+    body: object = seen.body.decode("latin-1")
+    if seen.body.startswith(b"{") and seen.upstream is None:
+        try:
+            body = json.loads(seen.body)
+            err = body.get("error", {}) if isinstance(body, dict) else {}
+            if "request_id" in err:
+                if ids and err["request_id"] != ids[0]:
+                    problems.append(f"body: request_id {err['request_id']!r} is not the X-Request-Id {ids[0]!r}")
+                err["request_id"] = rid(err["request_id"], "body")
+        except ValueError:
+            pass
+    upstream = None
+    if seen.upstream is not None:
+        up = seen.upstream
+        headers = []
+        for name, value in up.get("headers", []):
+            name = name.lower()
+            if name == "x-request-id":
+                if ids and value != ids[0]:
+                    problems.append(f"upstream got X-Request-Id {value!r}, the client {ids[0]!r}")
+                value = rid(value, "upstream")
+            headers.append((name, value))
+        upstream = {k: v for k, v in up.items() if k != "headers"}
+        upstream["headers"] = headers
+    elif case.echo and seen.status == 200:
+        problems.append("no echo from the upstream")
+    return {"status": seen.status, "response": response, "body": body, "upstream": upstream}
+
+
+def header_diff(want: list[tuple[str, str]], got: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(header name, difference) for every name whose values differ; order between names
+    is not compared, the order of one name's values is."""
+    out = []
+    wd: dict[str, list[str]] = {}
+    gd: dict[str, list[str]] = {}
+    for n, v in want:
+        wd.setdefault(n, []).append(v)
+    for n, v in got:
+        gd.setdefault(n, []).append(v)
+    for name in sorted(set(wd) | set(gd)):
+        w, g = wd.get(name), gd.get(name)
+        if w == g:
+            continue
+        if g is None:
+            out.append((name, f"missing (keygate: {w})"))
+        elif w is None:
+            out.append((name, f"extra {g} (keygate has none)"))
+        else:
+            out.append((name, f"{g} (keygate: {w})"))
+    return out
+
+
+def check_equivalence(s: Setup, peers: list[str]) -> None:
+    """The peers must send the upstream the same request as keygate (c), and give the
+    client the same status, headers and body, for the same requests: otherwise they do
+    less work and the comparison is unfair. Stops with the list of differences."""
+    cases = equivalence_cases(s.keys)
+    views: dict[str, list[list[dict]]] = {}
+    own_problems: list[str] = []
+    for pid in ["c", *peers]:
+        proxy = "keygate" if pid == "c" else PEER_PROXY[pid]
+        per_case = []
+        for case in cases:
+            answers = []
+            for i in range(case.repeat):
+                problems: list[str] = []
+                answers.append(normalize(case, check_request(s.ports[proxy], case), problems))
+                own_problems.extend(f"({pid}) {case.name}: {p}" for p in problems)
+            per_case.append(answers)
+        views[pid] = per_case
+
+    failures = list(own_problems)
+    stated: dict[tuple[str, str, str, str], list[str]] = {}
+    for pid in peers:
+        for case, want_all, got_all in zip(cases, views["c"], views[pid]):
+            for n, (want, got) in enumerate(zip(want_all, got_all)):
+                label = f"({pid}) {case.name}" + (f" [answer {n + 1}]" if case.repeat > 1 else "")
+                diffs: list[tuple[str, str, str]] = []
+                if want["status"] != got["status"]:
+                    diffs.append(("status", "", f"{got['status']} (keygate: {want['status']})"))
+                diffs += [("response", h, d) for h, d in header_diff(want["response"], got["response"])]
+                if want["body"] != got["body"] and want["upstream"] is None:
+                    diffs.append(("body", "", f"{got['body']!r} (keygate: {want['body']!r})"))
+                wu, gu = want["upstream"], got["upstream"]
+                if (wu is None) != (gu is None):
+                    diffs.append(("upstream", "", f"echo {'missing' if gu is None else 'unexpected'}"))
+                elif wu is not None:
+                    for k in ("method", "target", "version"):
+                        if wu.get(k) != gu.get(k):
+                            diffs.append(("upstream", k, f"{gu.get(k)!r} (keygate: {wu.get(k)!r})"))
+                    diffs += [("upstream", h, d) for h, d in header_diff(wu["headers"], gu["headers"])]
+                for where, header, what in diffs:
+                    why = STATED.get((pid, case.kind, where, header)) or STATED.get((pid, "*", where, header))
+                    if why:
+                        stated.setdefault((pid, where, header, why), []).append(case.name)
+                    else:
+                        failures.append(f"{label}: {where} {header} {what}".replace("  ", " "))
+    names = {"d": "HAProxy", "e": "nginx + njs", "g": "the minimal HAProxy"}
+    if s.args.verbose:
+        for case, answers in zip(cases, views["c"]):
+            print(f"  keygate, {case.name}: {answers[-1]}")
+    for (pid, where, header, why), where_seen in stated.items():
+        seen_in = "every case" if len(set(where_seen)) == len(cases) else ", ".join(dict.fromkeys(where_seen))
+        print(f"  equivalence, stated difference: ({pid}) {where} {header}: {why} (in {seen_in})")
+    if failures:
+        for line in failures:
+            print(f"  equivalence, DIFFERS: {line}")
+        sys.exit(f"equivalence: {len(failures)} differences between keygate (c) and "
+                 f"{', '.join(names[p] for p in peers)}: the peers would not be doing the same work "
+                 "(see above; --verbose prints keygate's answers)")
+    print(f"equivalence: {', '.join(f'({p}) {names[p]}' for p in peers)} send the upstream the same request and "
+          f"the client the same answer as keygate (c) in all {len(cases)} cases"
+          + (f" ({len(stated)} stated differences, above)" if stated else ""))
 
 
 def run_wrk(s: Setup, sc: Scenario, duration: float) -> dict:
@@ -485,17 +793,27 @@ def summarize(runs: list[dict], order: list[Scenario]) -> list[dict]:
     return out
 
 
+# The ratios reported: (numerator, denominator). Issue #16's targets are on CPU per
+# request: keygate's own cost on top of Pingora.
+RATIOS = (("c", "b"), ("c", "d"), ("c", "e"), ("c", "f"), ("b", "f"), ("c", "g"), ("d", "g"))
+CPU_TARGETS = {("b", "f"): 1.05, ("c", "f"): 1.12}
+
+
 def ratios(summary: list[dict]) -> list[dict]:
     by = {s["scenario"]: s for s in summary}
     out = []
-    for other in ("b", "d", "e", "f"):
-        if "c" in by and other in by:
-            c, o = by["c"], by[other]
+    for num, den in RATIOS:
+        if num in by and den in by:
+            n, o = by[num], by[den]
+            cpu = round(n["proxy_cpu_us_per_req"] / o["proxy_cpu_us_per_req"], 3)
+            target = CPU_TARGETS.get((num, den))
             out.append({
-                "ratio": f"(c)/({other})", "vs": o["label"],
-                "rps": round(c["rps"] / o["rps"], 3),
-                "cpu_per_req": round(c["proxy_cpu_us_per_req"] / o["proxy_cpu_us_per_req"], 3),
-                "p99": round(c["p99_ms"] / o["p99_ms"], 3) if o["p99_ms"] else None,
+                "ratio": f"({num})/({den})", "vs": o["label"],
+                "rps": round(n["rps"] / o["rps"], 3),
+                "cpu_per_req": cpu,
+                "p99": round(n["p99_ms"] / o["p99_ms"], 3) if o["p99_ms"] else None,
+                "cpu_target": target,
+                "cpu_target_met": None if target is None else cpu <= target,
             })
     return out
 
@@ -515,9 +833,13 @@ def markdown(summary: list[dict], rat: list[dict], meta: dict) -> str:
         lines.append(f"| {s['label']} | {s['rps']:,.0f} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {cpu} | "
                      f"{s['proxy_cpu_busy'] * 100:.0f}% | {s['unexpected_status']} |")
     if rat:
-        lines += ["", "| ratio (medians) | req/s | CPU/req | p99 |", "|---|---:|---:|---:|"]
+        lines += ["", "| ratio (medians) | req/s | CPU/req | p99 | CPU/req target (issue #16) |",
+                  "|---|---:|---:|---:|---|"]
         for r in rat:
-            lines.append(f"| {r['ratio']} | {r['rps']:.2f} | {r['cpu_per_req']:.2f} | {r['p99']:.2f} |")
+            target = "" if r["cpu_target"] is None else \
+                f"≤ {r['cpu_target']:.2f}: {'met' if r['cpu_target_met'] else 'missed'}"
+            p99 = f"{r['p99']:.2f}" if r["p99"] is not None else "-"
+            lines.append(f"| {r['ratio']} | {r['rps']:.2f} | {r['cpu_per_req']:.2f} | {p99} | {target} |")
     return "\n".join(lines) + "\n"
 
 
@@ -616,8 +938,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1, help="seed of the key generator")
     ap.add_argument("--denials", choices=["keygate", "all", "none"], default="keygate",
                     help="401/429 floods through keygate only (default), also HAProxy and nginx (all), or none")
-    ap.add_argument("--only", default="", help="comma-separated scenario ids to run (a,b,c,d,e,c401,c429,...)")
-    ap.add_argument("--port-base", type=int, default=18100, help="first of 6 loopback ports (default 18100)")
+    ap.add_argument("--only", default="", help="comma-separated scenario ids to run (a,b,c,d,e,f,g,c401,c429,...)")
+    ap.add_argument("--equivalence", default="d,e",
+                    help="peers that must send the upstream the same request and the client the same answers as "
+                         "keygate (c) before anything is measured: d (HAProxy), e (nginx + njs), g (the minimal "
+                         "HAProxy, which must fail); default d,e")
+    ap.add_argument("--check-only", action="store_true", help="start everything, run the checks, measure nothing")
+    ap.add_argument("--port-base", type=int, default=18100, help="first of 7 loopback ports (default 18100)")
     ap.add_argument("--keygate", type=Path, default=REPO / "target/release/keygate")
     ap.add_argument("--pingora", type=Path, default=REPO / "target/release/examples/pingora_passthrough",
                     help="the bare Pingora proxy of scenario (f) (examples/pingora_passthrough.rs)")
@@ -634,6 +961,9 @@ def main() -> None:
                      "`cargo build --release --locked --bin keygate --example pingora_passthrough`")
 
     order = scenarios(a.denials)
+    peers = [p for p in a.equivalence.split(",") if p]
+    if set(peers) - set(PEER_PROXY):
+        sys.exit(f"--equivalence takes d, e and g, not {a.equivalence}")
     if a.only:
         wanted = set(a.only.split(","))
         unknown = wanted - {sc.id for sc in scenarios("all")}
@@ -662,10 +992,14 @@ def main() -> None:
         write_key_files(work, keys)
         base = a.port_base
         ports = {"upstream": base, "keygate": base + 1, "keygate-admin": base + 2, "haproxy": base + 3,
-                 "nginx-njs": base + 4, "pingora": base + 5}
+                 "nginx-njs": base + 4, "pingora": base + 5, "haproxy-minimal": base + 6}
         s = Setup(a, work, keys, ports, procs)
         start_everything(s)
+        check_equivalence(s, peers)
         check_answers(s)
+        if a.check_only:
+            print("--check-only: not measuring")
+            return
 
         if a.warmup > 0:
             print(f"warm-up: {a.warmup:g} s per scenario, not recorded")

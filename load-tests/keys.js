@@ -11,4 +11,10 @@ function sha256(r) {
     return crypto.createHash('sha256').update(key).digest('hex');
 }
 
-export default { sha256 };
+// The request id as a JSON string's content, for the denials' bodies (keygate escapes
+// it too). Only denials use it: nginx evaluates `js_set` variables when they are read.
+function rid_json(r) {
+    return JSON.stringify(r.variables.rid).slice(1, -1);
+}
+
+export default { sha256, rid_json };

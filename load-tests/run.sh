@@ -11,7 +11,9 @@
 # 2. builds target/release/keygate and the bare Pingora proxy of scenario (f)
 #    (examples/pingora_passthrough.rs) when missing or older than the sources
 # 3. runs load-tests/compare.py, which generates the keys, writes the configs into a
-#    temporary directory, starts everything pinned with taskset, measures and reports.
+#    temporary directory, starts everything pinned with taskset, checks that HAProxy and
+#    nginx do the same work as keygate (same request upstream, same answer to the client),
+#    measures and reports (--check-only: the checks alone).
 #
 # Results go to load-tests/results/ (results.csv, results.json, summary.md, chart.png).
 # Every process started is stopped when this script ends, also on failure or Ctrl-C.
@@ -29,7 +31,7 @@ for arg in "$@"; do
     case "$arg" in
         --no-install) install=0 ;;
         --keep-workdir) keep=1; args+=("$arg") ;;
-        -h|--help) sed -n '2,17p' "$0"; echo; exec python3 "$here/compare.py" --help ;;
+        -h|--help) sed -n '2,19p' "$0"; echo; exec python3 "$here/compare.py" --help ;;
         *) args+=("$arg") ;;
     esac
 done
