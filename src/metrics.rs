@@ -1,23 +1,24 @@
 //! Prometheus metrics (CONTRACT §7). No label ever names a key.
 //!
 //! Request-path series are resolved once per route and upstream when the
-//! gateway state is built, so a request only adds to atomics.
+//! gateway state is built, so a request only adds to atomics of its own thread
+//! (`request_series`).
 
-use prometheus::{
-    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
+mod request_series;
+pub mod sharded;
+
+use std::sync::Arc;
+
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+pub use request_series::{RouteMetrics, UpstreamMetrics};
 
 use crate::outcome::Rejection;
-
-/// Request durations from half a millisecond to ten seconds.
-const DURATION_BUCKETS: &[f64] =
-    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+use request_series::RequestSeries;
 
 pub struct Metrics {
     registry: Registry,
-    requests: IntCounterVec,
-    request_duration: HistogramVec,
-    upstream_responses: IntCounterVec,
+    request_series: Arc<RequestSeries>,
     pub keys_loaded: IntGauge,
     pub key_index_version: IntGauge,
     pub sync_last_success: Gauge,
@@ -70,52 +71,10 @@ fn outcome_label(index: usize) -> &'static str {
     }
 }
 
-/// One route's series, resolved once.
-#[derive(Clone)]
-pub struct RouteMetrics {
-    by_outcome: Vec<IntCounter>,
-    duration: Histogram,
-}
-
-impl RouteMetrics {
-    pub fn observe(&self, rejection: Option<Rejection>, seconds: f64) {
-        if let Some(counter) = self.by_outcome.get(outcome_index(rejection)) {
-            counter.inc();
-        }
-        self.duration.observe(seconds);
-    }
-}
-
-/// One upstream's response counters by status class.
-#[derive(Clone)]
-pub struct UpstreamMetrics {
-    by_class: [IntCounter; 5],
-}
-
-impl UpstreamMetrics {
-    pub fn observe(&self, status: u16) {
-        if let Some(counter) = (status / 100).checked_sub(1).and_then(|i| self.by_class.get(usize::from(i))) {
-            counter.inc();
-        }
-    }
-}
-
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new("keygate_requests_total", "Requests by route and outcome (allowed or a denial code)"),
-            &["route", "outcome"],
-        )?;
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new("keygate_request_duration_seconds", "Time from request to response, by route")
-                .buckets(DURATION_BUCKETS.to_vec()),
-            &["route"],
-        )?;
-        let upstream_responses = IntCounterVec::new(
-            Opts::new("keygate_upstream_responses_total", "Upstream responses by upstream and status class"),
-            &["upstream", "class"],
-        )?;
+        let request_series = Arc::new(RequestSeries::new()?);
         let keys_loaded = IntGauge::new("keygate_keys_loaded", "Keys in the active index")?;
         let key_index_version = IntGauge::new("keygate_key_index_version", "Version of the active key index")?;
         let sync_last_success = Gauge::new(
@@ -142,9 +101,7 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind",
         )?;
 
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(request_duration.clone()))?;
-        registry.register(Box::new(upstream_responses.clone()))?;
+        registry.register(Box::new(request_series::Collected(Arc::clone(&request_series))))?;
         registry.register(Box::new(keys_loaded.clone()))?;
         registry.register(Box::new(key_index_version.clone()))?;
         registry.register(Box::new(sync_last_success.clone()))?;
@@ -194,9 +151,7 @@ impl Metrics {
 
         Ok(Metrics {
             registry,
-            requests,
-            request_duration,
-            upstream_responses,
+            request_series,
             keys_loaded,
             key_index_version,
             sync_last_success,
@@ -220,15 +175,11 @@ impl Metrics {
     }
 
     pub fn route(&self, route: &str) -> RouteMetrics {
-        RouteMetrics {
-            by_outcome: (0..OUTCOMES).map(|i| self.requests.with_label_values(&[route, outcome_label(i)])).collect(),
-            duration: self.request_duration.with_label_values(&[route]),
-        }
+        self.request_series.route(route)
     }
 
     pub fn upstream(&self, upstream: &str) -> UpstreamMetrics {
-        let class = |c: &str| self.upstream_responses.with_label_values(&[upstream, c]);
-        UpstreamMetrics { by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")] }
+        self.request_series.upstream(upstream)
     }
 
     pub fn usage_flushed(&self, sink: &str, ok: bool) {
@@ -256,6 +207,8 @@ impl Metrics {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::policy::Denial;
 
@@ -263,13 +216,34 @@ mod tests {
     fn route_series_count_each_outcome_separately() {
         let metrics = Metrics::new().unwrap();
         let route = metrics.route("orders");
-        route.observe(None, 0.002);
-        route.observe(Some(Rejection::Denied(Denial::InvalidKey)), 0.001);
-        route.observe(Some(Rejection::Denied(Denial::InvalidKey)), 0.001);
+        route.observe(None, Duration::from_millis(2));
+        route.observe(Some(Rejection::Denied(Denial::InvalidKey)), Duration::from_millis(1));
+        route.observe(Some(Rejection::Denied(Denial::InvalidKey)), Duration::from_millis(1));
         let text = metrics.render();
         assert!(text.contains(r#"keygate_requests_total{outcome="allowed",route="orders"} 1"#), "{text}");
         assert!(text.contains(r#"keygate_requests_total{outcome="invalid_key",route="orders"} 2"#), "{text}");
         assert!(text.contains(r#"keygate_request_duration_seconds_count{route="orders"} 3"#), "{text}");
+        assert!(text.contains(r#"keygate_request_duration_seconds_bucket{route="orders",le="0.001"} 2"#), "{text}");
+        assert!(text.contains(r#"keygate_request_duration_seconds_bucket{route="orders",le="+Inf"} 3"#), "{text}");
+        assert!(text.contains(r#"keygate_request_duration_seconds_sum{route="orders"} 0.004"#), "{text}");
+        assert!(text.contains("# TYPE keygate_request_duration_seconds histogram"), "{text}");
+        assert!(text.contains("# TYPE keygate_requests_total counter"), "{text}");
+    }
+
+    #[test]
+    fn counts_from_many_threads_add_up_and_a_route_keeps_its_series() {
+        let metrics = Metrics::new().unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let route = metrics.route("orders");
+                std::thread::spawn(move || (0..500).for_each(|_| route.observe(None, Duration::from_micros(100))))
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        metrics.route("orders").observe(None, Duration::from_micros(100));
+        let text = metrics.render();
+        assert!(text.contains(r#"keygate_requests_total{outcome="allowed",route="orders"} 4001"#), "{text}");
+        assert!(text.contains(r#"keygate_request_duration_seconds_bucket{route="orders",le="0.0005"} 4001"#), "{text}");
     }
 
     #[test]

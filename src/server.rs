@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use crossbeam_utils::CachePadded;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
@@ -28,6 +29,7 @@ use crate::control::webhooks::{Plans, Webhooks};
 use crate::index::KeyIndex;
 use crate::key_state::KeyStates;
 use crate::limit::fleet::{FleetSync, FleetSyncTask, RedisEngine};
+use crate::metrics::sharded::ShardedGauge;
 use crate::metrics::Metrics;
 use crate::proxy::tls::{load_certified_key, ListenerCertificate};
 use crate::proxy::{DataPlane, Freshness, Gateway, GatewayState, ProxyService, STOP_LINGER};
@@ -104,8 +106,8 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         access_log: AccessLog::start(&config.access_log, metrics.access_log_dropped.clone())
             .context("cannot open the access log")?,
         metrics: Arc::clone(&metrics),
-        in_flight: AtomicUsize::new(0),
-        connections: AtomicUsize::new(0),
+        in_flight: ShardedGauge::default(),
+        connections: CachePadded::new(AtomicUsize::new(0)),
         freshness,
     });
 
@@ -663,12 +665,11 @@ impl Maintenance {
         let deadline = Instant::now() + self.drain_timeout;
         // A connection accepted in the last instant is counted once its task starts.
         tokio::time::sleep(SETTLE_BEFORE_DRAIN.min(self.drain_timeout)).await;
-        let open =
-            || self.plane.in_flight.load(Ordering::Acquire) > 0 || self.plane.connections.load(Ordering::Acquire) > 0;
+        let open = || self.plane.in_flight.get() > 0 || self.plane.connections.load(Ordering::Acquire) > 0;
         while open() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let unfinished = self.plane.in_flight.load(Ordering::Acquire);
+        let unfinished = self.plane.in_flight.get();
         if unfinished > 0 {
             tracing::warn!(
                 requests = unfinished,

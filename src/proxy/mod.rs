@@ -14,12 +14,13 @@ pub mod tls;
 mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use crossbeam_utils::CachePadded;
 use http::header::HOST;
 use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -33,6 +34,7 @@ use crate::config::{HttpConfig, KeyLocation, RouteAuth, UnderscoreHeaders};
 use crate::index::{KeyIndex, KeyRecord};
 use crate::key_state::{KeyStates, UsageSlot};
 use crate::limit::RateInfo;
+use crate::metrics::sharded::ShardedGauge;
 use crate::metrics::Metrics;
 use crate::outcome::{new_request_id, Rejection};
 use crate::policy::{decide, resolve_client_ip, Limits, RequestFacts};
@@ -68,10 +70,12 @@ pub struct DataPlane {
     pub states: Arc<KeyStates>,
     pub access_log: AccessLog,
     pub metrics: Arc<Metrics>,
-    /// Requests between their first byte and their log line.
-    pub in_flight: AtomicUsize,
-    /// Downstream connections being served, idle keep-alive ones included.
-    pub connections: AtomicUsize,
+    /// Requests between their first byte and their log line; every request adds to it
+    /// twice, so each thread counts in a slot of its own.
+    pub in_flight: ShardedGauge,
+    /// Downstream connections being served, idle keep-alive ones included. Written
+    /// once per connection: on a line of its own, away from what every request reads.
+    pub connections: CachePadded<AtomicUsize>,
     /// Set when keys come from a feed with a `max_staleness` limit.
     pub freshness: Option<Freshness>,
 }
@@ -197,7 +201,7 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         // Paired with the decrement in `logging`, which Pingora calls for every request.
-        self.plane.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.plane.in_flight.increment();
         RequestCtx {
             state: None,
             route: None,
@@ -259,9 +263,11 @@ impl ProxyHttp for Gateway {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
-        let upstream = match ctx.route() {
-            Some(route) => Arc::clone(&route.upstream),
-            None => return Error::e_explain(ErrorType::InternalError, "upstream_peer without a route"),
+        // Borrowed from the request's state, not cloned: an `Arc` clone is a write
+        // to a count that every core shares.
+        let route = ctx.route.and_then(|index| ctx.state.as_ref()?.routes.get(index));
+        let Some(upstream) = route.map(|route| &route.upstream) else {
+            return Error::e_explain(ErrorType::InternalError, "upstream_peer without a route");
         };
         ctx.connect_attempts += 1;
         let Some(target) = upstream.select() else {
@@ -374,7 +380,7 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, _error: Option<&Error>, ctx: &mut RequestCtx) {
         let plane = &*self.plane;
-        plane.in_flight.fetch_sub(1, Ordering::Relaxed);
+        plane.in_flight.decrement();
         let elapsed = ctx.started.elapsed();
         let status = match (session.response_written(), ctx.rejection) {
             (Some(resp), _) => resp.status.as_u16(),
@@ -383,8 +389,8 @@ impl ProxyHttp for Gateway {
         };
         let route = ctx.route();
         match (route, &ctx.state) {
-            (Some(route), _) => route.metrics.observe(ctx.rejection, elapsed.as_secs_f64()),
-            (None, Some(state)) => state.unrouted_metrics.observe(ctx.rejection, elapsed.as_secs_f64()),
+            (Some(route), _) => route.metrics.observe(ctx.rejection, elapsed),
+            (None, Some(state)) => state.unrouted_metrics.observe(ctx.rejection, elapsed),
             (None, None) => {}
         }
         if let (Some(route), Some(upstream_status)) = (route, ctx.upstream_status) {

@@ -14,6 +14,7 @@ use pingora::utils::tls::WrappedX509;
 use pingora::{Error, ErrorType};
 
 use crate::config::{HealthCheckConfig, UpstreamConfig};
+use crate::metrics::sharded::Slots;
 use crate::metrics::UpstreamMetrics;
 
 /// How long an idle upstream connection stays in the keep-alive pool.
@@ -40,7 +41,7 @@ pub struct Upstream {
     /// a hashed health lookup and building a peer on every request.
     balancer: LoadBalancer<RoundRobin>,
     targets: Arc<[Target]>,
-    next: AtomicUsize,
+    next: Slots<AtomicUsize>,
     health_check: Option<HealthSchedule>,
     pub metrics: UpstreamMetrics,
 }
@@ -113,7 +114,7 @@ impl Upstream {
             balancer.set_health_check(http_health_check(observer, &host, tls.as_ref(), hc));
             HealthSchedule { interval: hc.interval, next_due: Mutex::new(Instant::now()) }
         });
-        Ok(Upstream { name: name.to_owned(), balancer, targets, next: AtomicUsize::new(0), health_check, metrics })
+        Ok(Upstream { name: name.to_owned(), balancer, targets, next: Slots::default(), health_check, metrics })
     }
 
     pub fn target_count(&self) -> usize {
@@ -123,7 +124,9 @@ impl Upstream {
     /// The next healthy target in round-robin order.
     pub fn select(&self) -> Option<&Target> {
         let count = self.targets.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // A lone target needs no turn taken; with several, each thread keeps its own
+        // turn so cores do not all write one counter.
+        let start = if count > 1 { self.next.local().fetch_add(1, Ordering::Relaxed) } else { 0 };
         (0..count).map(|i| &self.targets[(start + i) % count]).find(|t| t.healthy.load(Ordering::Relaxed))
     }
 
