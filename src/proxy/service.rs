@@ -13,6 +13,7 @@
 //! and each HTTP/1 connection runs through a [`GuardedStream`] with its deadlines.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +28,9 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use pingora::services::listening::Service;
 use prometheus::IntGauge;
+use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
+use tokio::time::Sleep;
 
 use super::connection::{ConnectionClock, ConnectionLimits, GuardedStream};
 use super::{DataPlane, Gateway};
@@ -85,9 +88,19 @@ impl ProxyService {
         let mut stream: Stream = Box::new(guarded);
         let mut settings = None;
         let mut first = true;
+        // One stop notice and one timer for the connection's whole life, re-armed per
+        // request: a new `Notified` enlists under a lock every connection shares, and a
+        // new timer is an insert into the runtime's timer wheel.
+        let stopping = self.stopping.notified();
+        tokio::pin!(stopping);
+        stopping.as_mut().enable();
+        let wait = tokio::time::sleep_until((accepted + http.request_header_timeout).into());
+        tokio::pin!(wait);
         loop {
-            let due = if first { accepted + http.request_header_timeout } else { Instant::now() + http.idle_timeout };
-            match self.first_byte(&mut stream, due).await {
+            if !first {
+                wait.as_mut().reset((Instant::now() + http.idle_timeout).into());
+            }
+            match self.first_byte(&mut stream, wait.as_mut(), stopping.as_mut()).await {
                 FirstByte::Arrived => {}
                 FirstByte::Late => {
                     if first {
@@ -117,10 +130,12 @@ impl ProxyService {
     /// Waits until a request's first byte can be read, `due` passes or the
     /// service stops. Streams that cannot peek (TLS) go on at once; their
     /// deadlines are the `GuardedStream`'s.
-    async fn first_byte(&self, stream: &mut Stream, due: Instant) -> FirstByte {
-        let stopping = self.stopping.notified();
-        tokio::pin!(stopping);
-        stopping.as_mut().enable();
+    async fn first_byte(
+        &self,
+        stream: &mut Stream,
+        due: Pin<&mut Sleep>,
+        stopping: Pin<&mut Notified<'_>>,
+    ) -> FirstByte {
         if self.stopped.load(Ordering::Acquire) {
             return FirstByte::Gone;
         }
@@ -130,8 +145,8 @@ impl ProxyService {
                 Ok(_) => FirstByte::Arrived,
                 Err(_) => FirstByte::Gone,
             },
-            () = tokio::time::sleep_until(due.into()) => FirstByte::Late,
-            () = &mut stopping => FirstByte::Gone,
+            () = due => FirstByte::Late,
+            () = stopping => FirstByte::Gone,
         }
     }
 }
