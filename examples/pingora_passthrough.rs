@@ -3,7 +3,8 @@
 //! built on Pingora costs per request on the same machine (same Pingora version,
 //! allocator, release profile and one worker thread as keygate).
 //!
-//! `cargo run --release --example pingora_passthrough -- 127.0.0.1:18105 127.0.0.1:18100`
+//! `cargo run --release --example pingora_passthrough -- 127.0.0.1:18105 127.0.0.1:18100 [THREADS]`
+//! (worker threads, 1 unless given: keygate's `threads` in the same run).
 
 use async_trait::async_trait;
 use pingora::prelude::*;
@@ -30,17 +31,23 @@ impl ProxyHttp for Passthrough {
 fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(upstream)) = (args.next(), args.next()) else {
-        eprintln!("usage: pingora_passthrough LISTEN_ADDR UPSTREAM_ADDR");
+        eprintln!("usage: pingora_passthrough LISTEN_ADDR UPSTREAM_ADDR [THREADS]");
         std::process::exit(2);
     };
     let Ok(upstream) = upstream.parse::<std::net::SocketAddr>() else {
         eprintln!("{upstream} is not an IP address and port");
         std::process::exit(2);
     };
-    let mut server = Server::new(None).unwrap_or_else(|e| {
-        eprintln!("cannot set up the server: {e}");
-        std::process::exit(1);
-    });
+    let threads = match args.next().map(|t| t.parse::<usize>()) {
+        None => 1,
+        Some(Ok(threads)) if threads > 0 => threads,
+        Some(_) => {
+            eprintln!("THREADS must be a whole number above 0");
+            std::process::exit(2);
+        }
+    };
+    let conf = pingora::server::configuration::ServerConf { threads, ..Default::default() };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let mut proxy =
         http_proxy_service(&server.configuration, Passthrough { peer: HttpPeer::new(upstream, false, String::new()) });

@@ -400,7 +400,7 @@ def start_everything(s: Setup) -> None:
         (w / d).mkdir(exist_ok=True)
     for js in ("keys.js", "echo.js"):
         (w / js).write_text((HERE / js).read_text())
-    common = {"DIR": w, "UPSTREAM_PORT": p["upstream"], "RATE": NEVER_REACHED_RATE}
+    common = {"DIR": w, "UPSTREAM_PORT": p["upstream"], "RATE": NEVER_REACHED_RATE, "THREADS": a.proxy_threads}
     up_conf = render("nginx-upstream.conf.tmpl", w / "nginx-upstream.conf",
                      {**common, "PORT": p["upstream"], "NJS_MODULE": NJS_MODULE})
     kg_conf = render("keygate.yaml.tmpl", w / "keygate.yaml",
@@ -434,7 +434,8 @@ def start_everything(s: Setup) -> None:
                                                  a.proxy_cpus)
     s.running["nginx-njs"] = s.procs.start("nginx-njs", ["nginx", "-p", str(w), "-c", str(ng_conf)], a.proxy_cpus)
     s.running["pingora"] = s.procs.start(
-        "pingora", [str(a.pingora), f"127.0.0.1:{p['pingora']}", f"127.0.0.1:{p['upstream']}"], a.proxy_cpus)
+        "pingora", [str(a.pingora), f"127.0.0.1:{p['pingora']}", f"127.0.0.1:{p['upstream']}",
+                    str(a.proxy_threads)], a.proxy_cpus)
     for name in PROXIES:
         wait_ready(s.running[name], p[name], "/v1/orders", valid)
     print(f"started: upstream pid {s.running['upstream'].pid} (CPU {a.load_cpus}); "
@@ -821,7 +822,8 @@ def ratios(summary: list[dict]) -> list[dict]:
 def markdown(summary: list[dict], rat: list[dict], meta: dict) -> str:
     lines = [
         f"{meta['rounds']} interleaved rounds x {meta['duration_s']:g} s per scenario, wrk -t{meta['wrk_threads']} "
-        f"-c{meta['connections']}, proxy on CPU {meta['proxy_cpus']}, wrk + upstream on CPU {meta['load_cpus']}; "
+        f"-c{meta['connections']}, {meta.get('proxy_threads', 1)} proxy worker thread(s) on CPU {meta['proxy_cpus']}, "
+        f"wrk + upstream on CPU {meta['load_cpus']}; "
         f"medians.",
         "",
         "| scenario | req/s | p50 ms | p99 ms | proxy CPU µs/req | proxy core busy | unexpected statuses |",
@@ -932,6 +934,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=2, help="seconds of unrecorded load per scenario first (default 2)")
     ap.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     ap.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1)")
+    ap.add_argument("--proxy-threads", type=int, default=1,
+                    help="worker threads of every proxy: keygate's threads, HAProxy's nbthread, nginx's "
+                         "worker_processes, the bare Pingora's (default 1)")
     ap.add_argument("--proxy-cpus", default="0", help="taskset CPU list for the proxies (default 0)")
     ap.add_argument("--load-cpus", default="1", help="taskset CPU list for wrk and the upstream (default 1)")
     ap.add_argument("--keys", type=int, default=10_000, help="number of keys rotated (default 10000)")
@@ -1029,7 +1034,7 @@ def main() -> None:
 
     meta = {
         "rounds": a.rounds, "duration_s": a.duration, "warmup_s": a.warmup, "connections": a.connections,
-        "wrk_threads": a.wrk_threads, "proxy_cpus": a.proxy_cpus, "load_cpus": a.load_cpus, "keys": a.keys,
+        "wrk_threads": a.wrk_threads, "proxy_threads": a.proxy_threads, "proxy_cpus": a.proxy_cpus, "load_cpus": a.load_cpus, "keys": a.keys,
         "denials": a.denials, "started": started,
         "command": " ".join(sys.argv), "busy_cores_before": round(background, 3), **versions(a.keygate),
     }
