@@ -257,7 +257,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Denial;
+    use crate::outcome::Denial;
 
     #[test]
     fn route_series_count_each_outcome_separately() {

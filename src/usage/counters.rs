@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use crate::key_state::{KeyStates, Sweep};
 
 use super::record::{StatusClasses, UsageRecord};
-use crate::policy::{Denial, DENIAL_KINDS};
+use crate::outcome::{Denial, DENIAL_KINDS};
 
 /// What one finished request adds to its key's usage.
 #[derive(Debug, Clone, Copy)]

@@ -513,7 +513,7 @@ fn new_boot_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Denial;
+    use crate::outcome::Denial;
     use crate::usage::{RequestUsage, SinkError};
     use async_trait::async_trait;
     use std::sync::atomic::{AtomicBool, Ordering};
