@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 
 use crate::config::raw::{RawQuota, RawRateLimit};
 use crate::config::{parse_duration, QuotaConfig, RateLimitConfig};
-use crate::index::parse_cidr;
+use crate::config::parse_cidr;
 
 /// A field that is not valid: where, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
