@@ -12,6 +12,7 @@ mod flusher;
 mod record;
 mod sink;
 mod spool;
+pub mod upload;
 
 pub(crate) use counters::KeyUsage;
 pub use counters::RequestUsage;
