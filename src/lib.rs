@@ -28,7 +28,6 @@ pub mod control;
 pub mod http_client;
 pub mod index;
 pub mod key;
-pub mod key_state;
 pub mod limit;
 pub mod metrics;
 pub mod outcome;

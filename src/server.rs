@@ -26,7 +26,7 @@ use crate::control::store::Store;
 use crate::control::store_sink::StoreSink;
 use crate::control::webhooks::{Plans, Webhooks};
 use crate::index::KeyIndex;
-use crate::key_state::KeyStates;
+use crate::limit::KeyStates;
 use crate::limit::fleet::{FleetSync, FleetSyncTask, RedisEngine};
 use crate::metrics::Metrics;
 use crate::proxy::tls::{load_certified_key, ListenerCertificate};
@@ -35,7 +35,8 @@ use crate::sync::{
     ControlPlaneEngine, Follower, KeyFeed, KeysFileSource, LastSync, LocalFeed, QuotaSeedSource, RemoteFeed,
 };
 use crate::usage::{
-    ControlPlaneSink, FileSink, Flusher, FlusherHandle, HttpSink, KeyOwners, NamedSink, NatsSink, UsageSink,
+    ControlPlaneSink, FileSink, Flusher, FlusherHandle, HttpSink, KeyOwners, NamedSink, NatsSink, UsageCounters,
+    UsageSink,
 };
 
 /// How long a starting gateway waits for its first key snapshot before trying the cache file.
@@ -412,7 +413,7 @@ impl BackgroundService for Maintenance {
         let sinks = self.build_sinks(&self.sinks, store).unwrap_or_else(|e| fatal("usage sinks", e));
         crate::systemd_notify::ready();
         let flusher = Flusher::new(
-            Arc::clone(&self.plane.states),
+            Arc::clone(&self.plane.states) as Arc<dyn UsageCounters>,
             sinks,
             self.node_id.clone(),
             self.flush_interval,

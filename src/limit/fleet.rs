@@ -34,7 +34,7 @@ use tokio::sync::oneshot;
 use super::QuotaDelta;
 use crate::config::QuotaPeriod;
 use crate::index::KeyId;
-use crate::key_state::KeyStates;
+use super::KeyStates;
 use crate::metrics::Metrics;
 
 /// Rate counters are kept per epoch of this length, so that none grows for ever

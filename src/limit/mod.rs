@@ -1,5 +1,5 @@
 //! Rate limits and quotas: mutable state kept beside the key index, in each
-//! budget's entry of [`crate::key_state::KeyStates`].
+//! budget's entry of [`KeyStates`] (`state.rs`), beside the key's usage counters.
 //!
 //! State is keyed by budget: a key's id, or its owner's name for limits with
 //! `by: owner` (see [`budget_id`]). So it survives index swaps (a reload does not
@@ -9,11 +9,14 @@
 pub mod fleet;
 mod quota;
 mod rate;
+mod state;
 
 pub use quota::{period_start, periods, QuotaDelta, QuotaExceeded, UsedElsewhere};
 pub(crate) use quota::{QuotaPeriods, QuotaState};
-pub use rate::{RateInfo, RateLimited};
 pub(crate) use rate::{RateClock, RateState};
+pub use rate::{RateInfo, RateLimited};
+pub(crate) use state::KeyState;
+pub use state::{KeyStates, Refusal, UsageSlot};
 
 use std::borrow::Cow;
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::index::KeyId;
-use crate::key_state::{KeyState, KeyStates};
+use super::{KeyState, KeyStates};
 use arc_swap::ArcSwap;
 use governor::clock::Clock;
 use time::{Date, Month, OffsetDateTime, Time};

@@ -14,7 +14,7 @@ use std::time::Duration;
 use governor::clock::{Clock, Reference};
 
 use crate::config::{RateLimitConfig, MAX_RATE_WINDOW};
-use crate::key_state::KeyStates;
+use super::KeyStates;
 
 /// What the `RateLimit-*` response headers report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use crate::index::{KeyRecord, KeyStatus, Snapshot};
 use crate::key::{self, KeyDigest};
-use crate::key_state::{KeyStates, Refusal, UsageSlot};
+use crate::limit::{KeyStates, Refusal, UsageSlot};
 use crate::limit::{retry_after_secs, RateInfo};
 
 /// The decision refuses with these; they are also outcomes the metrics and usage count.

@@ -31,7 +31,7 @@ use time::OffsetDateTime;
 use crate::access_log::{AccessEntry, AccessLog};
 use crate::config::{HttpConfig, KeyLocation, RouteAuth, UnderscoreHeaders};
 use crate::index::{KeyIndex, KeyRecord};
-use crate::key_state::{KeyStates, UsageSlot};
+use crate::limit::{KeyStates, UsageSlot};
 use crate::limit::RateInfo;
 use crate::metrics::Metrics;
 use crate::outcome::{new_request_id, Rejection};
