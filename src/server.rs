@@ -30,9 +30,9 @@ use crate::limit::KeyStates;
 use crate::limit::fleet::{FleetSync, FleetSyncTask, RedisEngine};
 use crate::metrics::Metrics;
 use crate::proxy::tls::{load_certified_key, ListenerCertificate};
-use crate::proxy::{DataPlane, Freshness, Gateway, GatewayState, ProxyService, STOP_LINGER};
+use crate::proxy::{DataPlane, Gateway, GatewayState, ProxyService, STOP_LINGER};
 use crate::sync::{
-    ControlPlaneEngine, Follower, KeyFeed, KeysFileSource, LastSync, LocalFeed, QuotaSeedSource, RemoteFeed,
+    ControlPlaneEngine, Follower, Freshness, KeyFeed, KeysFileSource, LastSync, LocalFeed, QuotaSeedSource, RemoteFeed,
 };
 use crate::usage::{
     ControlPlaneSink, FileSink, Flusher, FlusherHandle, HttpSink, KeyOwners, NamedSink, NatsSink, UsageCounters,
@@ -395,8 +395,8 @@ impl BackgroundService for Maintenance {
         });
         // Quotas start from the usage already stored, before the first key can be served.
         if let Some(source) = self.quota_seed_source(control.as_ref().map(|(store, _)| store)) {
-            tokio::time::timeout(SYNC_START_TIMEOUT, source.seed_once(&self.plane)).await.ok();
-            tokio::spawn(source.run(Arc::clone(&self.plane), self.quota_seed_every(), shutdown.clone()));
+            tokio::time::timeout(SYNC_START_TIMEOUT, source.seed_once(&self.plane.states)).await.ok();
+            tokio::spawn(source.run(Arc::clone(&self.plane.states), self.quota_seed_every(), shutdown.clone()));
         }
         if let Some(follower) = &follower {
             if follower.start(SYNC_START_TIMEOUT).await {

@@ -36,6 +36,7 @@ use crate::limit::RateInfo;
 use crate::metrics::Metrics;
 use crate::outcome::{new_request_id, Rejection};
 use crate::policy::{decide, resolve_client_ip, Limits, RequestFacts};
+use crate::sync::Freshness;
 use crate::usage::RequestUsage;
 
 pub use headers::find_key;
@@ -74,21 +75,6 @@ pub struct DataPlane {
     pub connections: AtomicUsize,
     /// Set when keys come from a feed with a `max_staleness` limit.
     pub freshness: Option<Freshness>,
-}
-
-/// How old the keys may get before keyed requests are refused with `not_ready`.
-pub struct Freshness {
-    /// The last successful sync, on the monotonic clock.
-    pub last_success: Arc<crate::sync::LastSync>,
-    pub max_staleness: std::time::Duration,
-}
-
-impl Freshness {
-    /// Synced within `max_staleness`. Measured on the monotonic clock: a wall clock
-    /// stepped back must not make a fresh sync look like one from the future.
-    pub fn is_current(&self) -> bool {
-        self.last_success.age().is_some_and(|age| age <= self.max_staleness)
-    }
 }
 
 impl DataPlane {
