@@ -19,8 +19,8 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 use super::record::{KeyRecord, KeyStatus};
-use crate::config::parse_cidr;
 use super::{Snapshot, SnapshotBuilder, SnapshotError};
+use crate::config::parse_cidr;
 use crate::config::{LimitScope, QuotaConfig, QuotaPeriod, RateLimitConfig};
 use crate::key::KeyDigest;
 

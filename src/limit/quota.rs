@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::index::KeyId;
 use super::{KeyState, KeyStates};
+use crate::index::KeyId;
 use arc_swap::ArcSwap;
 use governor::clock::Clock;
 use time::{Date, Month, OffsetDateTime, Time};

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use governor::clock::{Clock, Reference};
 
-use crate::config::{RateLimitConfig, MAX_RATE_WINDOW};
 use super::KeyStates;
+use crate::config::{RateLimitConfig, MAX_RATE_WINDOW};
 
 /// What the `RateLimit-*` response headers report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

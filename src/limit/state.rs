@@ -28,9 +28,9 @@ use std::sync::Arc;
 use governor::clock::{Clock, DefaultClock};
 use time::OffsetDateTime;
 
+use super::{budget_id, QuotaExceeded, QuotaPeriods, QuotaState, RateClock, RateInfo, RateLimited, RateState};
 use crate::config::{LimitScope, QuotaConfig, QuotaPeriod, RateLimitConfig};
 use crate::index::{KeyId, KeyIdMap, KeyRecord};
-use super::{budget_id, QuotaExceeded, QuotaPeriods, QuotaState, RateClock, RateInfo, RateLimited, RateState};
 use crate::usage::{KeyUsage, RequestUsage, UsageCounters, UsageRecord};
 
 /// Every budget's state on this node.

@@ -14,8 +14,8 @@ use time::OffsetDateTime;
 
 use crate::index::{KeyRecord, KeyStatus, Snapshot};
 use crate::key::{self, KeyDigest};
-use crate::limit::{KeyStates, Refusal, UsageSlot};
 use crate::limit::{retry_after_secs, RateInfo};
+use crate::limit::{KeyStates, Refusal, UsageSlot};
 
 /// The decision refuses with these; they are also outcomes the metrics and usage count.
 pub use crate::outcome::{Denial, DENIAL_KINDS};

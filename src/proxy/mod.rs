@@ -31,8 +31,8 @@ use time::OffsetDateTime;
 use crate::access_log::{AccessEntry, AccessLog};
 use crate::config::{HttpConfig, KeyLocation, RouteAuth, UnderscoreHeaders};
 use crate::index::{KeyIndex, KeyRecord};
-use crate::limit::{KeyStates, UsageSlot};
 use crate::limit::RateInfo;
+use crate::limit::{KeyStates, UsageSlot};
 use crate::metrics::Metrics;
 use crate::outcome::{new_request_id, Rejection};
 use crate::policy::{decide, resolve_client_ip, Limits, RequestFacts};
@@ -61,27 +61,74 @@ mod wire {
     pub const X_KEYGATE_SCOPES: &str = "X-Keygate-Scopes";
 }
 
-/// Everything the request path shares with the rest of the node.
+/// Everything the request path shares with the rest of the node. The node hands
+/// it its parts once ([`DataPlane::new`]) and then changes it only through its
+/// methods: a reload swaps the whole [`GatewayState`], a stop reads the counts.
 pub struct DataPlane {
-    pub state: ArcSwap<GatewayState>,
-    pub keys: Arc<KeyIndex>,
+    state: ArcSwap<GatewayState>,
+    keys: Arc<KeyIndex>,
     /// Each budget's rate limit, quota and usage; the flusher drains the usage.
-    pub states: Arc<KeyStates>,
-    pub access_log: AccessLog,
-    pub metrics: Arc<Metrics>,
+    states: Arc<KeyStates>,
+    access_log: AccessLog,
+    metrics: Arc<Metrics>,
     /// Requests between their first byte and their log line.
-    pub in_flight: AtomicUsize,
+    in_flight: AtomicUsize,
     /// Downstream connections being served, idle keep-alive ones included.
-    pub connections: AtomicUsize,
+    connections: AtomicUsize,
     /// Set when keys come from a feed with a `max_staleness` limit.
-    pub freshness: Option<Freshness>,
+    freshness: Option<Freshness>,
 }
 
 impl DataPlane {
+    pub fn new(
+        state: GatewayState,
+        keys: Arc<KeyIndex>,
+        states: Arc<KeyStates>,
+        access_log: AccessLog,
+        metrics: Arc<Metrics>,
+        freshness: Option<Freshness>,
+    ) -> Self {
+        DataPlane {
+            state: ArcSwap::from_pointee(state),
+            keys,
+            states,
+            access_log,
+            metrics,
+            in_flight: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            freshness,
+        }
+    }
+
     /// Whether keyed requests can be judged: keys are loaded and, where a staleness
     /// limit is set, recent enough (see `Freshness::is_current`).
     pub fn keys_current(&self) -> bool {
         self.keys.is_loaded() && self.freshness.as_ref().is_none_or(Freshness::is_current)
+    }
+
+    /// Routes and upstreams of a reloaded config: requests already routed keep the old ones.
+    pub fn replace_state(&self, state: GatewayState) {
+        self.state.store(Arc::new(state));
+    }
+
+    /// The routes and upstreams in use now.
+    pub fn state(&self) -> Arc<GatewayState> {
+        self.state.load_full()
+    }
+
+    /// Requests between their first byte and their log line.
+    pub fn requests_in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Downstream connections open, idle keep-alive ones included.
+    pub fn open_connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Writes out the access log's buffered lines, waiting at most `within`.
+    pub fn flush_access_log(&self, within: std::time::Duration) {
+        self.access_log.flush(within);
     }
 }
 

@@ -25,9 +25,9 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::counters::UsageCounters;
 use super::record::{merge_by_key, merge_owned_by_key, UsageRecord};
 use super::sink::{SinkError, UsageBatch, UsageSink};
-use super::counters::UsageCounters;
 use super::spool::{QueueView, SentRef, Spool, SpooledQueue};
 use crate::metrics::Metrics;
 
@@ -513,8 +513,8 @@ fn new_boot_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usage::counters::TestCounters;
     use crate::outcome::Denial;
+    use crate::usage::counters::TestCounters;
     use crate::usage::{RequestUsage, SinkError};
     use async_trait::async_trait;
     use std::sync::atomic::{AtomicBool, Ordering};
