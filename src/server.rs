@@ -1,4 +1,10 @@
 //! Running a node: builds Pingora's server from keygate's validated config.
+//!
+//! One file, one job: the wiring of a node. `serve` builds what must exist before
+//! Pingora starts (listeners, the data plane); `Maintenance` starts every
+//! background component in one order, stops them on Pingora's shutdown signal
+//! and ends the process. Each component lives in its own module; only how they
+//! are put together is here.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

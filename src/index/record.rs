@@ -7,6 +7,10 @@
 //! [`KeyPolicy`] (`Snapshot::build` makes records with equal policies share
 //! one); and what the request path never reads and few keys have (tags,
 //! metadata) sits in an optional box.
+//!
+//! One file because it is one thing: the record's layout, its builder and the
+//! sharing of policies are a single memory design, measured together (the size
+//! test below and `benches/index_scale.rs`).
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
