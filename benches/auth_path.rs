@@ -10,7 +10,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use keygate::config::{KeyLocation, LimitScope, PlanConfig, QuotaConfig, QuotaPeriod, RateLimitConfig};
 use keygate::index::{KeyRecord, Snapshot};
 use keygate::key::{self, KeyDigest};
-use keygate::key_state::KeyStates;
+use keygate::limit::KeyStates;
 use keygate::policy::{decide, Limits, PlanTable, RequestFacts};
 use keygate::proxy::find_key;
 use keygate::usage::RequestUsage;

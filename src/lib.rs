@@ -1,41 +1,55 @@
 //! keygate: an API-key enforcement gateway built on Pingora.
 //!
-//! - `proxy`: the request path (Pingora adapter, routing, upstreams, responses)
-//! - `policy`: the access decision, a pure function
-//! - `outcome`: what keygate answers itself: outcome codes, the JSON error body, request ids
-//! - `index`: the in-memory key index and the keys file
+//! Modules by layer: each uses only modules listed before it here, so no two
+//! import each other. The declarations below keep these four groups (rustfmt
+//! sorts each).
+//!
+//! Foundations, which use no other module:
 //! - `key`: key format, checksum, hashing
-//! - `sync`: how a gateway's index stays fresh
-//! - `control`: the control plane: admin API, sync feed, snapshots, import, events and
-//!   webhooks, the store
-//! - `console`: the web console at `/ui`, a static app that uses only the admin API
-//! - `key_state`: each budget's mutable state (rate limit, quota, usage) in one entry
-//! - `limit`: rate limiters and quota counters
-//! - `usage`: usage counters, the flusher, its spool and the sinks
-//! - `metrics`, `access_log`, `admin`: Prometheus metrics, the access log, the health endpoints
-//! - `systemd_notify`: readiness for systemd
-//! - `config`: the config file, validated
-//! - `http_client`: the one HTTP client builder (CLI, gateway to control plane)
+//! - `outcome`: what keygate answers itself: denials and other outcome codes, the JSON error body, request ids
+//! - `config`: the config file, validated; CIDRs and the bounds a limit can be enforced within
+//! - `http_client`: the one HTTP client builder
 //! - `webhook_signature`: Standard Webhooks signing (webhooks, the `http` usage sink)
-//! - `server`, `cli`: running a node, the command line
+//! - `systemd_notify`: readiness for systemd
+//!
+//! State and its outputs:
+//! - `index`: the in-memory key index and the keys file
+//! - `metrics`: Prometheus metrics
+//! - `access_log`: the access log writer
+//! - `console`: the web console at `/ui`, a static app that uses only the admin API
+//! - `usage`: usage counters, the flusher, its spool, the sinks and the upload limits
+//! - `admin`: the admin listener, `/healthz` `/readyz` `/metrics`, the admin router's pieces
+//! - `limit`: each budget's state (rate limit, quota, usage counters), the limiters, fleet limits
+//!
+//! Decisions and services:
+//! - `policy`: the access decision, a pure function
+//! - `control`: the control plane: admin API, sync feed, snapshots, import, events and webhooks, the store
+//! - `sync`: how a gateway's index stays fresh (keys file, feeds, cache file, quota seeds)
+//! - `proxy`: the request path (Pingora adapter, routing, upstreams, responses)
+//!
+//! Entry points:
+//! - `server`: running a node: its components, started in one order, stopped by one signal
+//! - `cli`: the command line
+
+pub mod config;
+pub mod http_client;
+pub mod key;
+pub mod outcome;
+pub mod systemd_notify;
+pub mod webhook_signature;
 
 pub mod access_log;
 pub mod admin;
-pub mod cli;
-pub mod config;
 pub mod console;
-pub mod control;
-pub mod http_client;
 pub mod index;
-pub mod key;
-pub mod key_state;
 pub mod limit;
 pub mod metrics;
-pub mod outcome;
+pub mod usage;
+
+pub mod control;
 pub mod policy;
 pub mod proxy;
-pub mod server;
 pub mod sync;
-pub mod systemd_notify;
-pub mod usage;
-pub mod webhook_signature;
+
+pub mod cli;
+pub mod server;

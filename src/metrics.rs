@@ -210,7 +210,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::policy::Denial;
+    use crate::outcome::Denial;
 
     #[test]
     fn route_series_count_each_outcome_separately() {

@@ -1,15 +1,18 @@
 //! Running a node: builds Pingora's server from keygate's validated config.
+//!
+//! One file, one job: the wiring of a node. `serve` builds what must exist before
+//! Pingora starts (listeners, the data plane); `Maintenance` starts every
+//! background component in one order, stops them on Pingora's shutdown signal
+//! and ends the process. Each component lives in its own module; only how they
+//! are put together is here.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use crossbeam_utils::CachePadded;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
@@ -27,17 +30,17 @@ use crate::control::store::Store;
 use crate::control::store_sink::StoreSink;
 use crate::control::webhooks::{Plans, Webhooks};
 use crate::index::KeyIndex;
-use crate::key_state::KeyStates;
 use crate::limit::fleet::{FleetSync, FleetSyncTask, RedisEngine};
-use crate::metrics::sharded::ShardedGauge;
+use crate::limit::KeyStates;
 use crate::metrics::Metrics;
 use crate::proxy::tls::{load_certified_key, ListenerCertificate};
-use crate::proxy::{DataPlane, Freshness, Gateway, GatewayState, ProxyService, STOP_LINGER};
+use crate::proxy::{DataPlane, Gateway, GatewayState, ProxyService, STOP_LINGER};
 use crate::sync::{
-    ControlPlaneEngine, Follower, KeyFeed, KeysFileSource, LastSync, LocalFeed, QuotaSeedSource, RemoteFeed,
+    ControlPlaneEngine, Follower, Freshness, KeyFeed, KeysFileSource, LastSync, LocalFeed, QuotaSeedSource, RemoteFeed,
 };
 use crate::usage::{
-    ControlPlaneSink, FileSink, Flusher, FlusherHandle, HttpSink, KeyOwners, NamedSink, NatsSink, UsageSink,
+    ControlPlaneSink, FileSink, Flusher, FlusherHandle, HttpSink, KeyOwners, NamedSink, NatsSink, UsageCounters,
+    UsageSink,
 };
 
 /// How long a starting gateway waits for its first key snapshot before trying the cache file.
@@ -95,21 +98,20 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     let admin_listener = crate::admin::bind(config.admin.address)
         .with_context(|| format!("cannot listen on the admin address {}", config.admin.address))?;
     let fleet_limits = config.fleet_limits.clone().filter(|_| config.mode != Mode::ControlPlane);
-    let states = match fleet_limits {
+    let states = Arc::new(match fleet_limits {
         Some(_) => KeyStates::for_fleet(),
         None => KeyStates::new(),
-    };
-    let plane = Arc::new(DataPlane {
-        state: ArcSwap::from_pointee(GatewayState::build(&config, &metrics)?),
-        keys: Arc::clone(&keys),
-        states: Arc::new(states),
-        access_log: AccessLog::start(&config.access_log, metrics.access_log_dropped.clone())
-            .context("cannot open the access log")?,
-        metrics: Arc::clone(&metrics),
-        in_flight: ShardedGauge::default(),
-        connections: CachePadded::new(AtomicUsize::new(0)),
-        freshness,
     });
+    let access_log = AccessLog::start(&config.access_log, metrics.access_log_dropped.clone())
+        .context("cannot open the access log")?;
+    let plane = Arc::new(DataPlane::new(
+        GatewayState::build(&config, &metrics)?,
+        Arc::clone(&keys),
+        Arc::clone(&states),
+        access_log,
+        Arc::clone(&metrics),
+        freshness,
+    ));
 
     let opt = Opt { upgrade, daemon: false, nocapture: false, test: false, conf: None };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config));
@@ -137,32 +139,32 @@ pub fn serve(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         server.add_service(proxy);
     }
     let maintenance = Maintenance {
-        mode: config.mode,
-        plane,
-        key_source,
-        last_sync,
+        parts: NodeParts { mode: config.mode, node_id: config.node_id.clone(), plane, keys, states, metrics },
+        keys: KeySync { source: key_source, last_sync, cache_file: config.keys.cache_file.clone() },
         store_url,
-        api: ApiSettings {
+        admin: AdminSettings {
+            listener: std::sync::Mutex::new(Some(admin_listener)),
             admin_tokens: config.admin.tokens.clone(),
             sync_tokens: config.admin.sync_tokens.clone(),
             plans: config.plans.keys().cloned().collect(),
         },
-        cache_file: config.keys.cache_file.clone(),
+        usage: UsageSettings {
+            sinks: config.usage.sinks.clone(),
+            flush_interval: config.usage.flush_interval,
+            spool: config.usage.spool.clone(),
+        },
         fleet_limits,
-        admin_listener: std::sync::Mutex::new(Some(admin_listener)),
-        sinks: config.usage.sinks.clone(),
-        node_id: config.node_id.clone(),
-        flush_interval: config.usage.flush_interval,
-        usage_spool: config.usage.spool.clone(),
         drain_timeout: config.shutdown_timeout,
-        config_path: config_path.to_owned(),
-        certificates: config
-            .listeners
-            .iter()
-            .zip(&certificates)
-            .filter_map(|(listener, certificate)| certificate.clone().map(|c| (listener.address, c)))
-            .collect(),
-        applied: std::sync::Mutex::new(config.clone()),
+        config: ConfigFile {
+            path: config_path.to_owned(),
+            certificates: config
+                .listeners
+                .iter()
+                .zip(&certificates)
+                .filter_map(|(listener, certificate)| certificate.clone().map(|c| (listener.address, c)))
+                .collect(),
+            applied: std::sync::Mutex::new(config.clone()),
+        },
     };
     server.add_service(background_service("keygate maintenance", maintenance));
 
@@ -275,37 +277,75 @@ enum KeySourcePlan {
     Store,
 }
 
-struct ApiSettings {
+/// The parts every component may be handed.
+struct NodeParts {
+    mode: Mode,
+    node_id: String,
+    plane: Arc<DataPlane>,
+    keys: Arc<KeyIndex>,
+    states: Arc<KeyStates>,
+    metrics: Arc<Metrics>,
+}
+
+/// How the key index is kept: where keys come from, and what a follower records.
+struct KeySync {
+    source: KeySourcePlan,
+    last_sync: Arc<LastSync>,
+    cache_file: Option<PathBuf>,
+}
+
+struct AdminSettings {
+    /// Bound before Pingora starts so a busy port fails the start; taken once.
+    listener: std::sync::Mutex<Option<std::net::TcpListener>>,
     admin_tokens: Vec<TokenConfig>,
     sync_tokens: Vec<TokenConfig>,
     plans: BTreeSet<String>,
 }
 
+struct UsageSettings {
+    sinks: Vec<SinkConfig>,
+    flush_interval: Duration,
+    spool: Option<PathBuf>,
+}
+
+/// For SIGHUP: the file to read again, and what is running now.
+struct ConfigFile {
+    path: PathBuf,
+    applied: std::sync::Mutex<Config>,
+    certificates: Vec<(std::net::SocketAddr, Arc<ListenerCertificate>)>,
+}
+
+/// The store and its change feed, on nodes that have a store.
+struct Control {
+    store: Arc<Store>,
+    feed: Arc<Feed>,
+}
+
+/// What `finish` stops once requests have drained.
+struct Running {
+    flusher: FlusherHandle,
+    follower: Option<Arc<Follower>>,
+    fleet_sync: Option<FleetSyncTask>,
+}
+
 /// Work beside the request path: the store and admin API, key sync, health
 /// checks, usage, SIGHUP, and the end of a graceful shutdown. It all runs on
 /// this service's runtime, which is also where the database pool lives.
+///
+/// `run` starts each component with what it needs, in one order, and every one
+/// stops on Pingora's shutdown signal. A component that cannot start returns its
+/// error to `start`, the one place that ends the process.
 struct Maintenance {
-    mode: Mode,
-    plane: Arc<DataPlane>,
-    key_source: KeySourcePlan,
-    last_sync: Arc<LastSync>,
+    parts: NodeParts,
+    keys: KeySync,
     store_url: Option<String>,
-    api: ApiSettings,
-    cache_file: Option<PathBuf>,
+    admin: AdminSettings,
+    usage: UsageSettings,
     /// Set on nodes with a proxy whose limits hold across the fleet.
     fleet_limits: Option<FleetLimitsConfig>,
-    /// Bound before Pingora starts so a busy port fails the start; taken once.
-    admin_listener: std::sync::Mutex<Option<std::net::TcpListener>>,
-    sinks: Vec<SinkConfig>,
-    node_id: String,
-    flush_interval: Duration,
-    usage_spool: Option<std::path::PathBuf>,
     /// How long SIGTERM waits for requests in flight.
     drain_timeout: Duration,
-    /// For SIGHUP: the file to read again, and what is running now.
-    config_path: PathBuf,
-    applied: std::sync::Mutex<Config>,
-    certificates: Vec<(std::net::SocketAddr, Arc<ListenerCertificate>)>,
+    config: ConfigFile,
 }
 
 /// Settings a running process keeps until it restarts: sockets, the store, where
@@ -335,145 +375,87 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
     changed
 }
 
-/// A failure after Pingora started: nothing sensible can run without it.
-fn fatal(what: &str, error: impl std::fmt::Display) -> ! {
-    tracing::error!("{what}: {error}");
-    eprintln!("error: {what}: {error}");
-    std::process::exit(1);
+/// A failure after Pingora started, as `start` reports it: `what` failed, and why.
+fn failed<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> anyhow::Error {
+    move |error| anyhow::anyhow!("{what}: {error}")
 }
 
 #[async_trait]
 impl BackgroundService for Maintenance {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        // First of all: SIGHUP's default action would end the process.
-        let mut hangup =
-            signal(SignalKind::hangup()).map_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP")).ok();
-        let control = match &self.store_url {
-            Some(url) => {
-                let store = Arc::new(Store::connect(url).await.unwrap_or_else(|e| fatal("cannot open the store", e)));
-                let (_, version) =
-                    store.changes_since(u64::MAX, 1).await.unwrap_or_else(|e| fatal("cannot read the change feed", e));
-                let feed = Arc::new(Feed::new(version));
-                tokio::spawn(Arc::clone(&feed).run(Arc::clone(&store), shutdown.clone()));
-                Some((store, feed))
+    /// The one place the node ends: after a graceful stop, or when a component
+    /// cannot start (nothing sensible runs without it). The process exits rather
+    /// than sit out Pingora's grace period.
+    async fn start(&self, shutdown: ShutdownWatch) {
+        match self.run(shutdown).await {
+            Ok(()) => {
+                tracing::info!("keygate stopped");
+                std::process::exit(0);
             }
-            None => None,
-        };
-        self.start_admin(control.as_ref(), shutdown.clone());
-        if let Some((store, feed)) = &control {
-            self.start_webhooks(store, feed, shutdown.clone());
-        }
-
-        let follower = match &self.key_source {
-            KeySourcePlan::File(source) => {
-                let source = Arc::clone(source);
-                let watch_shutdown = shutdown.clone();
-                tokio::spawn(async move { source.watch(watch_shutdown).await });
-                None
-            }
-            KeySourcePlan::Remote { url, token } => {
-                let feed = RemoteFeed::new(url, token, &self.node_id)
-                    .unwrap_or_else(|e| fatal("cannot set up the key sync client", e));
-                Some(Arc::new(feed) as Arc<dyn KeyFeed>)
-            }
-            // A control plane has no proxy, so no index to keep.
-            KeySourcePlan::Store if self.mode == Mode::ControlPlane => None,
-            KeySourcePlan::Store => match &control {
-                Some((store, feed)) => {
-                    Some(Arc::new(LocalFeed::new(Arc::clone(store), Arc::clone(feed))) as Arc<dyn KeyFeed>)
-                }
-                None => fatal("keys.source is store", "this mode has no store"),
-            },
-        };
-        let follower = follower.map(|feed| {
-            Arc::new(Follower::new(
-                feed,
-                Arc::clone(&self.plane.keys),
-                Arc::clone(&self.plane.metrics),
-                self.cache_file.clone(),
-                Arc::clone(&self.last_sync),
-            ))
-        });
-        // Quotas start from the usage already stored, before the first key can be served.
-        if let Some(source) = self.quota_seed_source(control.as_ref().map(|(store, _)| store)) {
-            tokio::time::timeout(SYNC_START_TIMEOUT, source.seed_once(&self.plane)).await.ok();
-            tokio::spawn(source.run(Arc::clone(&self.plane), self.quota_seed_every(), shutdown.clone()));
-        }
-        if let Some(follower) = &follower {
-            if follower.start(SYNC_START_TIMEOUT).await {
-                tracing::info!(keys = self.plane.keys.load().len(), "keys loaded");
-            } else {
-                tracing::warn!("no keys yet: keyed requests get 503 not_ready until the control plane answers");
-            }
-            tokio::spawn(Arc::clone(follower).run(shutdown.clone()));
-        }
-
-        let fleet_sync = self.fleet_limits.as_ref().map(|fleet| self.start_fleet_sync(fleet));
-
-        let store = control.as_ref().map(|(store, _)| store);
-        let sinks = self.build_sinks(&self.sinks, store).unwrap_or_else(|e| fatal("usage sinks", e));
-        crate::systemd_notify::ready();
-        let flusher = Flusher::new(
-            Arc::clone(&self.plane.states),
-            sinks,
-            self.node_id.clone(),
-            self.flush_interval,
-            Arc::clone(&self.plane.metrics),
-            self.usage_spool.clone(),
-        )
-        .spawn();
-
-        let mut health_tick = tokio::time::interval(HEALTH_TICK);
-        health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut evict_tick = tokio::time::interval(EVICT_EVERY);
-        evict_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut compactor = store.map(|store| UsageCompactor::new(Arc::clone(store)));
-        let mut compact_tick = tokio::time::interval_at(
-            tokio::time::Instant::now() + retention::FIRST_PASS_AFTER,
-            retention::COMPACT_EVERY,
-        );
-        compact_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tokio::select! {
-                _ = health_tick.tick() => self.run_due_health_checks(),
-                _ = compact_tick.tick(), if compactor.is_some() => {
-                    let retention = self.applied.lock().unwrap_or_else(|p| p.into_inner()).usage.retention;
-                    if let Some(compactor) = compactor.as_mut() {
-                        compactor.tick(retention);
-                    }
-                }
-                _ = evict_tick.tick() => {
-                    self.plane.states.evict_idle(OffsetDateTime::now_utc());
-                }
-                Some(()) = async { match hangup.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
-                    self.reload(&flusher, store).await;
-                }
-                _ = shutdown.changed() => break,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("error: {e}");
+                std::process::exit(1);
             }
         }
-        self.finish(&flusher, follower.as_ref(), fleet_sync).await;
     }
 }
 
 impl Maintenance {
-    fn start_admin(&self, control: Option<&(Arc<Store>, Arc<Feed>)>, mut shutdown: ShutdownWatch) {
-        let listener = self.admin_listener.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+    /// Starts the components, serves until the shutdown signal, then stops them.
+    async fn run(&self, shutdown: ShutdownWatch) -> anyhow::Result<()> {
+        // First of all: SIGHUP's default action would end the process.
+        let hangup =
+            signal(SignalKind::hangup()).map_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP")).ok();
+        let control = self.start_control(&shutdown).await?;
+        self.start_admin(control.as_ref(), shutdown.clone());
+        if let Some(control) = &control {
+            self.start_webhooks(control, shutdown.clone())?;
+        }
+        self.start_keys_file_watch(&shutdown);
+        let follower = self.key_follower(control.as_ref())?;
+        self.start_quota_seeds(control.as_ref(), &shutdown).await;
+        if let Some(follower) = &follower {
+            self.start_follower(follower, &shutdown).await;
+        }
+        let fleet_sync = self.fleet_limits.as_ref().map(|fleet| self.start_fleet_sync(fleet)).transpose()?;
+        let store = control.as_ref().map(|control| &control.store);
+        let sinks = self.build_sinks(&self.usage.sinks, store).map_err(failed("usage sinks"))?;
+        crate::systemd_notify::ready();
+        let flusher = self.start_flusher(sinks);
+
+        self.tick_until_shutdown(shutdown, hangup, &flusher, store).await;
+        self.finish(Running { flusher, follower, fleet_sync }).await;
+        Ok(())
+    }
+
+    /// Opens the store and follows its change feed (standalone and control-plane nodes).
+    async fn start_control(&self, shutdown: &ShutdownWatch) -> anyhow::Result<Option<Control>> {
+        let Some(url) = &self.store_url else { return Ok(None) };
+        let store = Arc::new(Store::connect(url).await.map_err(failed("cannot open the store"))?);
+        let (_, version) = store.changes_since(u64::MAX, 1).await.map_err(failed("cannot read the change feed"))?;
+        let feed = Arc::new(Feed::new(version));
+        tokio::spawn(Arc::clone(&feed).run(Arc::clone(&store), shutdown.clone()));
+        Ok(Some(Control { store, feed }))
+    }
+
+    fn start_admin(&self, control: Option<&Control>, mut shutdown: ShutdownWatch) {
+        let listener = self.admin.listener.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         let Some(listener) = listener else { return };
         // A control plane without a proxy is ready once its store is open.
-        let ready = match (&self.key_source, control) {
-            (KeySourcePlan::Store, _) | (_, None) => Readiness::KeysLoaded(Arc::clone(&self.plane.keys)),
+        let ready = match (&self.keys.source, control) {
+            (KeySourcePlan::Store, _) | (_, None) => Readiness::KeysLoaded(Arc::clone(&self.parts.keys)),
             (_, Some(_)) => Readiness::Always,
         };
-        let mut router = ops_router(OpsState { ready, metrics: Arc::clone(&self.plane.metrics) });
-        if let Some((store, feed)) = control {
-            if self.api.admin_tokens.is_empty() {
+        let mut router = ops_router(OpsState { ready, metrics: Arc::clone(&self.parts.metrics) });
+        if let Some(Control { store, feed }) = control {
+            if self.admin.admin_tokens.is_empty() {
                 tracing::warn!("admin.tokens is empty: the admin API will refuse every call");
             }
             router = router.merge(crate::control::api::router(Arc::new(ApiState {
                 store: Arc::clone(store),
-                admin_tokens: self.api.admin_tokens.clone(),
-                sync_tokens: self.api.sync_tokens.clone(),
-                plans: self.api.plans.clone(),
+                admin_tokens: self.admin.admin_tokens.clone(),
+                sync_tokens: self.admin.sync_tokens.clone(),
+                plans: self.admin.plans.clone(),
                 feed: Arc::clone(feed),
                 snapshots: Default::default(),
                 fleet_swept_at: Default::default(),
@@ -494,47 +476,155 @@ impl Maintenance {
     }
 
     /// Delivers the event log to `webhooks:` (standalone and control-plane nodes).
-    fn start_webhooks(&self, store: &Arc<Store>, feed: &Arc<Feed>, shutdown: ShutdownWatch) {
+    fn start_webhooks(&self, control: &Control, shutdown: ShutdownWatch) -> anyhow::Result<()> {
         let (hooks, plans) = {
-            let applied = self.applied.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let applied = self.config.applied.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let plans = Plans { plans: applied.plans.clone(), default_plan: applied.default_plan.clone() };
             (applied.webhooks.clone(), plans)
         };
         if hooks.is_empty() {
-            return;
+            return Ok(());
         }
         tracing::info!(receivers = hooks.len(), "webhooks: delivering key events");
-        let metrics = Arc::clone(&self.plane.metrics);
-        let webhooks = Webhooks::new(Arc::clone(store), Arc::clone(feed), metrics, hooks, plans, &self.node_id)
-            .unwrap_or_else(|e| fatal("cannot set up the webhook client", e));
+        let metrics = Arc::clone(&self.parts.metrics);
+        let (store, feed) = (Arc::clone(&control.store), Arc::clone(&control.feed));
+        let webhooks = Webhooks::new(store, feed, metrics, hooks, plans, &self.parts.node_id)
+            .map_err(failed("cannot set up the webhook client"))?;
         tokio::spawn(webhooks.run(shutdown));
+        Ok(())
+    }
+
+    /// A keys file is read again when it changes.
+    fn start_keys_file_watch(&self, shutdown: &ShutdownWatch) {
+        if let KeySourcePlan::File(source) = &self.keys.source {
+            let (source, shutdown) = (Arc::clone(source), shutdown.clone());
+            tokio::spawn(async move { source.watch(shutdown).await });
+        }
+    }
+
+    /// What keeps the key index fresh from a feed (none for a keys file).
+    fn key_follower(&self, control: Option<&Control>) -> anyhow::Result<Option<Arc<Follower>>> {
+        let feed = match &self.keys.source {
+            KeySourcePlan::File(_) => None,
+            KeySourcePlan::Remote { url, token } => {
+                let feed = RemoteFeed::new(url, token, &self.parts.node_id)
+                    .map_err(failed("cannot set up the key sync client"))?;
+                Some(Arc::new(feed) as Arc<dyn KeyFeed>)
+            }
+            // A control plane has no proxy, so no index to keep.
+            KeySourcePlan::Store if self.parts.mode == Mode::ControlPlane => None,
+            KeySourcePlan::Store => match control {
+                Some(Control { store, feed }) => {
+                    Some(Arc::new(LocalFeed::new(Arc::clone(store), Arc::clone(feed))) as Arc<dyn KeyFeed>)
+                }
+                None => return Err(failed("keys.source is store")("this mode has no store")),
+            },
+        };
+        Ok(feed.map(|feed| {
+            Arc::new(Follower::new(
+                feed,
+                Arc::clone(&self.parts.keys),
+                Arc::clone(&self.parts.metrics),
+                self.keys.cache_file.clone(),
+                Arc::clone(&self.keys.last_sync),
+            ))
+        }))
+    }
+
+    /// Quotas start from the usage already stored, before the first key can be served.
+    async fn start_quota_seeds(&self, control: Option<&Control>, shutdown: &ShutdownWatch) {
+        let Some(source) = self.quota_seed_source(control.map(|control| &control.store)) else { return };
+        tokio::time::timeout(SYNC_START_TIMEOUT, source.seed_once(&self.parts.states)).await.ok();
+        tokio::spawn(source.run(Arc::clone(&self.parts.states), self.quota_seed_every(), shutdown.clone()));
+    }
+
+    /// Loads the first keys (from the feed, else the cache file), then follows the feed.
+    async fn start_follower(&self, follower: &Arc<Follower>, shutdown: &ShutdownWatch) {
+        if follower.start(SYNC_START_TIMEOUT).await {
+            tracing::info!(keys = self.parts.keys.load().len(), "keys loaded");
+        } else {
+            tracing::warn!("no keys yet: keyed requests get 503 not_ready until the control plane answers");
+        }
+        tokio::spawn(Arc::clone(follower).run(shutdown.clone()));
     }
 
     /// Reconciles this node's limit consumption with the fleet's every `sync_interval`.
-    fn start_fleet_sync(&self, fleet: &FleetLimitsConfig) -> FleetSyncTask {
+    fn start_fleet_sync(&self, fleet: &FleetLimitsConfig) -> anyhow::Result<FleetSyncTask> {
         let interval = fleet.sync_interval;
         tracing::info!(engine = %fleet.engine.shown(), ?interval, "fleet limits: rate limits and quotas hold across the fleet");
-        let (states, metrics) = (Arc::clone(&self.plane.states), Arc::clone(&self.plane.metrics));
-        match (&fleet.engine, &self.key_source) {
+        let (states, metrics) = (Arc::clone(&self.parts.states), Arc::clone(&self.parts.metrics));
+        match (&fleet.engine, &self.keys.source) {
             (FleetEngine::Redis { url }, _) => {
-                let engine =
-                    RedisEngine::new(url, fleet.engine.shown()).unwrap_or_else(|e| fatal("fleet_limits.url", e));
-                FleetSync::new(engine, interval).spawn(states, metrics)
+                let engine = RedisEngine::new(url, fleet.engine.shown()).map_err(failed("fleet_limits.url"))?;
+                Ok(FleetSync::new(engine, interval).spawn(states, metrics))
             }
             (FleetEngine::ControlPlane, KeySourcePlan::Remote { url, token }) => {
-                let engine = ControlPlaneEngine::new(url, token).unwrap_or_else(|e| fatal("fleet_limits", e));
-                FleetSync::new(engine, interval).spawn(states, metrics)
+                let engine = ControlPlaneEngine::new(url, token).map_err(failed("fleet_limits"))?;
+                Ok(FleetSync::new(engine, interval).spawn(states, metrics))
             }
             // Validation refuses it: the engine is the control plane the keys come from.
-            (FleetEngine::ControlPlane, _) => fatal("fleet_limits.engine", "control_plane needs keys.control_plane"),
+            (FleetEngine::ControlPlane, _) => {
+                Err(failed("fleet_limits.engine")("control_plane needs keys.control_plane"))
+            }
+        }
+    }
+
+    /// Drains usage to `sinks` every `usage.flush_interval`.
+    fn start_flusher(&self, sinks: Vec<NamedSink>) -> FlusherHandle {
+        Flusher::new(
+            Arc::clone(&self.parts.states) as Arc<dyn UsageCounters>,
+            sinks,
+            self.parts.node_id.clone(),
+            self.usage.flush_interval,
+            Arc::clone(&self.parts.metrics),
+            self.usage.spool.clone(),
+        )
+        .spawn()
+    }
+
+    /// Health checks, eviction, usage compaction and SIGHUP, until the shutdown signal.
+    async fn tick_until_shutdown(
+        &self,
+        mut shutdown: ShutdownWatch,
+        mut hangup: Option<tokio::signal::unix::Signal>,
+        flusher: &FlusherHandle,
+        store: Option<&Arc<Store>>,
+    ) {
+        let mut health_tick = tokio::time::interval(HEALTH_TICK);
+        health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut evict_tick = tokio::time::interval(EVICT_EVERY);
+        evict_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut compactor = store.map(|store| UsageCompactor::new(Arc::clone(store)));
+        let mut compact_tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + retention::FIRST_PASS_AFTER,
+            retention::COMPACT_EVERY,
+        );
+        compact_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = health_tick.tick() => self.run_due_health_checks(),
+                _ = compact_tick.tick(), if compactor.is_some() => {
+                    let retention = self.config.applied.lock().unwrap_or_else(|p| p.into_inner()).usage.retention;
+                    if let Some(compactor) = compactor.as_mut() {
+                        compactor.tick(retention);
+                    }
+                }
+                _ = evict_tick.tick() => {
+                    self.parts.states.evict_idle(OffsetDateTime::now_utc());
+                }
+                Some(()) = async { match hangup.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
+                    self.reload(flusher, store).await;
+                }
+                _ = shutdown.changed() => break,
+            }
         }
     }
 
     /// Where quota usage counted elsewhere comes from: this node's store, or the
     /// control plane a gateway follows. A keys-file gateway counts on its own.
     fn quota_seed_source(&self, store: Option<&Arc<Store>>) -> Option<QuotaSeedSource> {
-        match (&self.key_source, store) {
-            _ if self.mode == Mode::ControlPlane => None,
+        match (&self.keys.source, store) {
+            _ if self.parts.mode == Mode::ControlPlane => None,
             (KeySourcePlan::Remote { url, token }, _) => QuotaSeedSource::remote(url, token)
                 .map_err(|e| tracing::warn!(error = %e, "cannot set up quota seeding"))
                 .ok(),
@@ -546,8 +636,8 @@ impl Maintenance {
     /// A standalone node counts all of its own traffic, so its store only matters
     /// after a restart; gateways also learn what other gateways used.
     fn quota_seed_every(&self) -> Duration {
-        match self.key_source {
-            KeySourcePlan::Remote { .. } => self.flush_interval.max(Duration::from_secs(1)),
+        match self.keys.source {
+            KeySourcePlan::Remote { .. } => self.usage.flush_interval.max(Duration::from_secs(1)),
             _ => Duration::from_secs(3600),
         }
     }
@@ -558,16 +648,16 @@ impl Maintenance {
     /// whole and the running one stays.
     async fn reload(&self, flusher: &FlusherHandle, store: Option<&Arc<Store>>) {
         let result = self.try_reload(flusher, store).await;
-        self.plane.metrics.config_reloaded(result.is_ok());
+        self.parts.metrics.config_reloaded(result.is_ok());
         match result {
             Ok(restart_only) => {
-                tracing::info!(file = %self.config_path.display(), "config reloaded");
+                tracing::info!(file = %self.config.path.display(), "config reloaded");
                 for change in restart_only {
                     tracing::warn!("{change} changed: that takes effect at the next restart");
                 }
             }
             Err(e) => tracing::error!(
-                file = %self.config_path.display(),
+                file = %self.config.path.display(),
                 "config reload refused; the running config stays in use:\n{e}"
             ),
         }
@@ -578,12 +668,12 @@ impl Maintenance {
         flusher: &FlusherHandle,
         store: Option<&Arc<Store>>,
     ) -> Result<Vec<&'static str>, String> {
-        let config = crate::config::load(&self.config_path).map_err(|e| e.to_string())?;
-        let state = GatewayState::build(&config, &self.plane.metrics).map_err(|e| e.to_string())?;
+        let config = crate::config::load(&self.config.path).map_err(|e| e.to_string())?;
+        let state = GatewayState::build(&config, &self.parts.metrics).map_err(|e| e.to_string())?;
         let mut certificates = Vec::new();
         for listener in &config.listeners {
             let (Some(tls), Some((_, running))) =
-                (&listener.tls, self.certificates.iter().find(|(address, _)| *address == listener.address))
+                (&listener.tls, self.config.certificates.iter().find(|(address, _)| *address == listener.address))
             else {
                 continue;
             };
@@ -593,17 +683,18 @@ impl Maintenance {
         }
         let sinks = self.build_sinks(&config.usage.sinks, store)?;
 
-        let restart_only = restart_only_changes(&self.applied.lock().unwrap_or_else(|p| p.into_inner()), &config);
-        self.plane.state.store(Arc::new(state));
+        let restart_only =
+            restart_only_changes(&self.config.applied.lock().unwrap_or_else(|p| p.into_inner()), &config);
+        self.parts.plane.replace_state(state);
         for (running, certified) in certificates {
             running.replace(certified);
         }
-        if let KeySourcePlan::File(source) = &self.key_source {
+        if let KeySourcePlan::File(source) = &self.keys.source {
             source.set_plans(config.plans.clone());
             source.request_reload();
         }
         flusher.replace_sinks(sinks).await;
-        *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = config;
+        *self.config.applied.lock().unwrap_or_else(|p| p.into_inner()) = config;
         Ok(restart_only)
     }
 
@@ -624,19 +715,21 @@ impl Maintenance {
                     Some(store) => Arc::new(StoreSink::new(Arc::clone(store))),
                     None => return Err("usage sink store: this mode has no store".into()),
                 },
-                SinkConfig::ControlPlane => match &self.key_source {
+                SinkConfig::ControlPlane => match &self.keys.source {
                     KeySourcePlan::Remote { url, token } => {
                         Arc::new(ControlPlaneSink::new(url, token).map_err(|e| format!("usage upload: {e}"))?)
                     }
                     _ => return Err("usage sink control_plane: keys.control_plane is not configured".into()),
                 },
                 SinkConfig::Http(http) => Arc::new(
-                    HttpSink::new(http, Arc::clone(&self.plane.keys) as Arc<dyn KeyOwners>)
+                    HttpSink::new(http, Arc::clone(&self.parts.keys) as Arc<dyn KeyOwners>)
                         .map_err(|e| e.to_string())?,
                 ),
-                SinkConfig::Nats(nats) => {
-                    Arc::new(NatsSink::new(nats, &self.node_id, Arc::clone(&self.plane.keys) as Arc<dyn KeyOwners>))
-                }
+                SinkConfig::Nats(nats) => Arc::new(NatsSink::new(
+                    nats,
+                    &self.parts.node_id,
+                    Arc::clone(&self.parts.keys) as Arc<dyn KeyOwners>,
+                )),
             };
             sinks.push((format!("{sink:?}"), built));
         }
@@ -646,30 +739,26 @@ impl Maintenance {
     fn run_due_health_checks(&self) {
         // Checks run in their own tasks so a slow target never delays another upstream.
         let now = Instant::now();
-        for upstream in self.plane.state.load().upstreams.iter().filter(|u| u.health_check_due(now)) {
+        for upstream in self.parts.plane.state().upstreams.iter().filter(|u| u.health_check_due(now)) {
             let upstream = Arc::clone(upstream);
             tokio::spawn(async move { upstream.run_health_check().await });
         }
     }
 
     /// Pingora has stopped accepting; wait for open connections (requests in flight,
-    /// and connections lingering for a request: see `ProxyService`), flush usage and
-    /// the access log, and end the process rather than sit out the grace period.
-    async fn finish(
-        &self,
-        flusher: &FlusherHandle,
-        follower: Option<&Arc<Follower>>,
-        fleet_sync: Option<FleetSyncTask>,
-    ) {
+    /// and connections lingering for a request: see `ProxyService`), then flush
+    /// usage, the key cache and the access log.
+    async fn finish(&self, running: Running) {
         crate::systemd_notify::stopping();
+        let plane = &self.parts.plane;
         let deadline = Instant::now() + self.drain_timeout;
         // A connection accepted in the last instant is counted once its task starts.
         tokio::time::sleep(SETTLE_BEFORE_DRAIN.min(self.drain_timeout)).await;
-        let open = || self.plane.in_flight.get() > 0 || self.plane.connections.load(Ordering::Acquire) > 0;
+        let open = || plane.requests_in_flight() > 0 || plane.open_connections() > 0;
         while open() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let unfinished = self.plane.in_flight.get();
+        let unfinished = plane.requests_in_flight();
         if unfinished > 0 {
             tracing::warn!(
                 requests = unfinished,
@@ -677,6 +766,7 @@ impl Maintenance {
                 self.drain_timeout
             );
         }
+        let Running { flusher, follower, fleet_sync } = running;
         let last_round = async {
             if let Some(fleet_sync) = fleet_sync {
                 fleet_sync.last_round().await;
@@ -686,9 +776,7 @@ impl Maintenance {
         if let Some(follower) = follower {
             follower.write_cache_now().await;
         }
-        self.plane.access_log.flush(Duration::from_secs(2));
-        tracing::info!("keygate stopped");
-        std::process::exit(0);
+        plane.flush_access_log(Duration::from_secs(2));
     }
 }
 

@@ -7,6 +7,10 @@
 //! `KEYGATE_TEST_POSTGRES_URL` says otherwise; each test gets a fresh database,
 //! dropped afterwards. If the server is unreachable the PostgreSQL tests fail,
 //! they never skip.
+//!
+//! One file for one subject, the nodes of a control-plane deployment working
+//! together; events, webhooks, import, usage ingest and the store alone have
+//! files of their own.
 
 mod common;
 

@@ -1,5 +1,9 @@
 //! Black-box tests of `keygate serve` in gateway mode with a keys file: real
 //! process, real upstream, real HTTP over TCP (CONTRACT §3, §4, §5).
+//!
+//! One file for one subject, the request path as a client sees it; the other
+//! subjects (limits and usage, the control plane, hostile clients, TLS) have
+//! files of their own.
 
 mod common;
 

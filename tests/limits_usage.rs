@@ -1,6 +1,9 @@
 //! Black-box tests of plans, rate limits, quotas, usage records and metrics
 //! (CONTRACT §3 `plans` / `default_plan` / `usage`, §5 steps 8 and 10, §7, §8):
 //! the real `keygate serve` in gateway mode with a keys file, over real sockets.
+//!
+//! One file because these share one setup (a gateway, its keys file and a usage
+//! file) and check one thing: what a request costs and how it is counted.
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! Deployment files: the systemd units in `systemd/`, the `Dockerfile` and
 //! `.dockerignore` (CONTRACT §9, §10). Std only. The static checks always run;
-//! `systemd-analyze verify` and `security` run where `systemd-analyze` is installed.
+//! `systemd-analyze verify` and `security` need `systemd-analyze` and fail without it.
 //! The Dockerfile's HEALTHCHECK and its container config are run for real (bash and
 //! the built binary), without Docker.
 

@@ -3,6 +3,9 @@
 //! afterwards). PostgreSQL is `postgres://postgres@127.0.0.1:5432/postgres` unless
 //! `KEYGATE_TEST_POSTGRES_URL` says otherwise; if it is unreachable the PostgreSQL
 //! tests fail, they never skip.
+//!
+//! One file because every scenario runs on both databases through one list
+//! (`on_both_backends!`): the list is the store's contract, and it reads best whole.
 
 mod common;
 

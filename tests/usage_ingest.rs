@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use keygate::control::upload::{MAX_UPLOAD_BYTES, MAX_UPLOAD_RECORDS};
+use keygate::usage::upload::{MAX_UPLOAD_BYTES, MAX_UPLOAD_RECORDS};
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;

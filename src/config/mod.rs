@@ -24,7 +24,9 @@
 //! versions accepted, which the limiters clamp to what they can enforce. Both
 //! `Serialize` with durations written as `1s`.
 
+mod cidr;
 mod duration;
+mod enforceable;
 mod env;
 pub(crate) mod position;
 pub mod raw;
@@ -41,7 +43,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use cidr::parse_cidr;
 pub use duration::{format_duration, parse_duration, DurationError};
+pub use enforceable::{check_quota, check_rate_limit, Unenforceable, MAX_QUOTA_REQUESTS, MAX_RATE_WINDOW};
 pub use env::EnvLookup;
 
 /// How long SIGTERM waits for requests in flight unless `shutdown_timeout` says otherwise.

@@ -1,4 +1,7 @@
 //! Tests of the whole pipeline: text in, `Config` or every error out.
+//!
+//! Long because the config file is long: one file for the one entry point
+//! (`from_str`), every test through the same helpers (`ok`, `errors`, `error_at`).
 
 use std::path::Path;
 use std::time::Duration;

@@ -604,7 +604,7 @@ impl Builder<'_> {
         let list = self.parsed(raw, "client_ip").and_then(|c| c.trusted_proxies).unwrap_or_default();
         for (i, Text(s)) in list.into_iter().enumerate() {
             let s = s.trim();
-            match crate::index::parse_cidr(s) {
+            match super::parse_cidr(s) {
                 Some(net) => trusted_proxies.push(net),
                 None => self.issues.add(
                     &join_index("client_ip.trusted_proxies", i),

@@ -31,13 +31,13 @@ use super::model::{
 };
 use super::snapshot::SharedSnapshots;
 use super::store::{Store, StoreError};
-use super::upload::{MAX_UPLOAD_BYTES, MAX_UPLOAD_RECORDS};
 use crate::admin::Route;
 use crate::config::{TokenConfig, TokenRole};
 use crate::index::wire;
 use crate::key::{self, KeyDigest};
 use crate::limit::fleet::{FleetAnswers, FleetExchange, OPS_PER_EXCHANGE};
 use crate::outcome::{error_json, new_request_id, APPLICATION_JSON};
+use crate::usage::upload::{MAX_UPLOAD_BYTES, MAX_UPLOAD_RECORDS};
 use crate::usage::UsageRecord;
 
 /// Everything the handlers share.
@@ -655,7 +655,7 @@ struct UsageUpload {
 }
 
 /// One chunk of a gateway's usage, counted once per `(node, boot_id, sequence)`.
-/// Bounded by `MAX_UPLOAD_BYTES` and `MAX_UPLOAD_RECORDS` (see `control::upload`).
+/// Bounded by `MAX_UPLOAD_BYTES` and `MAX_UPLOAD_RECORDS` (see `usage::upload`).
 async fn sync_usage(
     State(state): State<Arc<ApiState>>,
     _client: SyncClient,

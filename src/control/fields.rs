@@ -9,9 +9,9 @@ use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::config::parse_cidr;
 use crate::config::raw::{RawQuota, RawRateLimit};
 use crate::config::{parse_duration, QuotaConfig, RateLimitConfig};
-use crate::index::parse_cidr;
 
 /// A field that is not valid: where, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

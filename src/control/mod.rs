@@ -12,5 +12,4 @@ pub mod quota;
 pub mod retention;
 pub mod snapshot;
 pub mod store_sink;
-pub mod upload;
 pub mod webhooks;

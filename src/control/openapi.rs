@@ -256,7 +256,7 @@ mod tests {
         assert_valid(&doc, "AuditEvent", &event);
 
         let codes = &doc["components"]["schemas"]["DeniedCounts"]["propertyNames"]["enum"];
-        assert_eq!(codes, &json!(crate::policy::Denial::CODES), "DeniedCounts names every denial code");
+        assert_eq!(codes, &json!(crate::outcome::Denial::CODES), "DeniedCounts names every denial code");
 
         let registry = crate::control::gateways::GatewayRegistry::default();
         drop(registry.poll_started("gw-1", 3, Some("10.0.0.2:5000".parse().expect("an address"))));

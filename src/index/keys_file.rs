@@ -10,7 +10,8 @@ use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::record::{parse_cidr, KeyRecord, KeyStatus};
+use super::record::{KeyRecord, KeyStatus};
+use crate::config::parse_cidr;
 use crate::config::position::Positions;
 use crate::config::raw::{RawQuota, RawRateLimit};
 use crate::config::{ConfigError, ConfigErrors, PlanConfig};

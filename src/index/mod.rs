@@ -21,7 +21,7 @@ use arc_swap::ArcSwap;
 use crate::key::KeyDigest;
 
 pub use keys_file::{load_keys_file, parse_keys_file, KeysFileError};
-pub use record::{parse_cidr, KeyPolicy, KeyRecord, KeyRecordBuilder, KeyStatus, ScopeSet};
+pub use record::{KeyPolicy, KeyRecord, KeyRecordBuilder, KeyStatus, ScopeSet};
 
 /// SHA-256 output is already uniform: its first eight bytes are a perfect hash.
 #[derive(Default)]

@@ -7,6 +7,10 @@
 //! [`KeyPolicy`] (`Snapshot::build` makes records with equal policies share
 //! one); and what the request path never reads and few keys have (tags,
 //! metadata) sits in an optional box.
+//!
+//! One file because it is one thing: the record's layout, its builder and the
+//! sharing of policies are a single memory design, measured together (the size
+//! test below and `benches/index_scale.rs`).
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -384,13 +388,6 @@ fn unix_ms(at: OffsetDateTime) -> i64 {
     at.unix_timestamp_nanos().div_euclid(1_000_000) as i64
 }
 
-/// A CIDR, or a bare address meaning exactly that host (/32 or /128): the one
-/// reading of an allowlist or proxy entry, wherever the text comes from.
-pub fn parse_cidr(text: &str) -> Option<IpNet> {
-    let text = text.trim();
-    text.parse::<IpNet>().ok().or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
-}
-
 pub struct KeyRecordBuilder {
     id: String,
     name: String,
@@ -661,14 +658,6 @@ mod tests {
         let without_owner = KeyRecord::builder("key_2").build();
         assert!(without_owner.owner_header().is_none());
         assert_eq!(without_owner.id(), "key_2");
-    }
-
-    #[test]
-    fn bare_addresses_are_single_host_networks() {
-        assert_eq!(parse_cidr("192.0.2.7"), Some("192.0.2.7/32".parse().unwrap()));
-        assert_eq!(parse_cidr("::1"), Some("::1/128".parse().unwrap()));
-        assert_eq!(parse_cidr("10.0.0.0/33"), None);
-        assert_eq!(parse_cidr("banana"), None);
     }
 
     #[test]

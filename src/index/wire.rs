@@ -18,8 +18,9 @@ use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use super::record::{parse_cidr, KeyRecord, KeyStatus};
+use super::record::{KeyRecord, KeyStatus};
 use super::{Snapshot, SnapshotBuilder, SnapshotError};
+use crate::config::parse_cidr;
 use crate::config::{LimitScope, QuotaConfig, QuotaPeriod, RateLimitConfig};
 use crate::key::KeyDigest;
 

@@ -31,10 +31,10 @@ use async_trait::async_trait;
 use governor::clock::Clock;
 use tokio::sync::oneshot;
 
+use super::KeyStates;
 use super::QuotaDelta;
 use crate::config::QuotaPeriod;
 use crate::index::KeyId;
-use crate::key_state::KeyStates;
 use crate::metrics::Metrics;
 
 /// Rate counters are kept per epoch of this length, so that none grows for ever

@@ -1,5 +1,5 @@
 //! Rate limits and quotas: mutable state kept beside the key index, in each
-//! budget's entry of [`crate::key_state::KeyStates`].
+//! budget's entry of [`KeyStates`] (`state.rs`), beside the key's usage counters.
 //!
 //! State is keyed by budget: a key's id, or its owner's name for limits with
 //! `by: owner` (see [`budget_id`]). So it survives index swaps (a reload does not
@@ -9,11 +9,14 @@
 pub mod fleet;
 mod quota;
 mod rate;
+mod state;
 
-pub use quota::{check_quota, period_start, periods, QuotaDelta, QuotaExceeded, UsedElsewhere, MAX_QUOTA_REQUESTS};
+pub use quota::{period_start, periods, QuotaDelta, QuotaExceeded, UsedElsewhere};
 pub(crate) use quota::{QuotaPeriods, QuotaState};
-pub use rate::{check_rate_limit, RateInfo, RateLimited, MAX_RATE_WINDOW};
 pub(crate) use rate::{RateClock, RateState};
+pub use rate::{RateInfo, RateLimited};
+pub(crate) use state::KeyState;
+pub use state::{KeyStates, Refusal, UsageSlot};
 
 use std::borrow::Cow;
 
@@ -37,40 +40,6 @@ pub fn budget_id(record: &KeyRecord, by: LimitScope) -> Cow<'_, str> {
 /// The budget id of `owner`'s shared limits.
 pub fn owner_budget(owner: &str) -> String {
     format!("{OWNER_BUDGET_PREFIX}{owner}")
-}
-
-/// Why a limit cannot be enforced as written. Config, keys file and admin API
-/// refuse such a limit; one stored before they did is clamped to the nearest
-/// that can be enforced, and reported as clamped.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Unenforceable {
-    #[error("at most one request per nanosecond of `per` can be enforced")]
-    RequestsTooFast,
-    #[error("the limit spans {years} years; a limiter can keep at most {MAX_YEARS}")]
-    PeriodTooLong { years: u128 },
-    #[error("refilling a burst this large takes {years} years (per / requests × burst); a limiter can keep at most {MAX_YEARS}")]
-    BurstTooLong { years: u128 },
-    #[error("at most {MAX_QUOTA_REQUESTS} requests per period can be counted")]
-    QuotaTooLarge,
-}
-
-impl Unenforceable {
-    /// The field of `rate_limit` or `quota` to change.
-    pub fn field(&self) -> &'static str {
-        match self {
-            Unenforceable::RequestsTooFast | Unenforceable::QuotaTooLarge => "requests",
-            Unenforceable::PeriodTooLong { .. } => "per",
-            Unenforceable::BurstTooLong { .. } => "burst",
-        }
-    }
-}
-
-const SECONDS_PER_YEAR: u64 = 365 * 86_400;
-const MAX_YEARS: u64 = MAX_RATE_WINDOW.as_secs() / SECONDS_PER_YEAR;
-
-/// Whole years in `nanos`, rounded up, for messages.
-fn years(nanos: u128) -> u128 {
-    nanos.div_ceil(u128::from(SECONDS_PER_YEAR) * 1_000_000_000)
 }
 
 /// Whole seconds a client should wait, never less than one (CONTRACT §5 step 8).

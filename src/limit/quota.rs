@@ -10,28 +10,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::{KeyState, KeyStates};
 use crate::index::KeyId;
-use crate::key_state::{KeyState, KeyStates};
 use arc_swap::ArcSwap;
 use governor::clock::Clock;
 use time::{Date, Month, OffsetDateTime, Time};
 
-use super::Unenforceable;
-use crate::config::{QuotaConfig, QuotaPeriod};
+use crate::config::{QuotaConfig, QuotaPeriod, MAX_QUOTA_REQUESTS};
 
 const COUNT_BITS: u32 = 40;
 const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
 
-/// The most requests a quota can count in one period (the count's share of the word).
-pub const MAX_QUOTA_REQUESTS: u64 = COUNT_MASK;
-
-/// Whether the counters can enforce `quota` exactly as written.
-pub fn check_quota(quota: &QuotaConfig) -> Result<(), Unenforceable> {
-    if quota.requests > MAX_QUOTA_REQUESTS {
-        return Err(Unenforceable::QuotaTooLarge);
-    }
-    Ok(())
-}
+// The count's share of the word is what the config layer lets a quota ask for.
+const _: () = assert!(COUNT_MASK == MAX_QUOTA_REQUESTS);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuotaExceeded {

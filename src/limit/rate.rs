@@ -13,9 +13,8 @@ use std::time::Duration;
 
 use governor::clock::{Clock, Reference};
 
-use super::Unenforceable;
-use crate::config::RateLimitConfig;
-use crate::key_state::KeyStates;
+use super::KeyStates;
+use crate::config::{RateLimitConfig, MAX_RATE_WINDOW};
 
 /// What the `RateLimit-*` response headers report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,29 +69,6 @@ impl<C: Clock> RateClock<C> {
         let elapsed: Duration = self.clock.now().duration_since(self.origin).into();
         u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
     }
-}
-
-/// The longest a limit may take to refill its whole burst. Time is kept in u64
-/// nanoseconds (584 years) from the limiters' creation; a century leaves room
-/// for any uptime.
-pub const MAX_RATE_WINDOW: Duration = Duration::from_secs(100 * super::SECONDS_PER_YEAR);
-
-/// Whether the limiter can enforce `config` exactly as written.
-pub fn check_rate_limit(config: &RateLimitConfig) -> Result<(), Unenforceable> {
-    let Some(requests) = std::num::NonZeroU32::new(config.requests) else { return Ok(()) };
-    let interval = config.per / requests.get();
-    if interval.is_zero() {
-        return Err(Unenforceable::RequestsTooFast);
-    }
-    let burst = config.burst.unwrap_or(config.requests);
-    let window = interval.as_nanos() * u128::from(burst);
-    if interval > MAX_RATE_WINDOW || (config.burst.is_none() && window > MAX_RATE_WINDOW.as_nanos()) {
-        return Err(Unenforceable::PeriodTooLong { years: super::years(window.max(interval.as_nanos())) });
-    }
-    if window > MAX_RATE_WINDOW.as_nanos() {
-        return Err(Unenforceable::BurstTooLong { years: super::years(window) });
-    }
-    Ok(())
 }
 
 /// A limit in GCRA terms.

@@ -14,8 +14,11 @@ use time::OffsetDateTime;
 
 use crate::index::{KeyRecord, KeyStatus, Snapshot};
 use crate::key::{self, KeyDigest};
-use crate::key_state::{KeyStates, Refusal, UsageSlot};
 use crate::limit::{retry_after_secs, RateInfo};
+use crate::limit::{KeyStates, Refusal, UsageSlot};
+
+/// The decision refuses with these; they are also outcomes the metrics and usage count.
+pub use crate::outcome::{Denial, DENIAL_KINDS};
 
 pub use client_ip::resolve_client_ip;
 pub use plans::PlanTable;
@@ -29,101 +32,6 @@ pub struct RequestFacts<'a> {
     pub client_ip: IpAddr,
     /// Scopes the matched route requires; the key must hold each.
     pub required_scopes: &'a [String],
-}
-
-/// Why a keyed request is refused, in the order the checks run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Denial {
-    MissingKey,
-    InvalidKey,
-    KeyRevoked,
-    KeyExpired,
-    KeyDisabled,
-    IpNotAllowed,
-    InsufficientScope,
-    /// `retry_after` in whole seconds, at least 1.
-    RateLimited {
-        retry_after: u64,
-    },
-    QuotaExceeded {
-        retry_after: u64,
-    },
-}
-
-/// How many distinct denial codes there are; usage counters keep one slot each.
-pub const DENIAL_KINDS: usize = 9;
-
-impl Denial {
-    pub fn code(self) -> &'static str {
-        match self {
-            Denial::MissingKey => "missing_key",
-            Denial::InvalidKey => "invalid_key",
-            Denial::KeyRevoked => "key_revoked",
-            Denial::KeyExpired => "key_expired",
-            Denial::KeyDisabled => "key_disabled",
-            Denial::IpNotAllowed => "ip_not_allowed",
-            Denial::InsufficientScope => "insufficient_scope",
-            Denial::RateLimited { .. } => "rate_limited",
-            Denial::QuotaExceeded { .. } => "quota_exceeded",
-        }
-    }
-
-    /// A dense index per code, for counters.
-    pub fn index(self) -> usize {
-        match self {
-            Denial::MissingKey => 0,
-            Denial::InvalidKey => 1,
-            Denial::KeyRevoked => 2,
-            Denial::KeyExpired => 3,
-            Denial::KeyDisabled => 4,
-            Denial::IpNotAllowed => 5,
-            Denial::InsufficientScope => 6,
-            Denial::RateLimited { .. } => 7,
-            Denial::QuotaExceeded { .. } => 8,
-        }
-    }
-
-    /// The code for each index of [`Denial::index`].
-    pub const CODES: [&'static str; DENIAL_KINDS] = [
-        "missing_key",
-        "invalid_key",
-        "key_revoked",
-        "key_expired",
-        "key_disabled",
-        "ip_not_allowed",
-        "insufficient_scope",
-        "rate_limited",
-        "quota_exceeded",
-    ];
-
-    pub fn retry_after(self) -> Option<u64> {
-        match self {
-            Denial::RateLimited { retry_after } | Denial::QuotaExceeded { retry_after } => Some(retry_after),
-            _ => None,
-        }
-    }
-
-    pub fn status(self) -> u16 {
-        match self {
-            Denial::MissingKey | Denial::InvalidKey | Denial::KeyRevoked | Denial::KeyExpired => 401,
-            Denial::KeyDisabled | Denial::IpNotAllowed | Denial::InsufficientScope => 403,
-            Denial::RateLimited { .. } | Denial::QuotaExceeded { .. } => 429,
-        }
-    }
-
-    pub fn message(self) -> &'static str {
-        match self {
-            Denial::MissingKey => "an API key is required",
-            Denial::InvalidKey => "the API key is not valid",
-            Denial::KeyRevoked => "the API key has been revoked",
-            Denial::KeyExpired => "the API key has expired",
-            Denial::KeyDisabled => "the API key is disabled",
-            Denial::IpNotAllowed => "the API key may not be used from this address",
-            Denial::InsufficientScope => "the API key lacks a scope this route requires",
-            Denial::RateLimited { .. } => "too many requests for this API key; retry later",
-            Denial::QuotaExceeded { .. } => "the API key has used its quota for this period",
-        }
-    }
 }
 
 /// The limits and the per-key mutable state the decision consults and updates.

@@ -14,7 +14,7 @@ pub mod tls;
 mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,12 +32,13 @@ use time::OffsetDateTime;
 use crate::access_log::{AccessEntry, AccessLog};
 use crate::config::{HttpConfig, KeyLocation, RouteAuth, UnderscoreHeaders};
 use crate::index::{KeyIndex, KeyRecord};
-use crate::key_state::{KeyStates, UsageSlot};
 use crate::limit::RateInfo;
+use crate::limit::{KeyStates, UsageSlot};
 use crate::metrics::sharded::ShardedGauge;
 use crate::metrics::Metrics;
 use crate::outcome::{new_request_id, Rejection};
 use crate::policy::{decide, resolve_client_ip, Limits, RequestFacts};
+use crate::sync::Freshness;
 use crate::usage::RequestUsage;
 
 pub use headers::find_key;
@@ -62,44 +63,76 @@ mod wire {
     pub const X_KEYGATE_SCOPES: &str = "X-Keygate-Scopes";
 }
 
-/// Everything the request path shares with the rest of the node.
+/// Everything the request path shares with the rest of the node. The node hands
+/// it its parts once ([`DataPlane::new`]) and then changes it only through its
+/// methods: a reload swaps the whole [`GatewayState`], a stop reads the counts.
 pub struct DataPlane {
-    pub state: ArcSwap<GatewayState>,
-    pub keys: Arc<KeyIndex>,
+    state: ArcSwap<GatewayState>,
+    keys: Arc<KeyIndex>,
     /// Each budget's rate limit, quota and usage; the flusher drains the usage.
-    pub states: Arc<KeyStates>,
-    pub access_log: AccessLog,
-    pub metrics: Arc<Metrics>,
+    states: Arc<KeyStates>,
+    access_log: AccessLog,
+    metrics: Arc<Metrics>,
     /// Requests between their first byte and their log line; every request adds to it
     /// twice, so each thread counts in a slot of its own.
-    pub in_flight: ShardedGauge,
+    in_flight: ShardedGauge,
     /// Downstream connections being served, idle keep-alive ones included. Written
     /// once per connection: on a line of its own, away from what every request reads.
-    pub connections: CachePadded<AtomicUsize>,
+    connections: CachePadded<AtomicUsize>,
     /// Set when keys come from a feed with a `max_staleness` limit.
-    pub freshness: Option<Freshness>,
-}
-
-/// How old the keys may get before keyed requests are refused with `not_ready`.
-pub struct Freshness {
-    /// The last successful sync, on the monotonic clock.
-    pub last_success: Arc<crate::sync::LastSync>,
-    pub max_staleness: std::time::Duration,
-}
-
-impl Freshness {
-    /// Synced within `max_staleness`. Measured on the monotonic clock: a wall clock
-    /// stepped back must not make a fresh sync look like one from the future.
-    pub fn is_current(&self) -> bool {
-        self.last_success.age().is_some_and(|age| age <= self.max_staleness)
-    }
+    freshness: Option<Freshness>,
 }
 
 impl DataPlane {
+    pub fn new(
+        state: GatewayState,
+        keys: Arc<KeyIndex>,
+        states: Arc<KeyStates>,
+        access_log: AccessLog,
+        metrics: Arc<Metrics>,
+        freshness: Option<Freshness>,
+    ) -> Self {
+        DataPlane {
+            state: ArcSwap::from_pointee(state),
+            keys,
+            states,
+            access_log,
+            metrics,
+            in_flight: ShardedGauge::default(),
+            connections: CachePadded::new(AtomicUsize::new(0)),
+            freshness,
+        }
+    }
+
     /// Whether keyed requests can be judged: keys are loaded and, where a staleness
     /// limit is set, recent enough (see `Freshness::is_current`).
     pub fn keys_current(&self) -> bool {
         self.keys.is_loaded() && self.freshness.as_ref().is_none_or(Freshness::is_current)
+    }
+
+    /// Routes and upstreams of a reloaded config: requests already routed keep the old ones.
+    pub fn replace_state(&self, state: GatewayState) {
+        self.state.store(Arc::new(state));
+    }
+
+    /// The routes and upstreams in use now.
+    pub fn state(&self) -> Arc<GatewayState> {
+        self.state.load_full()
+    }
+
+    /// Requests between their first byte and their log line.
+    pub fn requests_in_flight(&self) -> usize {
+        usize::try_from(self.in_flight.get()).unwrap_or(0)
+    }
+
+    /// Downstream connections open, idle keep-alive ones included.
+    pub fn open_connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Writes out the access log's buffered lines, waiting at most `within`.
+    pub fn flush_access_log(&self, within: std::time::Duration) {
+        self.access_log.flush(within);
     }
 }
 

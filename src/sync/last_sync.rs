@@ -1,10 +1,12 @@
-//! When the keys were last synced, on the monotonic clock.
+//! When the keys were last synced, on the monotonic clock, and whether that is
+//! recent enough to judge keyed requests ([`Freshness`]).
 //!
 //! `keys.max_staleness` bounds a duration, and the wall clock can step (NTP) both
 //! ways: measured on it, a step back right after a sync made the keys look
 //! synced in the future, and every keyed request got `503 not_ready`.
 
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Marks "before any sync".
@@ -55,11 +57,24 @@ impl LastSync {
     }
 }
 
+/// How old the keys may get before keyed requests are refused with `not_ready`.
+pub struct Freshness {
+    /// The last successful sync, on the monotonic clock.
+    pub last_success: Arc<LastSync>,
+    pub max_staleness: Duration,
+}
+
+impl Freshness {
+    /// Synced within `max_staleness`. Measured on the monotonic clock: a wall clock
+    /// stepped back must not make a fresh sync look like one from the future.
+    pub fn is_current(&self) -> bool {
+        self.last_success.age().is_some_and(|age| age <= self.max_staleness)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::Freshness;
-    use std::sync::Arc;
 
     fn freshness(last: &Arc<LastSync>, max_staleness: Duration) -> Freshness {
         Freshness { last_success: Arc::clone(last), max_staleness }

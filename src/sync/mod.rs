@@ -13,5 +13,5 @@ pub use feeds::{LocalFeed, RemoteFeed};
 pub use fleet_engine::ControlPlaneEngine;
 pub use follow::{record_from_stored, ChangeBatch, FeedError, Follower, KeyFeed, LoadedKeys, LONG_POLL};
 pub use keys_file::KeysFileSource;
-pub use last_sync::LastSync;
+pub use last_sync::{Freshness, LastSync};
 pub use quota_seed::QuotaSeedSource;

@@ -14,8 +14,7 @@ use time::OffsetDateTime;
 use super::follow::FeedError;
 use crate::control::store::Store;
 use crate::http_client;
-use crate::limit::{periods, UsedElsewhere};
-use crate::proxy::DataPlane;
+use crate::limit::{periods, KeyStates, UsedElsewhere};
 
 pub enum QuotaSeedSource {
     Store(Arc<Store>),
@@ -70,21 +69,21 @@ impl QuotaSeedSource {
     }
 
     /// Seeds the quota counters once; a failure leaves them counting this node's traffic.
-    pub async fn seed_once(&self, plane: &DataPlane) {
+    pub async fn seed_once(&self, states: &KeyStates) {
         match self.fetch().await {
-            Ok(used) => plane.states.seed(used),
+            Ok(used) => states.seed(used),
             Err(e) => tracing::warn!(error = %e, "cannot read quota usage; quotas count from this node's traffic"),
         }
     }
 
     /// Seeds every `every` until `shutdown` fires.
-    pub async fn run(self, plane: Arc<DataPlane>, every: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    pub async fn run(self, states: Arc<KeyStates>, every: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = shutdown.changed() => return,
             }
-            self.seed_once(&plane).await;
+            self.seed_once(&states).await;
         }
     }
 }

@@ -1,16 +1,14 @@
-//! The request-path half of usage: atomics in each key's entry of [`KeyStates`].
+//! The request-path half of usage: atomics in each key's entry of
+//! `crate::limit::KeyStates`, and the [`UsageCounters`] the flusher drains them through.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use governor::clock::Clock;
 use time::OffsetDateTime;
 
-use crate::key_state::{KeyStates, Sweep};
-
 use super::record::{StatusClasses, UsageRecord};
-use crate::policy::{Denial, DENIAL_KINDS};
+use crate::outcome::{Denial, DENIAL_KINDS};
 
 /// What one finished request adds to its key's usage.
 #[derive(Debug, Clone, Copy)]
@@ -43,26 +41,13 @@ pub(crate) struct KeyUsage {
     owner: OnceLock<Option<Box<str>>>,
 }
 
-impl<C: Clock> KeyStates<C> {
-    /// Counts a request of `key_id` whose decision did not hold its entry (see [`crate::key_state::UsageSlot`]).
-    pub fn record(&self, key_id: &str, owner: Option<&str>, usage: &RequestUsage) {
-        self.state(key_id).usage.add(owner, usage);
-    }
-
+/// Where the flusher takes usage from: each key's [`KeyUsage`], wherever the
+/// node keeps it (beside its limits, in `crate::limit::KeyStates`). The flusher
+/// needs nothing else of those entries.
+pub trait UsageCounters: Send + Sync {
     /// Takes every count since the last drain, as records for the window
-    /// `[window_start, window_end)`; forgets keys that had no requests in it
-    /// (entries idle in every part are removed, see [`KeyStates::evict_idle`]).
-    pub fn drain(&self, node: &str, window_start: OffsetDateTime, window_end: OffsetDateTime) -> Vec<UsageRecord> {
-        let mut records = Vec::new();
-        for entry in self.map.iter() {
-            if let Some(record) = entry.value().usage.take(node, entry.key(), window_start, window_end) {
-                records.push(record);
-            }
-        }
-        // Under the write guard: a request counted since `take` set `active` again.
-        self.sweep(window_end, Sweep::CloseWindow);
-        records
-    }
+    /// `[window_start, window_end)`.
+    fn drain(&self, node: &str, window_start: OffsetDateTime, window_end: OffsetDateTime) -> Vec<UsageRecord>;
 }
 
 impl KeyUsage {
@@ -100,7 +85,7 @@ impl KeyUsage {
     /// Swaps every counter to zero; `None` when there was nothing to take.
     /// `requests` is derived from the outcomes, so a record always adds up even
     /// when requests finish while it is being taken.
-    fn take(
+    pub(crate) fn take(
         &self,
         node: &str,
         key_id: &str,
@@ -148,78 +133,23 @@ impl KeyUsage {
     }
 }
 
+/// Counters in a plain map, for the flusher's tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use time::macros::datetime;
+#[derive(Default)]
+pub(crate) struct TestCounters(std::sync::Mutex<BTreeMap<String, KeyUsage>>);
 
-    const START: OffsetDateTime = datetime!(2026-01-01 00:00 UTC);
-    const END: OffsetDateTime = datetime!(2026-01-01 00:00:05 UTC);
-
-    fn usage(denial: Option<Denial>, status: u16) -> RequestUsage {
-        RequestUsage { denial, status, bytes_in: 3, bytes_out: 7, at_ms: 1_767_225_601_000 }
+#[cfg(test)]
+impl TestCounters {
+    pub(crate) fn record(&self, key_id: &str, owner: Option<&str>, usage: &RequestUsage) {
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.entry(key_id.to_owned()).or_default().add(owner, usage);
     }
+}
 
-    #[test]
-    fn drain_returns_each_key_once_with_exact_counts() {
-        let counters = KeyStates::new();
-        for _ in 0..3 {
-            counters.record("a", None, &usage(None, 200));
-        }
-        counters.record("a", None, &usage(Some(Denial::RateLimited { retry_after: 1 }), 429));
-        counters.record("b", None, &usage(None, 503));
-        let mut records = counters.drain("n", START, END);
-        records.sort_by(|x, y| x.key_id.cmp(&y.key_id));
-        assert_eq!(records.len(), 2);
-        let a = &records[0];
-        assert_eq!((a.requests, a.allowed), (4, 3));
-        assert_eq!(a.denied["rate_limited"], 1);
-        assert_eq!((a.status.s2xx, a.status.s4xx), (3, 1));
-        assert_eq!((a.bytes_in, a.bytes_out), (12, 28));
-        assert_eq!(a.last_used_at, Some(datetime!(2026-01-01 00:00:01 UTC)));
-        assert_eq!(records[1].status.s5xx, 1);
-        assert!(counters.drain("n", START, END).is_empty());
-    }
-
-    #[test]
-    fn a_record_carries_the_owner_its_key_had_when_counted() {
-        let counters = KeyStates::new();
-        counters.record("a", Some("acme"), &usage(None, 200));
-        counters.record("b", None, &usage(None, 200));
-        let mut records = counters.drain("n", START, END);
-        records.sort_by(|x, y| x.key_id.cmp(&y.key_id));
-        assert_eq!(records[0].owner_at_count, Some(Some("acme".to_owned())));
-        assert_eq!(records[1].owner_at_count, Some(None), "known to have no owner");
-    }
-
-    #[test]
-    fn keys_idle_for_a_whole_window_are_forgotten() {
-        let counters = KeyStates::new();
-        counters.record("a", None, &usage(None, 200));
-        counters.drain("n", START, END);
-        assert_eq!(counters.len(), 1, "active in the last window: kept");
-        counters.drain("n", START, END);
-        assert_eq!(counters.len(), 0, "idle for a window: removed");
-    }
-
-    #[test]
-    fn concurrent_counting_loses_nothing_across_drains() {
-        let counters = std::sync::Arc::new(KeyStates::new());
-        let threads: Vec<_> = (0..4)
-            .map(|t| {
-                let counters = std::sync::Arc::clone(&counters);
-                std::thread::spawn(move || {
-                    for i in 0..20_000 {
-                        counters.record(&format!("k{}", (t + i) % 7), None, &usage(None, 200));
-                    }
-                })
-            })
-            .collect();
-        let mut total = 0;
-        while threads.iter().any(|t| !t.is_finished()) {
-            total += counters.drain("n", START, END).iter().map(|r| r.requests).sum::<u64>();
-        }
-        total += counters.drain("n", START, END).iter().map(|r| r.requests).sum::<u64>();
-        assert_eq!(total, 80_000);
+#[cfg(test)]
+impl UsageCounters for TestCounters {
+    fn drain(&self, node: &str, window_start: OffsetDateTime, window_end: OffsetDateTime) -> Vec<UsageRecord> {
+        let map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.iter().filter_map(|(key_id, usage)| usage.take(node, key_id, window_start, window_end)).collect()
     }
 }

@@ -25,10 +25,10 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::counters::UsageCounters;
 use super::record::{merge_by_key, merge_owned_by_key, UsageRecord};
 use super::sink::{SinkError, UsageBatch, UsageSink};
 use super::spool::{QueueView, SentRef, Spool, SpooledQueue};
-use crate::key_state::KeyStates;
 use crate::metrics::Metrics;
 
 /// One sink write may take this long before it counts as failed.
@@ -213,7 +213,7 @@ fn spawn_write(sink: &Arc<dyn UsageSink>, node: &str, batch: &InFlight) -> JoinH
 }
 
 pub struct Flusher {
-    counters: Arc<KeyStates>,
+    counters: Arc<dyn UsageCounters>,
     node: String,
     boot_id: Arc<str>,
     interval: Duration,
@@ -278,7 +278,7 @@ fn queue(identity: String, sink: Arc<dyn UsageSink>) -> SinkQueue {
 impl Flusher {
     /// `spool`: where undelivered usage is kept across restarts (`usage.spool`).
     pub fn new(
-        counters: Arc<KeyStates>,
+        counters: Arc<dyn UsageCounters>,
         sinks: Vec<NamedSink>,
         node: String,
         interval: Duration,
@@ -513,7 +513,8 @@ fn new_boot_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Denial;
+    use crate::outcome::Denial;
+    use crate::usage::counters::TestCounters;
     use crate::usage::{RequestUsage, SinkError};
     use async_trait::async_trait;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -580,11 +581,11 @@ mod tests {
         RequestUsage { denial: None, status: 200, bytes_in: 0, bytes_out: 0, at_ms: 0 }
     }
 
-    fn setup() -> (Flusher, Arc<KeyStates>, Arc<RecordingSink>) {
-        let counters = Arc::new(KeyStates::new());
+    fn setup() -> (Flusher, Arc<TestCounters>, Arc<RecordingSink>) {
+        let counters = Arc::new(TestCounters::default());
         let sink = Arc::new(RecordingSink::default());
         let flusher = Flusher::new(
-            Arc::clone(&counters),
+            Arc::clone(&counters) as Arc<dyn UsageCounters>,
             vec![("test".to_owned(), Arc::clone(&sink) as Arc<dyn UsageSink>)],
             "node-1".into(),
             Duration::from_secs(5),
@@ -637,10 +638,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_that_finishes_after_its_timeout_is_not_written_again() {
-        let counters = Arc::new(KeyStates::new());
+        let counters = Arc::new(TestCounters::default());
         let sink = Arc::new(DetachedSink { gate: Arc::new(tokio::sync::Semaphore::new(0)), batches: Arc::default() });
         let mut flusher = Flusher::new(
-            Arc::clone(&counters),
+            Arc::clone(&counters) as Arc<dyn UsageCounters>,
             vec![("test".to_owned(), Arc::clone(&sink) as Arc<dyn UsageSink>)],
             "node-1".into(),
             Duration::from_secs(5),
@@ -694,10 +695,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_window_larger_than_a_batch_goes_out_as_several_each_with_its_own_sequence() {
-        let counters = Arc::new(KeyStates::new());
+        let counters = Arc::new(TestCounters::default());
         let sink = Arc::new(RecordingSink::default());
         let mut flusher = Flusher::new(
-            Arc::clone(&counters),
+            Arc::clone(&counters) as Arc<dyn UsageCounters>,
             vec![("test".to_owned(), Arc::new(SmallBatches(Arc::clone(&sink))) as Arc<dyn UsageSink>)],
             "node-1".into(),
             Duration::from_secs(5),
@@ -716,10 +717,10 @@ mod tests {
     }
 
     /// A flusher on a spool in `dir`, sending to `sink` as "node-1".
-    fn spooled(dir: &std::path::Path, sink: &Arc<RecordingSink>) -> (Flusher, Arc<KeyStates>) {
-        let counters = Arc::new(KeyStates::new());
+    fn spooled(dir: &std::path::Path, sink: &Arc<RecordingSink>) -> (Flusher, Arc<TestCounters>) {
+        let counters = Arc::new(TestCounters::default());
         let flusher = Flusher::new(
-            Arc::clone(&counters),
+            Arc::clone(&counters) as Arc<dyn UsageCounters>,
             vec![("test".to_owned(), Arc::new(SmallBatches(Arc::clone(sink))) as Arc<dyn UsageSink>)],
             "node-1".into(),
             Duration::from_secs(5),

@@ -1,6 +1,9 @@
 //! Black-box harness for keygate: a recording upstream, a wrapper around a real
 //! `keygate serve` process, a raw HTTP/1.1 client, key helpers and throwaway
 //! PostgreSQL databases; the tests depend on nothing but the binary's external behaviour.
+//!
+//! One module, since every test binary includes it whole (`mod common;`); the
+//! browser, which only the console tests need, is apart in `browser.rs`.
 
 // Each test binary uses a different subset of the harness.
 #![allow(dead_code)]

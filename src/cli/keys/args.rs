@@ -315,7 +315,7 @@ pub(crate) fn parse_word(s: &str) -> Result<String, String> {
 /// A CIDR as written, or a bare address made into a /32 or /128.
 pub(crate) fn parse_cidr(s: &str) -> Result<String, String> {
     let text = s.trim();
-    let net = crate::index::parse_cidr(text)
+    let net = crate::config::parse_cidr(text)
         .ok_or_else(|| "expected a CIDR such as 10.0.0.0/8 or 2001:db8::/32, or a single address".to_owned())?;
     // A CIDR goes to the server as the operator wrote it; only a bare address is rewritten.
     Ok(if text.contains('/') { text.to_owned() } else { net.to_string() })

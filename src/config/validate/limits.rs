@@ -127,7 +127,7 @@ impl RawRateLimit {
     /// enforce as written is refused, naming the field to change.
     pub fn validate(&self, path: &str) -> Result<RateLimitConfig, Vec<(String, String)>> {
         let limit = self.validate_form(path)?;
-        crate::limit::check_rate_limit(&limit).map_err(|e| vec![(join_key(path, e.field()), e.to_string())])?;
+        crate::config::check_rate_limit(&limit).map_err(|e| vec![(join_key(path, e.field()), e.to_string())])?;
         Ok(limit)
     }
 
@@ -166,7 +166,7 @@ impl RawQuota {
     /// is refused, naming the field to change.
     pub fn validate(&self, path: &str) -> Result<QuotaConfig, Vec<(String, String)>> {
         let quota = self.validate_form(path)?;
-        crate::limit::check_quota(&quota).map_err(|e| vec![(join_key(path, e.field()), e.to_string())])?;
+        crate::config::check_quota(&quota).map_err(|e| vec![(join_key(path, e.field()), e.to_string())])?;
         Ok(quota)
     }
 

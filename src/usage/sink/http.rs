@@ -17,7 +17,7 @@ use futures_util::stream::{self, StreamExt};
 use super::event::{request_id, usage_event, Delivery, KeyOwners};
 use super::{SinkError, UsageBatch, UsageSink};
 use crate::config::HttpSinkConfig;
-use crate::http_client::GATEWAY_AGENT;
+use crate::http_client;
 use crate::webhook_signature::{signature, signing_key};
 
 pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
@@ -42,10 +42,7 @@ pub struct HttpSink {
 
 impl HttpSink {
     pub fn new(config: &HttpSinkConfig, owners: Arc<dyn KeyOwners>) -> Result<Self, SinkError> {
-        let client = reqwest::Client::builder()
-            .user_agent(GATEWAY_AGENT)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
+        let client = http_client::builder(http_client::GATEWAY_AGENT, CONNECT_TIMEOUT, Some(REQUEST_TIMEOUT))
             // A redirected POST turns into a GET on 301-303, whose 2xx would look
             // like an acceptance of usage that nobody received.
             .redirect(reqwest::redirect::Policy::none())

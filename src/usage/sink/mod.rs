@@ -157,7 +157,7 @@ impl UsageSink for ControlPlaneSink {
 
     /// The control plane's limit per upload.
     fn max_batch_records(&self) -> usize {
-        crate::control::upload::MAX_UPLOAD_RECORDS
+        super::upload::MAX_UPLOAD_RECORDS
     }
 
     async fn write(&self, batch: UsageBatch<'_>) -> Result<(), SinkError> {

@@ -6,7 +6,7 @@
 //! usage when it finishes, with no second lookup. The fleet sync, the usage
 //! drain and quota seeding read the same entries.
 //!
-//! Budgets: an entry is keyed by budget id (see [`crate::limit::budget_id`]), so a
+//! Budgets: an entry is keyed by budget id (see [`super::budget_id`]), so a
 //! key's own limits and its usage share its entry. A limit with `by: owner` draws
 //! from the entry named `owner <name>`, found by a second lookup. Keeping an
 //! `Arc` to the owner's entry inside each key's entry would save that lookup, but
@@ -28,10 +28,10 @@ use std::sync::Arc;
 use governor::clock::{Clock, DefaultClock};
 use time::OffsetDateTime;
 
+use super::{budget_id, QuotaExceeded, QuotaPeriods, QuotaState, RateClock, RateInfo, RateLimited, RateState};
 use crate::config::{LimitScope, QuotaConfig, QuotaPeriod, RateLimitConfig};
 use crate::index::{KeyId, KeyIdMap, KeyRecord};
-use crate::limit::{budget_id, QuotaExceeded, QuotaPeriods, QuotaState, RateClock, RateInfo, RateLimited, RateState};
-use crate::usage::{KeyUsage, RequestUsage};
+use crate::usage::{KeyUsage, RequestUsage, UsageCounters, UsageRecord};
 
 /// Every budget's state on this node.
 pub struct KeyStates<C: Clock = DefaultClock> {
@@ -234,6 +234,38 @@ impl<C: Clock> KeyStates<C> {
     }
 }
 
+impl<C: Clock> KeyStates<C> {
+    /// Counts a request of `key_id` whose decision did not hold its entry (see [`UsageSlot`]).
+    pub fn record(&self, key_id: &str, owner: Option<&str>, usage: &RequestUsage) {
+        self.state(key_id).usage.add(owner, usage);
+    }
+
+    /// Takes every count since the last drain, as records for the window
+    /// `[window_start, window_end)`; forgets keys that had no requests in it
+    /// (entries idle in every part are removed, see [`KeyStates::evict_idle`]).
+    pub fn drain(&self, node: &str, window_start: OffsetDateTime, window_end: OffsetDateTime) -> Vec<UsageRecord> {
+        let mut records = Vec::new();
+        for entry in self.map.iter() {
+            if let Some(record) = entry.value().usage.take(node, entry.key(), window_start, window_end) {
+                records.push(record);
+            }
+        }
+        // Under the write guard: a request counted since `take` set `active` again.
+        self.sweep(window_end, Sweep::CloseWindow);
+        records
+    }
+}
+
+impl<C> UsageCounters for KeyStates<C>
+where
+    C: Clock + Send + Sync,
+    C::Instant: Send + Sync,
+{
+    fn drain(&self, node: &str, window_start: OffsetDateTime, window_end: OffsetDateTime) -> Vec<UsageRecord> {
+        KeyStates::drain(self, node, window_start, window_end)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,6 +458,83 @@ mod tests {
             thread.join().expect("no panic");
         }
         total += states.drain("n", NOW, NOW).iter().map(|r| r.requests).sum::<u64>();
+        assert_eq!(total, 80_000);
+    }
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::*;
+    use crate::outcome::Denial;
+    use time::macros::datetime;
+
+    const START: OffsetDateTime = datetime!(2026-01-01 00:00 UTC);
+    const END: OffsetDateTime = datetime!(2026-01-01 00:00:05 UTC);
+
+    fn usage(denial: Option<Denial>, status: u16) -> RequestUsage {
+        RequestUsage { denial, status, bytes_in: 3, bytes_out: 7, at_ms: 1_767_225_601_000 }
+    }
+
+    #[test]
+    fn drain_returns_each_key_once_with_exact_counts() {
+        let counters = KeyStates::new();
+        for _ in 0..3 {
+            counters.record("a", None, &usage(None, 200));
+        }
+        counters.record("a", None, &usage(Some(Denial::RateLimited { retry_after: 1 }), 429));
+        counters.record("b", None, &usage(None, 503));
+        let mut records = counters.drain("n", START, END);
+        records.sort_by(|x, y| x.key_id.cmp(&y.key_id));
+        assert_eq!(records.len(), 2);
+        let a = &records[0];
+        assert_eq!((a.requests, a.allowed), (4, 3));
+        assert_eq!(a.denied["rate_limited"], 1);
+        assert_eq!((a.status.s2xx, a.status.s4xx), (3, 1));
+        assert_eq!((a.bytes_in, a.bytes_out), (12, 28));
+        assert_eq!(a.last_used_at, Some(datetime!(2026-01-01 00:00:01 UTC)));
+        assert_eq!(records[1].status.s5xx, 1);
+        assert!(counters.drain("n", START, END).is_empty());
+    }
+
+    #[test]
+    fn a_record_carries_the_owner_its_key_had_when_counted() {
+        let counters = KeyStates::new();
+        counters.record("a", Some("acme"), &usage(None, 200));
+        counters.record("b", None, &usage(None, 200));
+        let mut records = counters.drain("n", START, END);
+        records.sort_by(|x, y| x.key_id.cmp(&y.key_id));
+        assert_eq!(records[0].owner_at_count, Some(Some("acme".to_owned())));
+        assert_eq!(records[1].owner_at_count, Some(None), "known to have no owner");
+    }
+
+    #[test]
+    fn keys_idle_for_a_whole_window_are_forgotten() {
+        let counters = KeyStates::new();
+        counters.record("a", None, &usage(None, 200));
+        counters.drain("n", START, END);
+        assert_eq!(counters.len(), 1, "active in the last window: kept");
+        counters.drain("n", START, END);
+        assert_eq!(counters.len(), 0, "idle for a window: removed");
+    }
+
+    #[test]
+    fn concurrent_counting_loses_nothing_across_drains() {
+        let counters = std::sync::Arc::new(KeyStates::new());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let counters = std::sync::Arc::clone(&counters);
+                std::thread::spawn(move || {
+                    for i in 0..20_000 {
+                        counters.record(&format!("k{}", (t + i) % 7), None, &usage(None, 200));
+                    }
+                })
+            })
+            .collect();
+        let mut total = 0;
+        while threads.iter().any(|t| !t.is_finished()) {
+            total += counters.drain("n", START, END).iter().map(|r| r.requests).sum::<u64>();
+        }
+        total += counters.drain("n", START, END).iter().map(|r| r.requests).sum::<u64>();
         assert_eq!(total, 80_000);
     }
 }
