@@ -21,13 +21,14 @@ fn slot_count() -> usize {
     })
 }
 
-/// This thread's slot among `slot_count()`: threads are numbered as they first ask.
-fn this_thread_slot() -> usize {
+/// This thread's number: threads are numbered as they first ask. A `Slots` takes it
+/// modulo its length.
+fn this_thread_number() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
-        static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+        static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed);
     }
-    SLOT.with(|slot| *slot) & (slot_count() - 1)
+    NUMBER.with(|number| *number)
 }
 
 /// One value per slot, each on cache lines of its own.
@@ -44,8 +45,8 @@ impl<T: Default> Default for Slots<T> {
 impl<T> Slots<T> {
     /// This thread's slot.
     pub fn local(&self) -> &T {
-        // `this_thread_slot` is below `slot_count()`, the length of every `Slots`.
-        &self.slots[this_thread_slot() % self.slots.len()]
+        // The length is a power of two (`slot_count`): a mask, not a division.
+        &self.slots[this_thread_number() & (self.slots.len() - 1)]
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &T> {
@@ -169,7 +170,8 @@ mod tests {
     #[test]
     fn every_thread_has_a_slot_within_bounds() {
         let slots: Slots<AtomicU64> = Slots::default();
-        let threads: Vec<_> = (0..100).map(|_| std::thread::spawn(this_thread_slot)).collect();
+        let threads: Vec<_> =
+            (0..100).map(|_| std::thread::spawn(|| this_thread_number() & (slot_count() - 1))).collect();
         for thread in threads {
             assert!(thread.join().unwrap() < slots.iter().count());
         }
