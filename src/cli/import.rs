@@ -73,7 +73,7 @@ pub(super) async fn import(admin: &Admin, args: &ImportArgs, json: bool) -> Resu
     let reply = sent?;
     let body = reply.value()?;
     let summary = Summary::of(&body).ok_or_else(|| reply.bad("no \"imported\", \"unchanged\" and \"errors\""))?;
-    let output = if json { pretty(&reply.ordered()?) } else { summary.render() };
+    let output = if json { pretty(&reply.value()?) } else { summary.render() };
     match summary.failed() {
         0 => Ok(output),
         failed => Err(KeysError::Partial {

@@ -14,7 +14,6 @@ use std::time::Duration;
 use clap::{Args, Subcommand, ValueEnum};
 use reqwest::header::{HeaderValue, AUTHORIZATION};
 use reqwest::{Method, StatusCode, Url};
-use serde::ser::SerializeMap;
 use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
@@ -31,7 +30,8 @@ mod render;
 pub use args::KeysArgs;
 use args::*;
 use client::*;
-pub(super) use client::{pretty, Admin, KeysError, Reply};
+pub(super) use client::{Admin, KeysError, Reply};
+pub(super) use render::pretty;
 use render::*;
 
 const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:9090";
@@ -102,7 +102,7 @@ async fn dispatch(args: KeysArgs) -> Result<String, KeysError> {
         KeysCommand::Create(create) => {
             let reply = admin.call(Method::POST, &["v1", "keys"], &[], Some(&create_body(&create)), None).await?;
             if json {
-                return Ok(pretty(&reply.ordered()?));
+                return Ok(pretty(&reply.value()?));
             }
             render_new_key(&reply, "Created")
         }
@@ -110,7 +110,7 @@ async fn dispatch(args: KeysArgs) -> Result<String, KeysError> {
         KeysCommand::Show(IdArg { id }) => {
             let reply = admin.call(Method::GET, &["v1", "keys", &id], &[], None, Some(&id)).await?;
             if json {
-                return Ok(pretty(&reply.ordered()?));
+                return Ok(pretty(&reply.value()?));
             }
             Ok(render_record(&reply.value()?))
         }
@@ -119,14 +119,14 @@ async fn dispatch(args: KeysArgs) -> Result<String, KeysError> {
             let body = update_body(&update);
             let reply = admin.call(Method::PATCH, &["v1", "keys", id], &[], Some(&body), Some(id)).await?;
             if json {
-                return Ok(pretty(&reply.ordered()?));
+                return Ok(pretty(&reply.value()?));
             }
             Ok(format!("updated {}\n{}", clean(id), render_record(&reply.value()?)))
         }
         KeysCommand::Revoke(IdArg { id }) => {
             let reply = admin.call(Method::POST, &["v1", "keys", &id, "revoke"], &[], None, Some(&id)).await?;
             if json {
-                return Ok(pretty(&reply.ordered()?));
+                return Ok(pretty(&reply.value()?));
             }
             Ok(format!("revoked {}\n{}", clean(&id), render_record(&reply.value()?)))
         }
@@ -137,7 +137,7 @@ async fn dispatch(args: KeysArgs) -> Result<String, KeysError> {
             };
             let reply = admin.call(Method::POST, &["v1", "keys", &id, "rotate"], &[], Some(&body), Some(&id)).await?;
             if json {
-                return Ok(pretty(&reply.ordered()?));
+                return Ok(pretty(&reply.value()?));
             }
             let heading = match &grace_period {
                 Some(grace) => format!("Rotated {}; the old key keeps working for {}.", clean(&id), clean(grace)),
@@ -149,7 +149,7 @@ async fn dispatch(args: KeysArgs) -> Result<String, KeysError> {
             let reply = admin.call(Method::DELETE, &["v1", "keys", &id], &[], None, Some(&id)).await?;
             if json {
                 // 204 has no body; print one only if the server sent one.
-                return if reply.text.trim().is_empty() { Ok(String::new()) } else { Ok(pretty(&reply.ordered()?)) };
+                return if reply.text.trim().is_empty() { Ok(String::new()) } else { Ok(pretty(&reply.value()?)) };
             }
             Ok(format!("deleted {}\n", clean(&id)))
         }
@@ -158,7 +158,7 @@ async fn dispatch(args: KeysArgs) -> Result<String, KeysError> {
             let reply =
                 admin.call(Method::GET, &["v1", "keys", id, "usage"], &usage_query(&usage), None, Some(id)).await?;
             if json {
-                return Ok(pretty(&reply.ordered()?));
+                return Ok(pretty(&reply.value()?));
             }
             Ok(render_usage(&reply.value()?, id))
         }
@@ -174,25 +174,15 @@ async fn list_keys(admin: &Admin, args: &ListArgs, json: bool) -> Result<String,
     let mut cursor = args.cursor.clone();
     let mut seen = HashSet::new();
     let mut records: Vec<Value> = Vec::new();
-    let mut ordered: Vec<Json> = Vec::new();
-    let mut first_page: Option<Json> = None;
+    let mut first_page: Option<Value> = None;
     loop {
         let reply = admin.call(Method::GET, &["v1", "keys"], &list_query(args, cursor.as_deref()), None, None).await?;
         let page = reply.value()?;
         let keys = page.get("keys").and_then(Value::as_array).ok_or_else(|| reply.bad("no \"keys\" list"))?;
         records.extend(keys.iter().cloned());
         let next = next_cursor(&page);
-        if json {
-            let page = reply.ordered()?;
-            if !args.all {
-                first_page = Some(page);
-            } else if let Json::Object(entries) = page {
-                for (name, value) in entries {
-                    if let ("keys", Json::Array(items)) = (name.as_str(), value) {
-                        ordered.extend(items);
-                    }
-                }
-            }
+        if json && !args.all {
+            first_page = Some(page);
         }
         match next {
             Some(next) if args.all => {
@@ -205,9 +195,7 @@ async fn list_keys(admin: &Admin, args: &ListArgs, json: bool) -> Result<String,
             next => {
                 if json {
                     // --all prints one body as if the server had sent every key at once.
-                    let body = first_page.unwrap_or_else(|| {
-                        Json::Object(vec![("keys".into(), Json::Array(ordered)), ("next_cursor".into(), Json::Null)])
-                    });
+                    let body = first_page.unwrap_or_else(|| json!({ "keys": records, "next_cursor": null }));
                     return Ok(pretty(&body));
                 }
                 return Ok(render_key_list(&records, next.as_deref()));
@@ -624,7 +612,7 @@ TOTAL                       11        8       3    6    1    1       105       2
     #[test]
     fn json_output_keeps_the_servers_key_order() {
         let text = r#"{"record":{"zeta":1,"alpha":[true,null,1.5,"s"]},"key":"kg_live_x","empty":{}}"#;
-        let json: Json = match serde_json::from_str(text) {
+        let json: Value = match serde_json::from_str(text) {
             Ok(json) => json,
             Err(e) => panic!("{e}"),
         };

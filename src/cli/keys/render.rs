@@ -56,7 +56,7 @@ pub(crate) const RECORD_FIELDS: [&str; 17] = [
 /// `field: value` lines, values aligned.
 pub(crate) fn render_record(record: &Value) -> String {
     let Some(fields) = record.as_object() else {
-        return pretty_value(record);
+        return pretty(record);
     };
     let mut lines: Vec<(&str, String)> = Vec::new();
     for name in RECORD_FIELDS {
@@ -136,7 +136,7 @@ pub(crate) fn timestamp(value: Option<&Value>) -> String {
         .unwrap_or(text)
 }
 
-pub(crate) fn pretty_value(value: &Value) -> String {
+pub(crate) fn pretty(value: &Value) -> String {
     let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
     text.push('\n');
     text
