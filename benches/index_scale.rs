@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, BenchmarkId, Criterion};
 use keygate::config::{LimitScope, QuotaConfig, QuotaPeriod, RateLimitConfig};
-use keygate::index::{KeyIndex, KeyRecord, KeyStatus, Snapshot};
+use keygate::index::{KeyIndex, KeyRecord, KeyStatus, SharedPolicies, Snapshot};
 use keygate::key::KeyDigest;
 use time::OffsetDateTime;
 
@@ -212,7 +212,8 @@ impl Spec {
             + self.tag.map_or(0, str::len)
     }
 
-    fn into_record(self) -> KeyRecord {
+    /// The record, built as a keys file's or a feed's records are: sharing policies within the key set.
+    fn into_record(self, policies: &mut SharedPolicies) -> KeyRecord {
         let mut metadata = serde_json::Map::new();
         if let Some(team) = self.team {
             metadata.insert("team".into(), team.into());
@@ -229,7 +230,7 @@ impl Spec {
             .expires_at(self.expires_at)
             .metadata(metadata)
             .tags(self.tag.into_iter().map(str::to_owned).collect())
-            .build()
+            .build_sharing(policies)
     }
 }
 
@@ -250,13 +251,15 @@ fn build(n: u64, version: u64) -> Built {
     let before = live_bytes();
     let mut string_bytes = 0;
     let started = Instant::now();
+    let mut policies = SharedPolicies::default();
     let records: Vec<(KeyDigest, KeyRecord)> = (0..n)
         .map(|i| {
             let spec = spec(i);
             string_bytes += spec.string_bytes();
-            (digest(i), spec.into_record())
+            (digest(i), spec.into_record(&mut policies))
         })
         .collect();
+    drop(policies);
     let generate_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
     let snapshot = Snapshot::build(version, records).expect("distinct digests");
@@ -383,7 +386,7 @@ fn bench_lookups(c: &mut Criterion, index: &KeyIndex, n: u64, sample_len: usize)
 fn revoked(i: u64) -> KeyRecord {
     let mut spec = spec(i);
     spec.status = KeyStatus::Revoked;
-    spec.into_record()
+    spec.into_record(&mut SharedPolicies::default())
 }
 
 /// One revocation applied to the full index, with overlays of several sizes; and the
@@ -498,7 +501,10 @@ fn build_and_swap(index: &Arc<KeyIndex>, n: u64, old_bytes: usize) -> SwapReport
     std::thread::sleep(Duration::from_millis(200));
 
     let started = Instant::now();
-    let records: Vec<(KeyDigest, KeyRecord)> = (0..n).map(|i| (digest(i), spec(i).into_record())).collect();
+    let mut policies = SharedPolicies::default();
+    let records: Vec<(KeyDigest, KeyRecord)> =
+        (0..n).map(|i| (digest(i), spec(i).into_record(&mut policies))).collect();
+    drop(policies);
     let records_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
     let next = Snapshot::build(2, records).expect("distinct digests");
@@ -553,7 +559,9 @@ fn reader_holds_guard_across_swap(index: &Arc<KeyIndex>, old_bytes: usize) -> He
     barrier.wait();
     let before = live_bytes();
     let freed_before = freed_by_this_thread();
-    index.publish(Snapshot::build(3, [(digest(0), spec(0).into_record())]).expect("one key"));
+    index.publish(
+        Snapshot::build(3, [(digest(0), spec(0).into_record(&mut SharedPolicies::default()))]).expect("one key"),
+    );
     let publisher_freed_bytes = freed_by_this_thread() - freed_before;
     barrier.wait();
     let (reader_guard_drop_ns, reader_freed_bytes) = reader.join().expect("the reader thread");

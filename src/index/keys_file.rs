@@ -10,7 +10,7 @@ use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::record::{KeyRecord, KeyStatus};
+use super::record::{KeyRecord, KeyRecordBuilder, KeyStatus, SharedPolicies};
 use crate::config::parse_cidr;
 use crate::config::position::Positions;
 use crate::config::raw::{RawQuota, RawRateLimit};
@@ -98,6 +98,7 @@ pub fn parse_keys_file(
     };
 
     let mut records = Vec::with_capacity(document.keys.len());
+    let mut policies = SharedPolicies::default();
     let mut seen_hashes: HashMap<KeyDigest, usize> = HashMap::new();
     let mut seen_ids: HashMap<String, usize> = HashMap::new();
     for (index, value) in document.keys.into_iter().enumerate() {
@@ -122,8 +123,8 @@ pub fn parse_keys_file(
                 errors.push(&format!("{base}.id"), format!("id {id:?} is already used by keys[{first}]"));
             }
         }
-        if let Some(entry) = validate_key(raw, &base, plans, &mut errors) {
-            records.push(entry);
+        if let Some((digest, record)) = validate_key(raw, &base, plans, &mut errors) {
+            records.push((digest, record.build_sharing(&mut policies)));
         }
     }
     if errors.list.is_empty() {
@@ -138,7 +139,7 @@ fn validate_key(
     base: &str,
     plans: &BTreeMap<String, PlanConfig>,
     errors: &mut Errors<'_>,
-) -> Option<(KeyDigest, KeyRecord)> {
+) -> Option<(KeyDigest, KeyRecordBuilder)> {
     let before = errors.list.len();
     let digest = KeyDigest::parse(&raw.hash).map_err(|e| errors.push(&format!("{base}.hash"), e.to_string())).ok();
     // Without an explicit id, the digest names the key stably across reloads.
@@ -208,8 +209,7 @@ fn validate_key(
         .status(status)
         .expires_at(expires_at)
         .metadata(raw.metadata)
-        .tags(raw.tags)
-        .build();
+        .tags(raw.tags);
     digest.map(|d| (d, record))
 }
 

@@ -21,7 +21,7 @@ use arc_swap::ArcSwap;
 use crate::key::KeyDigest;
 
 pub use keys_file::{load_keys_file, parse_keys_file, KeysFileError};
-pub use record::{KeyPolicy, KeyRecord, KeyRecordBuilder, KeyStatus, ScopeSet};
+pub use record::{KeyPolicy, KeyRecord, KeyRecordBuilder, KeyStatus, ScopeSet, SharedPolicies};
 
 /// SHA-256 output is already uniform: its first eight bytes are a perfect hash.
 #[derive(Default)]
@@ -250,7 +250,7 @@ impl Snapshot {
 /// A snapshot built one record at a time, as a key set streams in.
 pub struct SnapshotBuilder {
     base: table::BaseTable,
-    policies: record::PolicyInterner,
+    policies: SharedPolicies,
     imported: usize,
 }
 
@@ -260,9 +260,21 @@ impl SnapshotBuilder {
         SnapshotBuilder { base: table::BaseTable::with_capacity(keys), policies: Default::default(), imported: 0 }
     }
 
+    /// Adds a record, sharing the policy of an equal one already added.
     pub fn push(&mut self, digest: KeyDigest, mut record: KeyRecord) -> Result<(), SnapshotError> {
+        self.policies.share(&mut record);
+        self.insert(digest, record)
+    }
+
+    /// Adds the record `builder` makes, with no policy allocated for it when an
+    /// equal one was added already: how a key set streamed in is best added.
+    pub fn push_new(&mut self, digest: KeyDigest, builder: KeyRecordBuilder) -> Result<(), SnapshotError> {
+        let record = builder.build_sharing(&mut self.policies);
+        self.insert(digest, record)
+    }
+
+    fn insert(&mut self, digest: KeyDigest, mut record: KeyRecord) -> Result<(), SnapshotError> {
         record.digest = digest;
-        self.policies.intern(&mut record);
         let imported = record.imported();
         self.base.insert(Arc::new(record)).map_err(|(first, second)| SnapshotError::DuplicateHash {
             first: first.id().to_owned(),

@@ -4,18 +4,16 @@
 //! inline, only what is the key's own and what the request path reads (id and
 //! owner in one buffer that also backs their header values, status, expiry); what keys of the same
 //! plan, scopes, allowlist and limits have in common is one shared
-//! [`KeyPolicy`] (`Snapshot::build` makes records with equal policies share
-//! one); and what the request path never reads and few keys have (tags,
+//! [`KeyPolicy`] (while a key set is built, [`SharedPolicies`] gives the
+//! records with equal settings one policy, allocated once); and what the request path never reads and few keys have (tags,
 //! metadata) sits in an optional box.
 //!
 //! One file because it is one thing: the record's layout, its builder and the
 //! sharing of policies are a single memory design, measured together (the size
 //! test below and `benches/index_scale.rs`).
 
-use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -111,93 +109,63 @@ pub struct KeyPolicy {
     rate_limit: Option<RateLimitConfig>,
     quota: Option<QuotaConfig>,
     headers: PolicyHeaders,
-    /// `settings_hash` of the settings above.
+    /// `PolicySettings::hash` of the settings above.
     hash: u64,
 }
 
-/// A hash of the settings a policy is built from (everything else in it is derived).
-fn settings_hash<S: AsRef<str>>(
-    plan: Option<&str>,
-    scopes: &[S],
-    ip_allowlist: &[IpNet],
+/// The settings a policy is built from, borrowed from a builder or a policy
+/// (everything else in a policy is derived from them).
+struct PolicySettings<'a, S> {
+    plan: Option<&'a str>,
+    scopes: &'a [S],
+    ip_allowlist: &'a [IpNet],
     ip_allowlist_unusable: bool,
-    rate_limit: Option<&RateLimitConfig>,
-    quota: Option<&QuotaConfig>,
-) -> u64 {
-    let mut state = foldhash::fast::FixedState::default().build_hasher();
-    plan.hash(&mut state);
-    scopes.len().hash(&mut state);
-    for scope in scopes {
-        scope.as_ref().hash(&mut state);
+    rate_limit: Option<&'a RateLimitConfig>,
+    quota: Option<&'a QuotaConfig>,
+}
+
+impl<S: AsRef<str>> PolicySettings<'_, S> {
+    fn hash(&self) -> u64 {
+        let mut state = foldhash::fast::FixedState::default().build_hasher();
+        self.plan.hash(&mut state);
+        self.scopes.len().hash(&mut state);
+        for scope in self.scopes {
+            scope.as_ref().hash(&mut state);
+        }
+        self.ip_allowlist.hash(&mut state);
+        self.ip_allowlist_unusable.hash(&mut state);
+        self.rate_limit.map(|r| (r.requests, r.per, r.burst)).hash(&mut state);
+        self.quota.map(|q| (q.requests, q.per)).hash(&mut state);
+        state.finish()
     }
-    ip_allowlist.hash(&mut state);
-    ip_allowlist_unusable.hash(&mut state);
-    rate_limit.map(|r| (r.requests, r.per, r.burst)).hash(&mut state);
-    quota.map(|q| (q.requests, q.per)).hash(&mut state);
-    state.finish()
 }
 
 impl KeyPolicy {
+    fn settings(&self) -> PolicySettings<'_, Box<str>> {
+        PolicySettings {
+            plan: self.plan.as_deref(),
+            scopes: &self.scope_names,
+            ip_allowlist: &self.ip_allowlist,
+            ip_allowlist_unusable: self.ip_allowlist_unusable,
+            rate_limit: self.rate_limit.as_ref(),
+            quota: self.quota.as_ref(),
+        }
+    }
+
     /// Whether this policy was built from exactly these settings.
-    fn has_settings<S: AsRef<str>>(
-        &self,
-        plan: Option<&str>,
-        scopes: &[S],
-        ip_allowlist: &[IpNet],
-        ip_allowlist_unusable: bool,
-        rate_limit: Option<&RateLimitConfig>,
-        quota: Option<&QuotaConfig>,
-    ) -> bool {
-        self.plan.as_deref() == plan
-            && self.scope_names.len() == scopes.len()
-            && self.scope_names.iter().zip(scopes).all(|(a, b)| **a == *b.as_ref())
-            && *self.ip_allowlist == *ip_allowlist
-            && self.ip_allowlist_unusable == ip_allowlist_unusable
-            && self.rate_limit.as_ref() == rate_limit
-            && self.quota.as_ref() == quota
+    fn has_settings<S: AsRef<str>>(&self, settings: &PolicySettings<'_, S>) -> bool {
+        self.plan.as_deref() == settings.plan
+            && self.scope_names.len() == settings.scopes.len()
+            && self.scope_names.iter().zip(settings.scopes).all(|(a, b)| **a == *b.as_ref())
+            && *self.ip_allowlist == *settings.ip_allowlist
+            && self.ip_allowlist_unusable == settings.ip_allowlist_unusable
+            && self.rate_limit.as_ref() == settings.rate_limit
+            && self.quota.as_ref() == settings.quota
     }
 
     fn same_settings(&self, other: &KeyPolicy) -> bool {
-        self.hash == other.hash
-            && self.has_settings(
-                other.plan.as_deref(),
-                &other.scope_names,
-                &other.ip_allowlist,
-                other.ip_allowlist_unusable,
-                other.rate_limit.as_ref(),
-                other.quota.as_ref(),
-            )
+        self.hash == other.hash && self.has_settings(&other.settings())
     }
-}
-
-/// Policies built lately on this thread, by settings hash. The records of a key
-/// set are built in a row (a keys file, a feed's snapshot) and most share a few
-/// policies: a build that finds its policy here allocates nothing for it, and
-/// `Snapshot::build` has no duplicate to drop.
-const RECENT_POLICIES_AT_MOST: usize = 1024;
-
-thread_local! {
-    static RECENT_POLICIES: RefCell<HashMap<u64, Weak<KeyPolicy>>> = RefCell::new(HashMap::new());
-}
-
-fn recent_policy(hash: u64) -> Option<Arc<KeyPolicy>> {
-    RECENT_POLICIES
-        .try_with(|recent| recent.try_borrow().ok().and_then(|recent| recent.get(&hash).and_then(Weak::upgrade)))
-        .ok()
-        .flatten()
-}
-
-fn remember_policy(policy: &Arc<KeyPolicy>) {
-    let _ = RECENT_POLICIES.try_with(|recent| {
-        let Ok(mut recent) = recent.try_borrow_mut() else { return };
-        if recent.len() >= RECENT_POLICIES_AT_MOST {
-            recent.retain(|_, policy| policy.strong_count() > 0);
-            if recent.len() >= RECENT_POLICIES_AT_MOST {
-                recent.clear();
-            }
-        }
-        recent.insert(policy.hash, Arc::downgrade(policy));
-    });
 }
 
 /// Rarely set, never read on the request path.
@@ -468,26 +436,27 @@ impl KeyRecordBuilder {
         self
     }
 
+    /// The record with a policy of its own. Use [`KeyRecordBuilder::build_sharing`]
+    /// where many records are built at once.
     pub fn build(self) -> KeyRecord {
-        let hash = settings_hash(
-            self.plan.as_deref(),
-            &self.scopes,
-            &self.ip_allowlist,
-            self.ip_allowlist_unusable,
-            self.rate_limit.as_ref(),
-            self.quota.as_ref(),
-        );
-        let policy = match recent_policy(hash).filter(|policy| {
-            policy.has_settings(
-                self.plan.as_deref(),
-                &self.scopes,
-                &self.ip_allowlist,
-                self.ip_allowlist_unusable,
-                self.rate_limit.as_ref(),
-                self.quota.as_ref(),
-            )
-        }) {
-            Some(policy) => policy,
+        self.build_sharing(&mut SharedPolicies::default())
+    }
+
+    /// The record, with the policy of an earlier record in `policies` that has the same
+    /// settings, if there is one: then nothing is allocated for it.
+    pub fn build_sharing(mut self, policies: &mut SharedPolicies) -> KeyRecord {
+        let settings = PolicySettings {
+            plan: self.plan.as_deref(),
+            scopes: &self.scopes,
+            ip_allowlist: &self.ip_allowlist,
+            ip_allowlist_unusable: self.ip_allowlist_unusable,
+            rate_limit: self.rate_limit.as_ref(),
+            quota: self.quota.as_ref(),
+        };
+        let hash = settings.hash();
+        let seen = policies.seen.find(hash, |policy| policy.has_settings(&settings));
+        let policy = match seen {
+            Some(policy) => Arc::clone(policy),
             None => {
                 let policy = Arc::new(KeyPolicy {
                     headers: PolicyHeaders {
@@ -495,15 +464,15 @@ impl KeyRecordBuilder {
                         scopes: header_value(&self.scopes.join(" ")),
                     },
                     scopes: ScopeSet::new(&self.scopes),
-                    scope_names: self.scopes.into_iter().map(String::into_boxed_str).collect(),
-                    plan: self.plan.map(String::into_boxed_str),
-                    ip_allowlist: self.ip_allowlist.into_boxed_slice(),
+                    scope_names: std::mem::take(&mut self.scopes).into_iter().map(String::into_boxed_str).collect(),
+                    plan: self.plan.take().map(String::into_boxed_str),
+                    ip_allowlist: std::mem::take(&mut self.ip_allowlist).into_boxed_slice(),
                     ip_allowlist_unusable: self.ip_allowlist_unusable,
                     rate_limit: self.rate_limit,
                     quota: self.quota,
                     hash,
                 });
-                remember_policy(&policy);
+                policies.seen.insert_unique(hash, Arc::clone(&policy), |policy| policy.hash);
                 policy
             }
         };
@@ -538,37 +507,35 @@ impl KeyRecordBuilder {
     }
 }
 
-/// Makes records with equal policies share one `KeyPolicy` (used while a snapshot is built).
+/// The policies of the records built so far in one key set, by settings: a
+/// record built through it ([`KeyRecordBuilder::build_sharing`]) or added to it
+/// ([`SharedPolicies::share`]) gets the one policy of every record with the same
+/// settings. Held only while a key set is built: a snapshot keeps no table.
 #[derive(Default)]
-pub(super) struct PolicyInterner {
-    seen: HashSet<SharedPolicy, std::hash::BuildHasherDefault<super::DigestHasher>>,
+pub struct SharedPolicies {
+    seen: hashbrown::HashTable<Arc<KeyPolicy>>,
 }
 
-struct SharedPolicy(Arc<KeyPolicy>);
-
-impl Hash for SharedPolicy {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.0.hash);
-    }
-}
-
-impl PartialEq for SharedPolicy {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.0.same_settings(&other.0)
-    }
-}
-
-impl Eq for SharedPolicy {}
-
-impl PolicyInterner {
-    pub(super) fn intern(&mut self, record: &mut KeyRecord) {
-        let policy = SharedPolicy(Arc::clone(&record.policy));
-        match self.seen.get(&policy) {
-            Some(shared) => record.policy = Arc::clone(&shared.0),
+impl SharedPolicies {
+    /// Gives `record` the policy of an earlier one with the same settings, or
+    /// remembers its own.
+    pub(super) fn share(&mut self, record: &mut KeyRecord) {
+        let policy = &record.policy;
+        match self.seen.find(policy.hash, |seen| Arc::ptr_eq(seen, policy) || seen.same_settings(policy)) {
+            Some(seen) => record.policy = Arc::clone(seen),
             None => {
-                self.seen.insert(policy);
+                self.seen.insert_unique(policy.hash, Arc::clone(policy), |policy| policy.hash);
             }
         }
+    }
+
+    /// How many different policies the records so far have.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
     }
 }
 
@@ -781,18 +748,17 @@ mod tests {
         assert!(closed.ip_allowlist_unusable() && closed.ip_allowlist().is_empty());
         assert!(!Arc::ptr_eq(open.policy(), closed.policy()));
         let (mut open, mut closed) = (open, closed);
-        let mut interner = PolicyInterner::default();
-        interner.intern(&mut open);
-        interner.intern(&mut closed);
+        let mut policies = SharedPolicies::default();
+        policies.share(&mut open);
+        policies.share(&mut closed);
         assert!(closed.policy().ip_allowlist_unusable && !open.policy().ip_allowlist_unusable);
     }
 
     #[test]
     fn equal_policies_are_shared_and_different_ones_are_not() {
-        let mut interner = PolicyInterner::default();
+        let mut policies = SharedPolicies::default();
         let mut a = full_builder().build();
-        // Built on another thread, so that thread's recent policies do not share it already.
-        let mut b = std::thread::spawn(|| full_builder().build()).join().unwrap();
+        let mut b = full_builder().build();
         let mut other_scope = full_builder().scopes(vec!["orders:*".into()]).build();
         let mut other_limit = full_builder().rate_limit(None).build();
         let mut other_allowlist = full_builder().ip_allowlist(vec![]).build();
@@ -810,7 +776,7 @@ mod tests {
             &mut other_plan,
             &mut other_quota,
         ] {
-            interner.intern(record);
+            policies.share(record);
         }
         assert!(Arc::ptr_eq(a.policy(), b.policy()));
         for other in [&other_scope, &other_limit, &other_allowlist, &other_plan, &other_quota] {
@@ -825,31 +791,45 @@ mod tests {
     }
 
     #[test]
-    fn records_built_in_a_row_reuse_their_policy() {
-        let a = full_builder().build();
-        let b = full_builder().build();
+    fn records_built_sharing_allocate_one_policy_per_settings() {
+        let mut policies = SharedPolicies::default();
+        let a = full_builder().build_sharing(&mut policies);
+        let b = full_builder().name("another").owner(Some("globex".into())).build_sharing(&mut policies);
         assert!(Arc::ptr_eq(a.policy(), b.policy()));
-        let other = full_builder().scopes(vec!["orders:*".into(), "billing:read".into()]).build();
+        let other = full_builder().scopes(vec!["orders:*".into(), "billing:read".into()]).build_sharing(&mut policies);
         assert!(!Arc::ptr_eq(a.policy(), other.policy()));
+        assert_eq!(policies.len(), 2);
         assert_eq!(other.scopes_header(), "orders:* billing:read");
-        // Only weakly remembered: once no record holds a policy, it is freed.
+        assert_eq!((b.owner(), b.plan()), (Some("globex"), Some("pro")));
+        // A record built alone into the same set, then added, gets the shared policy too.
+        let mut alone = full_builder().build();
+        assert!(!Arc::ptr_eq(a.policy(), alone.policy()));
+        policies.share(&mut alone);
+        assert!(Arc::ptr_eq(a.policy(), alone.policy()));
+        assert_eq!(policies.len(), 2);
+        // Records outlive the set: it only held the policies while the key set was built.
         let weak = Arc::downgrade(a.policy());
-        drop((a, b));
+        drop(policies);
+        assert_eq!(a.scopes_header(), "orders:* billing:read *");
+        drop((a, b, alone));
         assert!(weak.upgrade().is_none());
-        let again = full_builder().build();
-        assert_eq!(again.scopes_header(), "orders:* billing:read *");
-        assert_eq!(again.plan(), Some("pro"));
     }
 
     #[test]
-    fn many_distinct_policies_keep_the_recent_list_bounded() {
-        let records: Vec<KeyRecord> = (0..RECENT_POLICIES_AT_MOST * 2 + 1)
-            .map(|i| KeyRecord::builder("k").scopes(vec![format!("s{i}")]).build())
-            .collect();
-        let remembered = RECENT_POLICIES.with(|recent| recent.borrow().len());
-        assert!(remembered <= RECENT_POLICIES_AT_MOST, "{remembered}");
-        for (i, record) in records.iter().enumerate() {
-            assert_eq!(record.scopes_header(), format!("s{i}").as_str());
+    fn same_hash_with_other_settings_keeps_its_own_policy() {
+        let mut policies = SharedPolicies::default();
+        let mut first = full_builder().build();
+        let mut forged = full_builder().plan(None).build();
+        // Two settings that hash alike (as a collision would) must still not share.
+        let hash = first.policy.hash;
+        match Arc::get_mut(&mut forged.policy) {
+            Some(policy) => policy.hash = hash,
+            None => panic!("a record built alone holds the only reference to its policy"),
         }
+        policies.share(&mut first);
+        policies.share(&mut forged);
+        assert!(!Arc::ptr_eq(first.policy(), forged.policy()));
+        assert_eq!((first.plan(), forged.plan()), (Some("pro"), None));
+        assert_eq!(policies.len(), 2);
     }
 }

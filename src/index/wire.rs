@@ -18,7 +18,7 @@ use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use super::record::{KeyRecord, KeyStatus};
+use super::record::{KeyRecord, KeyRecordBuilder, KeyStatus, SharedPolicies};
 use super::{Snapshot, SnapshotBuilder, SnapshotError};
 use crate::config::parse_cidr;
 use crate::config::{LimitScope, QuotaConfig, QuotaPeriod, RateLimitConfig};
@@ -190,6 +190,12 @@ impl<'a> WireKey<'a> {
     /// CIDR makes the key admit no address: dropping the entry instead could leave
     /// an empty list, which admits every one.
     pub fn to_record(&self) -> (KeyDigest, KeyRecord) {
+        let (digest, builder) = self.to_builder();
+        (digest, builder.build())
+    }
+
+    /// [`WireKey::to_record`] before the record is built.
+    pub fn to_builder(&self) -> (KeyDigest, KeyRecordBuilder) {
         let builder = KeyRecord::builder(self.id.as_ref())
             .name(self.name.as_deref().unwrap_or(&self.id))
             .owner(self.owner.as_deref().map(str::to_owned))
@@ -212,7 +218,7 @@ impl<'a> WireKey<'a> {
             Some(nets) if !self.ip_allowlist_unusable => builder.ip_allowlist(nets),
             _ => builder.unusable_ip_allowlist(),
         };
-        (KeyDigest(self.digest), builder.build())
+        (KeyDigest(self.digest), builder)
     }
 
     /// The allowlist entries that close this key, for the log.
@@ -472,8 +478,8 @@ impl KeySetLoader {
                 let builder = self.builder.as_mut().ok_or(WireError::Sequence("keys before the start"))?;
                 for key in &keys {
                     self.unusable.note(key);
-                    let (digest, record) = key.to_record();
-                    builder.push(digest, record)?;
+                    let (digest, record) = key.to_builder();
+                    builder.push_new(digest, record)?;
                 }
                 self.held += keys.len() as u64;
             }
@@ -516,9 +522,17 @@ impl KeySetLoader {
     }
 }
 
-/// The change batch of a `Changes` frame, as records.
+/// The change batch of a `Changes` frame, as records (a bulk change, a plan's
+/// keys re-limited, shares its policies).
 pub fn changes_to_records(changes: &[WireChange<'_>]) -> Vec<(KeyDigest, Option<KeyRecord>)> {
-    changes.iter().map(|change| (KeyDigest(change.digest), change.key.as_ref().map(|key| key.to_record().1))).collect()
+    let mut policies = SharedPolicies::default();
+    changes
+        .iter()
+        .map(|change| {
+            let record = change.key.as_ref().map(|key| key.to_builder().1.build_sharing(&mut policies));
+            (KeyDigest(change.digest), record)
+        })
+        .collect()
 }
 
 #[cfg(test)]

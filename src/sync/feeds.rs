@@ -132,8 +132,8 @@ impl KeyFeed for LocalFeed {
             for row in &page.map_err(failed)? {
                 let Some(wire) = crate::control::snapshot::servable(row) else { continue };
                 unusable.note(&wire);
-                let (digest, record) = wire.to_record();
-                builder.push(digest, record).map_err(|e| FeedError::Store(e.to_string()))?;
+                let (digest, record) = wire.to_builder();
+                builder.push_new(digest, record).map_err(|e| FeedError::Store(e.to_string()))?;
             }
         }
         Ok(LoadedKeys { snapshot: builder.finish(version), unusable })

@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 use super::cache_file::{CacheError, LastKnownGood};
 use crate::control::model::{Change, KeyChange, StoredKey};
 use crate::index::wire::UnusableAllowlists;
-use crate::index::{KeyIndex, KeyRecord, Snapshot};
+use crate::index::{KeyIndex, KeyRecord, SharedPolicies, Snapshot};
 use crate::key::KeyDigest;
 use crate::metrics::Metrics;
 use crate::sync::LastSync;
@@ -353,13 +353,14 @@ async fn compact_beside(snapshot: Snapshot) -> Snapshot {
 fn records_of(batch: Vec<Change>) -> (Vec<(KeyDigest, Option<KeyRecord>)>, UnusableAllowlists) {
     let mut changes = Vec::with_capacity(batch.len());
     let mut unusable = UnusableAllowlists::default();
+    let mut policies = SharedPolicies::default();
     for change in batch {
         match change.change {
             KeyChange::Upsert(key) => {
                 if let Some(wire) = crate::control::snapshot::wire_key(&key) {
                     unusable.note(&wire);
-                    let (digest, record) = wire.to_record();
-                    changes.push((digest, Some(record)));
+                    let (digest, record) = wire.to_builder();
+                    changes.push((digest, Some(record.build_sharing(&mut policies))));
                 }
             }
             KeyChange::Delete { hash, .. } => {
