@@ -113,10 +113,15 @@ pub struct GuardedStream {
     header_timeouts: IntCounter,
     /// When the connection was accepted: its first request head is due from then.
     accepted: Instant,
-    /// The clock state the timer was set for.
+    /// The clock state `deadline` was set for.
     armed_for: Option<u32>,
     deadline: Option<Instant>,
+    /// Set to `deadline` only when a read has to wait: most reads find their
+    /// bytes there, and moving a timer earlier takes the runtime's timer lock.
     timer: Option<Pin<Box<Sleep>>>,
+    timer_at: Option<Instant>,
+    /// A byte `try_peek` took from the client: the next read returns it first.
+    peeked: Option<u8>,
     /// Bytes of the current request head have arrived.
     head_bytes: bool,
     /// After a deadline passed, every read ends the stream.
@@ -149,6 +154,8 @@ impl GuardedStream {
             armed_for: None,
             deadline: None,
             timer: None,
+            timer_at: None,
+            peeked: None,
             head_bytes: false,
             expired: false,
             replacement: None,
@@ -178,12 +185,24 @@ impl GuardedStream {
         let from = if state == HEAD { self.accepted } else { Instant::now() };
         // A deadline beyond what `Instant` holds is no deadline at all.
         self.deadline = from.checked_add(limit);
-        if let Some(deadline) = self.deadline {
-            match &mut self.timer {
-                Some(timer) => timer.as_mut().reset(deadline.into()),
-                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline.into()))),
+    }
+
+    /// Whether the deadline has passed while a read waits; sets the timer to wake this task at it.
+    fn deadline_passed(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(deadline) = self.deadline else { return false };
+        let timer = match &mut self.timer {
+            Some(timer) if self.timer_at == Some(deadline) => timer,
+            Some(timer) => {
+                timer.as_mut().reset(deadline.into());
+                self.timer_at = Some(deadline);
+                timer
             }
-        }
+            None => {
+                self.timer_at = Some(deadline);
+                self.timer.insert(Box::pin(tokio::time::sleep_until(deadline.into())))
+            }
+        };
+        timer.as_mut().poll(cx).is_ready()
     }
 
     /// The deadline of `state` has passed: an idle connection just ends; a
@@ -218,45 +237,52 @@ impl GuardedStream {
     }
 }
 
-impl AsyncRead for GuardedStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.expired {
+impl GuardedStream {
+    /// A read from the client under the connection's deadlines.
+    fn poll_guarded_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.expired {
             return Poll::Ready(Ok(()));
         }
-        let state = this.clock.load();
+        let state = self.clock.load();
         if phase(state) == BUSY {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
         }
-        this.arm(state);
-        if this.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
-            return this.expire(state);
+        self.arm(state);
+        if self.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            return self.expire(state);
         }
         let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
                     if phase(state) == IDLE {
-                        let head = this.clock.head_started(state);
-                        this.arm(head);
+                        let head = self.clock.head_started(state);
+                        self.arm(head);
                     }
-                    this.head_bytes = true;
+                    self.head_bytes = true;
                 }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending => {
-                let fired = match (&mut this.timer, this.deadline) {
-                    (Some(timer), Some(_)) => timer.as_mut().poll(cx).is_ready(),
-                    _ => false,
-                };
-                if fired {
-                    this.expire(state)
-                } else {
-                    Poll::Pending
-                }
-            }
+            Poll::Pending if self.deadline_passed(cx) => self.expire(state),
             other => other,
         }
+    }
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let Some(byte) = this.peeked.take() else {
+            return this.poll_guarded_read(cx, buf);
+        };
+        // The peeked byte and whatever else has arrived, in one read: Pingora then
+        // parses a request head that came in one piece once, not twice.
+        buf.put_slice(&[byte]);
+        if buf.remaining() > 0 {
+            // Nothing more yet is no reason to wait, and an error comes again on the next read.
+            let _ = this.poll_guarded_read(cx, buf);
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -377,10 +403,36 @@ impl GetSocketDigest for GuardedStream {
     }
 }
 
+/// Waits, under the connection's deadlines, for the client's next byte; the next
+/// read returns it. A closed connection or a passed deadline is an error.
 #[async_trait]
 impl Peek for GuardedStream {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        self.inner.try_peek(buf).await
+        let Some((first, rest)) = buf.split_first_mut() else { return Ok(true) };
+        let byte = match self.peeked {
+            Some(byte) => byte,
+            None => {
+                let mut byte = [0u8; 1];
+                let read = poll_fn(|cx| {
+                    let mut read = ReadBuf::new(&mut byte);
+                    ready!(self.poll_guarded_read(cx, &mut read))?;
+                    Poll::Ready(Ok::<_, io::Error>(read.filled().len()))
+                })
+                .await?;
+                if read == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                self.peeked = Some(byte[0]);
+                byte[0]
+            }
+        };
+        *first = byte;
+        // The bytes after the peeked one are still the client stream's.
+        if rest.is_empty() {
+            Ok(true)
+        } else {
+            self.inner.try_peek(rest).await
+        }
     }
 }
 
@@ -428,5 +480,72 @@ mod tests {
         assert_ne!(head, first);
         // A stale idle state does not move the clock.
         assert_eq!(clock.head_started(idle), head);
+    }
+
+    /// A guarded stream over a real TCP connection, and the client's end of it.
+    async fn connected(header_deadline: Duration) -> (GuardedStream, tokio::net::TcpStream, IntCounter) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a free port");
+        let address = listener.local_addr().expect("a bound address");
+        let client = tokio::net::TcpStream::connect(address).await.expect("connects");
+        let (server, _) = listener.accept().await.expect("accepts");
+        let inner: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(server));
+        let limits = ConnectionLimits { request_header_timeout: header_deadline, idle_timeout: header_deadline };
+        let timeouts = IntCounter::new("header_timeouts", "header timeouts").expect("a valid counter");
+        let clock = Arc::new(ConnectionClock::new());
+        (GuardedStream::new(inner, clock, limits, timeouts.clone(), Instant::now()), client, timeouts)
+    }
+
+    #[tokio::test]
+    async fn a_peeked_byte_is_read_first_together_with_what_followed_it() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut guarded, mut client, _) = connected(Duration::from_secs(10)).await;
+        let head = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        client.write_all(head).await.expect("writes");
+        let mut first = [0u8; 1];
+        assert!(guarded.try_peek(&mut first).await.expect("a byte"));
+        assert_eq!(&first, b"G");
+        // Peeking again, and further, reads nothing away.
+        let mut more = [0u8; 4];
+        assert!(guarded.try_peek(&mut more).await.expect("four bytes"));
+        assert_eq!(&more, b"GET ");
+        let mut read = Vec::new();
+        let mut buf = [0u8; 64];
+        while read.len() < head.len() {
+            let n = guarded.read(&mut buf).await.expect("reads");
+            assert!(n > 0, "ended after {read:?}");
+            read.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(read, head);
+    }
+
+    #[tokio::test]
+    async fn one_read_after_a_peek_returns_the_whole_head_that_has_arrived() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut guarded, mut client, _) = connected(Duration::from_secs(10)).await;
+        let head = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        client.write_all(head).await.expect("writes");
+        let mut first = [0u8; 1];
+        assert!(guarded.try_peek(&mut first).await.expect("a byte"));
+        let mut buf = [0u8; 64];
+        let n = guarded.read(&mut buf).await.expect("reads");
+        assert_eq!(&buf[..n], head);
+    }
+
+    #[tokio::test]
+    async fn a_peek_ends_at_the_header_deadline_and_counts_it() {
+        let (mut guarded, _client, timeouts) = connected(Duration::from_millis(50)).await;
+        let mut first = [0u8; 1];
+        let peeked = tokio::time::timeout(Duration::from_secs(10), guarded.try_peek(&mut first)).await;
+        assert!(matches!(peeked, Ok(Err(_))), "{peeked:?}");
+        assert_eq!(timeouts.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_peek_on_a_closed_connection_fails() {
+        let (mut guarded, client, timeouts) = connected(Duration::from_secs(10)).await;
+        drop(client);
+        let mut first = [0u8; 1];
+        assert!(guarded.try_peek(&mut first).await.is_err());
+        assert_eq!(timeouts.get(), 0);
     }
 }

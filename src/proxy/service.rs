@@ -30,7 +30,6 @@ use pingora::services::listening::Service;
 use prometheus::IntGauge;
 use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
-use tokio::time::Sleep;
 
 use super::connection::{ConnectionClock, ConnectionLimits, GuardedStream};
 use super::{DataPlane, Gateway};
@@ -87,28 +86,14 @@ impl ProxyService {
         let guarded = GuardedStream::new(stream, Arc::clone(&clock), limits, header_timeouts.clone(), accepted);
         let mut stream: Stream = Box::new(guarded);
         let mut settings = None;
-        let mut first = true;
-        // One stop notice and one timer for the connection's whole life, re-armed per
-        // request: a new `Notified` enlists under a lock every connection shares, and a
-        // new timer is an insert into the runtime's timer wheel.
+        // One stop notice for the connection's whole life: a new `Notified` enlists
+        // under a lock every connection shares.
         let stopping = self.stopping.notified();
         tokio::pin!(stopping);
         stopping.as_mut().enable();
-        let wait = tokio::time::sleep_until((accepted + http.request_header_timeout).into());
-        tokio::pin!(wait);
         loop {
-            if !first {
-                wait.as_mut().reset((Instant::now() + http.idle_timeout).into());
-            }
-            match self.first_byte(&mut stream, wait.as_mut(), stopping.as_mut()).await {
-                FirstByte::Arrived => {}
-                FirstByte::Late => {
-                    if first {
-                        header_timeouts.inc();
-                    }
-                    return;
-                }
-                FirstByte::Gone => return,
+            if !self.first_byte(&mut stream, stopping.as_mut()).await {
+                return;
             }
             let mut session = ServerSession::new_http1(stream);
             match settings.take() {
@@ -123,40 +108,21 @@ impl ProxyService {
             };
             (stream, settings) = reused.consume();
             clock.await_request();
-            first = false;
         }
     }
 
-    /// Waits until a request's first byte can be read, `due` passes or the
-    /// service stops. Streams that cannot peek (TLS) go on at once; their
-    /// deadlines are the `GuardedStream`'s.
-    async fn first_byte(
-        &self,
-        stream: &mut Stream,
-        due: Pin<&mut Sleep>,
-        stopping: Pin<&mut Notified<'_>>,
-    ) -> FirstByte {
+    /// Waits until a request's first byte has arrived (true), or the client is
+    /// gone, the connection's deadline passed or the service stops (false).
+    async fn first_byte(&self, stream: &mut Stream, stopping: Pin<&mut Notified<'_>>) -> bool {
         if self.stopped.load(Ordering::Acquire) {
-            return FirstByte::Gone;
+            return false;
         }
         let mut byte = [0u8; 1];
         tokio::select! {
-            peeked = stream.try_peek(&mut byte) => match peeked {
-                Ok(_) => FirstByte::Arrived,
-                Err(_) => FirstByte::Gone,
-            },
-            () = due => FirstByte::Late,
-            () = stopping => FirstByte::Gone,
+            peeked = stream.try_peek(&mut byte) => peeked.is_ok(),
+            () = stopping => false,
         }
     }
-}
-
-enum FirstByte {
-    Arrived,
-    /// Nothing came in time.
-    Late,
-    /// Closed by the client, or the service stops.
-    Gone,
 }
 
 #[async_trait]
