@@ -2,11 +2,12 @@
 //!
 //! An index holds millions of records, so a record is laid out for size:
 //! inline, only what is the key's own and what the request path reads (id and
-//! owner in one buffer that also backs their header values, status, expiry); what keys of the same
-//! plan, scopes, allowlist and limits have in common is one shared
-//! [`KeyPolicy`] (while a key set is built, [`SharedPolicies`] gives the
-//! records with equal settings one policy, allocated once); and what the request path never reads and few keys have (tags,
-//! metadata) sits in an optional box.
+//! owner in one buffer that also backs their header values, status, expiry);
+//! what keys of the same plan, scopes, allowlist and limits have in common is
+//! one shared [`KeyPolicy`] (while a key set is built, [`SharedPolicies`] gives
+//! the records with equal settings one policy, allocated once); and what the
+//! request path never reads and few keys have (tags, metadata) sits in an
+//! optional box.
 //!
 //! One file because it is one thing: the record's layout, its builder and the
 //! sharing of policies are a single memory design, measured together (the size
