@@ -495,40 +495,44 @@ mod tests {
         (GuardedStream::new(inner, clock, limits, timeouts.clone(), Instant::now()), client, timeouts)
     }
 
-    #[tokio::test]
-    async fn a_peeked_byte_is_read_first_together_with_what_followed_it() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const REQUEST_HEAD: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    /// A guarded stream whose client sent `REQUEST_HEAD`, its first byte peeked.
+    async fn peeked_head() -> (GuardedStream, tokio::net::TcpStream) {
+        use tokio::io::AsyncWriteExt;
         let (mut guarded, mut client, _) = connected(Duration::from_secs(10)).await;
-        let head = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
-        client.write_all(head).await.expect("writes");
+        client.write_all(REQUEST_HEAD).await.expect("writes");
         let mut first = [0u8; 1];
         assert!(guarded.try_peek(&mut first).await.expect("a byte"));
         assert_eq!(&first, b"G");
+        (guarded, client)
+    }
+
+    #[tokio::test]
+    async fn a_peeked_byte_is_read_first_together_with_what_followed_it() {
+        use tokio::io::AsyncReadExt;
+        let (mut guarded, _client) = peeked_head().await;
         // Peeking again, and further, reads nothing away.
         let mut more = [0u8; 4];
         assert!(guarded.try_peek(&mut more).await.expect("four bytes"));
         assert_eq!(&more, b"GET ");
         let mut read = Vec::new();
         let mut buf = [0u8; 64];
-        while read.len() < head.len() {
+        while read.len() < REQUEST_HEAD.len() {
             let n = guarded.read(&mut buf).await.expect("reads");
             assert!(n > 0, "ended after {read:?}");
             read.extend_from_slice(&buf[..n]);
         }
-        assert_eq!(read, head);
+        assert_eq!(read, REQUEST_HEAD);
     }
 
     #[tokio::test]
     async fn one_read_after_a_peek_returns_the_whole_head_that_has_arrived() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut guarded, mut client, _) = connected(Duration::from_secs(10)).await;
-        let head = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
-        client.write_all(head).await.expect("writes");
-        let mut first = [0u8; 1];
-        assert!(guarded.try_peek(&mut first).await.expect("a byte"));
+        use tokio::io::AsyncReadExt;
+        let (mut guarded, _client) = peeked_head().await;
         let mut buf = [0u8; 64];
         let n = guarded.read(&mut buf).await.expect("reads");
-        assert_eq!(&buf[..n], head);
+        assert_eq!(&buf[..n], REQUEST_HEAD);
     }
 
     #[tokio::test]
