@@ -11,6 +11,7 @@
 
 mod common;
 
+use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -21,6 +22,8 @@ use common::*;
 const ADMIN_TOKEN: &str = "kg-console-admin-token-5d1e8a";
 const READ_TOKEN: &str = "kg-console-read-token-93c2f7";
 const SYNC_TOKEN: &str = "kg-console-sync-token-4a7b10";
+/// Longer than the control plane's 5 s between two `usage` events.
+const USAGE_TICK_AND_SOME: Duration = Duration::from_secs(6);
 
 /// A standalone node: admin API and console, a proxy listener with one upstream,
 /// keyed routes `/v1/orders` (scope `orders:read`) and `/v1/reports` (`reports:read`).
@@ -186,6 +189,12 @@ fn signing_in_creating_a_key_shows_it_once_and_search_finds_it() {
     assert!(record["expires_at"].is_string());
     wait_until(EVENTUALLY, "the new key to be served", || {
         (node.get("/v1/orders/1", &[("Authorization", &format!("Bearer {raw}"))]).status == 200).then_some(())
+    });
+    // Its use reaches the store with the next usage flush; until then the pages compared
+    // below could show "last used" change between two reads.
+    let key_path = format!("/v1/keys/{id}");
+    wait_until(EVENTUALLY, "the key's use to be stored", || {
+        admin_json("GET", node.admin, &key_path, Some(ADMIN_TOKEN), None).2["last_used_at"].is_string().then_some(())
     });
 
     // Away and back: the raw key is gone for good, from the page and from storage.
@@ -371,8 +380,11 @@ fn a_revocation_in_one_browser_shows_in_another_without_reloading() {
         assert_eq!(node.get(&format!("/v1/orders/{i}"), &[("Authorization", &auth)]).status, 200);
     }
     watcher.wait_for(EVENTUALLY, "4 requests in the live counters", |b| {
-        b.text(".live-counts").contains("4 requests").then_some(())
+        b.text(".live-counts").contains(": 4 requests,").then_some(())
     });
+    // Each usage event repeats the minute's totals so far: later ones add nothing more.
+    thread::sleep(USAGE_TICK_AND_SOME);
+    assert!(watcher.text(".live-counts").contains(": 4 requests,"), "{}", watcher.text(".live-counts"));
 
     // The node restarts: the stream reconnects by itself and updates go on.
     watcher.route("#/keys");

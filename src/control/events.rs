@@ -28,6 +28,8 @@ const EVENTS_PER_READ: u32 = 500;
 const EVENT_POLL: Duration = Duration::from_secs(1);
 /// How often a `usage` event is sent while keys are in use.
 const USAGE_TICK: Duration = Duration::from_secs(5);
+/// For how long into a minute the minute before is sent too.
+const USAGE_LATE: time::Duration = time::Duration::seconds(30);
 /// Keys in one `usage` event, the busiest first.
 const USAGE_TICK_KEYS: u32 = 500;
 /// A comment line this often keeps proxies from closing an idle stream.
@@ -107,11 +109,26 @@ async fn send_events_after(
     }
 }
 
-/// One `usage` event with the current minute's busiest keys, when any key was used
-/// in it; `false` once the client is gone.
+/// A `usage` event with the current minute's busiest keys, when any key was used in
+/// it, and early in a minute one for the minute before, whose last usage can still be
+/// on its way (gateways flush every few seconds); `false` once the client is gone.
 async fn send_usage(store: &Store, sender: &mpsc::Sender<Event>) -> bool {
     let now = OffsetDateTime::now_utc();
     let minute = minute_start(now);
+    if now - minute < USAGE_LATE && !send_usage_of(store, sender, minute - time::Duration::MINUTE, now).await {
+        return false;
+    }
+    send_usage_of(store, sender, minute, now).await
+}
+
+/// One `usage` event with the busiest keys of the minute starting at `minute`, each
+/// with its totals so far in it, when any key was used in it.
+async fn send_usage_of(
+    store: &Store,
+    sender: &mpsc::Sender<Event>,
+    minute: OffsetDateTime,
+    now: OffsetDateTime,
+) -> bool {
     let keys = match store.usage_of_minute(minute, USAGE_TICK_KEYS).await {
         Ok(keys) => keys,
         Err(e) => {

@@ -59,6 +59,12 @@ export function render({main, parts, session, bus, notify, navigate}) {
   let deleted = false;
   let range = 'hour';
   const liveCounts = {requests: 0, allowed: 0, denied: 0};
+  // A `usage` event holds a key's totals so far in one minute, sent again as they grow
+  // (and early in the next minute, for usage that arrives late): the live line adds what
+  // each event adds to the totals last seen for its minute. The minute in progress when
+  // the page opened starts from its totals in the first usage load.
+  const openedAt = Date.now();
+  const minuteTotals = new Map();
 
   const heading = h('h1', {}, id);
   const badge = h('span');
@@ -270,6 +276,7 @@ export function render({main, parts, session, bus, notify, navigate}) {
       const usage = await api('GET', `/v1/keys/${encodeURIComponent(id)}/usage`,
         {query: {from: from.toISOString(), to: to.toISOString(), granularity: r.granularity}});
       if (!alive || seq !== usageSeq) return;
+      if (r.granularity === 'minute') noteOpeningMinute(usage.buckets);
       const totals = totalsOf(usage.buckets);
       totalsLine.textContent = `${r.label}: ${totals.requests} requests, ${totals.allowed} allowed, ${totals.denied} denied.`;
       replace(usageBox, usageFigure({
@@ -312,12 +319,22 @@ export function render({main, parts, session, bus, notify, navigate}) {
       load();
     }
   };
+  function noteOpeningMinute(buckets) {
+    const opening = openedAt - (openedAt % 60000);
+    const bucket = (buckets || []).find((b) => Date.parse(b.start) === opening);
+    if (bucket && !minuteTotals.has(opening)) minuteTotals.set(opening, totalsOf([bucket]));
+  }
+
   const onUsage = ({detail}) => {
     const entry = (detail.keys || []).find((k) => k.key_id === id);
-    if (!entry) return;
-    liveCounts.requests += entry.requests || 0;
-    liveCounts.allowed += entry.allowed || 0;
-    liveCounts.denied += Object.values(entry.denied || {}).reduce((a, b) => a + b, 0);
+    const minute = Date.parse(detail.window_start);
+    if (!entry || Number.isNaN(minute)) return;
+    const now = totalsOf([entry]);
+    const before = minuteTotals.get(minute) || {requests: 0, allowed: 0, denied: 0};
+    minuteTotals.set(minute, now);
+    liveCounts.requests += Math.max(0, now.requests - before.requests);
+    liveCounts.allowed += Math.max(0, now.allowed - before.allowed);
+    liveCounts.denied += Math.max(0, now.denied - before.denied);
     liveLine.textContent = `Live since this page opened: ${liveCounts.requests} requests, ${liveCounts.allowed} allowed, ${liveCounts.denied} denied.`;
     usageSoon();
   };
