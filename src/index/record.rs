@@ -439,44 +439,57 @@ impl KeyRecordBuilder {
 
     /// The record with a policy of its own. Use [`KeyRecordBuilder::build_sharing`]
     /// where many records are built at once.
-    pub fn build(self) -> KeyRecord {
-        self.build_sharing(&mut SharedPolicies::default())
+    pub fn build(mut self) -> KeyRecord {
+        let policy = self.take_policy(self.settings().hash());
+        self.finish(policy)
     }
 
     /// The record, with the policy of an earlier record in `policies` that has the same
     /// settings, if there is one: then nothing is allocated for it.
     pub fn build_sharing(mut self, policies: &mut SharedPolicies) -> KeyRecord {
-        let settings = PolicySettings {
+        let settings = self.settings();
+        let hash = settings.hash();
+        let policy = match policies.seen.find(hash, |policy| policy.has_settings(&settings)) {
+            Some(policy) => Arc::clone(policy),
+            None => {
+                let policy = self.take_policy(hash);
+                policies.seen.insert_unique(hash, Arc::clone(&policy), |policy| policy.hash);
+                policy
+            }
+        };
+        self.finish(policy)
+    }
+
+    fn settings(&self) -> PolicySettings<'_, String> {
+        PolicySettings {
             plan: self.plan.as_deref(),
             scopes: &self.scopes,
             ip_allowlist: &self.ip_allowlist,
             ip_allowlist_unusable: self.ip_allowlist_unusable,
             rate_limit: self.rate_limit.as_ref(),
             quota: self.quota.as_ref(),
-        };
-        let hash = settings.hash();
-        let seen = policies.seen.find(hash, |policy| policy.has_settings(&settings));
-        let policy = match seen {
-            Some(policy) => Arc::clone(policy),
-            None => {
-                let policy = Arc::new(KeyPolicy {
-                    headers: PolicyHeaders {
-                        plan: self.plan.as_deref().map(header_value),
-                        scopes: header_value(&self.scopes.join(" ")),
-                    },
-                    scopes: ScopeSet::new(&self.scopes),
-                    scope_names: std::mem::take(&mut self.scopes).into_iter().map(String::into_boxed_str).collect(),
-                    plan: self.plan.take().map(String::into_boxed_str),
-                    ip_allowlist: std::mem::take(&mut self.ip_allowlist).into_boxed_slice(),
-                    ip_allowlist_unusable: self.ip_allowlist_unusable,
-                    rate_limit: self.rate_limit,
-                    quota: self.quota,
-                    hash,
-                });
-                policies.seen.insert_unique(hash, Arc::clone(&policy), |policy| policy.hash);
-                policy
-            }
-        };
+        }
+    }
+
+    /// A new policy of this builder's settings, whose `hash` is given; takes them out of the builder.
+    fn take_policy(&mut self, hash: u64) -> Arc<KeyPolicy> {
+        Arc::new(KeyPolicy {
+            headers: PolicyHeaders {
+                plan: self.plan.as_deref().map(header_value),
+                scopes: header_value(&self.scopes.join(" ")),
+            },
+            scopes: ScopeSet::new(&self.scopes),
+            scope_names: std::mem::take(&mut self.scopes).into_iter().map(String::into_boxed_str).collect(),
+            plan: self.plan.take().map(String::into_boxed_str),
+            ip_allowlist: std::mem::take(&mut self.ip_allowlist).into_boxed_slice(),
+            ip_allowlist_unusable: self.ip_allowlist_unusable,
+            rate_limit: self.rate_limit,
+            quota: self.quota,
+            hash,
+        })
+    }
+
+    fn finish(self, policy: Arc<KeyPolicy>) -> KeyRecord {
         let details = KeyDetails {
             metadata: self.metadata.map(String::into_boxed_str),
             tags: self.tags.into_iter().map(String::into_boxed_str).collect(),
@@ -531,12 +544,9 @@ impl SharedPolicies {
     }
 
     /// How many different policies the records so far have.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.seen.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
     }
 }
 
