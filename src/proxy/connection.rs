@@ -119,7 +119,6 @@ pub struct GuardedStream {
     /// Set to `deadline` only when a read has to wait: most reads find their
     /// bytes there, and moving a timer earlier takes the runtime's timer lock.
     timer: Option<Pin<Box<Sleep>>>,
-    timer_at: Option<Instant>,
     /// A byte `try_peek` took from the client: the next read returns it first.
     peeked: Option<u8>,
     /// Bytes of the current request head have arrived.
@@ -154,7 +153,6 @@ impl GuardedStream {
             armed_for: None,
             deadline: None,
             timer: None,
-            timer_at: None,
             peeked: None,
             head_bytes: false,
             expired: false,
@@ -191,16 +189,13 @@ impl GuardedStream {
     fn deadline_passed(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(deadline) = self.deadline else { return false };
         let timer = match &mut self.timer {
-            Some(timer) if self.timer_at == Some(deadline) => timer,
             Some(timer) => {
-                timer.as_mut().reset(deadline.into());
-                self.timer_at = Some(deadline);
+                if timer.deadline() != deadline.into() {
+                    timer.as_mut().reset(deadline.into());
+                }
                 timer
             }
-            None => {
-                self.timer_at = Some(deadline);
-                self.timer.insert(Box::pin(tokio::time::sleep_until(deadline.into())))
-            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep_until(deadline.into()))),
         };
         timer.as_mut().poll(cx).is_ready()
     }
