@@ -10,6 +10,7 @@ mod respond;
 mod routing;
 mod service;
 mod state;
+mod stop;
 pub mod tls;
 mod upstream;
 
@@ -18,7 +19,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use crossbeam_utils::CachePadded;
 use http::header::HOST;
@@ -44,7 +44,8 @@ use crate::usage::RequestUsage;
 pub use headers::find_key;
 pub use routing::Route;
 pub use service::{ProxyService, STOP_LINGER};
-pub use state::GatewayState;
+pub use state::{GatewayState, StateCell, StateShare};
+pub use stop::{StopSignal, StopWatch};
 pub use upstream::{Upstream, UpstreamBuildError};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -67,7 +68,7 @@ mod wire {
 /// it its parts once ([`DataPlane::new`]) and then changes it only through its
 /// methods: a reload swaps the whole [`GatewayState`], a stop reads the counts.
 pub struct DataPlane {
-    state: ArcSwap<GatewayState>,
+    state: StateCell<GatewayState>,
     keys: Arc<KeyIndex>,
     /// Each budget's rate limit, quota and usage; the flusher drains the usage.
     states: Arc<KeyStates>,
@@ -93,7 +94,7 @@ impl DataPlane {
         freshness: Option<Freshness>,
     ) -> Self {
         DataPlane {
-            state: ArcSwap::from_pointee(state),
+            state: StateCell::new(state),
             keys,
             states,
             access_log,
@@ -112,7 +113,7 @@ impl DataPlane {
 
     /// Routes and upstreams of a reloaded config: requests already routed keep the old ones.
     pub fn replace_state(&self, state: GatewayState) {
-        self.state.store(Arc::new(state));
+        self.state.store(state);
     }
 
     /// The routes and upstreams in use now.
@@ -149,7 +150,7 @@ impl Gateway {
 
 /// Per-request state carried between Pingora's hooks.
 pub struct RequestCtx {
-    state: Option<Arc<GatewayState>>,
+    state: Option<Arc<StateShare<GatewayState>>>,
     route: Option<usize>,
     request_id: HeaderValue,
     key: Option<Arc<KeyRecord>>,
@@ -265,7 +266,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let state = self.plane.state.load_full();
+        let state = self.plane.state.hold();
         ctx.request_id = headers::request_id(session.req_header().headers.get(X_REQUEST_ID));
         ctx.peer_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_canonical());
         ctx.peer_trusted = ctx.peer_ip.is_some_and(|ip| state.trusted_proxies.iter().any(|n| n.contains(&ip)));

@@ -13,11 +13,13 @@
 //! and each HTTP/1 connection runs through a [`GuardedStream`] with its deadlines.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::connection::{ConnectionClock, ConnectionLimits, GuardedStream};
+use super::stop::{StopSignal, StopWatch};
+use super::{DataPlane, Gateway};
 use async_trait::async_trait;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::listeners::ConnectionFilter;
@@ -28,11 +30,6 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use pingora::services::listening::Service;
 use prometheus::IntGauge;
-use tokio::sync::futures::Notified;
-use tokio::sync::Notify;
-
-use super::connection::{ConnectionClock, ConnectionLimits, GuardedStream};
-use super::{DataPlane, Gateway};
 
 /// How long connections waiting for a request stay open after accepting stops.
 /// A client that connected just before sends its request well within it.
@@ -42,9 +39,8 @@ pub struct ProxyService {
     proxy: Arc<HttpProxy<Gateway>>,
     plane: Arc<DataPlane>,
     linger: Duration,
-    /// Set, and waiters woken, when connections waiting for a request are to close.
-    stopped: AtomicBool,
-    stopping: Notify,
+    /// Given when connections waiting for a request are to close.
+    stop: StopSignal,
 }
 
 impl ProxyService {
@@ -59,13 +55,7 @@ impl ProxyService {
         proxy.server_options = Some(options);
         let mut service = Service::new(
             name.to_owned(),
-            ProxyService {
-                proxy: Arc::new(proxy),
-                plane: Arc::clone(&plane),
-                linger,
-                stopped: AtomicBool::new(false),
-                stopping: Notify::new(),
-            },
+            ProxyService { proxy: Arc::new(proxy), plane: Arc::clone(&plane), linger, stop: StopSignal::default() },
         );
         // Refuses over the limit before a TLS handshake is spent on the connection.
         service.set_connection_filter(Arc::new(ConnectionCap { plane }));
@@ -86,13 +76,10 @@ impl ProxyService {
         let guarded = GuardedStream::new(stream, Arc::clone(&clock), limits, header_timeouts.clone(), accepted);
         let mut stream: Stream = Box::new(guarded);
         let mut settings = None;
-        // One stop notice for the connection's whole life: a new `Notified` enlists
-        // under a lock every connection shares.
-        let stopping = self.stopping.notified();
-        tokio::pin!(stopping);
-        stopping.as_mut().enable();
+        // Enlisted once for the connection's whole life, not per request.
+        let stop = self.stop.watch();
         loop {
-            if !self.first_byte(&mut stream, stopping.as_mut()).await {
+            if !first_byte(&mut stream, &stop).await {
                 return;
             }
             let mut session = ServerSession::new_http1(stream);
@@ -110,18 +97,20 @@ impl ProxyService {
             clock.await_request();
         }
     }
+}
 
-    /// Waits until a request's first byte has arrived (true), or the client is
-    /// gone, the connection's deadline passed or the service stops (false).
-    async fn first_byte(&self, stream: &mut Stream, stopping: Pin<&mut Notified<'_>>) -> bool {
-        if self.stopped.load(Ordering::Acquire) {
-            return false;
-        }
-        let mut byte = [0u8; 1];
-        tokio::select! {
-            peeked = stream.try_peek(&mut byte) => peeked.is_ok(),
-            () = stopping => false,
-        }
+/// Waits until a request's first byte has arrived (true), or the client is gone,
+/// the connection's deadline passed or the service stops (false).
+async fn first_byte(stream: &mut Stream, stop: &StopWatch<'_>) -> bool {
+    if stop.is_stopped() {
+        return false;
+    }
+    let mut byte = [0u8; 1];
+    // The byte first: when it is there already, the stop's waker is not even registered.
+    tokio::select! {
+        biased;
+        peeked = stream.try_peek(&mut byte) => peeked.is_ok(),
+        () = stop.stopped() => false,
     }
 }
 
@@ -143,8 +132,7 @@ impl ServerApp for ProxyService {
 
     async fn cleanup(&self) {
         tokio::time::sleep(self.linger).await;
-        self.stopped.store(true, Ordering::Release);
-        self.stopping.notify_waiters();
+        self.stop.stop();
         self.proxy.cleanup().await;
     }
 }
