@@ -7,6 +7,7 @@
 #   load-tests/instructions.sh WORKDIR c                # keygate, scenario (c)
 #   load-tests/instructions.sh WORKDIR b                # keygate, scenario (b)
 #   load-tests/instructions.sh WORKDIR f                # the bare Pingora proxy of (f)
+#   load-tests/instructions.sh WORKDIR ft               # (f) with keygate's upstream timeouts
 #   KEYGATE=/tmp/other-build load-tests/instructions.sh WORKDIR c
 #   PROFILE=c.callgrind load-tests/instructions.sh WORKDIR c   # keeps the profile
 #
@@ -17,8 +18,8 @@
 # work dir's configs (18100-18102) and 18105 for (f).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-work=${1:?usage: instructions.sh WORKDIR b|c|f}
-scenario=${2:?usage: instructions.sh WORKDIR b|c|f}
+work=${1:?usage: instructions.sh WORKDIR b|c|f|ft}
+scenario=${2:?usage: instructions.sh WORKDIR b|c|f|ft}
 keygate=${KEYGATE:-$repo/target/release/keygate}
 floor=${PINGORA:-$repo/target/release/examples/pingora_passthrough}
 for tool in valgrind callgrind_control callgrind_annotate curl wrk nginx taskset; do
@@ -34,7 +35,9 @@ case $scenario in
     c) path=/v1/orders; command=("$keygate" serve -c "$work/keygate.yaml") ;;
     f) path=/v1/orders; proxy_port=18105
        command=("$floor" "127.0.0.1:$proxy_port" "127.0.0.1:$upstream_port") ;;
-    *) echo "scenario must be b, c or f" >&2; exit 2 ;;
+    ft) path=/v1/orders; proxy_port=18105
+       command=("$floor" --upstream-timeouts "127.0.0.1:$proxy_port" "127.0.0.1:$upstream_port") ;;
+    *) echo "scenario must be b, c, f or ft" >&2; exit 2 ;;
 esac
 
 pids=()
