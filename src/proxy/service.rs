@@ -17,9 +17,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::connection::{ConnectionClock, ConnectionLimits, GuardedStream};
-use super::stop::{StopSignal, StopWatch};
-use super::{DataPlane, Gateway};
 use async_trait::async_trait;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::listeners::ConnectionFilter;
@@ -30,6 +27,10 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use pingora::services::listening::Service;
 use prometheus::IntGauge;
+
+use super::connection::{ConnectionClock, ConnectionLimits, GuardedStream};
+use super::stop::{StopSignal, StopWatch};
+use super::{DataPlane, Gateway};
 
 /// How long connections waiting for a request stay open after accepting stops.
 /// A client that connected just before sends its request well within it.
