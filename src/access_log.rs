@@ -1,14 +1,17 @@
 //! The access log: one JSON line per request, written off the request path.
 //!
-//! Workers hand finished lines to a dedicated writer thread through a bounded
-//! channel, so a slow disk or a blocked stdout never stalls a request; if the
-//! writer falls that far behind, lines are dropped and counted rather than queued
-//! without bound. `access_log: off` skips even the formatting.
+//! Each worker thread writes finished lines into a buffer of its own, and a dedicated
+//! writer thread takes the buffers whole and writes them out, so a slow disk or a
+//! blocked stdout never stalls a request, and a request writes nothing that other
+//! cores share (a channel's tail would be one line every request writes). If the
+//! writer falls behind, lines are dropped and counted rather than buffered without
+//! bound. `access_log: off` skips even the formatting.
 
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use prometheus::IntCounter;
@@ -16,11 +19,15 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use crate::config::AccessLogConfig;
+use crate::metrics::sharded::Slots;
 
-/// Lines buffered between the workers and the writer thread.
-const QUEUE_LINES: usize = 65_536;
-/// Written lines reach the file at least this often, even under light traffic.
-const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// Bytes of lines waiting for the writer, all threads together, before lines are dropped.
+const PENDING_BYTES: usize = 16 << 20;
+/// A thread's buffer this full wakes the writer before its next round.
+const WAKE_BYTES: usize = 64 << 10;
+/// The writer takes the buffers at least this often, so lines reach the file even
+/// under light traffic.
+const WRITE_EVERY: Duration = Duration::from_millis(200);
 
 /// One finished request, as it appears in the log.
 #[derive(Serialize)]
@@ -42,72 +49,119 @@ pub struct AccessEntry<'a> {
 }
 
 enum Message {
-    Line(Vec<u8>),
-    /// Write out everything queued so far, then answer.
+    /// A thread's buffer filled up: take the buffers now.
+    Wake,
+    /// Write out every line recorded so far, then answer.
     Flush(SyncSender<()>),
 }
 
+/// Lines not yet written, one buffer per thread slot.
+type Pending = Slots<Mutex<Vec<u8>>>;
+
+struct Writer {
+    pending: Arc<Pending>,
+    /// Bytes one slot's buffer may hold.
+    slot_bytes: usize,
+    wake: SyncSender<Message>,
+}
+
 pub struct AccessLog {
-    sender: Option<SyncSender<Message>>,
+    writer: Option<Writer>,
     dropped: IntCounter,
 }
 
 impl AccessLog {
     /// `dropped` counts lines given up because the writer fell behind.
     pub fn start(config: &AccessLogConfig, dropped: IntCounter) -> io::Result<Self> {
+        Self::start_with_bound(config, dropped, PENDING_BYTES)
+    }
+
+    fn start_with_bound(config: &AccessLogConfig, dropped: IntCounter, pending_bytes: usize) -> io::Result<Self> {
         let sink: Box<dyn Write + Send> = match config {
-            AccessLogConfig::Off => return Ok(AccessLog { sender: None, dropped }),
+            AccessLogConfig::Off => return Ok(AccessLog { writer: None, dropped }),
             AccessLogConfig::Stdout => Box::new(io::stdout()),
             AccessLogConfig::File(path) => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
         };
-        let (sender, receiver) = mpsc::sync_channel::<Message>(QUEUE_LINES);
-        std::thread::Builder::new().name("keygate-access-log".into()).spawn(move || {
-            let mut out = BufWriter::with_capacity(64 * 1024, sink);
-            loop {
-                // Write errors have nowhere to go but this log; keep serving.
-                match receiver.recv_timeout(FLUSH_EVERY) {
-                    Ok(Message::Line(line)) => {
-                        let _ = out.write_all(&line);
-                    }
-                    Ok(Message::Flush(done)) => {
-                        let _ = out.flush();
-                        let _ = done.send(());
-                    }
-                    Err(RecvTimeoutError::Timeout) => {
-                        let _ = out.flush();
-                    }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            }
-            let _ = out.flush();
-        })?;
-        Ok(AccessLog { sender: Some(sender), dropped })
+        let pending = Arc::new(Pending::default());
+        let slot_bytes = pending_bytes / pending.iter().count().max(1);
+        // Wake-ups beyond one waiting round add nothing; flushes wait their turn.
+        let (wake, messages) = mpsc::sync_channel::<Message>(4);
+        let buffers = Arc::clone(&pending);
+        std::thread::Builder::new()
+            .name("keygate-access-log".into())
+            .spawn(move || write_until_closed(&buffers, &messages, sink))?;
+        Ok(AccessLog { writer: Some(Writer { pending, slot_bytes, wake }), dropped })
     }
 
     pub fn enabled(&self) -> bool {
-        self.sender.is_some()
+        self.writer.is_some()
     }
 
     pub fn record(&self, entry: &AccessEntry<'_>) {
-        let Some(sender) = &self.sender else { return };
-        let mut line = Vec::with_capacity(320);
-        if serde_json::to_writer(&mut line, entry).is_err() {
+        let Some(writer) = &self.writer else { return };
+        let mut buffer = lock(writer.pending.local());
+        let before = buffer.len();
+        if before >= writer.slot_bytes {
+            drop(buffer);
+            self.dropped.inc();
             return;
         }
-        line.push(b'\n');
-        if let Err(TrySendError::Full(_)) = sender.try_send(Message::Line(line)) {
-            self.dropped.inc();
+        if serde_json::to_writer(&mut *buffer, entry).is_err() {
+            buffer.truncate(before);
+            return;
+        }
+        buffer.push(b'\n');
+        if before < WAKE_BYTES && buffer.len() >= WAKE_BYTES {
+            drop(buffer);
+            // A full queue means the writer is due anyway.
+            let _ = writer.wake.try_send(Message::Wake);
         }
     }
 
     /// Waits until every line recorded so far has been written (shutdown).
     pub fn flush(&self, timeout: Duration) {
-        let Some(sender) = &self.sender else { return };
+        let Some(writer) = &self.writer else { return };
         let (done, written) = mpsc::sync_channel(1);
-        if sender.send(Message::Flush(done)).is_ok() {
+        if writer.wake.send(Message::Flush(done)).is_ok() {
             let _ = written.recv_timeout(timeout);
         }
     }
+}
+
+/// The writer thread: takes every thread's buffer each round and writes it out, until
+/// the log is dropped (then once more, so nothing recorded is lost).
+fn write_until_closed(pending: &Pending, messages: &mpsc::Receiver<Message>, sink: Box<dyn Write + Send>) {
+    let mut out = BufWriter::with_capacity(64 * 1024, sink);
+    let mut taken = Vec::new();
+    loop {
+        let message = messages.recv_timeout(WRITE_EVERY);
+        for buffer in pending.iter() {
+            {
+                let mut buffer = lock(buffer);
+                if buffer.is_empty() {
+                    continue;
+                }
+                // The thread keeps writing into the emptied buffer of the last round.
+                std::mem::swap(&mut *buffer, &mut taken);
+            }
+            // Write errors have nowhere to go but this log; keep serving.
+            let _ = out.write_all(&taken);
+            taken.clear();
+        }
+        let _ = out.flush();
+        match message {
+            Ok(Message::Flush(done)) => {
+                let _ = done.send(());
+            }
+            Ok(Message::Wake) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+/// A buffer stays usable after a panic elsewhere: it holds only whole lines.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -141,6 +195,91 @@ mod tests {
         assert_eq!(line["status"], 200);
         assert_eq!(line["time"], "1970-01-01T00:00:00Z");
         assert_eq!(line["upstream_addr"], "127.0.0.1:9000");
+    }
+
+    fn entry(request_id: &str) -> AccessEntry<'_> {
+        AccessEntry {
+            time: OffsetDateTime::UNIX_EPOCH,
+            request_id,
+            route: None,
+            key_id: None,
+            client_ip: None,
+            method: "GET",
+            path: "/",
+            status: 200,
+            outcome: "allowed",
+            duration_ms: 0.1,
+            upstream: None,
+            upstream_addr: None,
+        }
+    }
+
+    #[test]
+    fn lines_of_every_thread_are_written_whole_and_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let dropped = IntCounter::new("dropped", "test").unwrap();
+        let log = AccessLog::start(&AccessLogConfig::File(path.clone()), dropped.clone()).unwrap();
+        std::thread::scope(|scope| {
+            for thread in 0..4 {
+                let log = &log;
+                scope.spawn(move || {
+                    for n in 0..2_000 {
+                        log.record(&entry(&format!("t{thread}-{n}")));
+                    }
+                });
+            }
+        });
+        log.flush(Duration::from_secs(5));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut ids: Vec<String> = text
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["request_id"].as_str().unwrap().into())
+            .collect();
+        assert_eq!(ids.len(), 8_000);
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 8_000, "every line once");
+        assert_eq!(dropped.get(), 0);
+    }
+
+    #[test]
+    fn lines_past_the_bound_are_dropped_and_counted_and_later_ones_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let dropped = IntCounter::new("dropped", "test").unwrap();
+        let config = AccessLogConfig::File(path.clone());
+        // Room for a few lines per thread slot: the writer cannot keep up with a burst.
+        let log = AccessLog::start_with_bound(&config, dropped.clone(), 1_000 * slot_count()).unwrap();
+        for n in 0..100 {
+            log.record(&entry(&format!("burst-{n}")));
+        }
+        assert!(dropped.get() > 0, "a burst over the bound drops lines");
+        log.flush(Duration::from_secs(5));
+        log.record(&entry("after"));
+        log.flush(Duration::from_secs(5));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let written = text.lines().count() as u64;
+        assert_eq!(written + dropped.get(), 101, "each line written or counted");
+        assert!(text.lines().last().unwrap().contains("\"after\""), "the writer caught up");
+    }
+
+    #[test]
+    fn lines_recorded_before_the_log_is_dropped_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = AccessLog::start(&AccessLogConfig::File(path.clone()), IntCounter::new("d", "t").unwrap()).unwrap();
+        log.record(&entry("last"));
+        drop(log);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !std::fs::read_to_string(&path).unwrap().contains("\"last\"") {
+            assert!(std::time::Instant::now() < deadline, "the line was lost");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn slot_count() -> usize {
+        Pending::default().iter().count()
     }
 
     #[test]

@@ -325,3 +325,13 @@ fn requests_pingora_refuses_get_keygates_json_error() {
     }
     assert_eq!(up.request_count(), 0, "{:?}", up.requests());
 }
+
+/// Guards the harness itself: a listener and an admin address picked one after the other
+/// once got the same port (the kernel handed the just-released port out again), and the
+/// node refused to start.
+#[test]
+fn the_harness_never_hands_out_one_port_twice() {
+    let ports: Vec<u16> = (0..2_000).map(|_| free_port()).collect();
+    let unique: std::collections::HashSet<u16> = ports.iter().copied().collect();
+    assert_eq!(unique.len(), ports.len());
+}

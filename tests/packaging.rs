@@ -830,7 +830,9 @@ fn the_image_build_runs_the_container_node() {
 
 fn run_container_node(bin: &Path) {
     let dir = TempDir::new("container-run");
-    let (gateway, admin) = (free_port(), free_port());
+    let gateway = free_port();
+    // The kernel may hand the port just released out again.
+    let admin = std::iter::repeat_with(free_port).find(|&port| port != gateway).unwrap_or_default();
     let config = container_config()
         .replace("0.0.0.0:8080", &format!("127.0.0.1:{gateway}"))
         .replace("0.0.0.0:9090", &format!("127.0.0.1:{admin}"));

@@ -33,8 +33,19 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 pub const EVENTUALLY: Duration = Duration::from_secs(10);
 
 /// A port that was free a moment ago. The tiny race with other tests is accepted.
+/// A port free now and not handed out before in this test binary: the kernel may give a
+/// port just released to the next bind, so two calls in a row (listener, admin) could
+/// otherwise name the same port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().unwrap().port()
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().unwrap().port();
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `f` until it returns `Some`, panicking with `what` after `timeout`.
