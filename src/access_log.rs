@@ -11,7 +11,7 @@ use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use prometheus::IntCounter;
@@ -99,7 +99,7 @@ impl AccessLog {
 
     pub fn record(&self, entry: &AccessEntry<'_>) {
         let Some(writer) = &self.writer else { return };
-        let mut buffer = lock(writer.pending.local());
+        let mut buffer = writer.pending.local().lock().unwrap_or_else(PoisonError::into_inner);
         let before = buffer.len();
         if before >= writer.slot_bytes {
             drop(buffer);
@@ -137,7 +137,7 @@ fn write_until_closed(pending: &Pending, messages: &mpsc::Receiver<Message>, sin
         let message = messages.recv_timeout(WRITE_EVERY);
         for buffer in pending.iter() {
             {
-                let mut buffer = lock(buffer);
+                let mut buffer = buffer.lock().unwrap_or_else(PoisonError::into_inner);
                 if buffer.is_empty() {
                     continue;
                 }
@@ -157,11 +157,6 @@ fn write_until_closed(pending: &Pending, messages: &mpsc::Receiver<Message>, sin
             Err(RecvTimeoutError::Disconnected) => return,
         }
     }
-}
-
-/// A buffer stays usable after a panic elsewhere: it holds only whole lines.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
@@ -33,7 +33,7 @@ impl StopSignal {
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
         for registry in self.waiting.iter() {
-            for (_, waker) in lock(registry).iter() {
+            for (_, waker) in registry.lock().unwrap_or_else(PoisonError::into_inner).iter() {
                 waker.wake();
             }
         }
@@ -43,7 +43,7 @@ impl StopSignal {
     pub fn watch(&self) -> StopWatch<'_> {
         let registry = self.waiting.local();
         let waker = Arc::new(AtomicWaker::new());
-        let entry = lock(registry).insert(Arc::clone(&waker));
+        let entry = registry.lock().unwrap_or_else(PoisonError::into_inner).insert(Arc::clone(&waker));
         StopWatch { signal: self, registry, entry, waker }
     }
 }
@@ -79,13 +79,8 @@ impl StopWatch<'_> {
 
 impl Drop for StopWatch<'_> {
     fn drop(&mut self) {
-        lock(self.registry).try_remove(self.entry);
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner).try_remove(self.entry);
     }
-}
-
-/// A registry stays usable after a panic elsewhere: its entries are plain wakers.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -128,7 +123,7 @@ mod tests {
         for waiter in waiters {
             tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken by the stop").expect("no panic");
         }
-        let left: usize = signal.waiting.iter().map(|registry| lock(registry).len()).sum();
+        let left: usize = signal.waiting.iter().map(|registry| registry.lock().unwrap().len()).sum();
         assert_eq!(left, 0);
     }
 
