@@ -32,7 +32,6 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 /// How long a test waits for something eventually-consistent (hot reload, health checks).
 pub const EVENTUALLY: Duration = Duration::from_secs(10);
 
-/// A port that was free a moment ago. The tiny race with other tests is accepted.
 /// A port free now and not handed out before in this test binary: the kernel may give a
 /// port just released to the next bind, so two calls in a row (listener, admin) could
 /// otherwise name the same port.
